@@ -1,0 +1,113 @@
+//! The embedded broker: rumqttd's router plus one rumqttd `Server` per `[[listeners]]`
+//! entry, each running on edgebridge's multi-thread runtime with [`DeviceProtocol`] as
+//! its codec. Devices talk MQTT 3.1.1 and 5 on the same port.
+//!
+//! Output: every device PUBLISH becomes an [`IntakeItem`] on the intake channel (see
+//! `protocol.rs`). Local subscribers are served by rumqttd as usual.
+
+mod intake;
+mod protocol;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{error, info};
+
+pub use intake::{AckTicket, AckTracker, IntakeItem};
+pub use protocol::{DeviceProtocol, ListenerShared};
+
+use crate::config::{BrokerSection, ListenerPlan};
+use crate::metrics::Metrics;
+
+/// A running device listener.
+pub struct RunningListener {
+    pub name: String,
+    /// The bound address (the real port when the config said port 0).
+    pub addr: SocketAddr,
+    pub shared: Arc<ListenerShared>,
+    pub task: JoinHandle<()>,
+}
+
+fn router_config(broker: &BrokerSection, listeners: &[ListenerPlan]) -> RouterConfig {
+    let connections: usize = listeners.iter().map(|l| l.max_connections).sum();
+    RouterConfig {
+        // Our own limit is enforced per listener at CONNECT (with a proper CONNACK);
+        // rumqttd's must never be the one that refuses.
+        max_connections: connections + 16,
+        max_outgoing_packet_count: 200,
+        max_segment_size: broker.max_segment_size.0 as usize,
+        max_segment_count: broker.max_segment_count,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    }
+}
+
+/// Picks the address to hand rumqttd: it binds by itself, so for port 0 a free port is
+/// found first; binding here also turns "address in use" into a start-up error.
+fn reserve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let probe = TcpListener::bind(addr).with_context(|| format!("cannot bind {addr}"))?;
+    Ok(probe.local_addr()?)
+}
+
+/// Starts rumqttd's router and every listener.
+pub fn start(
+    broker: &BrokerSection,
+    listeners: &[ListenerPlan],
+    intake: mpsc::Sender<IntakeItem>,
+    metrics: &Metrics,
+    stopping: Arc<AtomicBool>,
+) -> anyhow::Result<Vec<RunningListener>> {
+    let router_tx = Router::new(0, router_config(broker, listeners)).spawn();
+    let mut running = Vec::new();
+    for (index, plan) in listeners.iter().enumerate() {
+        let addr = reserve(plan.bind)?;
+        let shared = Arc::new(ListenerShared::new(
+            index,
+            plan,
+            broker.qos0_high_water,
+            intake.clone(),
+            metrics.listener(&plan.name),
+            stopping.clone(),
+        ));
+        let settings = ServerSettings {
+            name: plan.name.clone(),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections: ConnectionSettings {
+                connection_timeout_ms: plan.connect_timeout.as_millis().min(u16::MAX as u128)
+                    as u16,
+                max_payload_size: plan.max_packet_size,
+                max_inflight_count: 100,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        };
+        let mut server = Server::new(
+            settings,
+            router_tx.clone(),
+            DeviceProtocol::new(shared.clone()),
+        );
+        let name = plan.name.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.start(LinkType::Remote).await {
+                error!(listener = %name, error = %e, "device listener stopped");
+            }
+        });
+        info!(listener = %plan.name, %addr, "device listener started (MQTT 3.1.1 and 5)");
+        running.push(RunningListener {
+            name: plan.name.clone(),
+            addr,
+            shared,
+            task,
+        });
+    }
+    Ok(running)
+}

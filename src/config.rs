@@ -1,0 +1,1340 @@
+//! Configuration: loading and validation.
+//!
+//! Loading (`load`) layers the built-in defaults (serde defaults on every section) under the
+//! TOML file, under `EDGEBRIDGE_<SECTION>__<KEY>` environment variables, then replaces
+//! `${VAR}` in string values from the environment. Unknown keys are errors.
+//!
+//! Validation (`validate`) is pure apart from checking that referenced files exist: it
+//! turns the raw [`Config`] into a typed [`Plan`] (parsed addresses, URLs, sizes, compiled
+//! topic filters and templates) or into a list of [`ConfigError`]s, one per problem, each
+//! naming the key path. Nothing downstream validates again.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use figment::{Figment, Profile, Provider};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::rules::{Template, TemplateScope, TopicFilter};
+
+/// One problem with the configuration, named by its key path (`sinks.cloud.url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// A list of configuration problems; printed one per line.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// ---------------------------------------------------------------------------------------
+// Value types with human-friendly syntax
+// ---------------------------------------------------------------------------------------
+
+/// A byte size written as `"64KiB"`, `"1GiB"`, `"10 MB"` or a plain integer of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => bytesize::ByteSize::from_str(s.trim())
+                .map(|b| ByteSize(b.as_u64()))
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "invalid size {s:?} ({e}); write e.g. \"64KiB\" or \"1GiB\""
+                    ))
+                }),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&bytesize::ByteSize(self.0).display().iec().to_string())
+    }
+}
+
+/// A duration written as `"500ms"`, `"30s"`, `"7d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?} ({e}); write e.g. \"500ms\", \"30s\" or \"7d\""
+                ))
+            })
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw configuration, as written in TOML
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub gateway: GatewaySection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub broker: BrokerSection,
+    #[serde(default = "default_listeners")]
+    pub listeners: Vec<ListenerSection>,
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkSection>,
+    #[serde(default)]
+    pub rules: Vec<RuleSection>,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Used in client ids, templates (`{gateway_id}`) and logs.
+    #[serde(default = "default_gateway_id")]
+    pub id: String,
+    /// Buffers and state live here.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Grace period for sinks to finish in-flight sends on shutdown.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        Self {
+            id: default_gateway_id(),
+            data_dir: default_data_dir(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default = "default_admin_bind")]
+    pub bind: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            bind: default_admin_bind(),
+        }
+    }
+}
+
+/// Sizing of the embedded broker (rumqttd's router) and of intake.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    /// Size of one in-memory segment of rumqttd's per-topic log (local subscribers only).
+    /// rumqttd's real memory use is about 5× this per segment.
+    #[serde(default = "default_segment_size")]
+    pub max_segment_size: ByteSize,
+    /// Segments kept per topic before the oldest is dropped (for slow local subscribers).
+    #[serde(default = "default_segment_count")]
+    pub max_segment_count: usize,
+    /// Messages queued between the broker and the rule engine.
+    #[serde(default = "default_intake_queue")]
+    pub intake_queue: usize,
+    /// QoS 0 messages are shed (and counted) once the intake queue holds this many.
+    #[serde(default = "default_qos0_high_water")]
+    pub qos0_high_water: usize,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        Self {
+            max_segment_size: default_segment_size(),
+            max_segment_count: default_segment_count(),
+            intake_queue: default_intake_queue(),
+            qos0_high_water: default_qos0_high_water(),
+        }
+    }
+}
+
+/// When a device's QoS 1/2 publish is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// PUBACK/PUBREC only once the message is in every matched sink's buffer.
+    Durable,
+    /// PUBACK as soon as the broker has read the message (rumqttd's own behaviour).
+    Received,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub name: String,
+    pub bind: String,
+    #[serde(default = "default_ack")]
+    pub ack: AckMode,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: ByteSize,
+    /// Time a new connection has to send CONNECT.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+}
+
+// Built once at load: the size difference between kinds does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SinkSection {
+    Mqtt(MqttSinkSection),
+    File(FileSinkSection),
+}
+
+impl SinkSection {
+    pub fn buffer(&self) -> &BufferSection {
+        match self {
+            SinkSection::Mqtt(s) => &s.buffer,
+            SinkSection::File(s) => &s.buffer,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSinkSection {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    /// Template; default `{gateway_id}`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Keep the device's retain flag upstream (false: never publish retained).
+    #[serde(default = "default_true")]
+    pub forward_retain: bool,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: HumanDuration,
+    #[serde(default = "default_true")]
+    pub clean_session: bool,
+    /// Largest packet sent or accepted; default fits a 128 KiB payload.
+    #[serde(default = "default_upstream_packet_size")]
+    pub max_packet_size: ByteSize,
+    /// Publishes awaiting PUBACK at once.
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+    #[serde(default = "default_backoff_min")]
+    pub backoff_min: HumanDuration,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max: HumanDuration,
+    #[serde(default)]
+    pub buffer: BufferSection,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// CA bundle that signs the server; absent = the system's roots are not loaded, so
+    /// set it (AWS: AmazonRootCA1.pem).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub alpn: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkSection {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub buffer: BufferSection,
+}
+
+/// What a full buffer does with the next message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    DropOldest,
+    DropNewest,
+    Block,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferSection {
+    #[serde(default = "default_buffer_max_bytes")]
+    pub max_bytes: ByteSize,
+    #[serde(default = "default_when_full")]
+    pub when_full: WhenFull,
+    /// Records handed to the sink at once.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+}
+
+impl Default for BufferSection {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_buffer_max_bytes(),
+            when_full: default_when_full(),
+            batch: default_batch(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSection {
+    pub name: String,
+    pub from: String,
+    pub to: Vec<String>,
+    #[serde(default)]
+    pub topic: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `tracing` filter; `RUST_LOG` wins when set.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_gateway_id() -> String {
+    "edge-01".into()
+}
+fn default_data_dir() -> PathBuf {
+    "data".into()
+}
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_admin_bind() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_listeners() -> Vec<ListenerSection> {
+    vec![ListenerSection {
+        name: "devices".into(),
+        bind: "0.0.0.0:1883".into(),
+        ack: default_ack(),
+        max_connections: default_max_connections(),
+        max_packet_size: default_max_packet_size(),
+        connect_timeout: default_connect_timeout(),
+    }]
+}
+fn default_segment_size() -> ByteSize {
+    ByteSize(512 * 1024)
+}
+fn default_segment_count() -> usize {
+    4
+}
+fn default_intake_queue() -> usize {
+    65_536
+}
+fn default_qos0_high_water() -> usize {
+    16_384
+}
+fn default_ack() -> AckMode {
+    AckMode::Durable
+}
+fn default_max_connections() -> usize {
+    1_000
+}
+fn default_max_packet_size() -> ByteSize {
+    ByteSize(1024 * 1024)
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_qos() -> u8 {
+    1
+}
+fn default_keep_alive() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_true() -> bool {
+    true
+}
+fn default_upstream_packet_size() -> ByteSize {
+    ByteSize(256 * 1024)
+}
+fn default_inflight() -> u16 {
+    100
+}
+fn default_backoff_min() -> HumanDuration {
+    HumanDuration(Duration::from_millis(200))
+}
+fn default_backoff_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_buffer_max_bytes() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
+}
+fn default_when_full() -> WhenFull {
+    WhenFull::DropOldest
+}
+fn default_batch() -> usize {
+    500
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------
+
+/// Reads `path`, the environment overrides and `${VAR}` references into a [`Config`].
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with_env(path, |name| std::env::var(name).ok())
+}
+
+/// As [`load`], with the `${VAR}` lookup given (tests use a map).
+pub fn load_with_env(
+    path: &Path,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    if !path.is_file() {
+        return Err(ConfigErrors(vec![ConfigError::new(
+            "",
+            format!("config file {} not found", path.display()),
+        )]));
+    }
+    let layered = Figment::new().merge(Toml::file(path)).merge(
+        Env::prefixed("EDGEBRIDGE_")
+            .filter(|key| key.as_str().contains("__"))
+            .split("__"),
+    );
+    let mut dict = match layered.data() {
+        Ok(mut data) => data.remove(&Profile::Default).unwrap_or_default(),
+        Err(e) => return Err(figment_errors(e)),
+    };
+    let mut errors = Vec::new();
+    interpolate_dict(&mut dict, "", &lookup, &mut errors);
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    check_sinks(&dict)?;
+    Figment::from(Serialized::defaults(dict))
+        .extract::<Config>()
+        .map_err(figment_errors)
+}
+
+/// Sinks are an internally tagged enum, and serde loses the key path inside those; so
+/// each sink table is first read as its own kind, to name the exact key in errors.
+fn check_sinks(dict: &Dict) -> Result<(), ConfigErrors> {
+    let Some(Value::Dict(_, sinks)) = dict.get("sinks") else {
+        return Ok(());
+    };
+    let mut errors = Vec::new();
+    for (name, sink) in sinks {
+        let Value::Dict(_, table) = sink else {
+            continue;
+        };
+        let mut fields = table.clone();
+        let kind = fields.remove("type");
+        let figment = Figment::from(Serialized::defaults(fields));
+        let result = match kind.as_ref().and_then(Value::as_str) {
+            Some("mqtt") => figment.extract::<MqttSinkSection>().map(drop),
+            Some("file") => figment.extract::<FileSinkSection>().map(drop),
+            Some(other) => {
+                errors.push(ConfigError::new(
+                    format!("sinks.{name}.type"),
+                    format!("unknown sink type {other:?}; use mqtt or file"),
+                ));
+                continue;
+            }
+            None => {
+                errors.push(ConfigError::new(
+                    format!("sinks.{name}.type"),
+                    "missing (mqtt or file)",
+                ));
+                continue;
+            }
+        };
+        if let Err(e) = result {
+            for mut e in figment_errors(e).0 {
+                e.path = join_path(&format!("sinks.{name}"), &e.path);
+                errors.push(e);
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn figment_errors(error: figment::Error) -> ConfigErrors {
+    ConfigErrors(
+        error
+            .into_iter()
+            .map(|e| {
+                let message = match &e.kind {
+                    figment::error::Kind::Message(m) => m.clone(),
+                    kind => kind.to_string(),
+                };
+                ConfigError::new(e.path.join("."), message)
+            })
+            .collect(),
+    )
+}
+
+fn interpolate_dict(
+    dict: &mut Dict,
+    prefix: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) {
+    for (key, value) in dict.iter_mut() {
+        let path = join_path(prefix, key);
+        interpolate_value(value, &path, lookup, errors);
+    }
+}
+
+fn interpolate_value(
+    value: &mut Value,
+    path: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) {
+    match value {
+        Value::String(tag, s) if s.contains("${") => match interpolate(s, lookup) {
+            Ok(new) => *value = Value::String(*tag, new),
+            Err(msg) => errors.push(ConfigError::new(path, msg)),
+        },
+        Value::Dict(_, d) => interpolate_dict(d, path, lookup, errors),
+        Value::Array(_, items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                interpolate_value(item, &format!("{path}[{i}]"), lookup, errors);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Replaces every `${NAME}` in `s`; `$${` escapes a literal `${`.
+fn interpolate(s: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        if rest[..start].ends_with('$') {
+            out.push_str(&rest[..start - 1]);
+            out.push_str("${");
+            rest = &rest[start + 2..];
+            continue;
+        }
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err("unterminated ${ in value".into());
+        };
+        let name = &after[..end];
+        match lookup(name) {
+            Some(v) => out.push_str(&v),
+            None => return Err(format!("environment variable {name} is not set")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn join_path(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The validated plan
+// ---------------------------------------------------------------------------------------
+
+/// Everything the gateway needs to start, validated and typed.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub gateway_id: String,
+    pub data_dir: PathBuf,
+    pub shutdown_grace: Duration,
+    pub admin_bind: SocketAddr,
+    pub broker: BrokerSection,
+    pub listeners: Vec<ListenerPlan>,
+    pub sinks: Vec<SinkPlan>,
+    pub rules: Vec<RulePlan>,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerPlan {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub ack: AckMode,
+    pub max_connections: usize,
+    pub max_packet_size: usize,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkPlan {
+    pub name: String,
+    pub buffer: BufferSection,
+    pub kind: SinkKindPlan,
+}
+
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum SinkKindPlan {
+    Mqtt(MqttPlan),
+    File(FilePlan),
+}
+
+#[derive(Debug, Clone)]
+pub struct MqttPlan {
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<TlsPlan>,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub qos: u8,
+    pub forward_retain: bool,
+    pub keep_alive: Duration,
+    pub clean_session: bool,
+    pub max_packet_size: usize,
+    pub inflight: u16,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsPlan {
+    pub ca: Option<PathBuf>,
+    pub client_auth: Option<(PathBuf, PathBuf)>,
+    pub alpn: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FilePlan {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct RulePlan {
+    pub name: String,
+    pub filter: TopicFilter,
+    /// Indexes into [`Plan::sinks`].
+    pub to: Vec<usize>,
+    pub topic: Option<Template>,
+}
+
+/// Checks `config` and builds the [`Plan`]; every problem found is reported.
+pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut err = |path: String, msg: String| errors.push(ConfigError::new(path, msg));
+
+    let gateway_id = config.gateway.id.clone();
+    if gateway_id.is_empty() || gateway_id.contains(['/', '+', '#', '$']) {
+        err(
+            "gateway.id".into(),
+            "must be non-empty and must not contain / + # $".into(),
+        );
+    }
+
+    let admin_bind = match config.admin.bind.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(e) => {
+            err(
+                "admin.bind".into(),
+                format!("not a host:port address ({e})"),
+            );
+            None
+        }
+    };
+
+    let broker = config.broker.clone();
+    if broker.intake_queue == 0 {
+        err("broker.intake_queue".into(), "must be at least 1".into());
+    }
+    if broker.qos0_high_water > broker.intake_queue {
+        err(
+            "broker.qos0_high_water".into(),
+            "must not exceed broker.intake_queue".into(),
+        );
+    }
+    if broker.max_segment_size.0 < 1024 || broker.max_segment_count == 0 {
+        err(
+            "broker.max_segment_size".into(),
+            "segments must be at least 1KiB and max_segment_count at least 1".into(),
+        );
+    }
+
+    let mut listeners = Vec::new();
+    let mut listener_names = HashSet::new();
+    if config.listeners.is_empty() {
+        err(
+            "listeners".into(),
+            "at least one listener is required".into(),
+        );
+    }
+    for (i, l) in config.listeners.iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        if l.name.is_empty() {
+            err(format!("{path}.name"), "must not be empty".into());
+        } else if !listener_names.insert(l.name.clone()) {
+            err(
+                format!("{path}.name"),
+                format!("duplicate listener name {:?}", l.name),
+            );
+        }
+        let bind = match l.bind.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                err(
+                    format!("{path}.bind"),
+                    format!("not a host:port address ({e})"),
+                );
+                None
+            }
+        };
+        if l.max_connections == 0 {
+            err(
+                format!("{path}.max_connections"),
+                "must be at least 1".into(),
+            );
+        }
+        if l.max_packet_size.0 < 128 || l.max_packet_size.0 > 256 * 1024 * 1024 {
+            err(
+                format!("{path}.max_packet_size"),
+                "must be between 128B and 256MiB".into(),
+            );
+        }
+        if l.connect_timeout.0.is_zero() || l.connect_timeout.0 > Duration::from_secs(60) {
+            err(
+                format!("{path}.connect_timeout"),
+                "must be between 1ms and 60s".into(),
+            );
+        }
+        if let Some(bind) = bind {
+            listeners.push(ListenerPlan {
+                name: l.name.clone(),
+                bind,
+                ack: l.ack,
+                max_connections: l.max_connections,
+                max_packet_size: l.max_packet_size.0 as usize,
+                connect_timeout: l.connect_timeout.0,
+            });
+        }
+    }
+
+    let mut sinks = Vec::new();
+    for (name, sink) in &config.sinks {
+        let path = format!("sinks.{name}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            err(
+                path.clone(),
+                "sink names may only use letters, digits, - and _".into(),
+            );
+        }
+        let buffer = sink.buffer().clone();
+        if buffer.max_bytes.0 < 1024 {
+            err(
+                format!("{path}.buffer.max_bytes"),
+                "must be at least 1KiB".into(),
+            );
+        }
+        if buffer.batch == 0 || buffer.batch > 100_000 {
+            err(
+                format!("{path}.buffer.batch"),
+                "must be between 1 and 100000".into(),
+            );
+        }
+        let kind = match sink {
+            SinkSection::Mqtt(m) => {
+                validate_mqtt(&path, m, &gateway_id, &mut err).map(SinkKindPlan::Mqtt)
+            }
+            SinkSection::File(f) => {
+                if f.path.as_os_str().is_empty() {
+                    err(format!("{path}.path"), "must not be empty".into());
+                    None
+                } else {
+                    Some(SinkKindPlan::File(FilePlan {
+                        path: f.path.clone(),
+                    }))
+                }
+            }
+        };
+        if let Some(kind) = kind {
+            sinks.push(SinkPlan {
+                name: name.clone(),
+                buffer,
+                kind,
+            });
+        }
+    }
+
+    let mut rules = Vec::new();
+    let mut rule_names = HashSet::new();
+    for (i, r) in config.rules.iter().enumerate() {
+        let path = format!("rules[{i}]");
+        if r.name.is_empty() {
+            err(format!("{path}.name"), "must not be empty".into());
+        } else if !rule_names.insert(r.name.clone()) {
+            err(
+                format!("{path}.name"),
+                format!("duplicate rule name {:?}", r.name),
+            );
+        }
+        let filter = match TopicFilter::parse(&r.from) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                err(format!("{path}.from"), e.to_string());
+                None
+            }
+        };
+        if r.to.is_empty() {
+            err(format!("{path}.to"), "must name at least one sink".into());
+        }
+        let mut to = Vec::new();
+        for (j, target) in r.to.iter().enumerate() {
+            match config.sinks.keys().position(|k| k == target) {
+                Some(idx) => to.push(idx),
+                None => err(
+                    format!("{path}.to[{j}]"),
+                    format!("unknown sink {target:?}"),
+                ),
+            }
+        }
+        let topic = match (&r.topic, &filter) {
+            (Some(t), Some(f)) => {
+                let scope = TemplateScope {
+                    wildcards: f.wildcard_count(),
+                    ends_with_multi: f.ends_with_multi(),
+                };
+                match Template::parse(t, &scope) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        err(format!("{path}.topic"), e.to_string());
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let Some(filter) = filter {
+            rules.push(RulePlan {
+                name: r.name.clone(),
+                filter,
+                to,
+                topic,
+            });
+        }
+    }
+
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Plan {
+        gateway_id,
+        data_dir: config.gateway.data_dir.clone(),
+        shutdown_grace: config.gateway.shutdown_grace.0,
+        // Both are Some when no error was recorded above.
+        admin_bind: admin_bind.unwrap_or_else(unreachable_addr),
+        broker,
+        listeners,
+        sinks,
+        rules,
+        log: config.log.clone(),
+    })
+}
+
+fn unreachable_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+fn validate_mqtt(
+    path: &str,
+    m: &MqttSinkSection,
+    gateway_id: &str,
+    err: &mut impl FnMut(String, String),
+) -> Option<MqttPlan> {
+    let mut ok = true;
+    let (host, port, secure) = match url::Url::parse(&m.url) {
+        Ok(u) => {
+            let secure = match u.scheme() {
+                "mqtt" | "tcp" => false,
+                "mqtts" | "ssl" | "tls" => true,
+                other => {
+                    err(
+                        format!("{path}.url"),
+                        format!("scheme {other:?} is not supported; use mqtt:// or mqtts://"),
+                    );
+                    ok = false;
+                    false
+                }
+            };
+            let host = u.host_str().unwrap_or_default().to_string();
+            if host.is_empty() {
+                err(format!("{path}.url"), "has no host".into());
+                ok = false;
+            }
+            let port = u.port().unwrap_or(if secure { 8883 } else { 1883 });
+            (host, port, secure)
+        }
+        Err(e) => {
+            err(format!("{path}.url"), format!("invalid URL ({e})"));
+            return None;
+        }
+    };
+
+    let tls = match (&m.tls, secure) {
+        (Some(_), false) => {
+            err(
+                format!("{path}.tls"),
+                "set, but the url is not mqtts://".into(),
+            );
+            ok = false;
+            None
+        }
+        (None, true) => Some(TlsPlan {
+            ca: None,
+            client_auth: None,
+            alpn: Vec::new(),
+        }),
+        (None, false) => None,
+        (Some(t), true) => {
+            for (key, file) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {
+                if let Some(file) = file {
+                    if !file.is_file() {
+                        err(
+                            format!("{path}.tls.{key}"),
+                            format!("file {} not found", file.display()),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            let client_auth = match (&t.cert, &t.key) {
+                (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                (None, None) => None,
+                _ => {
+                    err(
+                        format!("{path}.tls"),
+                        "cert and key must be given together".into(),
+                    );
+                    ok = false;
+                    None
+                }
+            };
+            Some(TlsPlan {
+                ca: t.ca.clone(),
+                client_auth,
+                alpn: t.alpn.clone(),
+            })
+        }
+    };
+    if let Some(t) = &tls {
+        if t.ca.is_none() {
+            err(
+                format!("{path}.tls.ca"),
+                "required for mqtts:// (the CA that signs the upstream's certificate)".into(),
+            );
+            ok = false;
+        }
+    }
+
+    if m.qos > 2 {
+        err(format!("{path}.qos"), "must be 0, 1 or 2".into());
+        ok = false;
+    }
+    if m.keep_alive.0 < Duration::from_secs(5) || m.keep_alive.0 > Duration::from_secs(65535) {
+        err(
+            format!("{path}.keep_alive"),
+            "must be between 5s and 65535s".into(),
+        );
+        ok = false;
+    }
+    if m.inflight == 0 {
+        err(format!("{path}.inflight"), "must be at least 1".into());
+        ok = false;
+    }
+    if m.backoff_min.0 > m.backoff_max.0 || m.backoff_min.0.is_zero() {
+        err(
+            format!("{path}.backoff_min"),
+            "must be above 0 and not above backoff_max".into(),
+        );
+        ok = false;
+    }
+    if m.password.is_some() && m.username.is_none() {
+        err(format!("{path}.password"), "set without a username".into());
+        ok = false;
+    }
+    let client_id_template = m.client_id.clone().unwrap_or_else(|| "{gateway_id}".into());
+    let client_id = match Template::parse(&client_id_template, &TemplateScope::default()) {
+        Ok(t) => t.render_static(gateway_id),
+        Err(e) => {
+            err(format!("{path}.client_id"), e.to_string());
+            ok = false;
+            String::new()
+        }
+    };
+    if !ok {
+        return None;
+    }
+    Some(MqttPlan {
+        host,
+        port,
+        tls,
+        client_id,
+        username: m.username.clone(),
+        password: m.password.clone(),
+        qos: m.qos,
+        forward_retain: m.forward_retain,
+        keep_alive: m.keep_alive.0,
+        clean_session: m.clean_session,
+        max_packet_size: m.max_packet_size.0 as usize,
+        inflight: m.inflight,
+        backoff_min: m.backoff_min.0,
+        backoff_max: m.backoff_max.0,
+    })
+}
+
+impl Plan {
+    /// The resolved plan as printed by `edgebridge check`; secrets are masked.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "gateway {} (data_dir {})",
+            self.gateway_id,
+            self.data_dir.display()
+        );
+        let _ = writeln!(out, "admin http://{}", self.admin_bind);
+        let _ = writeln!(out, "listeners:");
+        for l in &self.listeners {
+            let _ = writeln!(
+                out,
+                "  {} mqtt://{} (MQTT 3.1.1 + 5) ack={:?} max_connections={} max_packet_size={}",
+                l.name, l.bind, l.ack, l.max_connections, l.max_packet_size
+            );
+        }
+        let _ = writeln!(out, "sinks:");
+        for s in &self.sinks {
+            let buffer = format!(
+                "buffer max_bytes={} when_full={:?}",
+                s.buffer.max_bytes.0, s.buffer.when_full
+            );
+            match &s.kind {
+                SinkKindPlan::Mqtt(m) => {
+                    let scheme = if m.tls.is_some() { "mqtts" } else { "mqtt" };
+                    let auth = match (&m.username, &m.password) {
+                        (Some(u), Some(_)) => format!(" user={u} password=****"),
+                        (Some(u), None) => format!(" user={u}"),
+                        _ => String::new(),
+                    };
+                    let tls = match &m.tls {
+                        Some(t) => format!(
+                            " ca={} client_cert={} alpn={:?}",
+                            t.ca.as_ref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default(),
+                            if t.client_auth.is_some() {
+                                "yes (key ****)"
+                            } else {
+                                "no"
+                            },
+                            t.alpn
+                        ),
+                        None => String::new(),
+                    };
+                    let _ = writeln!(
+                        out,
+                        "  {} mqtt {scheme}://{}:{} client_id={} qos={}{auth}{tls}; {buffer}",
+                        s.name, m.host, m.port, m.client_id, m.qos
+                    );
+                }
+                SinkKindPlan::File(f) => {
+                    let _ = writeln!(out, "  {} file {}; {buffer}", s.name, f.path.display());
+                }
+            }
+        }
+        let _ = writeln!(out, "rules:");
+        for r in &self.rules {
+            let to: Vec<&str> = r.to.iter().map(|&i| self.sinks[i].name.as_str()).collect();
+            let topic = r
+                .topic
+                .as_ref()
+                .map(|t| format!(" topic={}", t.source()))
+                .unwrap_or_default();
+            let _ = writeln!(out, "  {} {} -> {}{topic}", r.name, r.filter, to.join(", "));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::io::Write;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Plan, ConfigErrors> {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(toml.as_bytes()).expect("write");
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = load_with_env(file.path(), |k| env.get(k).cloned())?;
+        validate(&config)
+    }
+
+    fn first_error(toml: &str) -> String {
+        match load_str(toml, &[]) {
+            Ok(_) => panic!("config was accepted:\n{toml}"),
+            Err(e) => e.0[0].to_string(),
+        }
+    }
+
+    const GOOD: &str = r##"
+        [gateway]
+        id = "edge-07"
+        [sinks.out]
+        type = "file"
+        path = "out.ndjson"
+        [[rules]]
+        name = "all"
+        from = "#"
+        to = ["out"]
+    "##;
+
+    #[test]
+    fn good_config_builds_a_plan_with_defaults() {
+        let plan = load_str(GOOD, &[]).expect("valid");
+        assert_eq!(plan.gateway_id, "edge-07");
+        assert_eq!(plan.listeners.len(), 1);
+        assert_eq!(plan.listeners[0].bind.port(), 1883);
+        assert_eq!(plan.listeners[0].ack, AckMode::Durable);
+        assert_eq!(plan.rules[0].to, vec![0]);
+    }
+
+    #[test]
+    fn interpolates_environment_variables() {
+        let toml = r#"
+            [gateway]
+            id = "${SITE}-gw"
+        "#;
+        let plan = load_str(toml, &[("SITE", "plant9")]).expect("valid");
+        assert_eq!(plan.gateway_id, "plant9-gw");
+        let err = match load_str(toml, &[]) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("missing variable accepted"),
+        };
+        assert_eq!(err, "gateway.id: environment variable SITE is not set");
+    }
+
+    #[test]
+    fn interpolate_escapes_and_errors() {
+        let env = |k: &str| (k == "A").then(|| "x".to_string());
+        assert_eq!(interpolate("a${A}b", &env).as_deref(), Ok("axb"));
+        assert_eq!(interpolate("$${A}", &env).as_deref(), Ok("${A}"));
+        assert!(interpolate("${A", &env).is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = first_error("[gateway]\nidd = \"x\"\n");
+        assert!(e.starts_with("gateway.idd: unknown field"), "{e}");
+    }
+
+    #[test]
+    fn unknown_sink_in_rule_is_named() {
+        let e = first_error(
+            r#"[[rules]]
+            name = "r"
+            from = "a/#"
+            to = ["nowhere"]"#,
+        );
+        assert_eq!(e, "rules[0].to[0]: unknown sink \"nowhere\"");
+    }
+
+    #[test]
+    fn bad_sizes_and_durations_are_named() {
+        let e = first_error(
+            r#"[sinks.out]
+            type = "file"
+            path = "x"
+            buffer = { max_bytes = "lots" }"#,
+        );
+        assert!(
+            e.starts_with("sinks.out.buffer.max_bytes: invalid size"),
+            "{e}"
+        );
+        let e = first_error("[gateway]\nshutdown_grace = \"soon\"\n");
+        assert!(
+            e.starts_with("gateway.shutdown_grace: invalid duration"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn all_problems_are_reported() {
+        let err = load_str(
+            r#"
+            [admin]
+            bind = "nope"
+            [[rules]]
+            name = "a"
+            from = "a/#/b"
+            to = ["x"]
+            [[rules]]
+            name = "a"
+            from = "b"
+            to = ["y"]
+            "#,
+            &[],
+        )
+        .expect_err("invalid");
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "admin.bind",
+                "rules[0].from",
+                "rules[0].to[0]",
+                "rules[1].name",
+                "rules[1].to[0]"
+            ]
+        );
+    }
+
+    #[test]
+    fn mqtt_sink_checks_url_and_tls() {
+        let e = first_error(
+            r#"[sinks.cloud]
+            type = "mqtt"
+            url = "http://x""#,
+        );
+        assert!(e.starts_with("sinks.cloud.url: scheme \"http\""), "{e}");
+        let e = first_error(
+            r#"[sinks.cloud]
+            type = "mqtt"
+            url = "mqtts://x"
+            tls = { ca = "/nonexistent/ca.pem" }"#,
+        );
+        assert_eq!(e, "sinks.cloud.tls.ca: file /nonexistent/ca.pem not found");
+    }
+
+    #[test]
+    fn password_is_masked_in_the_plan() {
+        let plan = load_str(
+            r#"[sinks.cloud]
+            type = "mqtt"
+            url = "mqtt://broker:1883"
+            username = "u"
+            password = "s3cret-value""#,
+            &[],
+        )
+        .expect("valid");
+        let text = plan.describe();
+        assert!(text.contains("password=****"), "{text}");
+        assert!(!text.contains("s3cret-value"), "{text}");
+    }
+}

@@ -1,0 +1,36 @@
+//! edgebridge: an edge gateway between factory devices and the cloud.
+//!
+//! ```text
+//! devices ──MQTT 3.1.1/5──▶ broker (rumqttd, embedded)
+//!                              │ every PUBLISH, seen at the protocol seam
+//!                              ▼
+//!                          intake ──▶ rules (filter · topic rewrite)
+//!                                        │ one record per matched sink
+//!                                        ▼
+//!                          buffer[sink] ─▶ sink worker ──▶ mqtt │ file
+//! ```
+//!
+//! Every stage has one job and one owner; the rule engine never waits on the network, it
+//! only appends to buffers. A slow or dead upstream grows its own buffer and nothing else.
+//!
+//! Module map:
+//! - [`config`]: figment loading (defaults ← TOML ← `EDGEBRIDGE_*` env, `${VAR}`) and the
+//!   pure validation into a typed [`config::Plan`].
+//! - [`broker`]: embeds rumqttd; the device-facing protocol seam and intake.
+//! - [`rules`]: compiled topic filters and templates; the router task.
+//! - [`buffer`]: the per-sink buffer (append / read batch / ack / rewind).
+//! - [`sinks`]: one worker per sink: [`sinks::mqtt`], [`sinks::file`].
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`app`]: start-up and shutdown order.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod broker;
+pub mod buffer;
+pub mod config;
+pub mod message;
+pub mod metrics;
+pub mod rules;
+pub mod sinks;

@@ -1,0 +1,153 @@
+//! The `edgebridge` command line: `run`, `check`, `version`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use edgebridge::app::Gateway;
+use edgebridge::config::{self, LogFormat, Plan};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+/// EX_USAGE: the configuration is invalid.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "edgebridge",
+    version,
+    about = "Edge gateway: embedded MQTT broker, rules, store-and-forward to the cloud"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        #[arg(long, short, default_value = "config/edgebridge.toml")]
+        config: PathBuf,
+        /// Log format (overrides `log.format`).
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormatArg>,
+    },
+    /// Validate the configuration and print the resolved plan.
+    Check {
+        #[arg(long, short, default_value = "config/edgebridge.toml")]
+        config: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+fn load_plan(path: &std::path::Path) -> Result<Plan, ExitCode> {
+    let result = config::load(path).and_then(|c| config::validate(&c));
+    result.map_err(|errors| {
+        for e in &errors.0 {
+            eprintln!("{e}");
+        }
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn init_logging(plan: &Plan, format: Option<LogFormatArg>) {
+    // rumqttd logs every ordinary device disconnect as an error; edgebridge logs what
+    // matters about connections itself.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},rumqttd=off", plan.log.level)));
+    let json = match format {
+        Some(LogFormatArg::Json) => true,
+        Some(LogFormatArg::Text) => false,
+        None => plan.log.format == LogFormat::Json,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn run(plan: Plan) -> ExitCode {
+    // Multi-thread: withheld device acks block a worker thread (block_in_place).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let gateway = match Gateway::start(plan).await {
+            Ok(g) => g,
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "start-up failed");
+                return ExitCode::FAILURE;
+            }
+        };
+        for (name, addr) in &gateway.listeners {
+            info!(listener = %name, %addr, "ready for devices");
+        }
+        wait_for_signal().await;
+        gateway.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("edgebridge {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => match load_plan(&config) {
+            Ok(plan) => {
+                print!("{}", plan.describe());
+                println!("config OK: {}", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config, log_format } => match load_plan(&config) {
+            Ok(plan) => {
+                init_logging(&plan, log_format);
+                run(plan)
+            }
+            Err(code) => code,
+        },
+    }
+}

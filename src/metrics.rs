@@ -1,0 +1,195 @@
+//! The Prometheus registry and typed handles for every metric of DESIGN.md.
+//!
+//! Label values are resolved once per listener, rule and sink (`*Metrics` handles), so the
+//! forwarding path only touches atomics.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub messages_received: IntCounterVec,
+    pub messages_dropped: IntCounterVec,
+    pub messages_unmatched: IntCounterVec,
+    pub connections: IntGaugeVec,
+    pub rule_matches: IntCounterVec,
+    pub sink_delivered: IntCounterVec,
+    pub sink_errors: IntCounterVec,
+    pub sink_up: IntGaugeVec,
+    pub buffer_messages: IntGaugeVec,
+    pub buffer_bytes: IntGaugeVec,
+    pub buffer_oldest_age: GaugeVec,
+    pub buffer_dropped: IntCounterVec,
+    pub delivery_latency: HistogramVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .expect("metric names and labels are static and valid");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("each metric is registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .expect("metric names and labels are static and valid");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("each metric is registered once");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            // Registering the process collector can only fail on a duplicate.
+            let _ = registry.register(Box::new(pc));
+        }
+        let oldest = GaugeVec::new(
+            Opts::new(
+                "edgebridge_buffer_oldest_age_seconds",
+                "Age of the oldest message waiting in the sink's buffer",
+            ),
+            &["sink"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(oldest.clone()))
+            .expect("registered once");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "edgebridge_delivery_latency_seconds",
+                "Time from receipt at the broker to the upstream's acknowledgement",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+                600.0, 3600.0,
+            ]),
+            &["sink"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(latency.clone()))
+            .expect("registered once");
+        Self {
+            messages_received: counter(
+                &registry,
+                "edgebridge_messages_received_total",
+                "PUBLISHes accepted from devices",
+                &["listener"],
+            ),
+            messages_dropped: counter(
+                &registry,
+                "edgebridge_messages_dropped_total",
+                "PUBLISHes from devices not taken into intake, by reason",
+                &["listener", "reason"],
+            ),
+            messages_unmatched: counter(
+                &registry,
+                "edgebridge_messages_unmatched_total",
+                "PUBLISHes that matched no rule",
+                &["listener"],
+            ),
+            connections: gauge(
+                &registry,
+                "edgebridge_connections",
+                "Device connections currently open",
+                &["listener"],
+            ),
+            rule_matches: counter(
+                &registry,
+                "edgebridge_rule_matches_total",
+                "Messages matched by each rule",
+                &["rule"],
+            ),
+            sink_delivered: counter(
+                &registry,
+                "edgebridge_sink_delivered_total",
+                "Messages confirmed by the upstream",
+                &["sink"],
+            ),
+            sink_errors: counter(
+                &registry,
+                "edgebridge_sink_errors_total",
+                "Failed deliveries or connections, by reason",
+                &["sink", "reason"],
+            ),
+            sink_up: gauge(
+                &registry,
+                "edgebridge_sink_up",
+                "1 while the upstream is connected and healthy",
+                &["sink"],
+            ),
+            buffer_messages: gauge(
+                &registry,
+                "edgebridge_buffer_messages",
+                "Messages waiting in the sink's buffer (including in flight)",
+                &["sink"],
+            ),
+            buffer_bytes: gauge(
+                &registry,
+                "edgebridge_buffer_bytes",
+                "Bytes waiting in the sink's buffer",
+                &["sink"],
+            ),
+            buffer_oldest_age: oldest,
+            buffer_dropped: counter(
+                &registry,
+                "edgebridge_buffer_dropped_total",
+                "Messages dropped from the sink's buffer, by reason",
+                &["sink", "reason"],
+            ),
+            delivery_latency: latency,
+            registry,
+        }
+    }
+
+    /// The registry in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for the text encoder.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            received: self.messages_received.with_label_values(&[listener]),
+            unmatched: self.messages_unmatched.with_label_values(&[listener]),
+            qos0_shed: self
+                .messages_dropped
+                .with_label_values(&[listener, "qos0_shed"]),
+            intake_full: self
+                .messages_dropped
+                .with_label_values(&[listener, "intake_full"]),
+            invalid: self
+                .messages_dropped
+                .with_label_values(&[listener, "invalid"]),
+            connections: self.connections.with_label_values(&[listener]),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Handles for one device listener.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub received: IntCounter,
+    pub unmatched: IntCounter,
+    pub qos0_shed: IntCounter,
+    pub intake_full: IntCounter,
+    pub invalid: IntCounter,
+    pub connections: IntGauge,
+}

@@ -1,0 +1,193 @@
+//! MQTT topic filters (`+`, `#`), compiled once at load.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Level {
+    Literal(String),
+    /// `+`: exactly one level.
+    Single,
+    /// `#`: this level and everything below (only last).
+    Multi,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error("topic filter is empty")]
+    Empty,
+    #[error("'#' must be the whole last level of a filter (as in \"a/#\")")]
+    MisplacedMulti,
+    #[error("'+' must be a whole level of a filter (as in \"a/+/b\")")]
+    MisplacedSingle,
+    #[error("topic filter contains a NUL character")]
+    Nul,
+}
+
+/// A validated, compiled topic filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicFilter {
+    source: String,
+    levels: Vec<Level>,
+}
+
+impl TopicFilter {
+    pub fn parse(source: &str) -> Result<Self, FilterError> {
+        if source.is_empty() {
+            return Err(FilterError::Empty);
+        }
+        if source.contains('\0') {
+            return Err(FilterError::Nul);
+        }
+        let parts: Vec<&str> = source.split('/').collect();
+        let last = parts.len() - 1;
+        let mut levels = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            let level = match *part {
+                "#" if i == last => Level::Multi,
+                "#" => return Err(FilterError::MisplacedMulti),
+                "+" => Level::Single,
+                p if p.contains('#') => return Err(FilterError::MisplacedMulti),
+                p if p.contains('+') => return Err(FilterError::MisplacedSingle),
+                p => Level::Literal(p.to_string()),
+            };
+            levels.push(level);
+        }
+        Ok(Self {
+            source: source.to_string(),
+            levels,
+        })
+    }
+
+    /// Number of `+` and `#` levels: the captures `{1}`..`{n}` a template may use.
+    pub fn wildcard_count(&self) -> usize {
+        self.levels
+            .iter()
+            .filter(|l| !matches!(l, Level::Literal(_)))
+            .count()
+    }
+
+    pub fn ends_with_multi(&self) -> bool {
+        matches!(self.levels.last(), Some(Level::Multi))
+    }
+
+    /// The first level when it is a literal: used to index rules.
+    pub fn first_literal(&self) -> Option<&str> {
+        match self.levels.first() {
+            Some(Level::Literal(l)) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// Matches `topic` (split into levels) and pushes the wildcard captures, in order, as
+    /// byte ranges of `topic`. `#` captures the rest of the topic (possibly empty).
+    pub fn captures(&self, topic: &str, out: &mut Vec<(usize, usize)>) -> bool {
+        out.clear();
+        // MQTT: filters starting with a wildcard do not match `$` topics.
+        if topic.starts_with('$') && !matches!(self.levels.first(), Some(Level::Literal(_))) {
+            return false;
+        }
+        let mut pos = 0usize;
+        let mut remaining = Some(topic);
+        for level in &self.levels {
+            match level {
+                Level::Multi => {
+                    // "a/#" matches "a" too (the parent level).
+                    let start = remaining.map(|_| pos).unwrap_or(topic.len());
+                    out.push((start, topic.len()));
+                    return true;
+                }
+                _ => {
+                    let Some(rest) = remaining else {
+                        return false;
+                    };
+                    let (head, tail) = match rest.find('/') {
+                        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+                        None => (rest, None),
+                    };
+                    match level {
+                        Level::Literal(l) if l != head => return false,
+                        Level::Single => out.push((pos, pos + head.len())),
+                        _ => {}
+                    }
+                    pos += head.len() + 1;
+                    remaining = tail;
+                }
+            }
+        }
+        remaining.is_none()
+    }
+
+    pub fn matches(&self, topic: &str) -> bool {
+        let mut scratch = Vec::new();
+        self.captures(topic, &mut scratch)
+    }
+}
+
+impl fmt::Display for TopicFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(filter: &str, topic: &str) -> Option<Vec<String>> {
+        let f = TopicFilter::parse(filter).expect("valid filter");
+        let mut out = Vec::new();
+        f.captures(topic, &mut out)
+            .then(|| out.iter().map(|&(s, e)| topic[s..e].to_string()).collect())
+    }
+
+    #[test]
+    fn parse_rejects_bad_filters() {
+        assert_eq!(TopicFilter::parse(""), Err(FilterError::Empty));
+        assert_eq!(
+            TopicFilter::parse("a/#/b"),
+            Err(FilterError::MisplacedMulti)
+        );
+        assert_eq!(TopicFilter::parse("a#"), Err(FilterError::MisplacedMulti));
+        assert_eq!(
+            TopicFilter::parse("a/b+"),
+            Err(FilterError::MisplacedSingle)
+        );
+        assert!(TopicFilter::parse("+/+/#").is_ok());
+    }
+
+    #[test]
+    fn matching_follows_the_mqtt_spec() {
+        let table = [
+            ("a/b", "a/b", true),
+            ("a/b", "a/c", false),
+            ("a/+", "a/b", true),
+            ("a/+", "a/b/c", false),
+            ("a/+", "a", false),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("#", "a/b", true),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("a/+/c", "a//c", true),
+            ("+", "", true),
+            ("a/b", "a/b/", false),
+        ];
+        for (filter, topic, expected) in table {
+            let f = TopicFilter::parse(filter).expect("valid");
+            assert_eq!(f.matches(topic), expected, "{filter} vs {topic}");
+        }
+    }
+
+    #[test]
+    fn captures_wildcard_levels_in_order() {
+        assert_eq!(
+            caps("factory/+/+/telemetry", "factory/l1/m7/telemetry"),
+            Some(vec!["l1".into(), "m7".into()])
+        );
+        assert_eq!(caps("a/#", "a/b/c"), Some(vec!["b/c".into()]));
+        assert_eq!(caps("a/#", "a"), Some(vec!["".into()]));
+        assert_eq!(caps("+/#", "x/y/z"), Some(vec!["x".into(), "y/z".into()]));
+        assert_eq!(caps("a/+", "b/c"), None);
+    }
+}

@@ -1,0 +1,126 @@
+//! The router task: intake → rules → buffers, then the durable acks.
+//!
+//! It takes intake items in batches, appends one record per matched sink, syncs every
+//! buffer it touched (group commit: the next batch starts as soon as the sync returns),
+//! and only then releases the withheld device acknowledgements of the batch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Route, RuleSet};
+use crate::broker::{AckTracker, IntakeItem};
+use crate::buffer::{Appended, Buffer};
+use crate::metrics::ListenerMetrics;
+
+/// Intake items taken per batch.
+const BATCH: usize = 1024;
+
+pub struct RouterTask {
+    pub rules: RuleSet,
+    pub buffers: Vec<Arc<Buffer>>,
+    /// Indexed like the plan's listeners.
+    pub listeners: Vec<ListenerMetrics>,
+}
+
+impl RouterTask {
+    /// Runs until `shutdown`; then takes what is still queued, appends and syncs it.
+    pub async fn run(self, mut rx: mpsc::Receiver<IntakeItem>, shutdown: CancellationToken) {
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut routes = Vec::new();
+        let mut touched = vec![false; self.buffers.len()];
+        let mut releases: Vec<(Arc<AckTracker>, u64)> = Vec::new();
+        let mut closing = false;
+        loop {
+            let n = if closing {
+                rx.recv_many(&mut batch, BATCH).await
+            } else {
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, BATCH) => n,
+                    _ = shutdown.cancelled() => {
+                        // Stop intake; what is already queued is still appended below.
+                        rx.close();
+                        closing = true;
+                        continue;
+                    }
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            for item in batch.drain(..) {
+                self.route_one(item, &mut routes, &mut touched, &mut releases, &shutdown)
+                    .await;
+            }
+            for (buffer, t) in self.buffers.iter().zip(touched.iter_mut()) {
+                if std::mem::take(t) {
+                    buffer.sync().await;
+                }
+            }
+            for (tracker, seq) in releases.drain(..) {
+                tracker.release(seq);
+            }
+        }
+    }
+
+    async fn route_one(
+        &self,
+        item: IntakeItem,
+        routes: &mut Vec<Route>,
+        touched: &mut [bool],
+        releases: &mut Vec<(Arc<AckTracker>, u64)>,
+        shutdown: &CancellationToken,
+    ) {
+        let IntakeItem { listener, msg, ack } = item;
+        if !self.rules.route(&msg.topic, routes) {
+            if let Some(m) = self.listeners.get(listener) {
+                m.unmatched.inc();
+            }
+        }
+        let last = routes.len().saturating_sub(1);
+        let mut msg = Some(msg);
+        for (i, route) in routes.iter_mut().enumerate() {
+            // The last route takes the message itself; earlier ones a (cheap) clone.
+            let mut record = if i == last { msg.take() } else { msg.clone() };
+            let Some(mut record_msg) = record.take() else {
+                continue;
+            };
+            if let Some(topic) = route.topic.take() {
+                record_msg.topic = topic;
+            }
+            let buffer = &self.buffers[route.sink];
+            let mut pending = record_msg;
+            loop {
+                match buffer.append(pending) {
+                    Appended::Stored | Appended::DroppedNewest => break,
+                    Appended::Full(_) if shutdown.is_cancelled() => {
+                        // Stalled at shutdown by a sink that frees nothing: give up,
+                        // counted; a durable-ack device has no ack for it and resends.
+                        buffer.count_full_drop();
+                        break;
+                    }
+                    Appended::Full(back) => {
+                        pending = back;
+                        // `when_full = "block"`: stall intake until the sink frees space.
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(100),
+                            buffer.wait_for_space(),
+                        )
+                        .await;
+                    }
+                }
+            }
+            touched[route.sink] = true;
+        }
+        if let Some(ticket) = ack {
+            match releases.last_mut() {
+                Some((tracker, seq)) if Arc::ptr_eq(tracker, &ticket.tracker) => {
+                    *seq = ticket.seq;
+                }
+                _ => releases.push((ticket.tracker, ticket.seq)),
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Topic and client-id templates: `dt/{gateway_id}/{1}/{2}`, parsed once at load.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    GatewayId,
+    /// The whole original topic.
+    Topic,
+    /// `{n}`: the n-th wildcard capture, 1-based in the text, 0-based here.
+    Capture(usize),
+}
+
+/// What a template may refer to where it is used.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateScope {
+    /// Number of wildcard captures available (`{1}`..`{n}`).
+    pub wildcards: usize,
+    pub ends_with_multi: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TemplateError {
+    #[error("unclosed '{{' in template")]
+    Unclosed,
+    #[error("unknown placeholder {{{0}}}; use {{gateway_id}}, {{topic}} or {{1}}..{{n}}")]
+    Unknown(String),
+    #[error("{{{0}}} refers to a wildcard the filter does not have (it has {1})")]
+    NoSuchCapture(usize, usize),
+    #[error("a topic template must not contain '+' or '#'")]
+    Wildcard,
+    #[error("template renders to an empty string")]
+    Empty,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    source: String,
+    parts: Vec<Part>,
+}
+
+impl Template {
+    pub fn parse(source: &str, scope: &TemplateScope) -> Result<Self, TemplateError> {
+        let mut parts = Vec::new();
+        let mut rest = source;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_string()));
+            }
+            let after = &rest[open + 1..];
+            let close = after.find('}').ok_or(TemplateError::Unclosed)?;
+            let name = &after[..close];
+            let part = match name {
+                "gateway_id" => Part::GatewayId,
+                "topic" => Part::Topic,
+                n => match n.parse::<usize>() {
+                    Ok(i) if i >= 1 && i <= scope.wildcards => Part::Capture(i - 1),
+                    Ok(i) => return Err(TemplateError::NoSuchCapture(i, scope.wildcards)),
+                    Err(_) => return Err(TemplateError::Unknown(n.to_string())),
+                },
+            };
+            parts.push(part);
+            rest = &after[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_string()));
+        }
+        if parts.is_empty() {
+            return Err(TemplateError::Empty);
+        }
+        let has_wildcard = parts
+            .iter()
+            .any(|p| matches!(p, Part::Literal(l) if l.contains(['+', '#'])));
+        if has_wildcard {
+            return Err(TemplateError::Wildcard);
+        }
+        Ok(Self {
+            source: source.to_string(),
+            parts,
+        })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Renders with the captures of a filter match (byte ranges into `topic`).
+    pub fn render(&self, gateway_id: &str, topic: &str, captures: &[(usize, usize)]) -> String {
+        let mut out = String::with_capacity(self.source.len() + topic.len());
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => out.push_str(l),
+                Part::GatewayId => out.push_str(gateway_id),
+                Part::Topic => out.push_str(topic),
+                Part::Capture(i) => {
+                    if let Some(&(s, e)) = captures.get(*i) {
+                        out.push_str(&topic[s..e]);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Renders a template that has no topic context (client ids).
+    pub fn render_static(&self, gateway_id: &str) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => out.push_str(l),
+                Part::GatewayId => out.push_str(gateway_id),
+                Part::Topic | Part::Capture(_) => {}
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(n: usize) -> TemplateScope {
+        TemplateScope {
+            wildcards: n,
+            ends_with_multi: false,
+        }
+    }
+
+    #[test]
+    fn renders_captures_and_gateway_id() {
+        let t = Template::parse("dt/{gateway_id}/{1}/{2}", &scope(2)).expect("valid");
+        let topic = "factory/l1/m7/telemetry";
+        let caps = [(8, 10), (11, 13)];
+        assert_eq!(t.render("edge-01", topic, &caps), "dt/edge-01/l1/m7");
+        let t = Template::parse("copy/{topic}", &scope(0)).expect("valid");
+        assert_eq!(t.render("g", "a/b", &[]), "copy/a/b");
+    }
+
+    #[test]
+    fn rejects_bad_templates() {
+        assert_eq!(
+            Template::parse("x/{3}", &scope(2)),
+            Err(TemplateError::NoSuchCapture(3, 2))
+        );
+        assert_eq!(
+            Template::parse("x/{1", &scope(2)),
+            Err(TemplateError::Unclosed)
+        );
+        assert_eq!(
+            Template::parse("x/{nope}", &scope(2)),
+            Err(TemplateError::Unknown("nope".into()))
+        );
+        assert_eq!(
+            Template::parse("x/#", &scope(0)),
+            Err(TemplateError::Wildcard)
+        );
+        assert_eq!(Template::parse("", &scope(0)), Err(TemplateError::Empty));
+    }
+}

@@ -1,0 +1,134 @@
+//! File sink: one NDJSON line per message, appended and flushed per batch.
+//!
+//! Line format: `{"topic":…,"payload":…,"qos":…,"retain":…,"received_at":…}` where the
+//! payload is UTF-8 text when it is valid UTF-8, else base64 with `"encoding":"base64"`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::json;
+use tokio::fs::{File, OpenOptions};
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use super::{Backoff, SinkContext};
+use crate::config::FilePlan;
+use crate::message::Message;
+
+/// Appends the NDJSON line of `msg` to `out`.
+pub fn encode_line(msg: &Message, out: &mut Vec<u8>) {
+    let mut line = match std::str::from_utf8(&msg.payload) {
+        Ok(text) => json!({ "topic": msg.topic, "payload": text }),
+        Err(_) => json!({
+            "topic": msg.topic,
+            "payload": base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+            "encoding": "base64",
+        }),
+    };
+    line["qos"] = json!(msg.qos);
+    line["retain"] = json!(msg.retain);
+    line["received_at"] = json!(msg.received_at);
+    // Serializing a serde_json::Value into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &line);
+    out.push(b'\n');
+}
+
+async fn open(path: &Path) -> std::io::Result<File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+}
+
+pub async fn run(plan: FilePlan, ctx: SinkContext) {
+    let mut backoff = Backoff::try_new(Duration::from_millis(100), Duration::from_secs(10))
+        .unwrap_or_else(|_| unreachable!("constant bounds are valid"));
+    let mut lines = Vec::new();
+    'reopen: loop {
+        let mut file = match open(&plan.path).await {
+            Ok(f) => f,
+            Err(e) => {
+                ctx.metrics.up.set(0);
+                ctx.metrics.error("io");
+                warn!(sink = %ctx.name, path = %plan.path.display(), error = %e, "cannot open the output file; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue 'reopen,
+                    _ = ctx.shutdown.cancelled() => return,
+                }
+            }
+        };
+        ctx.metrics.up.set(1);
+        backoff.reset();
+        info!(sink = %ctx.name, path = %plan.path.display(), "writing to file");
+        loop {
+            let batch = tokio::select! {
+                batch = ctx.buffer.read_batch(ctx.batch) => batch,
+                _ = ctx.shutdown.cancelled() => {
+                    ctx.metrics.up.set(0);
+                    return;
+                }
+            };
+            lines.clear();
+            for record in &batch {
+                encode_line(&record.msg, &mut lines);
+            }
+            let written = async {
+                file.write_all(&lines).await?;
+                file.flush().await
+            };
+            if let Err(e) = written.await {
+                ctx.metrics.up.set(0);
+                ctx.metrics.error("io");
+                warn!(sink = %ctx.name, path = %plan.path.display(), error = %e, "write failed; will retry the batch");
+                ctx.buffer.rewind();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue 'reopen,
+                    _ = ctx.shutdown.cancelled() => return,
+                }
+            }
+            for record in &batch {
+                ctx.buffer.ack(record.seq);
+                ctx.metrics.delivered(record.msg.received_at);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn line(payload: &'static [u8]) -> serde_json::Value {
+        let msg = Message {
+            topic: "a/b".into(),
+            payload: Bytes::from_static(payload),
+            qos: 1,
+            retain: true,
+            properties: None,
+            received_at: 42,
+        };
+        let mut out = Vec::new();
+        encode_line(&msg, &mut out);
+        assert_eq!(out.last(), Some(&b'\n'));
+        serde_json::from_slice(&out).expect("valid JSON line")
+    }
+
+    #[test]
+    fn text_payloads_stay_text_and_binary_is_base64() {
+        let v = line(b"{\"t\":21.5}");
+        assert_eq!(v["payload"], "{\"t\":21.5}");
+        assert!(v.get("encoding").is_none());
+        assert_eq!(v["qos"], 1);
+        assert_eq!(v["retain"], true);
+        assert_eq!(v["received_at"], 42);
+        let v = line(&[0xff, 0x00, 0x10]);
+        assert_eq!(v["payload"], "/wAQ");
+        assert_eq!(v["encoding"], "base64");
+    }
+}

@@ -1,0 +1,302 @@
+//! MQTT upstream sink (rumqttc): AWS IoT Core, HiveMQ, Mosquitto, any MQTT 3.1.1 broker.
+//!
+//! Delivery: records are published with the sink's QoS while at most `inflight` await
+//! their PUBACK; rumqttc reports `Outgoing::Publish(pkid)` in the order publishes were
+//! handed to it, which maps packet ids to buffer records, and `Incoming::PubAck(pkid)`
+//! acks the record. On any connection error the whole rumqttc state is dropped (including
+//! what it would resend by itself, which it silently forgets when the broker reports no
+//! session), the buffer is rewound to the oldest unacked record, and the connection is
+//! re-established after an exponential backoff with jitter. Duplicates are possible after
+//! a reconnect; losses are not.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::ErrorKind;
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
+    TlsConfiguration, Transport,
+};
+use tracing::{info, warn};
+
+use super::{Backoff, SinkContext};
+use crate::config::MqttPlan;
+
+/// Bytes of MQTT framing around topic and payload in a PUBLISH (fixed header, lengths,
+/// packet id), rounded up.
+const PUBLISH_OVERHEAD: usize = 16;
+
+/// Why a connection failed, as the `reason` label of `edgebridge_sink_errors_total`.
+/// Every connection failure is retryable: the destination is at fault, never the data.
+pub fn classify(error: &ConnectionError) -> &'static str {
+    match error {
+        ConnectionError::Io(e) if e.kind() == ErrorKind::ConnectionRefused => "connection_refused",
+        ConnectionError::Io(e) if e.kind() == ErrorKind::TimedOut => "timeout",
+        ConnectionError::Io(_) => "io",
+        ConnectionError::Tls(_) => "tls",
+        ConnectionError::ConnectionRefused(_) => "connack_refused",
+        ConnectionError::NetworkTimeout | ConnectionError::FlushTimeout => "timeout",
+        ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_) => "protocol",
+        ConnectionError::RequestsDone => "closed",
+    }
+}
+
+fn qos_of(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn options(plan: &MqttPlan) -> Result<MqttOptions, String> {
+    let mut opts = MqttOptions::new(plan.client_id.clone(), plan.host.clone(), plan.port);
+    opts.set_keep_alive(plan.keep_alive)
+        .set_clean_session(plan.clean_session)
+        .set_max_packet_size(plan.max_packet_size, plan.max_packet_size)
+        .set_inflight(plan.inflight);
+    if let Some(user) = &plan.username {
+        opts.set_credentials(user.clone(), plan.password.clone().unwrap_or_default());
+    }
+    if let Some(tls) = &plan.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        let ca = match &tls.ca {
+            Some(p) => read(p)?,
+            None => Vec::new(),
+        };
+        let client_auth = match &tls.client_auth {
+            Some((cert, key)) => Some((read(cert)?, read(key)?)),
+            None => None,
+        };
+        let alpn = (!tls.alpn.is_empty())
+            .then(|| tls.alpn.iter().map(|a| a.as_bytes().to_vec()).collect());
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca,
+            alpn,
+            client_auth,
+        }));
+    }
+    Ok(opts)
+}
+
+/// A record handed to rumqttc, waiting for its packet id or its acknowledgement.
+#[derive(Clone, Copy)]
+struct InFlight {
+    seq: u64,
+    received_at: u64,
+}
+
+/// One connection's bookkeeping; dropped with the connection.
+#[derive(Default)]
+struct Window {
+    /// Handed to rumqttc, packet id not yet known (rumqttc keeps request order).
+    queued: VecDeque<InFlight>,
+    /// Written; waiting for PUBACK (QoS 1) or PUBCOMP (QoS 2).
+    by_pkid: HashMap<u16, InFlight>,
+}
+
+impl Window {
+    fn len(&self) -> usize {
+        self.queued.len() + self.by_pkid.len()
+    }
+}
+
+enum Outcome {
+    /// The connection failed: back off and reconnect.
+    Reconnect,
+    /// Shutdown finished.
+    Stopped,
+}
+
+pub async fn run(plan: MqttPlan, ctx: SinkContext, _gateway_id: String) {
+    let mut backoff = match Backoff::try_new(plan.backoff_min, plan.backoff_max) {
+        Ok(b) => b,
+        Err(e) => {
+            // Validation refuses such bounds; keep a sane default rather than stop.
+            warn!(sink = %ctx.name, error = %e, "invalid backoff; using 1s..30s");
+            Backoff::try_new(Duration::from_secs(1), Duration::from_secs(30))
+                .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
+        }
+    };
+    loop {
+        let opts = match options(&plan) {
+            Ok(o) => o,
+            Err(e) => {
+                ctx.metrics.error("config");
+                warn!(sink = %ctx.name, error = %e, "cannot build the upstream connection; retrying");
+                if sleep_or_stop(&ctx, backoff.next_delay()).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let capacity = plan.inflight as usize * 2 + 16;
+        let (client, eventloop) = AsyncClient::new(opts, capacity);
+        ctx.buffer.rewind();
+        match connection(&plan, &ctx, &client, eventloop, &mut backoff).await {
+            Outcome::Stopped => return,
+            Outcome::Reconnect => {
+                ctx.metrics.up.set(0);
+                if sleep_or_stop(&ctx, backoff.next_delay()).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps, or returns `true` at once when shutdown begins.
+async fn sleep_or_stop(ctx: &SinkContext, delay: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = ctx.shutdown.cancelled() => true,
+    }
+}
+
+async fn connection(
+    plan: &MqttPlan,
+    ctx: &SinkContext,
+    client: &AsyncClient,
+    mut eventloop: EventLoop,
+    backoff: &mut Backoff,
+) -> Outcome {
+    let qos = qos_of(plan.qos);
+    let window_size = plan.inflight as usize;
+    let mut window = Window::default();
+    let mut connected = false;
+    loop {
+        let room = window_size.saturating_sub(window.len());
+        tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => {
+                return drain_and_disconnect(ctx, client, &mut eventloop, &mut window).await;
+            }
+            event = eventloop.poll() => {
+                match event {
+                    Ok(event) => {
+                        if let Event::Incoming(Incoming::ConnAck(ack)) = &event {
+                            connected = true;
+                            backoff.reset();
+                            ctx.metrics.up.set(1);
+                            info!(sink = %ctx.name, host = %plan.host, port = plan.port, session_present = ack.session_present, "upstream connected");
+                        }
+                        handle_event(ctx, &mut window, event);
+                    }
+                    Err(e) => {
+                        ctx.metrics.error(classify(&e));
+                        warn!(sink = %ctx.name, host = %plan.host, port = plan.port, error = %e, in_flight = window.len(), "upstream connection failed; will resend unacked messages");
+                        return Outcome::Reconnect;
+                    }
+                }
+            }
+            batch = ctx.buffer.read_batch(room.min(ctx.batch)), if connected && room > 0 => {
+                for record in batch {
+                    let msg = record.msg;
+                    if msg.topic.len() + msg.payload.len() + PUBLISH_OVERHEAD > plan.max_packet_size {
+                        ctx.metrics.undeliverable("too_large");
+                        warn!(sink = %ctx.name, topic = %msg.topic, bytes = msg.payload.len(), "message larger than the upstream's max_packet_size; dropped");
+                        ctx.buffer.ack(record.seq);
+                        continue;
+                    }
+                    let retain = msg.retain && plan.forward_retain;
+                    let entry = InFlight { seq: record.seq, received_at: msg.received_at };
+                    match client.publish_bytes(msg.topic, qos, retain, msg.payload).await {
+                        Ok(()) => window.queued.push_back(entry),
+                        Err(e) => {
+                            ctx.metrics.undeliverable("invalid_topic");
+                            warn!(sink = %ctx.name, error = %e, "upstream refused the message; dropped");
+                            ctx.buffer.ack(record.seq);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn handle_event(ctx: &SinkContext, window: &mut Window, event: Event) {
+    match event {
+        Event::Outgoing(Outgoing::Publish(pkid)) => {
+            let Some(entry) = window.queued.pop_front() else {
+                return;
+            };
+            if pkid == 0 {
+                // QoS 0: written is all the confirmation there will be.
+                ctx.buffer.ack(entry.seq);
+                ctx.metrics.delivered(entry.received_at);
+            } else {
+                window.by_pkid.insert(pkid, entry);
+            }
+        }
+        Event::Incoming(Incoming::PubAck(ack)) => confirm(ctx, window, ack.pkid),
+        Event::Incoming(Incoming::PubComp(comp)) => confirm(ctx, window, comp.pkid),
+        _ => {}
+    }
+}
+
+fn confirm(ctx: &SinkContext, window: &mut Window, pkid: u16) {
+    if let Some(entry) = window.by_pkid.remove(&pkid) {
+        ctx.buffer.ack(entry.seq);
+        ctx.metrics.delivered(entry.received_at);
+    }
+}
+
+/// Shutdown: wait (within the grace period) for the acks of what is in flight, then say
+/// DISCONNECT. Whatever stays unacked remains in the buffer.
+async fn drain_and_disconnect(
+    ctx: &SinkContext,
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    window: &mut Window,
+) -> Outcome {
+    let deadline = tokio::time::Instant::now() + ctx.grace;
+    while window.len() > 0 {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(event)) => handle_event(ctx, window, event),
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    if client.try_disconnect().is_ok() {
+        let flush = async {
+            while let Ok(event) = eventloop.poll().await {
+                if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+    }
+    ctx.metrics.up.set(0);
+    Outcome::Stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::ConnectReturnCode;
+
+    #[test]
+    fn every_connection_failure_has_a_reason() {
+        let table = [
+            (
+                ConnectionError::Io(std::io::Error::from(ErrorKind::ConnectionRefused)),
+                "connection_refused",
+            ),
+            (
+                ConnectionError::Io(std::io::Error::from(ErrorKind::BrokenPipe)),
+                "io",
+            ),
+            (ConnectionError::NetworkTimeout, "timeout"),
+            (
+                ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized),
+                "connack_refused",
+            ),
+            (ConnectionError::RequestsDone, "closed"),
+        ];
+        for (error, reason) in table {
+            assert_eq!(classify(&error), reason, "{error}");
+        }
+    }
+}
