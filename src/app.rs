@@ -99,7 +99,8 @@ impl Gateway {
             intake_tx,
             &metrics,
             stopping.clone(),
-        )?;
+        )
+        .await?;
         let listeners: Vec<(String, SocketAddr)> =
             running.iter().map(|l| (l.name.clone(), l.addr)).collect();
 

@@ -55,8 +55,31 @@ fn reserve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
     Ok(probe.local_addr()?)
 }
 
-/// Starts rumqttd's router and every listener.
-pub fn start(
+/// Waits until rumqttd's accept loop for `addr` is bound (it binds inside its task).
+async fn wait_until_listening(addr: SocketAddr, task: &JoinHandle<()>) -> anyhow::Result<()> {
+    let probe = match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        }
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
+        other => other,
+    };
+    for _ in 0..200 {
+        if task.is_finished() {
+            anyhow::bail!("device listener on {addr} stopped during start-up");
+        }
+        if tokio::net::TcpStream::connect(probe).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("device listener on {addr} did not start within 5s")
+}
+
+/// Starts rumqttd's router and every listener; returns once all of them accept.
+pub async fn start(
     broker: &BrokerSection,
     listeners: &[ListenerPlan],
     intake: mpsc::Sender<IntakeItem>,
@@ -101,6 +124,7 @@ pub fn start(
                 error!(listener = %name, error = %e, "device listener stopped");
             }
         });
+        wait_until_listening(addr, &task).await?;
         info!(listener = %plan.name, %addr, "device listener started (MQTT 3.1.1 and 5)");
         running.push(RunningListener {
             name: plan.name.clone(),

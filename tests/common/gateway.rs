@@ -1,0 +1,91 @@
+//! Starts an in-process edgebridge for a test: data_dir in a temp dir, device listener and
+//! admin endpoint on free ports. Included with `#[path = "common/gateway.rs"] mod gateway;`.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use edgebridge::app::Gateway;
+use edgebridge::config;
+
+pub struct TestGateway {
+    pub gateway: Option<Gateway>,
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+}
+
+impl TestGateway {
+    /// `body` holds the sinks and rules (and may add `[[listeners]]` of its own);
+    /// `{dir}` in it is replaced by the temp dir.
+    pub async fn start(body: &str) -> TestGateway {
+        let dir = tempfile::tempdir().expect("tempdir for the gateway");
+        let body = body.replace("{dir}", &dir.path().display().to_string());
+        let listeners = if body.contains("[[listeners]]") {
+            String::new()
+        } else {
+            "[[listeners]]\nname = \"devices\"\nbind = \"127.0.0.1:0\"\n".to_string()
+        };
+        let toml = format!(
+            "[gateway]\nid = \"edge-01\"\ndata_dir = \"{}\"\nshutdown_grace = \"2s\"\n\
+             [admin]\nbind = \"127.0.0.1:0\"\n{listeners}{body}",
+            dir.path().join("data").display()
+        );
+        let path = dir.path().join("edgebridge.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let config = config::load(&path).unwrap_or_else(|e| panic!("config:\n{e}"));
+        let plan = config::validate(&config).unwrap_or_else(|e| panic!("config:\n{e}"));
+        let gateway = Gateway::start(plan).await.expect("gateway starts");
+        let addr = gateway.listeners[0].1;
+        TestGateway {
+            gateway: Some(gateway),
+            dir,
+            addr,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn gw(&self) -> &Gateway {
+        self.gateway.as_ref().expect("gateway running")
+    }
+
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric(&self.gw().metrics.render(), name, labels)
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.shutdown().await;
+        }
+    }
+
+    /// Polls `cond` every 50 ms until it holds or `timeout` passes.
+    pub async fn eventually(&self, timeout: Duration, mut cond: impl FnMut(&Self) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if cond(self) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cond(self)
+    }
+}
+
+/// The value of one sample in Prometheus text, or 0 when absent.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}

@@ -1,0 +1,267 @@
+//! Devices → edgebridge → a real Mosquitto upstream: plaintext, TLS, mutual TLS, and an
+//! upstream restart while a stream flows.
+
+mod common;
+#[path = "common/gateway.rs"]
+mod gateway;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{
+    check_sequences, client_options, publish_seq, seq_payload, Collector, Mode, Mosquitto,
+    TestCerts,
+};
+use gateway::TestGateway;
+use rumqttc::QoS;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn mqtt_sink(url: &str, tls: &str) -> String {
+    format!(
+        r#"
+[sinks.cloud]
+type = "mqtt"
+url = "{url}"
+{tls}
+backoff_min = "50ms"
+backoff_max = "500ms"
+
+[[rules]]
+name = "telemetry"
+from = "factory/+/telemetry"
+to = ["cloud"]
+topic = "dt/{{gateway_id}}/{{1}}"
+"#
+    )
+}
+
+/// `mosquitto_pub -l`: a second MQTT implementation as a device, one message per line.
+fn mosquitto_pub_lines(port: u16, topic: &str, device: u32, count: u64) {
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-l",
+        ])
+        .args(["-i", &format!("mosq-dev-{device}")])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub is installed (README's test command installs it)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for seq in 0..count {
+        stdin.write_all(&seq_payload(device, seq)).expect("write");
+        stdin.write_all(b"\n").expect("write");
+    }
+    drop(stdin);
+    let status = child.wait().expect("mosquitto_pub exits");
+    assert!(status.success(), "mosquitto_pub failed: {status}");
+}
+
+async fn forward_and_check(mode: Mode<'_>, url_scheme: &str, tls: &str) {
+    let upstream = Mosquitto::start(mode);
+    let collector =
+        Collector::start(client_options("collector", upstream.port(), mode), "dt/#").await;
+    let url = format!("{url_scheme}://localhost:{}", upstream.port());
+    let mut gw = TestGateway::start(&mqtt_sink(&url, tls)).await;
+
+    let per_device = 1_000u64;
+    let mut publishers = Vec::new();
+    for device in 0..3u32 {
+        let port = gw.port();
+        publishers.push(tokio::spawn(async move {
+            let topic = format!("factory/d{device}/telemetry");
+            publish_seq(
+                "127.0.0.1",
+                port,
+                &format!("dev-{device}"),
+                &topic,
+                device,
+                per_device,
+                QoS::AtLeastOnce,
+            )
+            .await
+        }));
+    }
+    let port = gw.port();
+    tokio::task::spawn_blocking(move || {
+        mosquitto_pub_lines(port, "factory/d9/telemetry", 9, per_device)
+    })
+    .await
+    .expect("mosquitto_pub task");
+    for p in publishers {
+        assert_eq!(
+            p.await.expect("publisher"),
+            per_device,
+            "every publish acked"
+        );
+    }
+
+    let total = 4 * per_device as usize;
+    assert!(
+        collector.wait_for(total, WAIT).await,
+        "upstream got {} of {total}; mosquitto log:\n{}",
+        collector.len(),
+        upstream.logs()
+    );
+    let msgs = collector.messages();
+    let report = check_sequences(&msgs);
+    assert_eq!(report.missing, 0, "{report:?}");
+    assert_eq!(report.out_of_order, 0, "{report:?}");
+    for device in [0, 1, 2, 9] {
+        assert_eq!(
+            report.per_device_count.get(&device),
+            Some(&per_device),
+            "{report:?}"
+        );
+        let topic = format!("dt/edge-01/d{device}");
+        assert!(
+            msgs.iter().any(|(t, _)| *t == topic),
+            "rewritten topic {topic}"
+        );
+    }
+    assert_eq!(
+        gw.counter("edgebridge_messages_received_total", &[]),
+        total as f64
+    );
+    assert!(gw.counter("edgebridge_sink_delivered_total", &[("sink", "cloud")]) >= total as f64);
+    assert_eq!(gw.counter("edgebridge_sink_up", &[("sink", "cloud")]), 1.0);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plaintext_upstream_gets_every_message_in_order() {
+    forward_and_check(Mode::Plain, "mqtt", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_upstream_verified_against_the_test_ca() {
+    let certs = TestCerts::generate();
+    let tls = format!("tls = {{ ca = \"{}\" }}", certs.ca.display());
+    forward_and_check(Mode::Tls(&certs), "mqtts", &tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mutual_tls_upstream_requires_our_client_certificate() {
+    let certs = TestCerts::generate();
+    let tls = format!(
+        "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
+        certs.ca.display(),
+        certs.client_cert.display(),
+        certs.client_key.display()
+    );
+    forward_and_check(Mode::MutualTls(&certs), "mqtts", &tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrong_ca_keeps_the_sink_down_and_the_messages_buffered() {
+    let certs = TestCerts::generate();
+    let other = TestCerts::generate();
+    let upstream = Mosquitto::start(Mode::Tls(&certs));
+    let url = format!("mqtts://localhost:{}", upstream.port());
+    let tls = format!("tls = {{ ca = \"{}\" }}", other.ca.display());
+    let mut gw = TestGateway::start(&mqtt_sink(&url, &tls)).await;
+    let acked = publish_seq(
+        "127.0.0.1",
+        gw.port(),
+        "dev",
+        "factory/d1/telemetry",
+        1,
+        50,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert_eq!(acked, 50);
+    let failed = gw
+        .eventually(WAIT, |g| {
+            g.counter(
+                "edgebridge_sink_errors_total",
+                &[("sink", "cloud"), ("reason", "tls")],
+            ) >= 2.0
+        })
+        .await;
+    assert!(failed, "TLS failures are counted with reason=tls");
+    assert_eq!(gw.counter("edgebridge_sink_up", &[("sink", "cloud")]), 0.0);
+    assert_eq!(
+        gw.counter("edgebridge_sink_delivered_total", &[("sink", "cloud")]),
+        0.0
+    );
+    assert_eq!(
+        gw.counter("edgebridge_buffer_messages", &[("sink", "cloud")]),
+        50.0
+    );
+    gw.shutdown().await;
+}
+
+/// The upstream is stopped and started again while a device publishes a steady stream:
+/// delivery resumes by itself and every message arrives, in order per device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_restart_resumes_delivery_without_loss() {
+    let mut upstream = Mosquitto::start_with(Mode::Plain, true);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "dt/#",
+    )
+    .await;
+    let url = format!("mqtt://127.0.0.1:{}", upstream.port());
+    let mut gw = TestGateway::start(&mqtt_sink(&url, "")).await;
+
+    let port = gw.port();
+    let total = 3_000u64;
+    let stream = tokio::spawn(async move {
+        let mut opts = client_options("steady", port, Mode::Plain);
+        opts.set_clean_session(false);
+        // ~500 msg/s for 6 s, in chunks, so the outage falls in the middle of the stream.
+        let mut acked = 0;
+        for chunk in 0..30u64 {
+            let seqs = chunk * 100..(chunk + 1) * 100;
+            acked += common::publish_seq_with(
+                opts.clone(),
+                "factory/steady/telemetry",
+                7,
+                seqs,
+                QoS::AtLeastOnce,
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        acked
+    });
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    upstream.terminate();
+    let down = gw
+        .eventually(WAIT, |g| {
+            g.counter("edgebridge_sink_up", &[("sink", "cloud")]) == 0.0
+        })
+        .await;
+    assert!(down, "sink_up drops to 0 while the upstream is down");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    upstream.restart();
+
+    assert_eq!(stream.await.expect("publisher"), total);
+    assert!(
+        collector.wait_for(total as usize, WAIT).await,
+        "upstream got {} of {total}",
+        collector.len()
+    );
+    let report = check_sequences(&collector.messages());
+    assert_eq!(report.per_device_count.get(&7), Some(&total), "{report:?}");
+    assert_eq!(report.missing, 0, "{report:?}");
+    assert_eq!(report.out_of_order, 0, "{report:?}");
+    let up = gw
+        .eventually(WAIT, |g| {
+            g.counter("edgebridge_sink_up", &[("sink", "cloud")]) == 1.0
+        })
+        .await;
+    assert!(up, "sink_up is back to 1");
+    assert!(gw.counter("edgebridge_sink_errors_total", &[("sink", "cloud")]) >= 1.0);
+    gw.shutdown().await;
+}
