@@ -77,22 +77,31 @@ pub struct ByteSize(pub u64);
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a byte size (\"64KiB\", \"1GiB\" or a number of bytes)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a byte size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ByteSize, E> {
+                bytesize::ByteSize::from_str(s.trim())
+                    .map(|b| ByteSize(b.as_u64()))
+                    .map_err(|_| {
+                        E::custom(format!(
+                            "invalid size {s:?}; write e.g. \"64KiB\", \"10MB\" or \"1GiB\""
+                        ))
+                    })
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Text(s) => bytesize::ByteSize::from_str(s.trim())
-                .map(|b| ByteSize(b.as_u64()))
-                .map_err(|e| {
-                    serde::de::Error::custom(format!(
-                        "invalid size {s:?} ({e}); write e.g. \"64KiB\" or \"1GiB\""
-                    ))
-                }),
-        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -557,18 +566,61 @@ fn check_sinks(dict: &Dict) -> Result<(), ConfigErrors> {
 }
 
 fn figment_errors(error: figment::Error) -> ConfigErrors {
+    use figment::error::{Actual, Kind};
     ConfigErrors(
         error
             .into_iter()
             .map(|e| {
+                let mut path = render_path(&e.path);
                 let message = match &e.kind {
-                    figment::error::Kind::Message(m) => m.clone(),
+                    Kind::Message(m) => m.clone(),
+                    Kind::MissingField(field) => {
+                        path = join_path(&path, field);
+                        "missing (required)".to_string()
+                    }
+                    Kind::UnknownField(field, expected) => {
+                        format!(
+                            "unknown key {field:?}; expected one of: {}",
+                            expected.join(", ")
+                        )
+                    }
+                    // Name the type only: the value may be a secret from `${VAR}`.
+                    Kind::InvalidType(actual, expected) => {
+                        let found = match actual {
+                            Actual::Str(_) => "a string",
+                            Actual::Bool(_) => "a boolean",
+                            Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+                            Actual::Float(_) => "a float",
+                            Actual::Seq => "an array",
+                            Actual::Map => "a table",
+                            _ => "another type",
+                        };
+                        format!("expected {expected}, found {found}")
+                    }
                     kind => kind.to_string(),
                 };
-                ConfigError::new(e.path.join("."), message)
+                ConfigError::new(path, message)
             })
             .collect(),
     )
+}
+
+/// `["listeners", "0", "bind"]` → `listeners[0].bind`; only after the keys that hold
+/// arrays, since a sink may well be called `0`.
+fn render_path(segments: &[String]) -> String {
+    const ARRAYS: [&str; 4] = ["listeners", "rules", "to", "alpn"];
+    let mut out = String::new();
+    let mut previous: Option<&str> = None;
+    for segment in segments.iter().filter(|s| !s.is_empty()) {
+        let is_index = segment.chars().all(|c| c.is_ascii_digit());
+        if is_index && previous.is_some_and(|p| ARRAYS.contains(&p)) {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            out = join_path(&out, segment);
+        }
+        previous = Some(segment);
+    }
+    out
 }
 
 fn interpolate_dict(
@@ -632,7 +684,9 @@ fn interpolate(s: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<Stri
 }
 
 fn join_path(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
+    if key.is_empty() {
+        prefix.to_string()
+    } else if prefix.is_empty() {
         key.to_string()
     } else {
         format!("{prefix}.{key}")
@@ -1231,6 +1285,18 @@ mod tests {
     }
 
     #[test]
+    fn array_indexes_and_missing_keys_have_full_paths() {
+        let e = first_error("[[listeners]]\nname = \"a\"\n");
+        assert_eq!(e, "listeners[0].bind: missing (required)");
+        let e = first_error(
+            "[[listeners]]\nname = \"a\"\nbind = \"0.0.0.0:1\"\nmax_packet_size = true\n",
+        );
+        assert_eq!(e, "listeners[0].max_packet_size: expected a byte size (\"64KiB\", \"1GiB\" or a number of bytes), found a boolean");
+        let e = first_error("[sinks.cloud]\ntype = \"mqtt\"\n");
+        assert_eq!(e, "sinks.cloud.url: missing (required)");
+    }
+
+    #[test]
     fn interpolate_escapes_and_errors() {
         let env = |k: &str| (k == "A").then(|| "x".to_string());
         assert_eq!(interpolate("a${A}b", &env).as_deref(), Ok("axb"));
@@ -1241,7 +1307,7 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = first_error("[gateway]\nidd = \"x\"\n");
-        assert!(e.starts_with("gateway.idd: unknown field"), "{e}");
+        assert!(e.starts_with("gateway.idd: unknown key \"idd\""), "{e}");
     }
 
     #[test]
