@@ -340,23 +340,82 @@ pub enum WhenFull {
     Block,
 }
 
+/// Where a sink's buffer keeps its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    /// Segmented log under `data_dir/buffers/<sink>/`: survives restarts and crashes.
+    Disk,
+    /// In memory only: survives upstream outages, not a restart.
+    Memory,
+}
+
+/// When appended records are forced to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncPolicy {
+    /// Group commit: every batch the router appends is fsynced before the devices' acks
+    /// go out and before the sink reads it.
+    Batch,
+    /// Written to the OS at once, fsynced every `sync_interval`.
+    Interval,
+    /// Written to the OS at once; the OS decides when to write back.
+    None,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BufferSection {
+    #[serde(default = "default_storage")]
+    pub storage: Storage,
     #[serde(default = "default_buffer_max_bytes")]
     pub max_bytes: ByteSize,
     #[serde(default = "default_when_full")]
     pub when_full: WhenFull,
+    /// Records older than this are dropped when read (counted, `reason="ttl"`).
+    #[serde(default)]
+    pub ttl: Option<HumanDuration>,
+    /// Size of one segment file; default a quarter of max_bytes, between 64KiB and 4MiB.
+    #[serde(default)]
+    pub segment_size: Option<ByteSize>,
+    #[serde(default = "default_sync")]
+    pub sync: SyncPolicy,
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: HumanDuration,
+    /// Below this much free space on the data_dir's file system the buffer behaves as
+    /// full, so the gateway never fills the disk.
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk: ByteSize,
+    /// Cap on messages per second handed to the sink (backlog drains); absent = no cap.
+    #[serde(default)]
+    pub drain_rate: Option<u64>,
     /// Records handed to the sink at once.
     #[serde(default = "default_batch")]
     pub batch: usize,
 }
 
+impl BufferSection {
+    /// The segment size in force: as configured, or a quarter of `max_bytes` kept
+    /// between 64KiB and 4MiB.
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_size
+            .map(|s| s.0)
+            .unwrap_or_else(|| (self.max_bytes.0 / 4).clamp(64 * 1024, 4 * 1024 * 1024))
+    }
+}
+
 impl Default for BufferSection {
     fn default() -> Self {
         Self {
+            storage: default_storage(),
             max_bytes: default_buffer_max_bytes(),
             when_full: default_when_full(),
+            ttl: None,
+            segment_size: None,
+            sync: default_sync(),
+            sync_interval: default_sync_interval(),
+            min_free_disk: default_min_free_disk(),
+            drain_rate: None,
             batch: default_batch(),
         }
     }
@@ -467,7 +526,19 @@ fn default_backoff_max() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 fn default_buffer_max_bytes() -> ByteSize {
-    ByteSize(64 * 1024 * 1024)
+    ByteSize(1024 * 1024 * 1024)
+}
+fn default_storage() -> Storage {
+    Storage::Disk
+}
+fn default_sync() -> SyncPolicy {
+    SyncPolicy::Batch
+}
+fn default_sync_interval() -> HumanDuration {
+    HumanDuration(Duration::from_millis(100))
+}
+fn default_min_free_disk() -> ByteSize {
+    ByteSize(100 * 1024 * 1024)
 }
 fn default_when_full() -> WhenFull {
     WhenFull::DropOldest
@@ -893,6 +964,35 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
                 "must be at least 1KiB".into(),
             );
         }
+        if buffer.storage == Storage::Disk && buffer.max_bytes.0 < 64 * 1024 {
+            err(
+                format!("{path}.buffer.max_bytes"),
+                "must be at least 64KiB for a disk buffer".into(),
+            );
+        }
+        if let Some(size) = buffer.segment_size {
+            if size.0 < 64 * 1024 || size.0 > buffer.max_bytes.0 {
+                err(
+                    format!("{path}.buffer.segment_size"),
+                    "must be at least 64KiB and not above buffer.max_bytes".into(),
+                );
+            }
+        }
+        if buffer.ttl.is_some_and(|t| t.0.is_zero()) {
+            err(format!("{path}.buffer.ttl"), "must be above zero".into());
+        }
+        if buffer.drain_rate == Some(0) {
+            err(
+                format!("{path}.buffer.drain_rate"),
+                "must be above zero".into(),
+            );
+        }
+        if buffer.sync_interval.0.is_zero() {
+            err(
+                format!("{path}.buffer.sync_interval"),
+                "must be above zero".into(),
+            );
+        }
         if buffer.batch == 0 || buffer.batch > 100_000 {
             err(
                 format!("{path}.buffer.batch"),
@@ -1171,9 +1271,16 @@ impl Plan {
         }
         let _ = writeln!(out, "sinks:");
         for s in &self.sinks {
+            let b = &s.buffer;
             let buffer = format!(
-                "buffer max_bytes={} when_full={:?}",
-                s.buffer.max_bytes.0, s.buffer.when_full
+                "buffer {:?} max_bytes={} when_full={:?} sync={:?}{}",
+                b.storage,
+                b.max_bytes.0,
+                b.when_full,
+                b.sync,
+                b.ttl
+                    .map(|t| format!(" ttl={}", humantime::format_duration(t.0)))
+                    .unwrap_or_default()
             );
             match &s.kind {
                 SinkKindPlan::Mqtt(m) => {

@@ -143,7 +143,7 @@ qos0_high_water = 16
 [sinks.dead]
 type = "mqtt"
 url = "mqtt://127.0.0.1:{dead_port}"
-buffer = {{ max_bytes = "4KiB", when_full = "block" }}
+buffer = {{ max_bytes = "64KiB", when_full = "block" }}
 
 [[rules]]
 name = "all"

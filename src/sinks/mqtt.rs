@@ -17,6 +17,8 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
     TlsConfiguration, Transport,
 };
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{Backoff, SinkContext};
@@ -155,27 +157,65 @@ async fn sleep_or_stop(ctx: &SinkContext, delay: Duration) -> bool {
     }
 }
 
+/// Events the delivery loop acts on; everything else stays in the driver task.
+fn relevant(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::Incoming(Incoming::ConnAck(_))
+            | Event::Incoming(Incoming::PubAck(_))
+            | Event::Incoming(Incoming::PubComp(_))
+            | Event::Outgoing(Outgoing::Publish(_))
+            | Event::Outgoing(Outgoing::Disconnect)
+    )
+}
+
+/// Polls rumqttc's event loop in a task of its own: `poll()` is never cancelled half
+/// way (the delivery loop selects over the buffer too), and network I/O runs in parallel
+/// with reading the buffer. Ends after forwarding the first error.
+fn drive(
+    mut eventloop: EventLoop,
+) -> (
+    mpsc::Receiver<Result<Event, ConnectionError>>,
+    JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(1024);
+    let task = tokio::spawn(async move {
+        loop {
+            let event = eventloop.poll().await;
+            let failed = event.is_err();
+            if (failed || event.as_ref().is_ok_and(relevant)) && tx.send(event).await.is_err() {
+                return;
+            }
+            if failed {
+                return;
+            }
+        }
+    });
+    (rx, task)
+}
+
 async fn connection(
     plan: &MqttPlan,
     ctx: &SinkContext,
     client: &AsyncClient,
-    mut eventloop: EventLoop,
+    eventloop: EventLoop,
     backoff: &mut Backoff,
 ) -> Outcome {
     let qos = qos_of(plan.qos);
     let window_size = plan.inflight as usize;
     let mut window = Window::default();
     let mut connected = false;
-    loop {
+    let (mut events, driver) = drive(eventloop);
+    let outcome = loop {
         let room = window_size.saturating_sub(window.len());
         tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => {
-                return drain_and_disconnect(ctx, client, &mut eventloop, &mut window).await;
+                break drain_and_disconnect(ctx, client, &mut events, &mut window).await;
             }
-            event = eventloop.poll() => {
+            event = events.recv() => {
                 match event {
-                    Ok(event) => {
+                    Some(Ok(event)) => {
                         if let Event::Incoming(Incoming::ConnAck(ack)) = &event {
                             connected = true;
                             backoff.reset();
@@ -184,11 +224,12 @@ async fn connection(
                         }
                         handle_event(ctx, &mut window, event);
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         ctx.metrics.error(classify(&e));
                         warn!(sink = %ctx.name, host = %plan.host, port = plan.port, error = %e, in_flight = window.len(), "upstream connection failed; will resend unacked messages");
-                        return Outcome::Reconnect;
+                        break Outcome::Reconnect;
                     }
+                    None => break Outcome::Reconnect,
                 }
             }
             batch = ctx.buffer.read_batch(room.min(ctx.batch)), if connected && room > 0 => {
@@ -213,7 +254,9 @@ async fn connection(
                 }
             }
         }
-    }
+    };
+    driver.abort();
+    outcome
 }
 
 fn handle_event(ctx: &SinkContext, window: &mut Window, event: Event) {
@@ -248,19 +291,19 @@ fn confirm(ctx: &SinkContext, window: &mut Window, pkid: u16) {
 async fn drain_and_disconnect(
     ctx: &SinkContext,
     client: &AsyncClient,
-    eventloop: &mut EventLoop,
+    events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
     window: &mut Window,
 ) -> Outcome {
     let deadline = tokio::time::Instant::now() + ctx.grace;
     while window.len() > 0 {
-        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
-            Ok(Ok(event)) => handle_event(ctx, window, event),
-            Ok(Err(_)) | Err(_) => break,
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(Ok(event))) => handle_event(ctx, window, event),
+            _ => break,
         }
     }
     if client.try_disconnect().is_ok() {
         let flush = async {
-            while let Ok(event) = eventloop.poll().await {
+            while let Some(Ok(event)) = events.recv().await {
                 if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
                     break;
                 }

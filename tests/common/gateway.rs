@@ -18,7 +18,27 @@ impl TestGateway {
     /// `body` holds the sinks and rules (and may add `[[listeners]]` of its own);
     /// `{dir}` in it is replaced by the temp dir.
     pub async fn start(body: &str) -> TestGateway {
+        Self::start_in(body, tempfile::tempdir().expect("tempdir for the gateway")).await
+    }
+
+    /// As [`TestGateway::start`], in `dir` (a restart reuses the previous one's dir and so
+    /// its data_dir, `{dir}/data`).
+    pub async fn start_in(body: &str, dir: tempfile::TempDir) -> TestGateway {
+        let data_dir = dir.path().join("data");
+        Self::start_full(body, dir, &data_dir).await
+    }
+
+    /// With data_dir elsewhere (e.g. on a small tmpfs).
+    pub async fn start_with_data_dir(body: &str, data_dir: &std::path::Path) -> TestGateway {
         let dir = tempfile::tempdir().expect("tempdir for the gateway");
+        Self::start_full(body, dir, data_dir).await
+    }
+
+    async fn start_full(
+        body: &str,
+        dir: tempfile::TempDir,
+        data_dir: &std::path::Path,
+    ) -> TestGateway {
         let body = body.replace("{dir}", &dir.path().display().to_string());
         let listeners = if body.contains("[[listeners]]") {
             String::new()
@@ -28,7 +48,7 @@ impl TestGateway {
         let toml = format!(
             "[gateway]\nid = \"edge-01\"\ndata_dir = \"{}\"\nshutdown_grace = \"2s\"\n\
              [admin]\nbind = \"127.0.0.1:0\"\n{listeners}{body}",
-            dir.path().join("data").display()
+            data_dir.display()
         );
         let path = dir.path().join("edgebridge.toml");
         std::fs::write(&path, toml).expect("write config");
