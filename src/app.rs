@@ -44,6 +44,8 @@ pub struct Gateway {
     listener_tasks: Vec<JoinHandle<()>>,
     router: JoinHandle<()>,
     sink_tasks: Vec<JoinHandle<()>>,
+    buffer_tasks: Vec<JoinHandle<()>>,
+    buffers: Vec<Arc<Buffer>>,
     admin: JoinHandle<()>,
     grace: Duration,
 }
@@ -57,10 +59,19 @@ impl Gateway {
 
         let metrics = Arc::new(Metrics::new());
         let sinks_stop = CancellationToken::new();
-        let buffers: Vec<Arc<Buffer>> = plan
-            .sinks
+        let mut buffers: Vec<Arc<Buffer>> = Vec::new();
+        for s in &plan.sinks {
+            let buffer = Buffer::open(&s.name, &s.buffer, &plan.data_dir, &metrics)
+                .with_context(|| format!("cannot open the buffer of sink {}", s.name))?;
+            buffers.push(Arc::new(buffer));
+        }
+        let buffer_tasks: Vec<JoinHandle<()>> = buffers
             .iter()
-            .map(|s| Arc::new(Buffer::new(&s.name, &s.buffer, &metrics)))
+            .map(|b| {
+                let b = b.clone();
+                let stop = sinks_stop.clone();
+                tokio::spawn(async move { b.run_interval_sync(stop).await })
+            })
             .collect();
         let sink_tasks = plan
             .sinks
@@ -107,7 +118,7 @@ impl Gateway {
         let admin_stop = CancellationToken::new();
         let state = Arc::new(AdminState {
             metrics: metrics.clone(),
-            buffers,
+            buffers: buffers.clone(),
             listeners: listeners.iter().map(|(_, a)| *a).collect(),
             ready: AtomicBool::new(false),
         });
@@ -127,6 +138,8 @@ impl Gateway {
             listener_tasks: running.into_iter().map(|l| l.task).collect(),
             router,
             sink_tasks,
+            buffer_tasks,
+            buffers,
             admin,
             grace: plan.shutdown_grace,
         })
@@ -162,6 +175,10 @@ impl Gateway {
             .is_err()
         {
             warn!("some sinks did not finish within the grace period");
+        }
+        futures_join_all(self.buffer_tasks).await;
+        for buffer in &self.buffers {
+            buffer.fsync_now().await;
         }
         self.admin_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.admin).await;

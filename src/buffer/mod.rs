@@ -1,25 +1,44 @@
 //! The per-sink buffer between the rule engine and the sink worker.
 //!
-//! Interface (DESIGN.md): the router `append`s records and then `sync`s (a record is only
-//! released to the device's PUBACK after `sync`); the sink worker `read_batch`es records
-//! past its read position, `ack`s each one once the upstream confirmed it, and `rewind`s
-//! to the oldest unacked record after a reconnect so everything unconfirmed is sent again.
-//! A record leaves the buffer only when acked, or when the bound (`max_bytes`) makes the
-//! `when_full` policy drop it (counted in `edgebridge_buffer_dropped_total{reason="full"}`).
+//! Interface (DESIGN.md): the router `append`s records and then `sync`s; the sink worker
+//! `read_batch`es records past its read position, `ack`s each one once the upstream
+//! confirmed it, and `rewind`s to the oldest unacked record after a reconnect, so
+//! everything unconfirmed is sent again. A record leaves the buffer only when acked, or
+//! when a declared bound drops it, counted in `edgebridge_buffer_dropped_total{reason}`:
+//! `full` (`max_bytes` or the free-disk margin, by the `when_full` policy), `ttl`,
+//! `corrupt` (found on start or when read), `io_error` (the disk refused a write).
 //!
-//! This implementation keeps records in memory: it survives upstream outages but not a
-//! restart of the gateway. The durable segmented log replaces the storage behind the same
-//! methods without touching the sinks.
+//! Storage (`storage`):
+//! - `disk` (default): the segmented log of `disk.rs` under `data_dir/buffers/<sink>/`
+//!   — record format, recovery and deletion rules are described there. `sync` decides
+//!   when appends are forced to disk: `batch` fsyncs every batch the router appends
+//!   (group commit: the next batch is taken as soon as the previous sync returns) before
+//!   the devices' acks go out and before the sink may read it; `interval` and `none`
+//!   hand each batch to the OS at once and fsync every `sync_interval` or never.
+//!   Loss windows: under kill -9 nothing written to the OS is lost, so none of the
+//!   policies loses an acked message; on power loss `batch` loses nothing acked,
+//!   `interval` up to `sync_interval` of messages, `none` what the OS had not written
+//!   back (typically up to 30 s).
+//! - `memory`: records in memory; survives upstream outages, not a restart.
+
+mod codec;
+mod disk;
 
 use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use prometheus::{Gauge, IntCounter, IntGauge};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
-use crate::config::{BufferSection, WhenFull};
+use crate::config::{BufferSection, Storage, SyncPolicy, WhenFull};
 use crate::message::{now_millis, Message};
 use crate::metrics::Metrics;
+use disk::{DiskLog, DiskLogOptions};
 
 /// A message in a sink's buffer, with its per-sink sequence number.
 #[derive(Debug, Clone)]
@@ -32,19 +51,29 @@ pub struct Record {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Appended {
     Stored,
-    /// The buffer was full and the policy is `drop_newest`: the message was dropped.
-    DroppedNewest,
+    /// Dropped by a bound (counted).
+    Dropped,
     /// The buffer is full and the policy is `block`: the message is handed back; try
     /// again after [`Buffer::wait_for_space`].
     Full(Message),
 }
+
+/// How often the free space of the data_dir's file system is looked up: after this long,
+/// or after a sixteenth of the margin was appended, whichever comes first.
+const DISK_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+// ---------------------------------------------------------------------------------------
+// In-memory storage
+// ---------------------------------------------------------------------------------------
 
 struct Slot {
     record: Record,
     acked: bool,
 }
 
-struct State {
+/// Records in a deque; sequence numbers are contiguous since drops only remove from the
+/// front.
+struct MemoryLog {
     slots: VecDeque<Slot>,
     /// Index into `slots` of the next record to hand to the sink.
     read_pos: usize,
@@ -52,17 +81,152 @@ struct State {
     bytes: u64,
 }
 
+impl MemoryLog {
+    fn new() -> Self {
+        Self {
+            slots: VecDeque::new(),
+            read_pos: 0,
+            next_seq: 1,
+            bytes: 0,
+        }
+    }
+
+    fn append(&mut self, msg: Message) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.bytes += msg.size() as u64;
+        self.slots.push_back(Slot {
+            record: Record { seq, msg },
+            acked: false,
+        });
+        seq
+    }
+
+    /// Up to `max` unacked records with seq ≤ `upto` from the read position on.
+    fn read(
+        &mut self,
+        max: usize,
+        upto: u64,
+        cutoff_ms: Option<u64>,
+        expired: &mut u64,
+    ) -> Vec<Record> {
+        let mut batch = Vec::new();
+        while batch.len() < max && self.read_pos < self.slots.len() {
+            let pos = self.read_pos;
+            if self.slots[pos].record.seq > upto {
+                break;
+            }
+            self.read_pos += 1;
+            let slot = &mut self.slots[pos];
+            if slot.acked {
+                continue;
+            }
+            if cutoff_ms.is_some_and(|c| slot.record.msg.received_at < c) {
+                slot.acked = true;
+                *expired += 1;
+                continue;
+            }
+            batch.push(slot.record.clone());
+        }
+        self.collect();
+        batch
+    }
+
+    fn ack(&mut self, seq: u64) {
+        let Some(front) = self.slots.front().map(|s| s.record.seq) else {
+            return;
+        };
+        let Some(idx) = seq.checked_sub(front) else {
+            return; // already dropped
+        };
+        if let Some(slot) = self.slots.get_mut(idx as usize) {
+            slot.acked = true;
+        }
+        self.collect();
+    }
+
+    /// Removes acked records from the front.
+    fn collect(&mut self) {
+        while self.slots.front().is_some_and(|s| s.acked) {
+            if let Some(old) = self.slots.pop_front() {
+                self.bytes -= old.record.msg.size() as u64;
+                self.read_pos = self.read_pos.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Drops the oldest record; returns 1 if it was unacked.
+    fn drop_oldest(&mut self) -> u64 {
+        let Some(old) = self.slots.pop_front() else {
+            return 0;
+        };
+        self.bytes -= old.record.msg.size() as u64;
+        self.read_pos = self.read_pos.saturating_sub(1);
+        u64::from(!old.acked)
+    }
+
+    fn pending(&self) -> u64 {
+        self.slots.iter().filter(|s| !s.acked).count() as u64
+    }
+
+    fn oldest_received_at(&self) -> Option<u64> {
+        self.slots
+            .iter()
+            .find(|s| !s.acked)
+            .map(|s| s.record.msg.received_at)
+    }
+}
+
+// One per sink, behind its mutex: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Backend {
+    Memory(MemoryLog),
+    Disk(DiskLog),
+}
+
+impl Backend {
+    fn bytes(&self) -> u64 {
+        match self {
+            Backend::Memory(m) => m.bytes,
+            Backend::Disk(d) => d.bytes(),
+        }
+    }
+
+    fn pending(&self) -> u64 {
+        match self {
+            Backend::Memory(m) => m.pending(),
+            Backend::Disk(d) => d.pending(),
+        }
+    }
+}
+
 struct BufferMetrics {
     messages: IntGauge,
     bytes: IntGauge,
     oldest_age: Gauge,
     dropped_full: IntCounter,
+    dropped_ttl: IntCounter,
+    dropped_corrupt: IntCounter,
+    dropped_io: IntCounter,
+}
+
+struct State {
+    backend: Backend,
+    /// Last seq handed to the OS and synced by the policy; the sink reads up to it.
+    appended_upto: u64,
+    /// Next time a drain-rate-capped read may happen.
+    next_read: Instant,
+    /// Cached "free space under the margin" and when it was looked up.
+    low_disk: bool,
+    disk_checked: Option<Instant>,
+    /// Bytes appended since the last free-space look-up.
+    since_disk_check: u64,
 }
 
 pub struct Buffer {
     name: String,
-    max_bytes: u64,
-    when_full: WhenFull,
+    config: BufferSection,
+    dir: Option<PathBuf>,
     state: Mutex<State>,
     /// Wakes the (single) sink worker when records become readable.
     readable: Notify,
@@ -72,26 +236,73 @@ pub struct Buffer {
 }
 
 impl Buffer {
-    pub fn new(name: &str, config: &BufferSection, metrics: &Metrics) -> Self {
-        Self {
+    /// Opens the sink's buffer: for disk storage under `data_dir/buffers/<name>/`,
+    /// recovering what is there (corrupt records are counted, never fatal).
+    pub fn open(
+        name: &str,
+        config: &BufferSection,
+        data_dir: &Path,
+        metrics: &Metrics,
+    ) -> io::Result<Self> {
+        let buffer_metrics = BufferMetrics {
+            messages: metrics.buffer_messages.with_label_values(&[name]),
+            bytes: metrics.buffer_bytes.with_label_values(&[name]),
+            oldest_age: metrics.buffer_oldest_age.with_label_values(&[name]),
+            dropped_full: metrics.buffer_dropped.with_label_values(&[name, "full"]),
+            dropped_ttl: metrics.buffer_dropped.with_label_values(&[name, "ttl"]),
+            dropped_corrupt: metrics.buffer_dropped.with_label_values(&[name, "corrupt"]),
+            dropped_io: metrics
+                .buffer_dropped
+                .with_label_values(&[name, "io_error"]),
+        };
+        let (backend, dir) = match config.storage {
+            Storage::Memory => (Backend::Memory(MemoryLog::new()), None),
+            Storage::Disk => {
+                let dir = data_dir.join("buffers").join(name);
+                let (mut log, recovery) = DiskLog::open(DiskLogOptions {
+                    dir: dir.clone(),
+                    segment_bytes: config.segment_bytes(),
+                })?;
+                // A record torn by a crash is lost too: count it with the corrupt ones.
+                let corrupt = log.take_corrupt_count() + recovery.torn_records;
+                buffer_metrics.dropped_corrupt.inc_by(corrupt);
+                if recovery.truncated_bytes > 0 || corrupt > 0 || !recovery.renamed.is_empty() {
+                    warn!(sink = %name, truncated_bytes = recovery.truncated_bytes, corrupt, renamed = ?recovery.renamed, "buffer recovered from damage");
+                }
+                if log.pending() > 0 {
+                    info!(sink = %name, pending = log.pending(), bytes = log.bytes(), "buffer has a backlog from the last run");
+                }
+                (Backend::Disk(log), Some(dir))
+            }
+        };
+        let appended_upto = match &backend {
+            Backend::Memory(_) => 0,
+            Backend::Disk(d) => d.next_seq() - 1,
+        };
+        let buffer = Self {
             name: name.to_string(),
-            max_bytes: config.max_bytes.0,
-            when_full: config.when_full,
+            config: config.clone(),
+            dir,
             state: Mutex::new(State {
-                slots: VecDeque::new(),
-                read_pos: 0,
-                next_seq: 1,
-                bytes: 0,
+                backend,
+                appended_upto,
+                next_read: Instant::now(),
+                low_disk: false,
+                disk_checked: None,
+                since_disk_check: 0,
             }),
             readable: Notify::new(),
             space: Notify::new(),
-            metrics: BufferMetrics {
-                messages: metrics.buffer_messages.with_label_values(&[name]),
-                bytes: metrics.buffer_bytes.with_label_values(&[name]),
-                oldest_age: metrics.buffer_oldest_age.with_label_values(&[name]),
-                dropped_full: metrics.buffer_dropped.with_label_values(&[name, "full"]),
-            },
+            metrics: buffer_metrics,
+        };
+        {
+            let mut st = buffer.lock();
+            if let Backend::Disk(d) = &mut st.backend {
+                d.set_read_limit(appended_upto + 1);
+            }
+            buffer.publish_gauges(&st);
         }
+        Ok(buffer)
     }
 
     pub fn name(&self) -> &str {
@@ -104,42 +315,84 @@ impl Buffer {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends `msg`, applying the `when_full` policy. Cheap; never blocks.
+    /// Free space on the data_dir's file system is below `min_free_disk`.
+    fn low_disk(&self, st: &mut State) -> bool {
+        let Some(dir) = &self.dir else {
+            return false;
+        };
+        let now = Instant::now();
+        let recent = st.disk_checked.is_some_and(|t| now - t < DISK_CHECK_EVERY);
+        if recent && st.since_disk_check < self.config.min_free_disk.0 / 16 {
+            return st.low_disk;
+        }
+        st.disk_checked = Some(now);
+        st.since_disk_check = 0;
+        st.low_disk = match rustix::fs::statvfs(dir) {
+            Ok(s) => s.f_bavail.saturating_mul(s.f_frsize) < self.config.min_free_disk.0,
+            Err(_) => false,
+        };
+        st.low_disk
+    }
+
+    /// Appends `msg`, applying `max_bytes`, the free-disk margin and `when_full`. Cheap
+    /// (a buffered write); never blocks. Not readable by the sink before [`Buffer::sync`].
     pub fn append(&self, msg: Message) -> Appended {
         let size = msg.size() as u64;
         let mut st = self.lock();
-        if st.bytes + size > self.max_bytes {
-            match self.when_full {
+        loop {
+            let over_bytes = st.backend.bytes() + size > self.config.max_bytes.0;
+            let full = over_bytes || self.low_disk(&mut st);
+            if !full || st.backend.pending() == 0 && !st.low_disk {
+                break;
+            }
+            match self.config.when_full {
                 WhenFull::DropNewest => {
                     self.metrics.dropped_full.inc();
-                    return Appended::DroppedNewest;
+                    return Appended::Dropped;
                 }
-                WhenFull::Block if !st.slots.is_empty() => return Appended::Full(msg),
-                WhenFull::Block => {}
+                WhenFull::Block if st.backend.pending() > 0 => return Appended::Full(msg),
+                WhenFull::Block => {
+                    // Nothing to wait for: the disk is short of space by itself.
+                    self.metrics.dropped_full.inc();
+                    return Appended::Dropped;
+                }
                 WhenFull::DropOldest => {
-                    while st.bytes + size > self.max_bytes {
-                        let Some(old) = st.slots.pop_front() else {
-                            break;
-                        };
-                        st.bytes -= old.record.msg.size() as u64;
-                        st.read_pos = st.read_pos.saturating_sub(1);
-                        if !old.acked {
-                            self.metrics.dropped_full.inc();
+                    let dropped = match &mut st.backend {
+                        Backend::Memory(m) => Ok(m.drop_oldest()),
+                        Backend::Disk(d) => d.drop_oldest_segment(),
+                    };
+                    match dropped {
+                        Ok(n) => self.metrics.dropped_full.inc_by(n),
+                        Err(e) => {
+                            warn!(sink = %self.name, error = %e, "cannot drop the oldest buffer segment")
                         }
+                    }
+                    if st.backend.pending() == 0 {
+                        // Dropped everything: store the newest unless the disk is short.
+                        st.disk_checked = None;
+                        if self.low_disk(&mut st) {
+                            self.metrics.dropped_full.inc();
+                            return Appended::Dropped;
+                        }
+                        break;
                     }
                 }
             }
         }
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        st.bytes += size;
-        st.slots.push_back(Slot {
-            record: Record { seq, msg },
-            acked: false,
-        });
+        let stored = match &mut st.backend {
+            Backend::Memory(m) => {
+                m.append(msg);
+                Ok(())
+            }
+            Backend::Disk(d) => d.append(&msg).map(drop),
+        };
+        st.since_disk_check += size;
+        if let Err(e) = stored {
+            self.metrics.dropped_io.inc();
+            warn!(sink = %self.name, error = %e, "cannot store the message in the buffer; dropped");
+            return Appended::Dropped;
+        }
         self.publish_gauges(&st);
-        drop(st);
-        self.readable.notify_one();
         Appended::Stored
     }
 
@@ -148,60 +401,174 @@ impl Buffer {
         self.metrics.dropped_full.inc();
     }
 
-    /// Makes everything appended so far durable. The in-memory buffer has nothing to do.
-    pub async fn sync(&self) {}
+    /// Makes everything appended so far durable as the sync policy says, then readable.
+    pub async fn sync(&self) {
+        let (handles, upto) = {
+            let mut st = self.lock();
+            let upto = match &mut st.backend {
+                Backend::Memory(m) => (None, m.next_seq - 1),
+                Backend::Disk(d) => {
+                    let upto = d.next_seq() - 1;
+                    match d.prepare_sync() {
+                        Ok(h) => (Some(h), upto),
+                        Err(e) => {
+                            warn!(sink = %self.name, error = %e, "buffer write failed; recent messages may be lost");
+                            (None, upto)
+                        }
+                    }
+                }
+            };
+            upto
+        };
+        if let (Some(h), SyncPolicy::Batch) = (handles, self.config.sync) {
+            if !h.is_empty() {
+                match tokio::task::spawn_blocking(move || h.sync()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(sink = %self.name, error = %e, "buffer fsync failed"),
+                    Err(e) => warn!(sink = %self.name, error = %e, "buffer fsync task failed"),
+                }
+            }
+        }
+        self.make_readable(upto);
+    }
+
+    fn make_readable(&self, upto: u64) {
+        let mut st = self.lock();
+        if upto <= st.appended_upto {
+            return;
+        }
+        st.appended_upto = upto;
+        if let Backend::Disk(d) = &mut st.backend {
+            d.set_read_limit(upto + 1);
+        }
+        drop(st);
+        self.readable.notify_one();
+    }
+
+    /// `sync = "interval"`: fsyncs every `sync_interval` until `shutdown`, then once more.
+    pub async fn run_interval_sync(&self, shutdown: CancellationToken) {
+        if self.config.sync != SyncPolicy::Interval || self.dir.is_none() {
+            return;
+        }
+        loop {
+            let stop = tokio::select! {
+                _ = tokio::time::sleep(self.config.sync_interval.0) => false,
+                _ = shutdown.cancelled() => true,
+            };
+            self.fsync_now().await;
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Forces everything written so far to disk, whatever the policy (used at shutdown).
+    pub async fn fsync_now(&self) {
+        let handles = {
+            let mut st = self.lock();
+            match &mut st.backend {
+                Backend::Disk(d) => d.prepare_sync().ok(),
+                Backend::Memory(_) => None,
+            }
+        };
+        if let Some(h) = handles.filter(|h| !h.is_empty()) {
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || h.sync()).await {
+                warn!(sink = %self.name, error = %e, "buffer fsync failed");
+            }
+        }
+        let mut st = self.lock();
+        if let Backend::Disk(d) = &mut st.backend {
+            if let Err(e) = d.save_position() {
+                warn!(sink = %self.name, error = %e, "cannot save the buffer position");
+            }
+        }
+    }
 
     /// Waits until a `block`ed append may succeed.
     pub async fn wait_for_space(&self) {
         self.space.notified().await;
     }
 
-    /// Up to `max` records past the read position; waits until there is at least one.
+    /// Up to `max` readable records past the read position; waits until there is at
+    /// least one. Expired records (`ttl`) are dropped and counted here; `drain_rate`
+    /// paces the batches.
     pub async fn read_batch(&self, max: usize) -> Vec<Record> {
         loop {
-            {
+            let pace = {
                 let mut st = self.lock();
-                let mut batch = Vec::new();
-                while batch.len() < max && st.read_pos < st.slots.len() {
-                    let pos = st.read_pos;
-                    st.read_pos += 1;
-                    let slot = &st.slots[pos];
-                    if !slot.acked {
-                        batch.push(slot.record.clone());
+                let wait = st.next_read.saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    let batch = self.read_now(&mut st, max);
+                    if !batch.is_empty() {
+                        if let Some(rate) = self.config.drain_rate {
+                            let cost = Duration::from_secs_f64(batch.len() as f64 / rate as f64);
+                            st.next_read = Instant::now() + cost;
+                        }
+                        return batch;
+                    }
+                    None
+                } else {
+                    Some(wait)
+                }
+            };
+            match pace {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => self.readable.notified().await,
+            }
+        }
+    }
+
+    fn read_now(&self, st: &mut State, max: usize) -> Vec<Record> {
+        let cutoff = self
+            .config
+            .ttl
+            .map(|t| now_millis().saturating_sub(t.0.as_millis() as u64));
+        let mut expired = 0;
+        let batch = match &mut st.backend {
+            Backend::Memory(m) => m.read(max, st.appended_upto, cutoff, &mut expired),
+            Backend::Disk(d) => {
+                let result = match cutoff {
+                    Some(c) => d.read_unexpired(max, c).map(|b| {
+                        expired = b.expired;
+                        b.records
+                    }),
+                    None => d.read(max),
+                };
+                self.metrics.dropped_corrupt.inc_by(d.take_corrupt_count());
+                match result {
+                    Ok(records) => records,
+                    Err(e) => {
+                        warn!(sink = %self.name, error = %e, "cannot read the buffer");
+                        Vec::new()
                     }
                 }
-                if !batch.is_empty() {
-                    return batch;
-                }
             }
-            self.readable.notified().await;
+        };
+        if expired > 0 {
+            self.metrics.dropped_ttl.inc_by(expired);
+            if batch.is_empty() {
+                // More may have expired: let the caller come straight back.
+                self.readable.notify_one();
+            }
         }
+        self.publish_gauges(st);
+        batch
     }
 
     /// Confirms `seq`: it is removed once every older record is confirmed too.
     pub fn ack(&self, seq: u64) {
         let mut st = self.lock();
-        let Some(front) = st.slots.front().map(|s| s.record.seq) else {
-            return;
-        };
-        // Sequence numbers in the buffer are contiguous: drops only remove from the front.
-        let Some(idx) = seq.checked_sub(front).map(|i| i as usize) else {
-            return; // already dropped
-        };
-        if let Some(slot) = st.slots.get_mut(idx) {
-            slot.acked = true;
-        }
-        let mut freed = false;
-        while st.slots.front().is_some_and(|s| s.acked) {
-            if let Some(old) = st.slots.pop_front() {
-                st.bytes -= old.record.msg.size() as u64;
-                st.read_pos = st.read_pos.saturating_sub(1);
-                freed = true;
+        match &mut st.backend {
+            Backend::Memory(m) => m.ack(seq),
+            Backend::Disk(d) => {
+                if let Err(e) = d.ack(seq) {
+                    warn!(sink = %self.name, error = %e, "buffer cleanup failed");
+                }
             }
         }
         self.publish_gauges(&st);
         drop(st);
-        if freed && self.when_full == WhenFull::Block {
+        if self.config.when_full == WhenFull::Block {
             self.space.notify_waiters();
             self.space.notify_one();
         }
@@ -210,39 +577,39 @@ impl Buffer {
     /// Moves the read position back to the oldest unconfirmed record.
     pub fn rewind(&self) {
         let mut st = self.lock();
-        st.read_pos = 0;
-        let readable = !st.slots.is_empty();
-        drop(st);
-        if readable {
-            self.readable.notify_one();
+        match &mut st.backend {
+            Backend::Memory(m) => m.read_pos = 0,
+            Backend::Disk(d) => d.rewind(),
         }
+        drop(st);
+        self.readable.notify_one();
     }
 
-    /// Messages and bytes waiting (including in flight).
-    pub fn len(&self) -> (usize, u64) {
-        let st = self.lock();
-        (st.slots.iter().filter(|s| !s.acked).count(), st.bytes)
+    /// Messages waiting (including in flight).
+    pub fn pending(&self) -> u64 {
+        self.lock().backend.pending()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len().0 == 0
+        self.pending() == 0
     }
 
     /// Refreshes the age gauge (called when metrics are scraped).
     pub fn refresh_age(&self) {
-        let st = self.lock();
-        let age = st
-            .slots
-            .iter()
-            .find(|s| !s.acked)
-            .map(|s| now_millis().saturating_sub(s.record.msg.received_at) as f64 / 1000.0)
+        let mut st = self.lock();
+        let oldest = match &mut st.backend {
+            Backend::Memory(m) => m.oldest_received_at(),
+            Backend::Disk(d) => d.oldest_pending_received_at(),
+        };
+        let age = oldest
+            .map(|at| now_millis().saturating_sub(at) as f64 / 1000.0)
             .unwrap_or(0.0);
         self.metrics.oldest_age.set(age);
     }
 
     fn publish_gauges(&self, st: &State) {
-        self.metrics.messages.set(st.slots.len() as i64);
-        self.metrics.bytes.set(st.bytes as i64);
+        self.metrics.messages.set(st.backend.pending() as i64);
+        self.metrics.bytes.set(st.backend.bytes() as i64);
     }
 }
 
@@ -263,13 +630,15 @@ mod tests {
         }
     }
 
-    fn buffer(max_bytes: u64, when_full: WhenFull) -> Buffer {
+    fn memory(max_bytes: u64, when_full: WhenFull) -> Buffer {
         let cfg = BufferSection {
+            storage: Storage::Memory,
             max_bytes: ByteSize(max_bytes),
             when_full,
             batch: 10,
+            ..Default::default()
         };
-        Buffer::new("b", &cfg, &Metrics::new())
+        Buffer::open("b", &cfg, Path::new("unused"), &Metrics::new()).expect("memory buffer")
     }
 
     fn payloads(records: &[Record]) -> Vec<String> {
@@ -281,45 +650,97 @@ mod tests {
 
     #[tokio::test]
     async fn read_ack_and_rewind_resend_only_unacked() {
-        let b = buffer(1 << 20, WhenFull::DropOldest);
+        let b = memory(1 << 20, WhenFull::DropOldest);
         for n in 0..5 {
             b.append(msg(n));
         }
+        b.sync().await;
         let batch = b.read_batch(3).await;
         assert_eq!(payloads(&batch), ["0", "1", "2"]);
         b.ack(batch[1].seq); // out of order: nothing freed yet
-        assert_eq!(b.len().0, 4);
+        assert_eq!(b.pending(), 4);
         b.ack(batch[0].seq);
-        assert_eq!(b.len().0, 3);
+        assert_eq!(b.pending(), 3);
         b.rewind();
         assert_eq!(payloads(&b.read_batch(10).await), ["2", "3", "4"]);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_readable_before_sync() {
+        let b = memory(1 << 20, WhenFull::DropOldest);
+        b.append(msg(0));
+        let early = tokio::time::timeout(Duration::from_millis(50), b.read_batch(10)).await;
+        assert!(early.is_err(), "read before sync");
+        b.sync().await;
+        assert_eq!(payloads(&b.read_batch(10).await), ["0"]);
     }
 
     #[test]
     fn drop_oldest_and_drop_newest_count_what_they_drop() {
         let size = msg(0).size() as u64;
-        let b = buffer(size * 3, WhenFull::DropOldest);
+        let b = memory(size * 3, WhenFull::DropOldest);
         for n in 0..5 {
             assert_eq!(b.append(msg(n)), Appended::Stored);
         }
-        assert_eq!(b.len().0, 3);
+        assert_eq!(b.pending(), 3);
         assert_eq!(b.metrics.dropped_full.get(), 2);
 
-        let b = buffer(size * 3, WhenFull::DropNewest);
+        let b = memory(size * 3, WhenFull::DropNewest);
         let outcomes: Vec<Appended> = (0..5).map(|n| b.append(msg(n))).collect();
-        assert_eq!(outcomes[3], Appended::DroppedNewest);
+        assert_eq!(outcomes[3], Appended::Dropped);
         assert_eq!(b.metrics.dropped_full.get(), 2);
     }
 
     #[tokio::test]
     async fn block_reports_full_until_an_ack_frees_space() {
         let size = msg(0).size() as u64;
-        let b = buffer(size * 2, WhenFull::Block);
+        let b = memory(size * 2, WhenFull::Block);
         b.append(msg(0));
         b.append(msg(1));
         assert!(matches!(b.append(msg(2)), Appended::Full(_)));
+        b.sync().await;
         let batch = b.read_batch(1).await;
         b.ack(batch[0].seq);
         assert_eq!(b.append(msg(2)), Appended::Stored);
+    }
+
+    #[tokio::test]
+    async fn disk_buffer_survives_reopen_and_expires_by_ttl() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = BufferSection::default();
+        let metrics = Metrics::new();
+        {
+            let b = Buffer::open("d", &cfg, dir.path(), &metrics).expect("open");
+            for n in 0..10 {
+                b.append(msg(n));
+            }
+            b.sync().await;
+            let batch = b.read_batch(3).await;
+            for r in &batch {
+                b.ack(r.seq);
+            }
+            b.fsync_now().await;
+        }
+        let b = Buffer::open("d", &cfg, dir.path(), &metrics).expect("reopen");
+        assert_eq!(b.pending(), 7);
+        assert_eq!(
+            payloads(&b.read_batch(100).await),
+            ["3", "4", "5", "6", "7", "8", "9"]
+        );
+
+        let ttl = BufferSection {
+            ttl: Some(crate::config::HumanDuration(Duration::from_millis(1))),
+            ..BufferSection::default()
+        };
+        let b = Buffer::open("d", &ttl, dir.path(), &metrics).expect("reopen with ttl");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut old = msg(99);
+        old.received_at -= 1_000;
+        b.append(old);
+        b.sync().await;
+        let late = tokio::time::timeout(Duration::from_millis(200), b.read_batch(100)).await;
+        assert!(late.is_err(), "every record expired");
+        assert_eq!(b.metrics.dropped_ttl.get(), 8);
+        assert_eq!(b.pending(), 0);
     }
 }

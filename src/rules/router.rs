@@ -94,7 +94,7 @@ impl RouterTask {
             let mut pending = record_msg;
             loop {
                 match buffer.append(pending) {
-                    Appended::Stored | Appended::DroppedNewest => break,
+                    Appended::Stored | Appended::Dropped => break,
                     Appended::Full(_) if shutdown.is_cancelled() => {
                         // Stalled at shutdown by a sink that frees nothing: give up,
                         // counted; a durable-ack device has no ack for it and resends.

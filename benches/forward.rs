@@ -1,0 +1,1278 @@
+//! End-to-end forwarding benchmark: devices → target → upstream Mosquitto → receiver.
+//!
+//! Run with `cargo bench --bench forward` (add `-- S1c` to run only the named scenarios;
+//! results are written to `benches/RESULTS.md` only when every scenario ran).
+//!
+//! What one run measures. N device connections (rumqttc, MQTT 3.1.1) publish
+//! sequence-numbered 100-byte QoS 1 payloads on `bench/dev<i>`, each as fast as its
+//! in-flight window allows: a semaphore of `window` permits is taken before a publish and
+//! given back on its PUBACK, and the send timestamp is taken once the permit is held.
+//! The target forwards to an upstream Mosquitto, where one receiver (QoS 1 subscription to
+//! `bench/#`, clean_session = false) checks sequences and latencies. Targets:
+//! - `direct`: the devices publish straight into the upstream: the load generator's and
+//!   the upstream's own ceiling (its RSS/CPU columns are the upstream Mosquitto's);
+//! - `edgebridge`: the release binary (`target/release/edgebridge`, built first) with
+//!   `ack = "durable"`, one mqtt sink to the upstream and a rule `bench/#` → that sink;
+//! - `mosquitto-bridge`: a second Mosquitto bridging `bench/# out 1` to the upstream.
+//!
+//! Every run gets a fresh upstream and a fresh target, so peak RSS (VmHWM) and CPU time
+//! (utime + stime, counted from the first publish to the last receive) belong to that run
+//! alone. A run ends when every message arrived, after `IDLE_LIMIT` without progress, or
+//! at `RUN_DEADLINE`; child processes are killed on every exit path (`ChildGuard`, also on
+//! Ctrl-C / SIGTERM).
+
+use std::fmt::Write as _;
+use std::io::{Read, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+/// Payload size of every benchmark message, as the issue asks.
+const PAYLOAD_LEN: usize = 100;
+/// First bytes of every benchmark payload, so stray messages are recognised.
+const MAGIC: &[u8; 4] = b"EBF1";
+/// Hard limit of one run's load phase: the bench never hangs.
+const RUN_DEADLINE: Duration = Duration::from_secs(120);
+/// No new run starts after this (normally the whole bench takes about a minute).
+const TOTAL_BUDGET: Duration = Duration::from_secs(8 * 60);
+/// A run that makes no progress (no PUBACK at a device, no message at the receiver) for
+/// this long is over: what has not arrived by then is counted as lost.
+const IDLE_LIMIT: Duration = Duration::from_secs(10);
+/// Time allowed for a process to start, connections to be made, the path to carry a
+/// warm-up message.
+const START_LIMIT: Duration = Duration::from_secs(20);
+/// The upstream client window of the gateway's mqtt sink (`inflight`, default 100); the
+/// Mosquitto bridge gets the same window (`max_inflight_messages`, default 20) so that
+/// both forward with the same number of unacknowledged messages.
+const FORWARD_WINDOW: u32 = 100;
+/// Upstream → receiver window (Mosquitto `max_inflight_messages`). Mosquitto's default
+/// of 20 made the receiver, not the target, the limit; 0 (unlimited) could exceed the
+/// 16-bit packet id space with a backlog.
+const RECEIVER_WINDOW: u32 = 1000;
+
+struct Scenario {
+    name: &'static str,
+    devices: u32,
+    per_device: u64,
+    window: u16,
+    what: &'static str,
+}
+
+const SCENARIOS: [Scenario; 3] = [
+    Scenario {
+        name: "S1",
+        devices: 10,
+        per_device: 20_000,
+        window: 100,
+        what: "10 devices × 20,000 msgs, window 100, flat out",
+    },
+    Scenario {
+        name: "S1b",
+        devices: 100,
+        per_device: 2_000,
+        window: 100,
+        what: "100 devices × 2,000 msgs, window 100, flat out",
+    },
+    Scenario {
+        name: "S1c",
+        devices: 10,
+        per_device: 2_000,
+        window: 1,
+        what: "10 devices × 2,000 msgs, window 1 (stop-and-wait)",
+    },
+];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Direct,
+    Gateway,
+    Bridge,
+}
+
+impl Target {
+    const ALL: [Target; 3] = [Target::Direct, Target::Gateway, Target::Bridge];
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct (no gateway)",
+            Target::Gateway => "edgebridge",
+            Target::Bridge => "mosquitto-bridge",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------------------
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, on every exit path.
+struct ChildGuard {
+    child: Child,
+}
+
+impl ChildGuard {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A Mosquitto process with its config and log in a temp dir.
+struct Mosquitto {
+    process: ChildGuard,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts `mosquitto -c` with the common settings plus `extra` (bridge sections) and
+    /// waits until it logged "running" and accepts TCP. Tries three ports.
+    async fn start(max_inflight: u32, extra: &str) -> Result<Mosquitto, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        let log = dir.path().join("mosquitto.log");
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let port = free_port()?;
+            // `user root`: as root Mosquitto would otherwise switch to `mosquitto`, which
+            // cannot read this 0700 temp dir.
+            let conf = format!(
+                "user root\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 0\nmax_inflight_messages {max_inflight}\n\
+                 log_dest file {log}\nlistener {port} 127.0.0.1\n{extra}",
+                log = log.display()
+            );
+            let conf_path = dir.path().join("mosquitto.conf");
+            std::fs::write(&conf_path, conf).map_err(|e| format!("write config: {e}"))?;
+            let stderr = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_err(|e| format!("open {}: {e}", log.display()))?;
+            let runs_before = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches(" running")
+                .count();
+            let child = Command::new(MOSQUITTO)
+                .arg("-c")
+                .arg(&conf_path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .map_err(|e| format!("spawn {MOSQUITTO}: {e} (apt-get install mosquitto)"))?;
+            let mut process = ChildGuard { child };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && !process.has_exited() {
+                let running = std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .matches(" running")
+                    .count()
+                    > runs_before;
+                if running && TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Ok(Mosquitto {
+                        process,
+                        port,
+                        log,
+                        _dir: dir,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            last_error = tail(&log, 10);
+        }
+        Err(format!("mosquitto did not start:\n{last_error}"))
+    }
+
+    /// The upstream "cloud": where every target delivers and the receiver subscribes.
+    async fn upstream() -> Result<Mosquitto, String> {
+        Mosquitto::start(RECEIVER_WINDOW, "").await
+    }
+
+    /// A Mosquitto that bridges `bench/#` to `upstream_port`.
+    async fn bridge(upstream_port: u16) -> Result<Mosquitto, String> {
+        let bridge = format!(
+            "connection upstream\naddress 127.0.0.1:{upstream_port}\n\
+             topic bench/# out 1\nbridge_protocol_version mqttv311\ncleansession false\n\
+             notifications false\nrestart_timeout 1\n"
+        );
+        Mosquitto::start(FORWARD_WINDOW, &bridge).await
+    }
+}
+
+/// The edgebridge binary under test, with its generated config in a temp dir.
+struct Gateway {
+    process: ChildGuard,
+    port: u16,
+    admin_port: u16,
+    log: PathBuf,
+    data_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    async fn start(binary: &Path, upstream_port: u16) -> Result<Gateway, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        let (port, admin_port) = (free_port()?, free_port()?);
+        let config = format!(
+            r#"[gateway]
+id = "bench-gw"
+data_dir = "{data}"
+
+[admin]
+bind = "127.0.0.1:{admin_port}"
+
+[[listeners]]
+name = "devices"
+bind = "127.0.0.1:{port}"
+ack = "durable"
+
+[sinks.upstream]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{upstream_port}"
+
+[[rules]]
+name = "bench"
+from = "bench/#"
+to = ["upstream"]
+
+[log]
+level = "warn"
+"#,
+            data = dir.path().join("data").display()
+        );
+        let config_path = dir.path().join("edgebridge.toml");
+        std::fs::write(&config_path, config).map_err(|e| format!("write config: {e}"))?;
+        let log = dir.path().join("edgebridge.log");
+        let open_log = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_err(|e| format!("open {}: {e}", log.display()))
+        };
+        let child = Command::new(binary)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(open_log()?)
+            .stderr(open_log()?)
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
+        let mut process = ChildGuard { child };
+        let deadline = Instant::now() + START_LIMIT;
+        while Instant::now() < deadline {
+            if process.has_exited() {
+                return Err(format!("edgebridge exited at start:\n{}", tail(&log, 20)));
+            }
+            if matches!(http_get(admin_port, "/readyz"), Some((200, _))) {
+                return Ok(Gateway {
+                    process,
+                    port,
+                    admin_port,
+                    log,
+                    data_dir: dir.path().join("data"),
+                    _dir: dir,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(format!("edgebridge not ready in time:\n{}", tail(&log, 20)))
+    }
+}
+
+/// A minimal HTTP/1.1 GET on 127.0.0.1 (the admin endpoint); `(status, body)`.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// Files and bytes under `dir`, recursively.
+fn dir_usage(dir: &Path) -> (u64, u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    let mut total = (0, 0);
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        if meta.is_dir() {
+            let (f, b) = dir_usage(&entry.path());
+            total = (total.0 + f, total.1 + b);
+        } else {
+            total = (total.0 + 1, total.1 + meta.len());
+        }
+    }
+    total
+}
+
+/// Sum of every sample of `name` in a Prometheus text page (all label sets).
+fn metric_sum(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc accounting
+// ---------------------------------------------------------------------------------------
+
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// utime + stime of `pid` (`None`: this process), in seconds.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name, which may itself contain spaces and parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // Field 3 (state) is fields[0], so utime (14) and stime (15) are [11] and [12].
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / clock_ticks_per_second())
+}
+
+/// Peak resident set (VmHWM) of `pid`, in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Payloads and the receiver
+// ---------------------------------------------------------------------------------------
+
+/// Microseconds since the bench started; devices and receiver share this process's clock.
+fn now_us() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// `MAGIC`, device (u32 LE), seq (u64 LE), send time in µs (u64 LE), then padding.
+fn payload(device: u32, seq: u64, sent_us: u64) -> Vec<u8> {
+    let mut p = Vec::with_capacity(PAYLOAD_LEN);
+    p.extend_from_slice(MAGIC);
+    p.extend_from_slice(&device.to_le_bytes());
+    p.extend_from_slice(&seq.to_le_bytes());
+    p.extend_from_slice(&sent_us.to_le_bytes());
+    p.resize(PAYLOAD_LEN, b'.');
+    p
+}
+
+fn parse_payload(p: &[u8]) -> Option<(u32, u64, u64)> {
+    if p.len() != PAYLOAD_LEN || &p[..4] != MAGIC {
+        return None;
+    }
+    let device = u32::from_le_bytes(p[4..8].try_into().ok()?);
+    let seq = u64::from_le_bytes(p[8..16].try_into().ok()?);
+    let sent = u64::from_le_bytes(p[16..24].try_into().ok()?);
+    Some((device, seq, sent))
+}
+
+/// Per-device sequence bookkeeping at the receiver.
+#[derive(Default)]
+struct DeviceSeen {
+    seen: Vec<bool>,
+    highest: Option<u64>,
+}
+
+/// What the receiver saw in one run.
+#[derive(Default)]
+struct Received {
+    devices: Vec<DeviceSeen>,
+    /// End-to-end latency of each message's first arrival, µs.
+    latencies_us: Vec<u64>,
+    unique: u64,
+    duplicates: u64,
+    /// Arrived after a higher seq of the same device (and not a duplicate).
+    reordered: u64,
+    /// Payloads that are not benchmark messages, or outside the run's devices/seqs.
+    unparsed: u64,
+    warmups: u64,
+    last_arrival_us: u64,
+    connection_errors: u64,
+}
+
+impl Received {
+    fn new(devices: u32, per_device: u64) -> Self {
+        let seen = || DeviceSeen {
+            seen: vec![false; per_device as usize],
+            highest: None,
+        };
+        Received {
+            devices: (0..devices).map(|_| seen()).collect(),
+            latencies_us: Vec::with_capacity((devices as u64 * per_device) as usize),
+            ..Received::default()
+        }
+    }
+
+    fn record(&mut self, topic: &str, payload: &[u8]) {
+        if topic == WARMUP_TOPIC {
+            self.warmups += 1;
+            return;
+        }
+        let now = now_us();
+        let Some((device, seq, sent)) = parse_payload(payload) else {
+            self.unparsed += 1;
+            return;
+        };
+        let Some(d) = self.devices.get_mut(device as usize) else {
+            self.unparsed += 1;
+            return;
+        };
+        let Some(seen) = d.seen.get_mut(seq as usize) else {
+            self.unparsed += 1;
+            return;
+        };
+        if *seen {
+            self.duplicates += 1;
+            return;
+        }
+        *seen = true;
+        if d.highest.is_some_and(|h| seq < h) {
+            self.reordered += 1;
+        }
+        d.highest = Some(d.highest.map_or(seq, |h| h.max(seq)));
+        self.unique += 1;
+        self.latencies_us.push(now.saturating_sub(sent));
+        self.last_arrival_us = now;
+    }
+}
+
+const WARMUP_TOPIC: &str = "bench/warmup";
+
+/// The QoS 1 subscriber on the upstream; aborted on drop.
+struct Receiver {
+    received: Arc<Mutex<Received>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Receiver {
+    async fn start(port: u16, client_id: &str, scenario: &Scenario) -> Result<Receiver, String> {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_clean_session(false)
+            .set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(opts, 16);
+        let received = Arc::new(Mutex::new(Received::new(
+            scenario.devices,
+            scenario.per_device,
+        )));
+        let (subscribed_tx, mut subscribed) = watch::channel(false);
+        let state = received.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) if !ack.session_present => {
+                        let _ = client.try_subscribe("bench/#", QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        subscribed_tx.send_replace(true);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        lock(&state).record(&p.topic, &p.payload);
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        lock(&state).connection_errors += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        let receiver = Receiver { received, task };
+        let subscribed = tokio::time::timeout(START_LIMIT, subscribed.wait_for(|s| *s))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if subscribed {
+            Ok(receiver)
+        } else {
+            Err("receiver got no SUBACK from the upstream".into())
+        }
+    }
+
+    fn unique(&self) -> u64 {
+        lock(&self.received).unique
+    }
+
+    fn warmups(&self) -> u64 {
+        lock(&self.received).warmups
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock is a bench bug; the counts are still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------
+// Devices
+// ---------------------------------------------------------------------------------------
+
+/// Counters shared by every device of a run.
+#[derive(Default)]
+struct LoadStats {
+    connected: AtomicU64,
+    acked: AtomicU64,
+    first_publish_us: AtomicU64,
+    /// When the last PUBACK reached a device: intake rate, apart from delivery.
+    last_ack_us: AtomicU64,
+    connection_errors: AtomicU64,
+    /// Messages a device gave up on because a reconnect came back without its session.
+    abandoned: AtomicU64,
+}
+
+/// Spawns one device: a publisher task gated by `window` permits, and the event-loop
+/// task that returns a permit per PUBACK. Returns both tasks (aborted by the caller).
+fn spawn_device(
+    port: u16,
+    client_id: String,
+    device: u32,
+    scenario: &Scenario,
+    mut start: watch::Receiver<bool>,
+    stats: Arc<LoadStats>,
+) -> [JoinHandle<()>; 2] {
+    let window = scenario.window;
+    let count = scenario.per_device;
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(window);
+    let (client, mut eventloop) = AsyncClient::new(opts, window as usize);
+    let permits = Arc::new(Semaphore::new(window as usize));
+
+    let (publisher_permits, publisher_stats) = (permits.clone(), stats.clone());
+    let topic = format!("bench/dev{device}");
+    let publisher = tokio::spawn(async move {
+        if start.wait_for(|go| *go).await.is_err() {
+            return;
+        }
+        for seq in 0..count {
+            let Ok(permit) = publisher_permits.acquire().await else {
+                return;
+            };
+            permit.forget();
+            let sent = now_us();
+            publisher_stats
+                .first_publish_us
+                .fetch_min(sent, Ordering::Relaxed);
+            let body = payload(device, seq, sent);
+            if client
+                .publish(&topic, QoS::AtLeastOnce, false, body)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+
+    let events = tokio::spawn(async move {
+        let mut connected_before = false;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    if !connected_before {
+                        connected_before = true;
+                        stats.connected.fetch_add(1, Ordering::Relaxed);
+                    } else if !ack.session_present {
+                        // rumqttc dropped everything unacknowledged: free the window.
+                        let lost = (window as usize).saturating_sub(permits.available_permits());
+                        permits.add_permits(lost);
+                        stats.abandoned.fetch_add(lost as u64, Ordering::Relaxed);
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                    stats.last_ack_us.fetch_max(now_us(), Ordering::Relaxed);
+                    permits.add_permits(1);
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    [publisher, events]
+}
+
+/// Aborts the tasks on drop, so no run leaves devices behind.
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Publishes a warm-up message into `port` until the receiver saw one: the whole path
+/// (and, for the bridge, its upstream connection) is up.
+async fn warm_up(port: u16, client_id: &str, receiver: &Receiver) -> Result<(), String> {
+    let opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let _poll = Tasks(vec![tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    })]);
+    let deadline = Instant::now() + START_LIMIT;
+    while Instant::now() < deadline {
+        let _ = client.try_publish(WARMUP_TOPIC, QoS::AtLeastOnce, false, "warm-up");
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if receiver.warmups() > 0 {
+                let _ = client.try_disconnect();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Ok(());
+            }
+        }
+    }
+    Err("no warm-up message reached the upstream receiver".into())
+}
+
+// ---------------------------------------------------------------------------------------
+// One run
+// ---------------------------------------------------------------------------------------
+
+/// Why the load phase ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Complete,
+    Idle,
+    Deadline,
+    /// The process under test (or the upstream) died.
+    Exited,
+}
+
+struct RunResult {
+    scenario: &'static str,
+    target: Target,
+    expected: u64,
+    unique: u64,
+    duplicates: u64,
+    reordered: u64,
+    unparsed: u64,
+    msg_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    seconds: f64,
+    peak_rss_mib: Option<f64>,
+    cpu_us_per_msg: Option<f64>,
+    upstream_cpu_us_per_msg: Option<f64>,
+    bench_cpu_us_per_msg: Option<f64>,
+    acked: u64,
+    /// PUBACKs at the devices ÷ (last PUBACK − first publish).
+    ack_per_s: Option<f64>,
+    device_errors: u64,
+    abandoned: u64,
+    receiver_errors: u64,
+    end: End,
+    notes: String,
+}
+
+fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted_us.len() as f64).ceil() as usize;
+    sorted_us[rank.clamp(1, sorted_us.len()) - 1] as f64 / 1000.0
+}
+
+/// CPU time of `pid` between two samples, in µs per message.
+fn cpu_per_msg(before: Option<f64>, after: Option<f64>, messages: u64) -> Option<f64> {
+    match (before, after) {
+        (Some(b), Some(a)) if messages > 0 => Some((a - b) * 1e6 / messages as f64),
+        _ => None,
+    }
+}
+
+/// The process under test, whichever kind it is.
+enum UnderTest {
+    Direct,
+    Gateway(Gateway),
+    Bridge(Mosquitto),
+}
+
+async fn run_one(
+    scenario: &Scenario,
+    target: Target,
+    binary: &Path,
+    run_tag: &str,
+) -> Result<RunResult, String> {
+    let mut upstream = Mosquitto::upstream().await?;
+    let receiver = Receiver::start(upstream.port, &format!("{run_tag}-rx"), scenario).await?;
+    let mut under_test = match target {
+        Target::Direct => UnderTest::Direct,
+        Target::Gateway => UnderTest::Gateway(Gateway::start(binary, upstream.port).await?),
+        Target::Bridge => UnderTest::Bridge(Mosquitto::bridge(upstream.port).await?),
+    };
+    let (port, pid) = match &under_test {
+        UnderTest::Direct => (upstream.port, upstream.process.pid()),
+        UnderTest::Gateway(g) => (g.port, g.process.pid()),
+        UnderTest::Bridge(b) => (b.port, b.process.pid()),
+    };
+    warm_up(port, &format!("{run_tag}-warmup"), &receiver).await?;
+
+    let stats = Arc::new(LoadStats {
+        first_publish_us: AtomicU64::new(u64::MAX),
+        ..LoadStats::default()
+    });
+    let (start_tx, start_rx) = watch::channel(false);
+    let mut tasks = Tasks(Vec::new());
+    for device in 0..scenario.devices {
+        let id = format!("{run_tag}-d{device}");
+        let pair = spawn_device(port, id, device, scenario, start_rx.clone(), stats.clone());
+        tasks.0.extend(pair);
+    }
+    let connect_deadline = Instant::now() + START_LIMIT;
+    while stats.connected.load(Ordering::Relaxed) < scenario.devices as u64 {
+        if Instant::now() > connect_deadline {
+            return Err(format!(
+                "only {} of {} devices connected",
+                stats.connected.load(Ordering::Relaxed),
+                scenario.devices
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let cpu_before = cpu_seconds(Some(pid));
+    let upstream_cpu_before = cpu_seconds(Some(upstream.process.pid()));
+    let bench_cpu_before = cpu_seconds(None);
+    let expected = scenario.devices as u64 * scenario.per_device;
+    let started = Instant::now();
+    start_tx.send_replace(true);
+
+    let mut last_progress = (Instant::now(), 0u64, 0u64);
+    let mut peak_buffer = None;
+    let mut last_scrape = Instant::now();
+    let end = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let UnderTest::Gateway(g) = &under_test {
+            // How far delivery falls behind intake: the sink's buffer depth, twice a second.
+            if last_scrape.elapsed() >= Duration::from_millis(500) {
+                last_scrape = Instant::now();
+                if let Some((200, page)) = http_get(g.admin_port, "/metrics") {
+                    let depth = metric_sum(&page, "edgebridge_buffer_messages") as u64;
+                    peak_buffer = Some(peak_buffer.unwrap_or(0).max(depth));
+                }
+            }
+        }
+        let target_died = match &mut under_test {
+            UnderTest::Direct => false,
+            UnderTest::Gateway(g) => g.process.has_exited(),
+            UnderTest::Bridge(b) => b.process.has_exited(),
+        };
+        if target_died || upstream.process.has_exited() {
+            break End::Exited;
+        }
+        let (unique, acked) = (receiver.unique(), stats.acked.load(Ordering::Relaxed));
+        if unique >= expected {
+            break End::Complete;
+        }
+        if (unique, acked) != (last_progress.1, last_progress.2) {
+            last_progress = (Instant::now(), unique, acked);
+        } else if last_progress.0.elapsed() > IDLE_LIMIT {
+            break End::Idle;
+        }
+        if started.elapsed() > RUN_DEADLINE {
+            break End::Deadline;
+        }
+    };
+
+    let received = std::mem::take(&mut *lock(&receiver.received));
+    let cpu_after = cpu_seconds(Some(pid));
+    let upstream_cpu_after = cpu_seconds(Some(upstream.process.pid()));
+    let bench_cpu_after = cpu_seconds(None);
+    let peak_rss = peak_rss_mib(pid);
+    drop(tasks);
+    // Let the target see the upstream's last acknowledgements before reading its counters.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut notes = Vec::new();
+    match &under_test {
+        UnderTest::Gateway(g) => {
+            if let Some((200, page)) = http_get(g.admin_port, "/metrics") {
+                if end != End::Complete {
+                    for l in page
+                        .lines()
+                        .filter(|l| l.starts_with("edgebridge_") && !l.contains("_bucket"))
+                    {
+                        eprintln!("DBG {l}");
+                    }
+                }
+                let m = |name: &str| metric_sum(&page, name) as u64;
+                notes.push(format!(
+                    "gateway: received {} delivered {} sink errors {} buffer dropped {} \
+                     messages dropped {} buffer left {} buffer peak ≥{}",
+                    m("edgebridge_messages_received_total"),
+                    m("edgebridge_sink_delivered_total"),
+                    m("edgebridge_sink_errors_total"),
+                    m("edgebridge_buffer_dropped_total"),
+                    m("edgebridge_messages_dropped_total"),
+                    m("edgebridge_buffer_messages"),
+                    peak_buffer.unwrap_or(0),
+                ));
+            }
+            let log = std::fs::read_to_string(&g.log).unwrap_or_default();
+            let problems: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            if let Some(first) = problems.first() {
+                notes.push(format!(
+                    "{} warning/error log lines, first: {first}",
+                    problems.len()
+                ));
+            }
+            // Which buffer the build under test has: files under data_dir mean a disk log.
+            let (files, bytes) = dir_usage(&g.data_dir);
+            if files > 0 {
+                notes.push(format!(
+                    "data_dir after the run: {files} files, {:.1} MiB",
+                    bytes as f64 / (1024.0 * 1024.0)
+                ));
+            }
+            if end == End::Exited {
+                notes.push(format!(
+                    "log tail: {}",
+                    tail(&g.log, 5).replace('\n', " / ")
+                ));
+            }
+        }
+        UnderTest::Bridge(b) => {
+            let log = std::fs::read_to_string(&b.log).unwrap_or_default();
+            let connects = log.matches("Connecting bridge (step 1)").count();
+            if connects != 1 {
+                notes.push(format!("bridge connected {connects} times"));
+            }
+        }
+        UnderTest::Direct => {}
+    }
+
+    let mut latencies = received.latencies_us;
+    latencies.sort_unstable();
+    let first = stats.first_publish_us.load(Ordering::Relaxed);
+    let span_us = received.last_arrival_us.saturating_sub(first).max(1);
+    let unique = received.unique;
+    let acked = stats.acked.load(Ordering::Relaxed);
+    let ack_span_us = stats
+        .last_ack_us
+        .load(Ordering::Relaxed)
+        .saturating_sub(first);
+    Ok(RunResult {
+        scenario: scenario.name,
+        target,
+        expected,
+        unique,
+        duplicates: received.duplicates,
+        reordered: received.reordered,
+        unparsed: received.unparsed,
+        msg_per_s: if unique > 0 {
+            unique as f64 * 1e6 / span_us as f64
+        } else {
+            0.0
+        },
+        p50_ms: percentile_ms(&latencies, 50.0),
+        p99_ms: percentile_ms(&latencies, 99.0),
+        max_ms: latencies.last().map_or(f64::NAN, |&l| l as f64 / 1000.0),
+        seconds: started.elapsed().as_secs_f64(),
+        peak_rss_mib: peak_rss,
+        cpu_us_per_msg: cpu_per_msg(cpu_before, cpu_after, unique),
+        upstream_cpu_us_per_msg: cpu_per_msg(upstream_cpu_before, upstream_cpu_after, unique),
+        bench_cpu_us_per_msg: cpu_per_msg(bench_cpu_before, bench_cpu_after, unique),
+        acked,
+        ack_per_s: (ack_span_us > 0).then(|| acked as f64 * 1e6 / ack_span_us as f64),
+        device_errors: stats.connection_errors.load(Ordering::Relaxed),
+        abandoned: stats.abandoned.load(Ordering::Relaxed),
+        receiver_errors: received.connection_errors,
+        end,
+        notes: notes.join("; "),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------
+
+fn opt(v: Option<f64>, decimals: usize) -> String {
+    v.map_or("n/a".into(), |v| format!("{v:.decimals$}"))
+}
+
+fn results_table(results: &[RunResult]) -> String {
+    let mut t = String::from(
+        "| scenario | target | msg/s | loss | dups | reordered | p50 ms | p99 ms \
+         | peak RSS MiB | CPU µs/msg |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in results {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {:.0} | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
+            r.scenario,
+            r.target.name(),
+            r.msg_per_s,
+            r.expected - r.unique,
+            r.duplicates,
+            r.reordered,
+            r.p50_ms,
+            r.p99_ms,
+            opt(r.peak_rss_mib, 1),
+            opt(r.cpu_us_per_msg, 1),
+        );
+    }
+    t
+}
+
+fn diagnostics_table(results: &[RunResult]) -> String {
+    let mut t = String::from(
+        "| scenario | target | end | received/expected | acked at devices | device acks/s | max ms | load s \
+         | upstream CPU µs/msg | bench CPU µs/msg | device conn. errors | abandoned \
+         | receiver errors | stray | notes |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in results {
+        let end = match r.end {
+            End::Complete => "complete",
+            End::Idle => "stalled (idle)",
+            End::Deadline => "deadline",
+            End::Exited => "process exited",
+        };
+        let _ = writeln!(
+            t,
+            "| {} | {} | {end} | {}/{} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            r.scenario,
+            r.target.name(),
+            r.unique,
+            r.expected,
+            r.acked,
+            opt(r.ack_per_s, 0),
+            r.max_ms,
+            r.seconds,
+            opt(r.upstream_cpu_us_per_msg, 1),
+            opt(r.bench_cpu_us_per_msg, 1),
+            r.device_errors,
+            r.abandoned,
+            r.receiver_errors,
+            r.unparsed,
+            r.notes,
+        );
+    }
+    t
+}
+
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn machine_description() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    // `mosquitto -h` exits non-zero, but its first line names the version.
+    let mosquitto = Command::new(MOSQUITTO)
+        .arg("-h")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).to_string();
+            text.lines().next().map(str::to_string)
+        })
+        .unwrap_or_else(|| "mosquitto (unknown version)".into());
+    format!("nproc {cpus}, {model}; {mosquitto}")
+}
+
+fn revision() -> String {
+    let rev = command_output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default();
+    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|s| !s.is_empty());
+    match (rev.is_empty(), dirty) {
+        (true, _) => "unknown".into(),
+        (false, true) => format!("{rev} (working tree has uncommitted changes)"),
+        (false, false) => rev,
+    }
+}
+
+fn results_markdown(results: &[RunResult], table: &str, diagnostics: &str) -> String {
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
+        .unwrap_or_else(|| "unknown date".into());
+    let mut md = String::from("# Forwarding benchmark results\n\n");
+    let _ = writeln!(
+        md,
+        "Produced by `cargo bench --bench forward` (benches/forward.rs).\n"
+    );
+    let _ = writeln!(md, "- date: {date}");
+    let _ = writeln!(md, "- machine: {}", machine_description());
+    let _ = writeln!(md, "- revision: {}", revision());
+    md += "\nScenarios (QoS 1, 100-byte payloads, MQTT 3.1.1 devices, loopback only):\n\n";
+    for s in &SCENARIOS {
+        let _ = writeln!(md, "- {}: {}", s.name, s.what);
+    }
+    md += "\n";
+    md += table;
+    let _ = writeln!(
+        md,
+        "\nmsg/s: unique messages at the receiver ÷ (last arrival − first publish). loss: \
+         expected − unique arrivals. Latency: send timestamp in the payload (taken once the \
+         device's window has room) to arrival at the upstream receiver. Peak RSS (VmHWM) \
+         and CPU (utime + stime during the load) are the target's; for `direct` they are \
+         the upstream Mosquitto's. Targets: edgebridge `ack = \"durable\"` with one mqtt \
+         sink (inflight {FORWARD_WINDOW}); Mosquitto bridge `topic bench/# out 1`, \
+         mqttv311, cleansession false, max_inflight_messages {FORWARD_WINDOW} (same \
+         upstream window as the gateway). Upstream Mosquitto: persistence false, \
+         max_queued_messages 0, max_inflight_messages {RECEIVER_WINDOW} toward the \
+         receiver. The machine was shared with other builds, so numbers are noisy.\n"
+    );
+    md += "\nDiagnostics:\n\n";
+    md += diagnostics;
+    let incomplete: Vec<String> = results
+        .iter()
+        .filter(|r| r.end != End::Complete)
+        .map(|r| format!("{} / {}", r.scenario, r.target.name()))
+        .collect();
+    if !incomplete.is_empty() {
+        let _ = writeln!(md, "\nIncomplete runs: {}", incomplete.join(", "));
+    }
+    md
+}
+
+// ---------------------------------------------------------------------------------------
+// Main
+// ---------------------------------------------------------------------------------------
+
+/// `cargo bench` does not build binaries for a `harness = false` bench: build it here.
+fn build_gateway() -> Result<PathBuf, String> {
+    eprintln!("building target/release/edgebridge …");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--bin", "edgebridge"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build --release --bin edgebridge: {status}"));
+    }
+    // This bench runs from <target>/release/deps/; the binary is in <target>/release/.
+    let beside_bench = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("edgebridge")));
+    let fallback = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/edgebridge");
+    [beside_bench, Some(fallback)]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+        .ok_or_else(|| "built, but target/release/edgebridge was not found".into())
+}
+
+async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
+    let selected: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| filters.is_empty() || filters.iter().any(|f| f.eq_ignore_ascii_case(s.name)))
+        .collect();
+    if selected.is_empty() {
+        return Err(format!("no scenario matches {filters:?}"));
+    }
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    let bench_started = Instant::now();
+    for scenario in &selected {
+        for target in Target::ALL {
+            if bench_started.elapsed() > TOTAL_BUDGET {
+                failures.push(format!(
+                    "{} / {}: skipped, the bench ran over {} s",
+                    scenario.name,
+                    target.name(),
+                    TOTAL_BUDGET.as_secs()
+                ));
+                continue;
+            }
+            let tag = format!(
+                "bench-{}-{}",
+                scenario.name.to_lowercase(),
+                results.len() + failures.len()
+            );
+            eprintln!("{} → {} …", scenario.what, target.name());
+            match run_one(scenario, target, &binary, &tag).await {
+                Ok(r) => {
+                    eprintln!(
+                        "  {:.0} msg/s, {}/{} received, {} dups, p99 {:.2} ms, {:.1} s",
+                        r.msg_per_s, r.unique, r.expected, r.duplicates, r.p99_ms, r.seconds
+                    );
+                    results.push(r);
+                }
+                Err(e) => {
+                    eprintln!("  FAILED: {e}");
+                    failures.push(format!("{} / {}: {e}", scenario.name, target.name()));
+                }
+            }
+        }
+    }
+
+    let table = results_table(&results);
+    let diagnostics = diagnostics_table(&results);
+    println!("\n{table}\n{diagnostics}");
+    for f in &failures {
+        println!("FAILED {f}");
+    }
+    if filters.is_empty() {
+        let mut md = results_markdown(&results, &table, &diagnostics);
+        for f in &failures {
+            let _ = writeln!(md, "\nFAILED {f}");
+        }
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/RESULTS.md");
+        std::fs::write(&path, md).map_err(|e| format!("write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} run(s) failed", failures.len()))
+    }
+}
+
+/// Ctrl-C or SIGTERM: returning drops every guard, which kills the child processes.
+async fn interrupted() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
+fn main() -> ExitCode {
+    // `cargo bench` passes `--bench`; anything else not starting with `-` picks scenarios.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if !Path::new(MOSQUITTO).exists() {
+        eprintln!("forward bench: {MOSQUITTO} not found: apt-get install mosquitto");
+        return ExitCode::FAILURE;
+    }
+    // Before the runtime exists, so that Ctrl-C during the build simply ends the bench.
+    let binary = match build_gateway() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("forward bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    now_us(); // fix the clock's epoch before any task reads it
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            biased; // install the signal handlers before the first run starts
+            _ = interrupted() => Err("interrupted; child processes stopped".into()),
+            r = bench(filters, binary) => r,
+        }
+    });
+    // Tasks still polling sockets must not outlive the runtime's drop by long.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("forward bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,628 @@
+//! Durable store-and-forward against a real Mosquitto upstream: outages, restarts, crashes
+//! (SIGKILL of the real binary), full buffers, corruption, flapping and disk pressure.
+//!
+//! The upstream Mosquitto runs with persistence and is stopped with SIGTERM, so the
+//! collector's session (and what was queued for it) survives; any loss measured here is
+//! edgebridge's.
+
+mod common;
+#[path = "common/gateway.rs"]
+mod gateway;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{
+    check_sequences, client_options, free_port, publish_seq, seq_payload, Collector, Mode,
+    Mosquitto, Msg,
+};
+use gateway::TestGateway;
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// An upstream with a persistent session for the collector, currently stopped.
+async fn stopped_upstream() -> (Mosquitto, Collector) {
+    let mut upstream = Mosquitto::start_with(Mode::Plain, true);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "up/#",
+    )
+    .await;
+    upstream.terminate();
+    (upstream, collector)
+}
+
+fn sink_body(upstream_port: u16, buffer: &str) -> String {
+    format!(
+        r#"
+[sinks.cloud]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{upstream_port}"
+backoff_min = "50ms"
+backoff_max = "500ms"
+buffer = {{ {buffer} }}
+
+[[rules]]
+name = "all"
+from = "dev/+"
+to = ["cloud"]
+topic = "up/{{1}}"
+"#
+    )
+}
+
+async fn publish_devices(port: u16, devices: u32, per_device: u64) -> u64 {
+    let tasks: Vec<_> = (0..devices)
+        .map(|d| {
+            tokio::spawn(async move {
+                publish_seq(
+                    "127.0.0.1",
+                    port,
+                    &format!("dev-{d}"),
+                    &format!("dev/{d}"),
+                    d,
+                    per_device,
+                    QoS::AtLeastOnce,
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut acked = 0;
+    for t in tasks {
+        acked += t.await.expect("publisher");
+    }
+    acked
+}
+
+fn assert_complete(msgs: &[Msg], devices: u32, per_device: u64) {
+    let report = check_sequences(msgs);
+    assert_eq!(report.missing, 0, "{report:?}");
+    assert_eq!(report.out_of_order, 0, "{report:?}");
+    for d in 0..devices {
+        assert_eq!(
+            report.per_device_count.get(&d),
+            Some(&per_device),
+            "device {d}: {report:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outage_then_every_buffered_message_arrives_in_order() {
+    let (mut upstream, collector) = stopped_upstream().await;
+    let mut gw = TestGateway::start(&sink_body(upstream.port(), "")).await;
+    assert_eq!(publish_devices(gw.port(), 5, 10_000).await, 50_000);
+    assert_eq!(
+        gw.counter("edgebridge_buffer_messages", &[("sink", "cloud")]),
+        50_000.0
+    );
+    assert!(gw.counter("edgebridge_buffer_bytes", &[("sink", "cloud")]) > 50_000.0 * 20.0);
+
+    upstream.restart();
+    assert!(
+        collector.wait_for(50_000, WAIT).await,
+        "got {} of 50000",
+        collector.len()
+    );
+    assert_complete(&collector.messages(), 5, 10_000);
+    let drained = gw
+        .eventually(WAIT, |g| {
+            g.counter("edgebridge_buffer_messages", &[("sink", "cloud")]) == 0.0
+        })
+        .await;
+    assert!(drained, "buffer empties once delivered");
+    let report = check_sequences(&collector.messages());
+    println!("outage: duplicates {}", report.duplicates);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_while_the_backlog_waits_loses_nothing() {
+    let (mut upstream, collector) = stopped_upstream().await;
+    let body = sink_body(upstream.port(), "");
+    let mut gw = TestGateway::start(&body).await;
+    assert_eq!(publish_devices(gw.port(), 5, 10_000).await, 50_000);
+    gw.shutdown().await;
+
+    // Same data_dir, upstream still down.
+    let data = gw.dir.path().join("data");
+    assert!(data.join("buffers").join("cloud").is_dir());
+    let mut again = TestGateway::start_in(&body, gw.dir).await;
+    assert_eq!(
+        again.counter("edgebridge_buffer_messages", &[("sink", "cloud")]),
+        50_000.0
+    );
+    upstream.restart();
+    assert!(
+        collector.wait_for(50_000, WAIT).await,
+        "got {} of 50000",
+        collector.len()
+    );
+    assert_complete(&collector.messages(), 5, 10_000);
+    again.shutdown().await;
+}
+
+/// A device that records which of its messages got a PUBACK, and stops at the first
+/// connection error (the gateway died).
+async fn publish_until_error(port: u16, device: u32, max: u64) -> Vec<u64> {
+    let mut opts = MqttOptions::new(format!("crash-dev-{device}"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5))
+        .set_inflight(100);
+    let (client, mut events) = AsyncClient::new(opts, 200);
+    let topic = format!("dev/{device}");
+    let producer = tokio::spawn(async move {
+        for seq in 0..max {
+            if client
+                .publish(&topic, QoS::AtLeastOnce, false, seq_payload(device, seq))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut next_seq = 0u64;
+    let mut by_pkid: HashMap<u16, u64> = HashMap::new();
+    let mut acked = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while (acked.len() as u64) < max {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                by_pkid.insert(pkid, next_seq);
+                next_seq += 1;
+            }
+            Ok(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
+                if let Some(seq) = by_pkid.remove(&ack.pkid) {
+                    acked.push(seq);
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    producer.abort();
+    acked.sort_unstable();
+    acked
+}
+
+fn write_config(dir: &Path, port: u16, admin: u16, body: &str) -> PathBuf {
+    let toml = format!(
+        "[gateway]\nid = \"edge-01\"\ndata_dir = \"{}\"\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\
+         [log]\nlevel = \"warn\"\n\
+         [[listeners]]\nname = \"devices\"\nbind = \"127.0.0.1:{port}\"\nack = \"durable\"\n{body}",
+        dir.join("data").display()
+    );
+    let path = dir.join("edgebridge.toml");
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+fn spawn_binary(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_edgebridge"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start edgebridge")
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("edgebridge did not listen on {port}");
+}
+
+/// SIGKILL at a random moment while devices publish: every message a device got a
+/// PUBACK for arrives after the restart, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_while_publishing_loses_no_acked_message() {
+    let (mut upstream, collector) = stopped_upstream().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(dir.path(), port, admin, &sink_body(upstream.port(), ""));
+    let mut child = spawn_binary(&config);
+    wait_for_port(port).await;
+
+    let devices = 4u32;
+    let publishers: Vec<_> = (0..devices)
+        .map(|d| tokio::spawn(publish_until_error(port, d, 1_000_000)))
+        .collect();
+    // A "random" moment: derived from the clock, between 0.5 s and 2 s into the stream.
+    let jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_millis() as u64)
+        .unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(500 + jitter * 3 / 2)).await;
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    let mut acked: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for (d, p) in publishers.into_iter().enumerate() {
+        acked.insert(d as u32, p.await.expect("publisher"));
+    }
+    let total: usize = acked.values().map(Vec::len).sum();
+    assert!(total > 0, "devices got acks before the kill");
+
+    let mut child = spawn_binary(&config);
+    wait_for_port(port).await;
+    upstream.restart();
+    let arrived = collector.wait_for(total, WAIT).await;
+    let msgs = collector.messages();
+    let mut got: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for (_, payload) in &msgs {
+        let v: serde_json::Value = serde_json::from_slice(payload).expect("json payload");
+        let (d, s) = (
+            v["device"].as_u64().unwrap_or(99) as u32,
+            v["seq"].as_u64().unwrap_or(0),
+        );
+        got.entry(d).or_default().push(s);
+    }
+    for (d, seqs) in &acked {
+        let received = got.get(d).cloned().unwrap_or_default();
+        let missing: Vec<&u64> = seqs
+            .iter()
+            .filter(|s| received.binary_search(s).is_err() && !received.contains(s))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "device {d}: {} acked messages missing, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+    assert!(arrived, "at least as many messages as were acked arrived");
+    let report = check_sequences(&msgs);
+    assert_eq!(report.out_of_order, 0, "{report:?}");
+    println!(
+        "sigkill: acked {total}, arrived {}, duplicates {}",
+        msgs.len(),
+        report.duplicates
+    );
+    child.kill().expect("stop");
+    let _ = child.wait();
+}
+
+async fn full_buffer_case(when_full: &str) -> (f64, Vec<Msg>, u64) {
+    let (mut upstream, collector) = stopped_upstream().await;
+    let body = sink_body(
+        upstream.port(),
+        &format!("max_bytes = \"256KiB\", segment_size = \"64KiB\", when_full = \"{when_full}\""),
+    );
+    let mut gw = TestGateway::start(&body).await;
+    let sent = publish_devices(gw.port(), 1, 20_000).await;
+    assert_eq!(sent, 20_000);
+    let dropped = gw.counter(
+        "edgebridge_buffer_dropped_total",
+        &[("sink", "cloud"), ("reason", "full")],
+    );
+    upstream.restart();
+    let expected = 20_000 - dropped as usize;
+    assert!(
+        collector.wait_for(expected, WAIT).await,
+        "got {} of {expected}",
+        collector.len()
+    );
+    let drained = gw
+        .eventually(WAIT, |g| {
+            g.counter("edgebridge_buffer_messages", &[("sink", "cloud")]) == 0.0
+        })
+        .await;
+    assert!(drained);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.shutdown().await;
+    (dropped, collector.messages(), sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_buffer_drop_oldest_keeps_the_newest_and_counts_exactly() {
+    let (dropped, msgs, sent) = full_buffer_case("drop_oldest").await;
+    assert!(dropped > 0.0, "the buffer filled up");
+    let report = check_sequences(&msgs);
+    assert_eq!(report.duplicates, 0, "{report:?}");
+    assert_eq!(
+        report.per_device_count[&0] + dropped as u64,
+        sent,
+        "{report:?}"
+    );
+    // What survived is the newest: the last message is there, the first is not.
+    let seqs: Vec<u64> = msgs
+        .iter()
+        .map(|(_, p)| {
+            serde_json::from_slice::<serde_json::Value>(p).expect("json")["seq"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .collect();
+    assert!(seqs.contains(&(sent - 1)));
+    assert!(!seqs.contains(&0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_buffer_drop_newest_keeps_the_oldest_and_counts_exactly() {
+    let (dropped, msgs, sent) = full_buffer_case("drop_newest").await;
+    assert!(dropped > 0.0, "the buffer filled up");
+    let report = check_sequences(&msgs);
+    assert_eq!(report.duplicates, 0, "{report:?}");
+    assert_eq!(
+        report.per_device_count[&0] + dropped as u64,
+        sent,
+        "{report:?}"
+    );
+    let seqs: Vec<u64> = msgs
+        .iter()
+        .map(|(_, p)| {
+            serde_json::from_slice::<serde_json::Value>(p).expect("json")["seq"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .collect();
+    assert!(seqs.contains(&0));
+    assert!(!seqs.contains(&(sent - 1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_buffer_block_holds_devices_back_and_drops_nothing() {
+    let (mut upstream, collector) = stopped_upstream().await;
+    let body = sink_body(
+        upstream.port(),
+        "max_bytes = \"128KiB\", segment_size = \"64KiB\", when_full = \"block\"",
+    );
+    let mut gw = TestGateway::start(&body).await;
+    let port = gw.port();
+    let publisher = tokio::spawn(async move { publish_devices(port, 1, 5_000).await });
+    // The device stalls: its acks are withheld while the buffer is full.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stored = gw.counter("edgebridge_buffer_messages", &[("sink", "cloud")]);
+    assert!(
+        stored < 5_000.0,
+        "intake stalls while the buffer is full ({stored} stored)"
+    );
+    assert!(!publisher.is_finished(), "the device is held back");
+    upstream.restart();
+    assert_eq!(publisher.await.expect("publisher"), 5_000);
+    assert!(
+        collector.wait_for(5_000, WAIT).await,
+        "got {}",
+        collector.len()
+    );
+    assert_complete(&collector.messages(), 1, 5_000);
+    assert_eq!(gw.counter("edgebridge_buffer_dropped_total", &[]), 0.0);
+    gw.shutdown().await;
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("buffer dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupted_segments_deliver_every_intact_record_and_count_the_rest() {
+    let (mut upstream, collector) = stopped_upstream().await;
+    let body = sink_body(upstream.port(), "segment_size = \"64KiB\"");
+    let mut gw = TestGateway::start(&body).await;
+    assert_eq!(publish_devices(gw.port(), 1, 5_000).await, 5_000);
+    gw.shutdown().await;
+
+    let buffer_dir = gw.dir.path().join("data/buffers/cloud");
+    let segs = segments(&buffer_dir);
+    assert!(segs.len() >= 3, "several segments: {segs:?}");
+    // Flip a byte inside a record in the middle of the first segment.
+    let mut first = std::fs::read(&segs[0]).expect("read segment");
+    let mid = first.len() / 2;
+    first[mid] ^= 0xFF;
+    std::fs::write(&segs[0], &first).expect("write segment");
+    // Cut the last segment in the middle of a record.
+    let last = segs.last().expect("last");
+    let len = std::fs::metadata(last).expect("meta").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(last)
+        .expect("open");
+    file.set_len(len - 7).expect("truncate");
+    drop(file);
+
+    let mut again = TestGateway::start_in(&body, gw.dir).await;
+    upstream.restart();
+    let delivered = again
+        .eventually(WAIT, |g| {
+            g.counter("edgebridge_buffer_messages", &[("sink", "cloud")]) == 0.0
+        })
+        .await;
+    assert!(delivered, "everything readable was delivered");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = check_sequences(&collector.messages());
+    let got = report.per_device_count.get(&0).copied().unwrap_or(0);
+    let corrupt = again.counter(
+        "edgebridge_buffer_dropped_total",
+        &[("sink", "cloud"), ("reason", "corrupt")],
+    );
+    assert!(corrupt >= 1.0, "corruption is counted");
+    assert!(
+        got >= 5_000 - 3,
+        "only the damaged records are missing: got {got}"
+    );
+    assert_eq!(
+        got + corrupt as u64,
+        5_000,
+        "every record is delivered or counted: {report:?}"
+    );
+    assert_eq!(report.out_of_order, 0, "{report:?}");
+    let corrupt_files = std::fs::read_dir(again.dir.path().join("data/buffers/cloud"))
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().to_string_lossy().ends_with(".corrupt"))
+        .count();
+    assert_eq!(
+        corrupt_files, 1,
+        "the damaged segment is kept for inspection"
+    );
+    again.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flapping_upstream_loses_nothing_and_keeps_order() {
+    let mut upstream = Mosquitto::start_with(Mode::Plain, true);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "up/#",
+    )
+    .await;
+    let mut gw = TestGateway::start(&sink_body(upstream.port(), "")).await;
+    let port = gw.port();
+    // ~2,000 msg/s for ~16 s from 2 devices.
+    let stream = tokio::spawn(async move {
+        let mut handles = Vec::new();
+        for d in 0..2u32 {
+            handles.push(tokio::spawn(async move {
+                let mut opts = client_options(&format!("flap-{d}"), port, Mode::Plain);
+                opts.set_clean_session(false);
+                let mut acked = 0;
+                for chunk in 0..160u64 {
+                    let seqs = chunk * 100..(chunk + 1) * 100;
+                    acked += common::publish_seq_with(
+                        opts.clone(),
+                        &format!("dev/{d}"),
+                        d,
+                        seqs,
+                        QoS::AtLeastOnce,
+                    )
+                    .await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                acked
+            }));
+        }
+        let mut total = 0;
+        for h in handles {
+            total += h.await.expect("device");
+        }
+        total
+    });
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        upstream.terminate();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        upstream.restart();
+    }
+    assert_eq!(stream.await.expect("stream"), 32_000);
+    assert!(
+        collector.wait_for(32_000, WAIT).await,
+        "got {} of 32000",
+        collector.len()
+    );
+    assert_complete(&collector.messages(), 2, 16_000);
+    println!(
+        "flapping: duplicates {}",
+        check_sequences(&collector.messages()).duplicates
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn low_disk_margin_applies_the_policy_without_crashing() {
+    // data_dir on a 16 MiB tmpfs with a 12 MiB free-space margin: after ~4 MiB the buffer
+    // behaves as full and drops the newest; space returns once the upstream drains it.
+    let mount = tempfile::tempdir().expect("mount point");
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(mount.path())
+        .status()
+        .expect("run mount");
+    assert!(
+        status.success(),
+        "mounting a tmpfs needs root (the test command runs as root in CI)"
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.path().to_path_buf());
+
+    let (mut upstream, collector) = stopped_upstream().await;
+    let body = sink_body(
+        upstream.port(),
+        "segment_size = \"256KiB\", min_free_disk = \"12MiB\", when_full = \"drop_newest\"",
+    );
+    let mut gw = TestGateway::start_with_data_dir(&body, &mount.path().join("data")).await;
+    // 1 KiB payloads: 8 MiB worth would not fit above the margin.
+    let port = gw.port();
+    let sent = big_publish(port, 8_000).await;
+    assert_eq!(
+        sent, 8_000,
+        "every publish is acked (dropped ones are counted, not refused)"
+    );
+    let dropped = gw.counter(
+        "edgebridge_buffer_dropped_total",
+        &[("sink", "cloud"), ("reason", "full")],
+    );
+    assert!(dropped > 0.0, "the margin made the buffer full");
+    let stored = gw.counter("edgebridge_buffer_messages", &[("sink", "cloud")]);
+    assert_eq!(stored + dropped, 8_000.0);
+    upstream.restart();
+    assert!(
+        collector.wait_for(stored as usize, WAIT).await,
+        "got {}",
+        collector.len()
+    );
+    let drained = gw
+        .eventually(WAIT, |g| {
+            g.counter("edgebridge_buffer_messages", &[("sink", "cloud")]) == 0.0
+        })
+        .await;
+    assert!(drained);
+    // Space is back: new messages are stored again.
+    let before = gw.counter("edgebridge_buffer_dropped_total", &[]);
+    assert_eq!(big_publish(port, 100).await, 100);
+    assert!(collector.wait_for(stored as usize + 100, WAIT).await);
+    assert_eq!(gw.counter("edgebridge_buffer_dropped_total", &[]), before);
+    gw.shutdown().await;
+}
+
+async fn big_publish(port: u16, count: u64) -> u64 {
+    let mut opts = MqttOptions::new("big", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5))
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(opts, 200);
+    let producer = tokio::spawn(async move {
+        for i in 0..count {
+            let mut payload = seq_payload(0, i);
+            payload.resize(1024, b' ');
+            if client
+                .publish("dev/0", QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        client
+    });
+    let mut acked = 0;
+    while acked < count {
+        match tokio::time::timeout(WAIT, events.poll()).await {
+            Ok(Ok(Event::Incoming(Incoming::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    let _ = producer.await;
+    acked
+}
