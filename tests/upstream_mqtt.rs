@@ -263,12 +263,16 @@ async fn upstream_restart_resumes_delivery_without_loss() {
     let missing: Vec<u64> = (0..total).filter(|s| !seen.contains(s)).collect();
     assert!(
         complete && missing.is_empty(),
-        "upstream got {} of {total}; missing seqs {missing:?}; gateway: received {} delivered {} errors {}; mosquitto log:\n{}",
+        "upstream got {} of {total}; missing seqs {missing:?}; pending {}; gateway metrics:\n{}",
         msgs.len(),
-        gw.counter("edgebridge_messages_received_total", &[]),
-        gw.counter("edgebridge_sink_delivered_total", &[]),
-        gw.counter("edgebridge_sink_errors_total", &[]),
-        upstream.logs()
+        gw.counter("edgebridge_buffer_messages", &[]),
+        gw.gw()
+            .metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("edgebridge_") && !l.contains("latency"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let report = check_sequences(&msgs);
     assert_eq!(report.per_device_count.get(&7), Some(&total), "{report:?}");

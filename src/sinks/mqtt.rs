@@ -233,30 +233,55 @@ async fn connection(
                 }
             }
             batch = ctx.buffer.read_batch(room.min(ctx.batch)), if connected && room > 0 => {
-                for record in batch {
-                    let msg = record.msg;
-                    if msg.topic.len() + msg.payload.len() + PUBLISH_OVERHEAD > plan.max_packet_size {
-                        ctx.metrics.undeliverable("too_large");
-                        warn!(sink = %ctx.name, topic = %msg.topic, bytes = msg.payload.len(), "message larger than the upstream's max_packet_size; dropped");
-                        ctx.buffer.ack(record.seq);
-                        continue;
-                    }
-                    let retain = msg.retain && plan.forward_retain;
-                    let entry = InFlight { seq: record.seq, received_at: msg.received_at };
-                    match client.publish_bytes(msg.topic, qos, retain, msg.payload).await {
-                        Ok(()) => window.queued.push_back(entry),
-                        Err(e) => {
-                            ctx.metrics.undeliverable("invalid_topic");
-                            warn!(sink = %ctx.name, error = %e, "upstream refused the message; dropped");
-                            ctx.buffer.ack(record.seq);
-                        }
-                    }
+                if publish_batch(plan, ctx, client, qos, batch, &mut window).await.is_err() {
+                    // The event loop is gone: its error is next in `events` (or it was
+                    // aborted); nothing of this batch was acked, the rewind resends it.
+                    ctx.metrics.error("closed");
+                    break Outcome::Reconnect;
                 }
             }
         }
     };
     driver.abort();
     outcome
+}
+
+/// Hands a batch to rumqttc. Messages that can never be delivered (too large for the
+/// upstream, an invalid topic) are dropped, counted and acked; an `Err` means the
+/// connection is gone.
+async fn publish_batch(
+    plan: &MqttPlan,
+    ctx: &SinkContext,
+    client: &AsyncClient,
+    qos: QoS,
+    batch: Vec<crate::buffer::Record>,
+    window: &mut Window,
+) -> Result<(), rumqttc::ClientError> {
+    for record in batch {
+        let msg = record.msg;
+        if msg.topic.len() + msg.payload.len() + PUBLISH_OVERHEAD > plan.max_packet_size {
+            ctx.metrics.undeliverable("too_large");
+            warn!(sink = %ctx.name, topic = %msg.topic, bytes = msg.payload.len(), "message larger than the upstream's max_packet_size; dropped");
+            ctx.buffer.ack(record.seq);
+            continue;
+        }
+        if msg.topic.is_empty() || !rumqttc::valid_topic(&msg.topic) {
+            ctx.metrics.undeliverable("invalid_topic");
+            warn!(sink = %ctx.name, topic = %msg.topic, "not a valid MQTT topic name; dropped");
+            ctx.buffer.ack(record.seq);
+            continue;
+        }
+        let retain = msg.retain && plan.forward_retain;
+        let entry = InFlight {
+            seq: record.seq,
+            received_at: msg.received_at,
+        };
+        client
+            .publish_bytes(msg.topic, qos, retain, msg.payload)
+            .await?;
+        window.queued.push_back(entry);
+    }
+    Ok(())
 }
 
 fn handle_event(ctx: &SinkContext, window: &mut Window, event: Event) {
