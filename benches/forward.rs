@@ -867,14 +867,6 @@ async fn run_one(
     match &under_test {
         UnderTest::Gateway(g) => {
             if let Some((200, page)) = http_get(g.admin_port, "/metrics") {
-                if end != End::Complete {
-                    for l in page
-                        .lines()
-                        .filter(|l| l.starts_with("edgebridge_") && !l.contains("_bucket"))
-                    {
-                        eprintln!("DBG {l}");
-                    }
-                }
                 let m = |name: &str| metric_sum(&page, name) as u64;
                 notes.push(format!(
                     "gateway: received {} delivered {} sink errors {} buffer dropped {} \
@@ -1071,11 +1063,22 @@ fn machine_description() -> String {
 
 fn revision() -> String {
     let rev = command_output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default();
-    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"])
-        .is_some_and(|s| !s.is_empty());
+    // Only what goes into the gateway binary matters to its numbers.
+    let dirty = command_output(
+        "git",
+        &[
+            "status",
+            "--porcelain",
+            "--",
+            "src",
+            "Cargo.toml",
+            "Cargo.lock",
+        ],
+    )
+    .is_some_and(|s| !s.is_empty());
     match (rev.is_empty(), dirty) {
         (true, _) => "unknown".into(),
-        (false, true) => format!("{rev} (working tree has uncommitted changes)"),
+        (false, true) => format!("{rev} + uncommitted changes in src/ or Cargo.*"),
         (false, false) => rev,
     }
 }

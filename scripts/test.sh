@@ -17,4 +17,8 @@ fi
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
-cargo test
+# Unit and integration tests (benches are run by `cargo bench`, not here).
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --lib --bins --tests 2>&1 | tee "$log"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

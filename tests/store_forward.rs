@@ -591,7 +591,28 @@ async fn low_disk_margin_applies_the_policy_without_crashing() {
     // Space is back: new messages are stored again.
     let before = gw.counter("edgebridge_buffer_dropped_total", &[]);
     assert_eq!(big_publish(port, 100).await, 100);
-    assert!(collector.wait_for(stored as usize + 100, WAIT).await);
+    let again = collector
+        .wait_for(stored as usize + 100, Duration::from_secs(30))
+        .await;
+    let files: Vec<String> = std::fs::read_dir(mount.path().join("data/buffers/cloud"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| format!("{:?} {:?}", e.file_name(), e.metadata().map(|m| m.len())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let df = Command::new("df")
+        .arg(mount.path())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(
+        again,
+        "after the drain, new messages are delivered again: got {} of {}; files {files:?}; {df}; metrics:\n{}",
+        collector.len(),
+        stored as usize + 100,
+        gw.gw().metrics.render().lines().filter(|l| l.starts_with("edgebridge_") && !l.contains("latency")).collect::<Vec<_>>().join("\n")
+    );
     assert_eq!(gw.counter("edgebridge_buffer_dropped_total", &[]), before);
     gw.shutdown().await;
 }

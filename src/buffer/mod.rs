@@ -59,7 +59,8 @@ pub enum Appended {
 }
 
 /// How often the free space of the data_dir's file system is looked up: after this long,
-/// or after a sixteenth of the margin was appended, whichever comes first.
+/// or after a sixteenth of the margin was appended, whichever comes first; while below
+/// the margin, on every append.
 const DISK_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 // ---------------------------------------------------------------------------------------
@@ -322,16 +323,26 @@ impl Buffer {
         };
         let now = Instant::now();
         let recent = st.disk_checked.is_some_and(|t| now - t < DISK_CHECK_EVERY);
-        if recent && st.since_disk_check < self.config.min_free_disk.0 / 16 {
+        // While short of space, look every time: space returns as the sink drains.
+        if !st.low_disk && recent && st.since_disk_check < self.config.min_free_disk.0 / 16 {
             return st.low_disk;
         }
         st.disk_checked = Some(now);
         st.since_disk_check = 0;
-        st.low_disk = match rustix::fs::statvfs(dir) {
-            Ok(s) => s.f_bavail.saturating_mul(s.f_frsize) < self.config.min_free_disk.0,
-            Err(_) => false,
+        let free = match rustix::fs::statvfs(dir) {
+            Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),
+            Err(_) => u64::MAX,
         };
-        st.low_disk
+        let low = free < self.config.min_free_disk.0;
+        if low != st.low_disk {
+            if low {
+                warn!(sink = %self.name, free, margin = self.config.min_free_disk.0, "free disk below the margin; the buffer behaves as full");
+            } else {
+                info!(sink = %self.name, free, "free disk above the margin again");
+            }
+        }
+        st.low_disk = low;
+        low
     }
 
     /// Appends `msg`, applying `max_bytes`, the free-disk margin and `when_full`. Cheap
