@@ -228,10 +228,22 @@ async fn wait_for_port(port: u16) {
 /// PUBACK for arrives after the restart, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_while_publishing_loses_no_acked_message() {
+    sigkill_case("sync = \"batch\"").await;
+}
+
+/// kill -9 loses nothing under the other sync policies either: acked data was handed to
+/// the OS (they differ only on power loss).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_with_sync_none_or_interval_loses_no_acked_message() {
+    sigkill_case("sync = \"none\"").await;
+    sigkill_case("sync = \"interval\", sync_interval = \"1s\"").await;
+}
+
+async fn sigkill_case(buffer: &str) {
     let (mut upstream, collector) = stopped_upstream().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (port, admin) = (free_port(), free_port());
-    let config = write_config(dir.path(), port, admin, &sink_body(upstream.port(), ""));
+    let config = write_config(dir.path(), port, admin, &sink_body(upstream.port(), buffer));
     let mut child = spawn_binary(&config);
     wait_for_port(port).await;
 
