@@ -297,7 +297,7 @@ async fn sigkill_case(buffer: &str) {
     let report = check_sequences(&msgs);
     assert_eq!(report.out_of_order, 0, "{report:?}");
     println!(
-        "sigkill: acked {total}, arrived {}, duplicates {}",
+        "sigkill ({buffer}): acked {total}, arrived {}, duplicates {}",
         msgs.len(),
         report.duplicates
     );
