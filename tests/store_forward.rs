@@ -659,3 +659,47 @@ async fn big_publish(port: u16, count: u64) -> u64 {
     let _ = producer.await;
     acked
 }
+
+/// drop_oldest while the sink is delivering: records dropped in flight are counted only
+/// if never confirmed, so delivered + dropped is exactly what was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drop_oldest_count_is_exact_while_delivering() {
+    let upstream = Mosquitto::start_with(Mode::Plain, false);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "up/#",
+    )
+    .await;
+    let body = sink_body(
+        upstream.port(),
+        "max_bytes = \"128KiB\", segment_size = \"64KiB\", when_full = \"drop_oldest\"",
+    )
+    .replace("backoff_min", "inflight = 8\nbackoff_min");
+    let mut gw = TestGateway::start(&body).await;
+    let sent = publish_devices(gw.port(), 4, 10_000).await;
+    assert_eq!(sent, 40_000);
+    let settled = gw
+        .eventually(WAIT, |g| {
+            g.counter("edgebridge_buffer_messages", &[("sink", "cloud")]) == 0.0
+        })
+        .await;
+    assert!(settled, "the buffer drains");
+    let dropped = gw.counter(
+        "edgebridge_buffer_dropped_total",
+        &[("sink", "cloud"), ("reason", "full")],
+    );
+    assert!(dropped > 0.0, "the small buffer overflowed");
+    let expected = 40_000 - dropped as usize;
+    let arrived = collector.wait_for(expected, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = check_sequences(&collector.messages());
+    let unique: u64 = report.per_device_count.values().sum();
+    assert!(arrived, "got {unique} of {expected}");
+    assert_eq!(
+        unique + dropped as u64,
+        40_000,
+        "delivered + dropped = sent: {report:?}"
+    );
+    assert_eq!(report.out_of_order, 0, "{report:?}");
+    gw.shutdown().await;
+}

@@ -810,6 +810,11 @@ impl DiskLog {
         Ok(before)
     }
 
+    /// Every seq below this is acked (or dropped).
+    pub fn floor(&self) -> u64 {
+        self.acks.floor
+    }
+
     /// Unacked records (including those read and in flight).
     pub fn pending(&self) -> u64 {
         self.next_seq - self.acks.floor - self.acks.ahead_count

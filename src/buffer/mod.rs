@@ -24,7 +24,7 @@
 mod codec;
 mod disk;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -156,14 +156,15 @@ impl MemoryLog {
         }
     }
 
-    /// Drops the oldest record; returns 1 if it was unacked.
-    fn drop_oldest(&mut self) -> u64 {
+    /// Drops the oldest record; returns how many unacked records went and their seqs.
+    fn drop_oldest(&mut self) -> (u64, std::ops::Range<u64>) {
         let Some(old) = self.slots.pop_front() else {
-            return 0;
+            return (0, 0..0);
         };
         self.bytes -= old.record.msg.size() as u64;
         self.read_pos = self.read_pos.saturating_sub(1);
-        u64::from(!old.acked)
+        let seq = old.record.seq;
+        (u64::from(!old.acked), seq..seq + 1)
     }
 
     fn pending(&self) -> u64 {
@@ -222,6 +223,11 @@ struct State {
     disk_checked: Option<Instant>,
     /// Bytes appended since the last free-space look-up.
     since_disk_check: u64,
+    /// Seqs handed to the sink and not acked yet (bounded by the sink's window).
+    in_flight: BTreeSet<u64>,
+    /// In-flight seqs whose records `drop_oldest` removed: counted as dropped only if
+    /// the sink never confirms them (at the next rewind), so the drop counter is exact.
+    dropped_in_flight: BTreeSet<u64>,
 }
 
 pub struct Buffer {
@@ -291,6 +297,8 @@ impl Buffer {
                 low_disk: false,
                 disk_checked: None,
                 since_disk_check: 0,
+                in_flight: BTreeSet::new(),
+                dropped_in_flight: BTreeSet::new(),
             }),
             readable: Notify::new(),
             space: Notify::new(),
@@ -370,10 +378,24 @@ impl Buffer {
                 WhenFull::DropOldest => {
                     let dropped = match &mut st.backend {
                         Backend::Memory(m) => Ok(m.drop_oldest()),
-                        Backend::Disk(d) => d.drop_oldest_segment(),
+                        Backend::Disk(d) => {
+                            let from = d.floor();
+                            d.drop_oldest_segment().map(|n| (n, from..d.floor()))
+                        }
                     };
                     match dropped {
-                        Ok(n) => self.metrics.dropped_full.inc_by(n),
+                        Ok((n, seqs)) => {
+                            // Records in flight may still be confirmed: they are counted
+                            // at the next rewind if not (see `dropped_in_flight`).
+                            let in_flight: Vec<u64> = st.in_flight.range(seqs).copied().collect();
+                            for seq in &in_flight {
+                                st.in_flight.remove(seq);
+                                st.dropped_in_flight.insert(*seq);
+                            }
+                            self.metrics
+                                .dropped_full
+                                .inc_by(n.saturating_sub(in_flight.len() as u64));
+                        }
                         Err(e) => {
                             warn!(sink = %self.name, error = %e, "cannot drop the oldest buffer segment")
                         }
@@ -555,6 +577,7 @@ impl Buffer {
                 }
             }
         };
+        st.in_flight.extend(batch.iter().map(|r| r.seq));
         if expired > 0 {
             self.metrics.dropped_ttl.inc_by(expired);
             if batch.is_empty() {
@@ -569,6 +592,8 @@ impl Buffer {
     /// Confirms `seq`: it is removed once every older record is confirmed too.
     pub fn ack(&self, seq: u64) {
         let mut st = self.lock();
+        st.in_flight.remove(&seq);
+        st.dropped_in_flight.remove(&seq);
         match &mut st.backend {
             Backend::Memory(m) => m.ack(seq),
             Backend::Disk(d) => {
@@ -588,6 +613,10 @@ impl Buffer {
     /// Moves the read position back to the oldest unconfirmed record.
     pub fn rewind(&self) {
         let mut st = self.lock();
+        // Dropped while in flight and never confirmed: lost now, so counted now.
+        let lost = std::mem::take(&mut st.dropped_in_flight).len() as u64;
+        self.metrics.dropped_full.inc_by(lost);
+        st.in_flight.clear();
         match &mut st.backend {
             Backend::Memory(m) => m.read_pos = 0,
             Backend::Disk(d) => d.rewind(),
@@ -700,6 +729,29 @@ mod tests {
         let outcomes: Vec<Appended> = (0..5).map(|n| b.append(msg(n))).collect();
         assert_eq!(outcomes[3], Appended::Dropped);
         assert_eq!(b.metrics.dropped_full.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn records_dropped_in_flight_count_only_if_never_confirmed() {
+        let size = msg(0).size() as u64;
+        let b = memory(size * 3, WhenFull::DropOldest);
+        for n in 0..3 {
+            b.append(msg(n));
+        }
+        b.sync().await;
+        let in_flight = b.read_batch(2).await;
+        b.append(msg(3));
+        b.append(msg(4)); // drops records 0 and 1, both in flight
+        assert_eq!(
+            b.metrics.dropped_full.get(),
+            0,
+            "not counted while in flight"
+        );
+        b.ack(in_flight[0].seq); // delivered after all
+        b.rewind(); // record 1 was never confirmed: lost now
+        assert_eq!(b.metrics.dropped_full.get(), 1);
+        b.sync().await;
+        assert_eq!(payloads(&b.read_batch(10).await), ["2", "3", "4"]);
     }
 
     #[tokio::test]
