@@ -86,7 +86,7 @@ impl Gateway {
                     grace: plan.shutdown_grace,
                     metrics: SinkMetrics::new(&metrics, &s.name),
                 };
-                sinks::spawn(s, ctx, &plan.gateway_id)
+                sinks::spawn(s, ctx)
             })
             .collect();
 

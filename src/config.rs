@@ -1088,8 +1088,8 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         gateway_id,
         data_dir: config.gateway.data_dir.clone(),
         shutdown_grace: config.gateway.shutdown_grace.0,
-        // Both are Some when no error was recorded above.
-        admin_bind: admin_bind.unwrap_or_else(unreachable_addr),
+        // Some whenever no error was recorded above.
+        admin_bind: admin_bind.unwrap_or_else(placeholder_addr),
         broker,
         listeners,
         sinks,
@@ -1098,7 +1098,7 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
     })
 }
 
-fn unreachable_addr() -> SocketAddr {
+fn placeholder_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 

@@ -436,22 +436,20 @@ impl Buffer {
 
     /// Makes everything appended so far durable as the sync policy says, then readable.
     pub async fn sync(&self) {
+        // Under the lock: hand the appends to the OS. Outside it: the fsync.
         let (handles, upto) = {
             let mut st = self.lock();
-            let upto = match &mut st.backend {
+            match &mut st.backend {
                 Backend::Memory(m) => (None, m.next_seq - 1),
                 Backend::Disk(d) => {
                     let upto = d.next_seq() - 1;
-                    match d.prepare_sync() {
-                        Ok(h) => (Some(h), upto),
-                        Err(e) => {
-                            warn!(sink = %self.name, error = %e, "buffer write failed; recent messages may be lost");
-                            (None, upto)
-                        }
-                    }
+                    let handles = d
+                        .prepare_sync()
+                        .inspect_err(|e| warn!(sink = %self.name, error = %e, "buffer write failed; recent messages may be lost"))
+                        .ok();
+                    (handles, upto)
                 }
-            };
-            upto
+            }
         };
         if let (Some(h), SyncPolicy::Batch) = (handles, self.config.sync) {
             if !h.is_empty() {

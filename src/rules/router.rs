@@ -83,15 +83,13 @@ impl RouterTask {
         let mut msg = Some(msg);
         for (i, route) in routes.iter_mut().enumerate() {
             // The last route takes the message itself; earlier ones a (cheap) clone.
-            let mut record = if i == last { msg.take() } else { msg.clone() };
-            let Some(mut record_msg) = record.take() else {
+            let Some(mut pending) = (if i == last { msg.take() } else { msg.clone() }) else {
                 continue;
             };
             if let Some(topic) = route.topic.take() {
-                record_msg.topic = topic;
+                pending.topic = topic;
             }
             let buffer = &self.buffers[route.sink];
-            let mut pending = record_msg;
             loop {
                 match buffer.append(pending) {
                     Appended::Stored | Appended::Dropped => break,

@@ -74,9 +74,9 @@ impl SinkMetrics {
 }
 
 /// Starts the worker of one sink.
-pub fn spawn(plan: &SinkPlan, ctx: SinkContext, gateway_id: &str) -> tokio::task::JoinHandle<()> {
+pub fn spawn(plan: &SinkPlan, ctx: SinkContext) -> tokio::task::JoinHandle<()> {
     match &plan.kind {
-        SinkKindPlan::Mqtt(m) => tokio::spawn(mqtt::run(m.clone(), ctx, gateway_id.to_string())),
+        SinkKindPlan::Mqtt(m) => tokio::spawn(mqtt::run(m.clone(), ctx)),
         SinkKindPlan::File(f) => tokio::spawn(file::run(f.clone(), ctx)),
     }
 }

@@ -112,7 +112,7 @@ enum Outcome {
     Stopped,
 }
 
-pub async fn run(plan: MqttPlan, ctx: SinkContext, _gateway_id: String) {
+pub async fn run(plan: MqttPlan, ctx: SinkContext) {
     let mut backoff = match Backoff::try_new(plan.backoff_min, plan.backoff_max) {
         Ok(b) => b,
         Err(e) => {
