@@ -104,7 +104,7 @@ async fn outage_then_every_buffered_message_arrives_in_order() {
 
     upstream.restart();
     assert!(
-        collector.wait_for(50_000, WAIT).await,
+        collector.wait_for_unique(50_000, WAIT).await,
         "got {} of 50000",
         collector.len()
     );
@@ -138,7 +138,7 @@ async fn restart_while_the_backlog_waits_loses_nothing() {
     );
     upstream.restart();
     assert!(
-        collector.wait_for(50_000, WAIT).await,
+        collector.wait_for_unique(50_000, WAIT).await,
         "got {} of 50000",
         collector.len()
     );
@@ -269,7 +269,7 @@ async fn sigkill_case(buffer: &str) {
     let mut child = spawn_binary(&config);
     wait_for_port(port).await;
     upstream.restart();
-    let arrived = collector.wait_for(total, WAIT).await;
+    let arrived = collector.wait_for_unique(total, WAIT).await;
     let msgs = collector.messages();
     let mut got: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for (_, payload) in &msgs {
@@ -321,7 +321,7 @@ async fn full_buffer_case(when_full: &str) -> (f64, Vec<Msg>, u64) {
     upstream.restart();
     let expected = 20_000 - dropped as usize;
     assert!(
-        collector.wait_for(expected, WAIT).await,
+        collector.wait_for_unique(expected, WAIT).await,
         "got {} of {expected}",
         collector.len()
     );
@@ -391,7 +391,7 @@ async fn full_buffer_block_holds_devices_back_and_drops_nothing() {
     upstream.restart();
     assert_eq!(publisher.await.expect("publisher"), 5_000);
     assert!(
-        collector.wait_for(5_000, WAIT).await,
+        collector.wait_for_unique(5_000, WAIT).await,
         "got {}",
         collector.len()
     );
@@ -484,16 +484,18 @@ async fn flapping_upstream_loses_nothing_and_keeps_order() {
     .await;
     let mut gw = TestGateway::start(&sink_body(upstream.port(), "")).await;
     let port = gw.port();
-    // ~2,000 msg/s for ~16 s from 2 devices.
-    let stream = tokio::spawn(async move {
-        let mut handles = Vec::new();
-        for d in 0..2u32 {
-            handles.push(tokio::spawn(async move {
+    // ~2,000 msg/s from 2 devices for as long as the upstream flaps (30 s).
+    let until = tokio::time::Instant::now() + Duration::from_secs(31);
+    let devices: Vec<_> = (0..2u32)
+        .map(|d| {
+            tokio::spawn(async move {
                 let mut opts = client_options(&format!("flap-{d}"), port, Mode::Plain);
                 opts.set_clean_session(false);
-                let mut acked = 0;
-                for chunk in 0..160u64 {
-                    let seqs = chunk * 100..(chunk + 1) * 100;
+                let (mut sent, mut acked) = (0u64, 0u64);
+                while tokio::time::Instant::now() < until {
+                    let started = tokio::time::Instant::now();
+                    let seqs = sent..sent + 100;
+                    sent += 100;
                     acked += common::publish_seq_with(
                         opts.clone(),
                         &format!("dev/{d}"),
@@ -502,33 +504,44 @@ async fn flapping_upstream_loses_nothing_and_keeps_order() {
                         QoS::AtLeastOnce,
                     )
                     .await;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep_until(started + Duration::from_millis(100)).await;
                 }
-                acked
-            }));
-        }
-        let mut total = 0;
-        for h in handles {
-            total += h.await.expect("device");
-        }
-        total
-    });
-    for _ in 0..7 {
+                (sent, acked)
+            })
+        })
+        .collect();
+    // Killed (SIGTERM) and restarted every 2 s for 30 s.
+    for _ in 0..15 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         upstream.terminate();
         tokio::time::sleep(Duration::from_secs(1)).await;
         upstream.restart();
     }
-    assert_eq!(stream.await.expect("stream"), 32_000);
+    let mut per_device = Vec::new();
+    for d in devices {
+        let (sent, acked) = d.await.expect("device");
+        assert_eq!(acked, sent, "every publish acked by the gateway");
+        per_device.push(sent);
+    }
+    let total: u64 = per_device.iter().sum();
     assert!(
-        collector.wait_for(32_000, WAIT).await,
-        "got {} of 32000",
+        collector.wait_for_unique(total as usize, WAIT).await,
+        "got {} of {total}",
         collector.len()
     );
-    assert_complete(&collector.messages(), 2, 16_000);
+    let report = check_sequences(&collector.messages());
+    assert_eq!(report.missing, 0, "{report:?}");
+    assert_eq!(report.out_of_order, 0, "{report:?}");
+    for (d, sent) in per_device.iter().enumerate() {
+        assert_eq!(
+            report.per_device_count.get(&(d as u32)),
+            Some(sent),
+            "{report:?}"
+        );
+    }
     println!(
-        "flapping: duplicates {}",
-        check_sequences(&collector.messages()).duplicates
+        "flapping: {total} messages, duplicates {}",
+        report.duplicates
     );
     gw.shutdown().await;
 }
@@ -577,7 +590,7 @@ async fn low_disk_margin_applies_the_policy_without_crashing() {
     assert_eq!(stored + dropped, 8_000.0);
     upstream.restart();
     assert!(
-        collector.wait_for(stored as usize, WAIT).await,
+        collector.wait_for_unique(stored as usize, WAIT).await,
         "got {}",
         collector.len()
     );
@@ -677,7 +690,7 @@ async fn drop_oldest_count_is_exact_while_delivering() {
     );
     assert!(dropped > 0.0, "the small buffer overflowed");
     let expected = 40_000 - dropped as usize;
-    let arrived = collector.wait_for(expected, WAIT).await;
+    let arrived = collector.wait_for_unique(expected, WAIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = check_sequences(&collector.messages());
     let unique: u64 = report.per_device_count.values().sum();

@@ -253,7 +253,7 @@ async fn upstream_restart_resumes_delivery_without_loss() {
     upstream.restart();
 
     assert_eq!(stream.await.expect("publisher"), total);
-    let complete = collector.wait_for(total as usize, WAIT).await;
+    let complete = collector.wait_for_unique(total as usize, WAIT).await;
     let msgs = collector.messages();
     let seen: std::collections::BTreeSet<u64> = msgs
         .iter()

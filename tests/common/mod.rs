@@ -315,6 +315,20 @@ impl Collector {
         }
         self.len() >= n
     }
+
+    /// Waits until `n` distinct sequence-numbered messages arrived: duplicates (possible
+    /// after a reconnect) would make [`Collector::wait_for`] return early.
+    pub async fn wait_for_unique(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let unique = |c: &Self| -> usize {
+            let report = check_sequences(&c.messages());
+            report.per_device_count.values().sum::<u64>() as usize
+        };
+        while unique(self) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        unique(self) >= n
+    }
 }
 
 impl Drop for Collector {
