@@ -1,7 +1,9 @@
 //! End-to-end forwarding benchmark: devices → target → upstream Mosquitto → receiver.
 //!
 //! Run with `cargo bench --bench forward` (add `-- S1c` to run only the named scenarios;
-//! results are written to `benches/RESULTS.md` only when every scenario ran).
+//! results are written to `benches/RESULTS.md` only when every S1 scenario ran). The
+//! backlog scenario S3 (edgebridge only, a few minutes) runs only when named
+//! (`-- S3`) and replaces its own section of `benches/RESULTS.md`.
 //!
 //! What one run measures. N device connections (rumqttc, MQTT 3.1.1) publish
 //! sequence-numbered 100-byte QoS 1 payloads on `bench/dev<i>`, each as fast as its
@@ -160,13 +162,21 @@ struct Mosquitto {
 
 impl Mosquitto {
     /// Starts `mosquitto -c` with the common settings plus `extra` (bridge sections) and
-    /// waits until it logged "running" and accepts TCP. Tries three ports.
-    async fn start(max_inflight: u32, extra: &str) -> Result<Mosquitto, String> {
+    /// waits until it logged "running" and accepts TCP. Tries three ports (three times
+    /// `fixed_port` when given).
+    async fn start(
+        max_inflight: u32,
+        extra: &str,
+        fixed_port: Option<u16>,
+    ) -> Result<Mosquitto, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
         let log = dir.path().join("mosquitto.log");
         let mut last_error = String::new();
         for _ in 0..3 {
-            let port = free_port()?;
+            let port = match fixed_port {
+                Some(p) => p,
+                None => free_port()?,
+            };
             // `user root`: as root Mosquitto would otherwise switch to `mosquitto`, which
             // cannot read this 0700 temp dir.
             let conf = format!(
@@ -219,7 +229,7 @@ impl Mosquitto {
 
     /// The upstream "cloud": where every target delivers and the receiver subscribes.
     async fn upstream() -> Result<Mosquitto, String> {
-        Mosquitto::start(RECEIVER_WINDOW, "").await
+        Mosquitto::start(RECEIVER_WINDOW, "", None).await
     }
 
     /// A Mosquitto that bridges `bench/#` to `upstream_port`.
@@ -229,7 +239,7 @@ impl Mosquitto {
              topic bench/# out 1\nbridge_protocol_version mqttv311\ncleansession false\n\
              notifications false\nrestart_timeout 1\n"
         );
-        Mosquitto::start(FORWARD_WINDOW, &bridge).await
+        Mosquitto::start(FORWARD_WINDOW, &bridge, None).await
     }
 }
 
@@ -240,11 +250,13 @@ struct Gateway {
     admin_port: u16,
     log: PathBuf,
     data_dir: PathBuf,
+    config_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Gateway {
-    async fn start(binary: &Path, upstream_port: u16) -> Result<Gateway, String> {
+    /// `sink_extra`: more keys for the `[sinks.upstream]` table.
+    async fn start(binary: &Path, upstream_port: u16, sink_extra: &str) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
         let (port, admin_port) = (free_port()?, free_port()?);
         let config = format!(
@@ -263,6 +275,7 @@ ack = "durable"
 [sinks.upstream]
 type = "mqtt"
 url = "mqtt://127.0.0.1:{upstream_port}"
+{sink_extra}
 
 [[rules]]
 name = "bench"
@@ -277,17 +290,36 @@ level = "warn"
         let config_path = dir.path().join("edgebridge.toml");
         std::fs::write(&config_path, config).map_err(|e| format!("write config: {e}"))?;
         let log = dir.path().join("edgebridge.log");
+        let process = Gateway::launch(binary, &config_path, &log, admin_port).await?;
+        Ok(Gateway {
+            process,
+            port,
+            admin_port,
+            log,
+            data_dir: dir.path().join("data"),
+            config_path,
+            _dir: dir,
+        })
+    }
+
+    /// Spawns the binary on `config_path` and waits until `/readyz` answers 200.
+    async fn launch(
+        binary: &Path,
+        config_path: &Path,
+        log: &Path,
+        admin_port: u16,
+    ) -> Result<ChildGuard, String> {
         let open_log = || {
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&log)
+                .open(log)
                 .map_err(|e| format!("open {}: {e}", log.display()))
         };
         let child = Command::new(binary)
             .arg("run")
             .arg("--config")
-            .arg(&config_path)
+            .arg(config_path)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(open_log()?)
@@ -298,22 +330,47 @@ level = "warn"
         let deadline = Instant::now() + START_LIMIT;
         while Instant::now() < deadline {
             if process.has_exited() {
-                return Err(format!("edgebridge exited at start:\n{}", tail(&log, 20)));
+                return Err(format!("edgebridge exited at start:\n{}", tail(log, 20)));
             }
             if matches!(http_get(admin_port, "/readyz"), Some((200, _))) {
-                return Ok(Gateway {
-                    process,
-                    port,
-                    admin_port,
-                    log,
-                    data_dir: dir.path().join("data"),
-                    _dir: dir,
-                });
+                return Ok(process);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Err(format!("edgebridge not ready in time:\n{}", tail(&log, 20)))
+        Err(format!("edgebridge not ready in time:\n{}", tail(log, 20)))
     }
+
+    /// SIGTERM, wait (bounded) for the exit, start again on the same config and data_dir.
+    /// Returns (time to exit, time from spawn to `/readyz` 200, exited cleanly).
+    async fn restart(&mut self, binary: &Path) -> Result<(Duration, Duration, bool), String> {
+        let stopping = Instant::now();
+        signal(self.process.pid(), "-TERM");
+        let mut clean = true;
+        while !self.process.has_exited() {
+            if stopping.elapsed() > Duration::from_secs(30) {
+                clean = false;
+                let _ = self.process.child.kill();
+                let _ = self.process.child.wait();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let stop_time = stopping.elapsed();
+        let starting = Instant::now();
+        self.process =
+            Gateway::launch(binary, &self.config_path, &self.log, self.admin_port).await?;
+        Ok((stop_time, starting.elapsed(), clean))
+    }
+}
+
+/// Sends a signal (`-TERM`, `-STOP`, `-CONT`) to one process we started.
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(sig)
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// A minimal HTTP/1.1 GET on 127.0.0.1 (the admin endpoint); `(status, body)`.
@@ -396,8 +453,17 @@ fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
 
 /// Peak resident set (VmHWM) of `pid`, in MiB.
 fn peak_rss_mib(pid: u32) -> Option<f64> {
+    proc_status_mib(pid, "VmHWM:")
+}
+
+/// Current resident set (VmRSS) of `pid`, in MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    proc_status_mib(pid, "VmRSS:")
+}
+
+fn proc_status_mib(pid: u32, key: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
@@ -438,6 +504,8 @@ fn parse_payload(p: &[u8]) -> Option<(u32, u64, u64)> {
 struct DeviceSeen {
     seen: Vec<bool>,
     highest: Option<u64>,
+    unique: u64,
+    last_arrival_us: u64,
 }
 
 /// What the receiver saw in one run.
@@ -455,13 +523,16 @@ struct Received {
     warmups: u64,
     last_arrival_us: u64,
     connection_errors: u64,
+    /// Devices from this index on keep `(sent, latency)` in `split_latencies_us` (S3).
+    split_from: Option<u32>,
+    split_latencies_us: Vec<(u64, u64)>,
 }
 
 impl Received {
     fn new(devices: u32, per_device: u64) -> Self {
         let seen = || DeviceSeen {
             seen: vec![false; per_device as usize],
-            highest: None,
+            ..DeviceSeen::default()
         };
         Received {
             devices: (0..devices).map(|_| seen()).collect(),
@@ -497,8 +568,15 @@ impl Received {
             self.reordered += 1;
         }
         d.highest = Some(d.highest.map_or(seq, |h| h.max(seq)));
+        d.unique += 1;
+        d.last_arrival_us = now;
         self.unique += 1;
-        self.latencies_us.push(now.saturating_sub(sent));
+        if self.split_from.is_some_and(|from| device >= from) {
+            self.split_latencies_us
+                .push((sent, now.saturating_sub(sent)));
+        } else {
+            self.latencies_us.push(now.saturating_sub(sent));
+        }
         self.last_arrival_us = now;
     }
 }
@@ -518,15 +596,12 @@ impl Drop for Receiver {
 }
 
 impl Receiver {
-    async fn start(port: u16, client_id: &str, scenario: &Scenario) -> Result<Receiver, String> {
+    async fn start(port: u16, client_id: &str, expect: Received) -> Result<Receiver, String> {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_clean_session(false)
             .set_keep_alive(Duration::from_secs(30));
         let (client, mut eventloop) = AsyncClient::new(opts, 16);
-        let received = Arc::new(Mutex::new(Received::new(
-            scenario.devices,
-            scenario.per_device,
-        )));
+        let received = Arc::new(Mutex::new(expect));
         let (subscribed_tx, mut subscribed) = watch::channel(false);
         let state = received.clone();
         let task = tokio::spawn(async move {
@@ -606,7 +681,7 @@ fn spawn_device(
     let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30))
         .set_inflight(window);
-    let (client, mut eventloop) = AsyncClient::new(opts, window as usize);
+    let (client, eventloop) = AsyncClient::new(opts, window as usize);
     let permits = Arc::new(Semaphore::new(window as usize));
 
     let (publisher_permits, publisher_stats) = (permits.clone(), stats.clone());
@@ -635,7 +710,19 @@ fn spawn_device(
         }
     });
 
-    let events = tokio::spawn(async move {
+    let events = spawn_device_events(eventloop, window, permits, stats);
+    [publisher, events]
+}
+
+/// A device's event loop: counts connections and PUBACKs, gives a window permit back per
+/// PUBACK.
+fn spawn_device_events(
+    mut eventloop: rumqttc::EventLoop,
+    window: u16,
+    permits: Arc<Semaphore>,
+    stats: Arc<LoadStats>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
         let mut connected_before = false;
         loop {
             match eventloop.poll().await {
@@ -662,8 +749,7 @@ fn spawn_device(
                 }
             }
         }
-    });
-    [publisher, events]
+    })
 }
 
 /// Aborts the tasks on drop, so no run leaves devices behind.
@@ -775,10 +861,15 @@ async fn run_one(
     run_tag: &str,
 ) -> Result<RunResult, String> {
     let mut upstream = Mosquitto::upstream().await?;
-    let receiver = Receiver::start(upstream.port, &format!("{run_tag}-rx"), scenario).await?;
+    let receiver = Receiver::start(
+        upstream.port,
+        &format!("{run_tag}-rx"),
+        Received::new(scenario.devices, scenario.per_device),
+    )
+    .await?;
     let mut under_test = match target {
         Target::Direct => UnderTest::Direct,
-        Target::Gateway => UnderTest::Gateway(Gateway::start(binary, upstream.port).await?),
+        Target::Gateway => UnderTest::Gateway(Gateway::start(binary, upstream.port, "").await?),
         Target::Bridge => UnderTest::Bridge(Mosquitto::bridge(upstream.port).await?),
     };
     let (port, pid) = match &under_test {
@@ -957,6 +1048,631 @@ async fn run_one(
         notes: notes.join("; "),
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// S3: backlog while the upstream is down, restart, drain under live traffic
+// ---------------------------------------------------------------------------------------
+
+const S3_DEVICES: u32 = 10;
+const S3_PER_DEVICE: u64 = 100_000;
+const S3_WINDOW: u16 = 100;
+/// Devices publishing at a fixed rate while the backlog drains.
+const S3_LIVE_DEVICES: u32 = 2;
+/// Total live rate, messages/s (split evenly over the live devices).
+const S3_LIVE_RATE: u64 = 2_000;
+/// Window of each live device: large enough not to throttle the fixed rate.
+const S3_LIVE_WINDOW: u16 = 1_000;
+const S3_BUILD_DEADLINE: Duration = Duration::from_secs(180);
+const S3_DRAIN_DEADLINE: Duration = Duration::from_secs(300);
+/// After the drain: time for the last live messages to be acked and to arrive.
+const S3_SETTLE_LIMIT: Duration = Duration::from_secs(20);
+const S3_WHAT: &str = "10 devices × 100,000 msgs (window 100) into edgebridge while its \
+                       upstream is down; SIGTERM + restart on the same data_dir; upstream \
+                       started; drain while 2 devices publish 2,000 msg/s in total";
+
+/// A device publishing one message per `period` until `stop` (or `capacity` messages);
+/// the timestamp in the payload is the scheduled send time, so a stalled window shows up
+/// as latency instead of a lower rate.
+#[allow(clippy::too_many_arguments)]
+fn spawn_live_device(
+    port: u16,
+    client_id: String,
+    device: u32,
+    period: Duration,
+    capacity: u64,
+    mut start: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    sent: Arc<AtomicU64>,
+    stats: Arc<LoadStats>,
+) -> [JoinHandle<()>; 2] {
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(S3_LIVE_WINDOW);
+    let (client, eventloop) = AsyncClient::new(opts, S3_LIVE_WINDOW as usize);
+    let permits = Arc::new(Semaphore::new(S3_LIVE_WINDOW as usize));
+    let publisher_permits = permits.clone();
+    let topic = format!("bench/dev{device}");
+    let publisher = tokio::spawn(async move {
+        if start.wait_for(|go| *go).await.is_err() {
+            return;
+        }
+        let mut ticker = tokio::time::interval(period);
+        for seq in 0..capacity {
+            let tick = ticker.tick().await;
+            if *stop.borrow() {
+                return;
+            }
+            let Ok(permit) = publisher_permits.acquire().await else {
+                return;
+            };
+            permit.forget();
+            let scheduled = now_us().saturating_sub(tick.elapsed().as_micros() as u64);
+            let body = payload(device, seq, scheduled);
+            if client
+                .publish(&topic, QoS::AtLeastOnce, false, body)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            sent.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let events = spawn_device_events(eventloop, S3_LIVE_WINDOW, permits, stats);
+    [publisher, events]
+}
+
+#[derive(Default)]
+struct BacklogResult {
+    // Build-up (upstream down).
+    build_end: &'static str,
+    build_acked: u64,
+    build_seconds: f64,
+    build_rate: f64,
+    build_device_errors: u64,
+    build_abandoned: u64,
+    build_rss_mib: Option<f64>,
+    build_hwm_mib: Option<f64>,
+    buffer_bytes: Option<f64>,
+    buffer_messages: Option<f64>,
+    data_dir_mib: f64,
+    data_dir_files: u64,
+    // Restart.
+    stop_seconds: f64,
+    stop_clean: bool,
+    ready_seconds: f64,
+    restart_rss_mib: Option<f64>,
+    restart_buffer_messages: Option<f64>,
+    // Drain.
+    drain_end: &'static str,
+    first_backlog_ms: f64,
+    backlog_received: u64,
+    drain_seconds: f64,
+    drain_rate: f64,
+    live_sent: u64,
+    live_acked: u64,
+    live_received: u64,
+    live_rate: f64,
+    live_p50_ms: f64,
+    live_p99_ms: f64,
+    live_max_ms: f64,
+    live_during_drain: usize,
+    duplicates: u64,
+    reordered: u64,
+    stray: u64,
+    receiver_errors: u64,
+    live_device_errors: u64,
+    drain_hwm_mib: Option<f64>,
+    /// Backlog depth (`edgebridge_buffer_messages`) every ~5 s of the drain.
+    depth_timeline: Vec<(f64, u64)>,
+    notes: Vec<String>,
+}
+
+/// Scrapes `/metrics`; `None` when the admin endpoint does not answer.
+fn scrape(admin_port: u16) -> Option<String> {
+    match http_get(admin_port, "/metrics") {
+        Some((200, page)) => Some(page),
+        _ => None,
+    }
+}
+
+async fn run_backlog(binary: &Path) -> Result<BacklogResult, String> {
+    let mut r = BacklogResult::default();
+    // 1. The gateway, pointing at a port where nothing listens yet.
+    let upstream_port = free_port()?;
+    let mut gateway = Gateway::start(binary, upstream_port, "backoff_max = \"500ms\"").await?;
+
+    // 2. The backlog, as fast as durable acks allow.
+    let scenario = Scenario {
+        name: "S3",
+        devices: S3_DEVICES,
+        per_device: S3_PER_DEVICE,
+        window: S3_WINDOW,
+        what: S3_WHAT,
+    };
+    let expected = S3_DEVICES as u64 * S3_PER_DEVICE;
+    let stats = Arc::new(LoadStats {
+        first_publish_us: AtomicU64::new(u64::MAX),
+        ..LoadStats::default()
+    });
+    let (start_tx, start_rx) = watch::channel(false);
+    let mut tasks = Tasks(Vec::new());
+    for device in 0..S3_DEVICES {
+        let id = format!("bench-s3-d{device}");
+        let pair = spawn_device(
+            gateway.port,
+            id,
+            device,
+            &scenario,
+            start_rx.clone(),
+            stats.clone(),
+        );
+        tasks.0.extend(pair);
+    }
+    wait_connected(&stats, S3_DEVICES).await?;
+    eprintln!("  building the backlog ({expected} messages, upstream down) …");
+    let build_started = Instant::now();
+    start_tx.send_replace(true);
+    let mut last_progress = (Instant::now(), 0u64);
+    r.build_end = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if gateway.process.has_exited() {
+            return Err(format!(
+                "edgebridge exited while the backlog was built:\n{}",
+                tail(&gateway.log, 20)
+            ));
+        }
+        let acked = stats.acked.load(Ordering::Relaxed);
+        if acked >= expected {
+            break "complete";
+        }
+        if acked != last_progress.1 {
+            last_progress = (Instant::now(), acked);
+        } else if last_progress.0.elapsed() > IDLE_LIMIT {
+            break "stalled (idle)";
+        }
+        if build_started.elapsed() > S3_BUILD_DEADLINE {
+            break "deadline";
+        }
+    };
+    let pid = gateway.process.pid();
+    r.build_rss_mib = rss_mib(pid);
+    r.build_hwm_mib = peak_rss_mib(pid);
+    r.build_acked = stats.acked.load(Ordering::Relaxed);
+    let first = stats.first_publish_us.load(Ordering::Relaxed);
+    let span_us = stats
+        .last_ack_us
+        .load(Ordering::Relaxed)
+        .saturating_sub(first)
+        .max(1);
+    r.build_seconds = span_us as f64 / 1e6;
+    r.build_rate = r.build_acked as f64 / r.build_seconds;
+    r.build_device_errors = stats.connection_errors.load(Ordering::Relaxed);
+    r.build_abandoned = stats.abandoned.load(Ordering::Relaxed);
+    if let Some(page) = scrape(gateway.admin_port) {
+        r.buffer_bytes = Some(metric_sum(&page, "edgebridge_buffer_bytes"));
+        r.buffer_messages = Some(metric_sum(&page, "edgebridge_buffer_messages"));
+        let dropped = metric_sum(&page, "edgebridge_buffer_dropped_total")
+            + metric_sum(&page, "edgebridge_messages_dropped_total");
+        if dropped > 0.0 {
+            r.notes.push(format!("dropped during build-up: {dropped}"));
+        }
+    }
+    let (files, bytes) = dir_usage(&gateway.data_dir);
+    (r.data_dir_files, r.data_dir_mib) = (files, bytes as f64 / (1024.0 * 1024.0));
+    eprintln!(
+        "  {} acked in {:.1} s ({:.0} msg/s), RSS {} MiB, buffer {} bytes",
+        r.build_acked,
+        r.build_seconds,
+        r.build_rate,
+        opt(r.build_rss_mib, 1),
+        opt(r.buffer_bytes, 0)
+    );
+    drop(tasks);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // 3. Restart on the same data_dir.
+    let (stop, ready, clean) = gateway.restart(binary).await?;
+    (r.stop_seconds, r.ready_seconds, r.stop_clean) =
+        (stop.as_secs_f64(), ready.as_secs_f64(), clean);
+    let pid = gateway.process.pid();
+    r.restart_rss_mib = rss_mib(pid);
+    r.restart_buffer_messages =
+        scrape(gateway.admin_port).map(|p| metric_sum(&p, "edgebridge_buffer_messages"));
+    eprintln!(
+        "  restart: exit {:.2} s, ready {:.3} s, RSS {} MiB, backlog {} messages",
+        r.stop_seconds,
+        r.ready_seconds,
+        opt(r.restart_rss_mib, 1),
+        opt(r.restart_buffer_messages, 0)
+    );
+
+    // Live devices connect now and start publishing when the upstream is there.
+    let live_stats = Arc::new(LoadStats::default());
+    let live_sent = Arc::new(AtomicU64::new(0));
+    let live_capacity =
+        S3_LIVE_RATE / S3_LIVE_DEVICES as u64 * (S3_DRAIN_DEADLINE + S3_SETTLE_LIMIT).as_secs();
+    let period = Duration::from_secs(1) * S3_LIVE_DEVICES / S3_LIVE_RATE as u32;
+    let (live_start_tx, live_start_rx) = watch::channel(false);
+    let (live_stop_tx, live_stop_rx) = watch::channel(false);
+    let mut live_tasks = Tasks(Vec::new());
+    for i in 0..S3_LIVE_DEVICES {
+        let device = S3_DEVICES + i;
+        let pair = spawn_live_device(
+            gateway.port,
+            format!("bench-s3-live{i}"),
+            device,
+            period,
+            live_capacity,
+            live_start_rx.clone(),
+            live_stop_rx.clone(),
+            live_sent.clone(),
+            live_stats.clone(),
+        );
+        live_tasks.0.extend(pair);
+    }
+    wait_connected(&live_stats, S3_LIVE_DEVICES).await?;
+
+    // 4. The upstream and its subscriber, while the gateway is frozen (SIGSTOP), so that
+    // the gateway cannot connect before the receiver subscribed.
+    let mut expect = Received::new(S3_DEVICES + S3_LIVE_DEVICES, 0);
+    for (i, d) in expect.devices.iter_mut().enumerate() {
+        let size = if (i as u32) < S3_DEVICES {
+            S3_PER_DEVICE
+        } else {
+            live_capacity
+        };
+        d.seen = vec![false; size as usize];
+    }
+    expect.latencies_us.reserve(expected as usize);
+    expect.split_from = Some(S3_DEVICES);
+    signal(pid, "-STOP");
+    let upstream_and_receiver = async {
+        let upstream = Mosquitto::start(RECEIVER_WINDOW, "", Some(upstream_port)).await?;
+        let receiver = Receiver::start(upstream.port, "bench-s3-rx", expect).await?;
+        Ok::<_, String>((upstream, receiver))
+    }
+    .await;
+    signal(pid, "-CONT");
+    let (mut upstream, receiver) = upstream_and_receiver?;
+    let t0 = Instant::now();
+    let t0_us = now_us();
+    live_start_tx.send_replace(true);
+
+    // 5. Drain, with live traffic.
+    let backlog_unique = |rx: &Receiver| -> (u64, u64) {
+        let state = lock(&rx.received);
+        let backlog = &state.devices[..S3_DEVICES as usize];
+        let unique = backlog.iter().map(|d| d.unique).sum();
+        let last = backlog.iter().map(|d| d.last_arrival_us).max().unwrap_or(0);
+        (unique, last)
+    };
+    let mut first_arrival = None;
+    let mut last_progress = (Instant::now(), 0u64);
+    let mut last_sample = Instant::now() - Duration::from_secs(10);
+    r.drain_end = loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if gateway.process.has_exited() || upstream.process.has_exited() {
+            break "process exited";
+        }
+        let (unique, _) = backlog_unique(&receiver);
+        if unique > 0 && first_arrival.is_none() {
+            first_arrival = Some(t0.elapsed());
+        }
+        if last_sample.elapsed() >= Duration::from_secs(5) {
+            last_sample = Instant::now();
+            if let Some(page) = scrape(gateway.admin_port) {
+                let depth = metric_sum(&page, "edgebridge_buffer_messages") as u64;
+                r.depth_timeline.push((t0.elapsed().as_secs_f64(), depth));
+            }
+        }
+        if unique >= r.build_acked {
+            break "complete";
+        }
+        if unique != last_progress.1 {
+            last_progress = (Instant::now(), unique);
+        } else if last_progress.0.elapsed() > IDLE_LIMIT {
+            break "stalled (idle)";
+        }
+        if t0.elapsed() > S3_DRAIN_DEADLINE {
+            break "deadline";
+        }
+    };
+    let (backlog_received, last_backlog_us) = backlog_unique(&receiver);
+    let drain_end_us = if backlog_received > 0 {
+        last_backlog_us
+    } else {
+        now_us()
+    };
+    r.drain_hwm_mib = peak_rss_mib(pid);
+    r.backlog_received = backlog_received;
+    r.first_backlog_ms = first_arrival.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
+    r.drain_seconds = drain_end_us.saturating_sub(t0_us) as f64 / 1e6;
+    r.drain_rate = backlog_received as f64 / r.drain_seconds.max(1e-6);
+    eprintln!(
+        "  drain {}: {} backlog messages in {:.1} s ({:.0} msg/s)",
+        r.drain_end, r.backlog_received, r.drain_seconds, r.drain_rate
+    );
+
+    // Stop the live devices; wait until what they sent is acked and has arrived.
+    live_stop_tx.send_replace(true);
+    let live_stop_us = now_us();
+    let settle = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let sent = live_sent.load(Ordering::Relaxed);
+        let acked = live_stats.acked.load(Ordering::Relaxed);
+        let received = lock(&receiver.received).split_latencies_us.len() as u64;
+        if (acked >= sent && received >= sent) || settle.elapsed() > S3_SETTLE_LIMIT {
+            break;
+        }
+    }
+    r.live_sent = live_sent.load(Ordering::Relaxed);
+    r.live_acked = live_stats.acked.load(Ordering::Relaxed);
+    r.live_device_errors = live_stats.connection_errors.load(Ordering::Relaxed);
+    r.drain_hwm_mib = peak_rss_mib(pid).or(r.drain_hwm_mib);
+    drop(live_tasks);
+    let received = std::mem::take(&mut *lock(&receiver.received));
+    r.live_received = received.split_latencies_us.len() as u64;
+    r.live_rate = r.live_sent as f64 / (live_stop_us.saturating_sub(t0_us) as f64 / 1e6);
+    let mut during: Vec<u64> = received
+        .split_latencies_us
+        .iter()
+        .filter(|(sent, _)| *sent <= drain_end_us)
+        .map(|&(_, l)| l)
+        .collect();
+    during.sort_unstable();
+    r.live_during_drain = during.len();
+    r.live_p50_ms = percentile_ms(&during, 50.0);
+    r.live_p99_ms = percentile_ms(&during, 99.0);
+    r.live_max_ms = during.last().map_or(f64::NAN, |&l| l as f64 / 1000.0);
+    r.duplicates = received.duplicates;
+    r.reordered = received.reordered;
+    r.stray = received.unparsed;
+    r.receiver_errors = received.connection_errors;
+
+    if let Some(page) = scrape(gateway.admin_port) {
+        let m = |name: &str| metric_sum(&page, name) as u64;
+        r.notes.push(format!(
+            "gateway after the drain: received {} delivered {} sink errors {} buffer dropped {} \
+             messages dropped {} buffer left {}",
+            m("edgebridge_messages_received_total"),
+            m("edgebridge_sink_delivered_total"),
+            m("edgebridge_sink_errors_total"),
+            m("edgebridge_buffer_dropped_total"),
+            m("edgebridge_messages_dropped_total"),
+            m("edgebridge_buffer_messages"),
+        ));
+    }
+    let log = std::fs::read_to_string(&gateway.log).unwrap_or_default();
+    let problems: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    if let (Some(first), Some(last)) = (problems.first(), problems.last()) {
+        r.notes.push(format!(
+            "{} warning/error log lines; first: {first}; last: {last}",
+            problems.len()
+        ));
+    }
+    Ok(r)
+}
+
+/// Waits (bounded) until `count` devices got their first CONNACK.
+async fn wait_connected(stats: &LoadStats, count: u32) -> Result<(), String> {
+    let deadline = Instant::now() + START_LIMIT;
+    while stats.connected.load(Ordering::Relaxed) < count as u64 {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {count} devices connected",
+                stats.connected.load(Ordering::Relaxed)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+fn backlog_table(r: &BacklogResult) -> String {
+    let expected = S3_DEVICES as u64 * S3_PER_DEVICE;
+    let mut t = String::from("| phase | measure | value | target |\n|---|---|---:|---|\n");
+    let mut row = |phase: &str, measure: &str, value: String, target: &str| {
+        let _ = writeln!(t, "| {phase} | {measure} | {value} | {target} |");
+    };
+    row(
+        "build-up",
+        "acked / expected",
+        format!("{}/{expected} ({})", r.build_acked, r.build_end),
+        "",
+    );
+    row("build-up", "time s", format!("{:.1}", r.build_seconds), "");
+    row(
+        "build-up",
+        "durable acks/s",
+        format!("{:.0}", r.build_rate),
+        "",
+    );
+    row(
+        "build-up",
+        "RSS MiB (peak)",
+        format!("{} ({})", opt(r.build_rss_mib, 1), opt(r.build_hwm_mib, 1)),
+        "< 64",
+    );
+    row(
+        "build-up",
+        "edgebridge_buffer_bytes",
+        format!(
+            "{} ({:.1} MiB; {} messages)",
+            opt(r.buffer_bytes, 0),
+            r.buffer_bytes.unwrap_or(0.0) / (1024.0 * 1024.0),
+            opt(r.buffer_messages, 0)
+        ),
+        "",
+    );
+    row(
+        "build-up",
+        "data_dir",
+        format!("{} files, {:.1} MiB", r.data_dir_files, r.data_dir_mib),
+        "",
+    );
+    row(
+        "build-up",
+        "device conn. errors / abandoned",
+        format!("{} / {}", r.build_device_errors, r.build_abandoned),
+        "0 / 0",
+    );
+    row(
+        "restart",
+        "SIGTERM → exit s",
+        format!(
+            "{:.2}{}",
+            r.stop_seconds,
+            if r.stop_clean { "" } else { " (killed)" }
+        ),
+        "",
+    );
+    row(
+        "restart",
+        "start → /readyz 200 s",
+        format!("{:.3}", r.ready_seconds),
+        "< 2",
+    );
+    row(
+        "restart",
+        "RSS after start MiB",
+        opt(r.restart_rss_mib, 1),
+        "< 64",
+    );
+    row(
+        "restart",
+        "backlog after start (messages)",
+        opt(r.restart_buffer_messages, 0),
+        "= acked",
+    );
+    row(
+        "drain",
+        "backlog received / acked",
+        format!("{}/{} ({})", r.backlog_received, r.build_acked, r.drain_end),
+        "",
+    );
+    row(
+        "drain",
+        "first backlog message after upstream up ms",
+        format!("{:.0}", r.first_backlog_ms),
+        "",
+    );
+    row(
+        "drain",
+        "drain time s",
+        format!("{:.1}", r.drain_seconds),
+        "",
+    );
+    row(
+        "drain",
+        "drain msg/s",
+        format!("{:.0}", r.drain_rate),
+        "≥ 40,000",
+    );
+    row(
+        "drain",
+        "live sent / acked / received",
+        format!("{} / {} / {}", r.live_sent, r.live_acked, r.live_received),
+        "",
+    );
+    row(
+        "drain",
+        "live msg/s offered",
+        format!("{:.0}", r.live_rate),
+        "2,000",
+    );
+    row(
+        "drain",
+        "live latency p50 / p99 / max ms (sent before the drain ended)",
+        format!(
+            "{:.1} / {:.1} / {:.1} (n = {})",
+            r.live_p50_ms, r.live_p99_ms, r.live_max_ms, r.live_during_drain
+        ),
+        "",
+    );
+    let loss = r.build_acked.saturating_sub(r.backlog_received)
+        + r.live_acked.saturating_sub(r.live_received);
+    row("drain", "loss (acked, not received)", loss.to_string(), "0");
+    row("drain", "duplicates", r.duplicates.to_string(), "");
+    row(
+        "drain",
+        "reordered (per device)",
+        r.reordered.to_string(),
+        "0",
+    );
+    row(
+        "drain",
+        "stray / receiver conn. errors / live device conn. errors",
+        format!(
+            "{} / {} / {}",
+            r.stray, r.receiver_errors, r.live_device_errors
+        ),
+        "",
+    );
+    row(
+        "drain",
+        "peak RSS MiB (VmHWM since restart)",
+        opt(r.drain_hwm_mib, 1),
+        "< 64",
+    );
+    t
+}
+
+fn backlog_markdown(r: &BacklogResult, table: &str) -> String {
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
+        .unwrap_or_else(|| "unknown date".into());
+    let mut md = String::from("## Backlog drain (S3)\n\n");
+    let _ = writeln!(md, "Produced by `cargo bench --bench forward -- S3`.\n");
+    let _ = writeln!(md, "- date: {date}");
+    let _ = writeln!(md, "- machine: {}", machine_description());
+    let _ = writeln!(md, "- revision: {}", revision());
+    let _ = writeln!(md, "- scenario: {S3_WHAT}\n");
+    md += table;
+    let timeline: Vec<String> = r
+        .depth_timeline
+        .iter()
+        .map(|(s, d)| format!("{s:.0} s: {d}"))
+        .collect();
+    let _ = writeln!(
+        md,
+        "\nBacklog depth during the drain (`edgebridge_buffer_messages`): {}\n",
+        timeline.join(", ")
+    );
+    let _ = writeln!(
+        md,
+        "edgebridge: `ack = \"durable\"`, default buffer (disk, sync = batch, 1 GiB), one \
+         mqtt sink (inflight {FORWARD_WINDOW}, backoff_max 500ms). Build-up time: first \
+         publish to the last PUBACK at the devices. The gateway is frozen (SIGSTOP) while \
+         the upstream Mosquitto (same settings as S1) starts on the reserved port and the \
+         receiver subscribes, then resumed (SIGCONT): drain time runs from that moment to \
+         the arrival of the last backlog message. Live messages carry their scheduled send \
+         time. Mosquitto's bridge is not measured here."
+    );
+    for n in &r.notes {
+        let _ = writeln!(md, "\n- {n}");
+    }
+    md
+}
+
+/// Replaces (or appends) the S3 section of RESULTS.md, keeping everything before it.
+fn write_backlog_section(section: &str) -> Result<(), String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/RESULTS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let kept = old
+        .find(S3_HEADING)
+        .map_or(old.as_str(), |i| &old[..i])
+        .trim_end();
+    let text = format!("{kept}\n\n{section}");
+    std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()))?;
+    eprintln!("wrote the S3 section of {}", path.display());
+    Ok(())
+}
+
+const S3_HEADING: &str = "## Backlog drain (S3)";
 
 // ---------------------------------------------------------------------------------------
 // Report
@@ -1155,11 +1871,19 @@ fn build_gateway() -> Result<PathBuf, String> {
 }
 
 async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
+    // S3 runs only when named; the S1 scenarios run unless only S3 was named.
+    let run_s3 = filters.iter().any(|f| f.eq_ignore_ascii_case("S3"));
+    let s1_filters: Vec<&String> = filters
+        .iter()
+        .filter(|f| !f.eq_ignore_ascii_case("S3"))
+        .collect();
     let selected: Vec<&Scenario> = SCENARIOS
         .iter()
-        .filter(|s| filters.is_empty() || filters.iter().any(|f| f.eq_ignore_ascii_case(s.name)))
+        .filter(|s| {
+            (filters.is_empty() || s1_filters.iter().any(|f| f.eq_ignore_ascii_case(s.name)))
+        })
         .collect();
-    if selected.is_empty() {
+    if selected.is_empty() && !run_s3 {
         return Err(format!("no scenario matches {filters:?}"));
     }
     let mut results = Vec::new();
@@ -1198,18 +1922,45 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
         }
     }
 
-    let table = results_table(&results);
-    let diagnostics = diagnostics_table(&results);
-    println!("\n{table}\n{diagnostics}");
+    if !selected.is_empty() {
+        let table = results_table(&results);
+        let diagnostics = diagnostics_table(&results);
+        println!("\n{table}\n{diagnostics}");
+    }
+    if run_s3 {
+        eprintln!("S3: {S3_WHAT} → edgebridge …");
+        match run_backlog(&binary).await {
+            Ok(r) => {
+                let table = backlog_table(&r);
+                println!("\nBacklog drain (S3), edgebridge:\n\n{table}");
+                for n in &r.notes {
+                    println!("- {n}");
+                }
+                write_backlog_section(&backlog_markdown(&r, &table))?;
+            }
+            Err(e) => {
+                eprintln!("  FAILED: {e}");
+                failures.push(format!("S3 / edgebridge: {e}"));
+            }
+        }
+    }
     for f in &failures {
         println!("FAILED {f}");
     }
     if filters.is_empty() {
+        let table = results_table(&results);
+        let diagnostics = diagnostics_table(&results);
         let mut md = results_markdown(&results, &table, &diagnostics);
         for f in &failures {
             let _ = writeln!(md, "\nFAILED {f}");
         }
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/RESULTS.md");
+        // A full run replaces the S1 tables and keeps the last S3 section.
+        if let Some(old) = std::fs::read_to_string(&path).ok() {
+            if let Some(i) = old.find(S3_HEADING) {
+                md = format!("{}\n\n{}", md.trim_end(), &old[i..]);
+            }
+        }
         std::fs::write(&path, md).map_err(|e| format!("write {}: {e}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
