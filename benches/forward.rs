@@ -1413,6 +1413,8 @@ async fn run_backlog(binary: &Path) -> Result<BacklogResult, String> {
     r.drain_hwm_mib = peak_rss_mib(pid).or(r.drain_hwm_mib);
     drop(live_tasks);
     let received = std::mem::take(&mut *lock(&receiver.received));
+    // Let the gateway see the upstream's last acknowledgements before reading its counters.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     r.live_received = received.split_latencies_us.len() as u64;
     r.live_rate = r.live_sent as f64 / (live_stop_us.saturating_sub(t0_us) as f64 / 1e6);
     let mut during: Vec<u64> = received
@@ -1451,11 +1453,31 @@ async fn run_backlog(binary: &Path) -> Result<BacklogResult, String> {
         .collect();
     if let (Some(first), Some(last)) = (problems.first(), problems.last()) {
         r.notes.push(format!(
-            "{} warning/error log lines; first: {first}; last: {last}",
-            problems.len()
+            "{} warning/error log lines; first: {}; last: {}",
+            problems.len(),
+            strip_ansi(first),
+            strip_ansi(last)
         ));
     }
     Ok(r)
+}
+
+/// `line` without ANSI colour sequences (`ESC [ … m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Waits (bounded) until `count` devices got their first CONNACK.
@@ -1879,9 +1901,7 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
         .collect();
     let selected: Vec<&Scenario> = SCENARIOS
         .iter()
-        .filter(|s| {
-            (filters.is_empty() || s1_filters.iter().any(|f| f.eq_ignore_ascii_case(s.name)))
-        })
+        .filter(|s| filters.is_empty() || s1_filters.iter().any(|f| f.eq_ignore_ascii_case(s.name)))
         .collect();
     if selected.is_empty() && !run_s3 {
         return Err(format!("no scenario matches {filters:?}"));
@@ -1956,7 +1976,7 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
         }
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/RESULTS.md");
         // A full run replaces the S1 tables and keeps the last S3 section.
-        if let Some(old) = std::fs::read_to_string(&path).ok() {
+        if let Ok(old) = std::fs::read_to_string(&path) {
             if let Some(i) = old.find(S3_HEADING) {
                 md = format!("{}\n\n{}", md.trim_end(), &old[i..]);
             }
