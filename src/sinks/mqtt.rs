@@ -203,11 +203,15 @@ async fn connection(
 ) -> Outcome {
     let qos = qos_of(plan.qos);
     let window_size = plan.inflight as usize;
+    let refill_at = (window_size / 4).max(1);
     let mut window = Window::default();
     let mut connected = false;
     let (mut events, driver) = drive(eventloop);
     let outcome = loop {
         let room = window_size.saturating_sub(window.len());
+        // Refill the window in chunks, not one record per PUBACK: each read takes the
+        // buffer's lock and a read call.
+        let refill = room > 0 && (room >= refill_at || window.len() == 0);
         tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => {
@@ -232,7 +236,7 @@ async fn connection(
                     None => break Outcome::Reconnect,
                 }
             }
-            batch = ctx.buffer.read_batch(room.min(ctx.batch)), if connected && room > 0 => {
+            batch = ctx.buffer.read_batch(room.min(ctx.batch)), if connected && refill => {
                 if publish_batch(plan, ctx, client, qos, batch, &mut window).await.is_err() {
                     // The event loop is gone: its error is next in `events` (or it was
                     // aborted); nothing of this batch was acked, the rewind resends it.
