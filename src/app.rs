@@ -145,14 +145,6 @@ impl Gateway {
         })
     }
 
-    /// The bound address of the listener called `name`.
-    pub fn listener(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
-    }
-
     /// Stops in the order of the module docs.
     pub async fn shutdown(self) {
         info!("shutting down: stopping intake");
@@ -169,14 +161,14 @@ impl Gateway {
         }
         info!("intake stopped and synced; finishing in-flight sends");
         self.sinks_stop.cancel();
-        let sinks = futures_join_all(self.sink_tasks);
+        let sinks = join_all(self.sink_tasks);
         if tokio::time::timeout(self.grace + Duration::from_secs(2), sinks)
             .await
             .is_err()
         {
             warn!("some sinks did not finish within the grace period");
         }
-        futures_join_all(self.buffer_tasks).await;
+        join_all(self.buffer_tasks).await;
         for buffer in &self.buffers {
             buffer.fsync_now().await;
         }
@@ -186,7 +178,7 @@ impl Gateway {
     }
 }
 
-async fn futures_join_all(tasks: Vec<JoinHandle<()>>) {
+async fn join_all(tasks: Vec<JoinHandle<()>>) {
     for task in tasks {
         let _ = task.await;
     }

@@ -1059,7 +1059,6 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
             (Some(t), Some(f)) => {
                 let scope = TemplateScope {
                     wildcards: f.wildcard_count(),
-                    ends_with_multi: f.ends_with_multi(),
                 };
                 match Template::parse(t, &scope) {
                     Ok(t) => Some(t),

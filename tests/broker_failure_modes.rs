@@ -8,21 +8,10 @@ mod gateway;
 
 use std::time::Duration;
 
-use gateway::TestGateway;
+use gateway::{TestGateway, FILE_SINK};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const FILE_SINK: &str = r##"
-[sinks.local]
-type = "file"
-path = "{dir}/out.ndjson"
-
-[[rules]]
-name = "all"
-from = "#"
-to = ["local"]
-"##;
 
 fn connect_packet(version: u8, client_id: &str) -> Vec<u8> {
     let mut vh = vec![0, 4, b'M', b'Q', b'T', b'T', version, 0x02, 0, 60];

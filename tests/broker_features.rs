@@ -8,19 +8,8 @@ mod gateway;
 
 use std::time::Duration;
 
-use gateway::TestGateway;
+use gateway::{TestGateway, FILE_SINK};
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Publish, QoS};
-
-const FILE_SINK: &str = r##"
-[sinks.local]
-type = "file"
-path = "{dir}/out.ndjson"
-
-[[rules]]
-name = "all"
-from = "#"
-to = ["local"]
-"##;
 
 fn options(id: &str, port: u16) -> MqttOptions {
     let mut o = MqttOptions::new(id, "127.0.0.1", port);

@@ -55,9 +55,10 @@ fn reserve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
     Ok(probe.local_addr()?)
 }
 
-/// Waits until rumqttd's accept loop for `addr` is bound (it binds inside its task).
-async fn wait_until_listening(addr: SocketAddr, task: &JoinHandle<()>) -> anyhow::Result<()> {
-    let probe = match addr {
+/// The address to connect to for a listener bound to `addr` (a wildcard address is
+/// reached on loopback).
+pub fn loopback(addr: SocketAddr) -> SocketAddr {
+    match addr {
         SocketAddr::V4(a) if a.ip().is_unspecified() => {
             SocketAddr::from(([127, 0, 0, 1], a.port()))
         }
@@ -65,7 +66,12 @@ async fn wait_until_listening(addr: SocketAddr, task: &JoinHandle<()>) -> anyhow
             SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
         }
         other => other,
-    };
+    }
+}
+
+/// Waits until rumqttd's accept loop for `addr` is bound (it binds inside its task).
+async fn wait_until_listening(addr: SocketAddr, task: &JoinHandle<()>) -> anyhow::Result<()> {
+    let probe = loopback(addr);
     for _ in 0..200 {
         if task.is_finished() {
             anyhow::bail!("device listener on {addr} stopped during start-up");

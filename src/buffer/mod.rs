@@ -314,10 +314,6 @@ impl Buffer {
         Ok(buffer)
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock would be a bug in this module; the state is
         // still consistent enough to keep delivering, so recover from poisoning.
@@ -626,10 +622,6 @@ impl Buffer {
     /// Messages waiting (including in flight).
     pub fn pending(&self) -> u64 {
         self.lock().backend.pending()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pending() == 0
     }
 
     /// Refreshes the age gauge (called when metrics are scraped).

@@ -66,10 +66,6 @@ impl TopicFilter {
             .count()
     }
 
-    pub fn ends_with_multi(&self) -> bool {
-        matches!(self.levels.last(), Some(Level::Multi))
-    }
-
     /// The first level when it is a literal: used to index rules.
     pub fn first_literal(&self) -> Option<&str> {
         match self.levels.first() {

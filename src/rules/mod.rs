@@ -130,7 +130,6 @@ mod tests {
         let filter = TopicFilter::parse(from).expect("valid filter");
         let scope = TemplateScope {
             wildcards: filter.wildcard_count(),
-            ends_with_multi: filter.ends_with_multi(),
         };
         RulePlan {
             name: name.into(),

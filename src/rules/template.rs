@@ -15,7 +15,6 @@ enum Part {
 pub struct TemplateScope {
     /// Number of wildcard captures available (`{1}`..`{n}`).
     pub wildcards: usize,
-    pub ends_with_multi: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -120,10 +119,7 @@ mod tests {
     use super::*;
 
     fn scope(n: usize) -> TemplateScope {
-        TemplateScope {
-            wildcards: n,
-            ends_with_multi: false,
-        }
+        TemplateScope { wildcards: n }
     }
 
     #[test]

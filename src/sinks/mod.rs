@@ -35,7 +35,7 @@ pub struct SinkContext {
 
 /// Metric handles of one sink.
 pub struct SinkMetrics {
-    pub delivered: IntCounter,
+    delivered_total: IntCounter,
     pub up: IntGauge,
     errors: IntCounterVec,
     dropped: IntCounterVec,
@@ -46,7 +46,7 @@ pub struct SinkMetrics {
 impl SinkMetrics {
     pub fn new(metrics: &Metrics, sink: &str) -> Self {
         Self {
-            delivered: metrics.sink_delivered.with_label_values(&[sink]),
+            delivered_total: metrics.sink_delivered.with_label_values(&[sink]),
             up: metrics.sink_up.with_label_values(&[sink]),
             errors: metrics.sink_errors.clone(),
             dropped: metrics.buffer_dropped.clone(),
@@ -67,7 +67,7 @@ impl SinkMetrics {
 
     /// Counts one confirmed delivery of a message received at `received_at` (ms).
     pub fn delivered(&self, received_at: u64) {
-        self.delivered.inc();
+        self.delivered_total.inc();
         let ms = now_millis().saturating_sub(received_at);
         self.latency.observe(ms as f64 / 1000.0);
     }

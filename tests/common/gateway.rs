@@ -8,6 +8,18 @@ use std::time::Duration;
 use edgebridge::app::Gateway;
 use edgebridge::config;
 
+/// Sinks and rules for tests about the broker itself: everything to `{dir}/out.ndjson`.
+pub const FILE_SINK: &str = r##"
+[sinks.local]
+type = "file"
+path = "{dir}/out.ndjson"
+
+[[rules]]
+name = "all"
+from = "#"
+to = ["local"]
+"##;
+
 pub struct TestGateway {
     pub gateway: Option<Gateway>,
     pub dir: tempfile::TempDir,
