@@ -25,7 +25,7 @@ use crate::config::Plan;
 use crate::metrics::Metrics;
 use crate::rules::router::RouterTask;
 use crate::rules::RuleSet;
-use crate::sinks::{self, SinkContext, SinkMetrics};
+use crate::sinks::{self, DeadLetter, SinkContext, SinkMetrics};
 
 /// A running gateway.
 pub struct Gateway {
@@ -85,6 +85,7 @@ impl Gateway {
                     shutdown: sinks_stop.clone(),
                     grace: plan.shutdown_grace,
                     metrics: SinkMetrics::new(&metrics, &s.name),
+                    dead_letter: DeadLetter::new(&plan.data_dir, &s.name),
                 };
                 sinks::spawn(s, ctx)
             })

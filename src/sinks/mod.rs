@@ -9,17 +9,22 @@ mod backoff;
 pub mod file;
 pub mod mqtt;
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
+use serde::Serialize;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 pub use backoff::{Backoff, BackoffError};
 
 use crate::buffer::Buffer;
 use crate::config::{SinkKindPlan, SinkPlan};
-use crate::message::now_millis;
+use crate::message::{now_millis, Message};
 use crate::metrics::Metrics;
 
 /// What every sink worker gets.
@@ -31,6 +36,37 @@ pub struct SinkContext {
     /// Time allowed after `shutdown` to finish sends in flight.
     pub grace: Duration,
     pub metrics: SinkMetrics,
+    /// Where undeliverable messages go.
+    pub dead_letter: DeadLetter,
+}
+
+impl SinkContext {
+    /// Moves records that can never be delivered to the dead-letter file, counts them
+    /// as dropped under `reason`, and acks them. If the file cannot be written nothing is
+    /// acked, the error is counted (`reason="dead_letter"`) and returned.
+    pub async fn dead_letter(
+        &self,
+        records: &[crate::buffer::Record],
+        reason: &str,
+        detail: &str,
+    ) -> std::io::Result<()> {
+        let messages: Vec<Message> = records.iter().map(|r| r.msg.clone()).collect();
+        if let Err(e) = self
+            .dead_letter
+            .write(&self.name, reason, detail, &messages)
+            .await
+        {
+            self.metrics.error("dead_letter");
+            warn!(sink = %self.name, path = %self.dead_letter.path.display(), error = %e, "cannot write the dead-letter file");
+            return Err(e);
+        }
+        for record in records {
+            self.metrics.undeliverable(reason);
+            self.buffer.ack(record.seq);
+        }
+        warn!(sink = %self.name, reason, count = records.len(), path = %self.dead_letter.path.display(), "undeliverable, moved to the dead-letter file: {detail}");
+        Ok(())
+    }
 }
 
 /// Metric handles of one sink.
@@ -41,6 +77,7 @@ pub struct SinkMetrics {
     dropped: IntCounterVec,
     latency: Histogram,
     name: String,
+    state: Arc<SinkState>,
 }
 
 impl SinkMetrics {
@@ -52,11 +89,55 @@ impl SinkMetrics {
             dropped: metrics.buffer_dropped.clone(),
             latency: metrics.delivery_latency.with_label_values(&[sink]),
             name: sink.to_string(),
+            state: Arc::new(SinkState::default()),
         }
     }
 
+    /// The state shared with the status API.
+    pub fn state(&self) -> Arc<SinkState> {
+        self.state.clone()
+    }
+
+    /// Counts an error under `reason` (`edgebridge_sink_errors_total`) and remembers it
+    /// as the sink's last error.
     pub fn error(&self, reason: &str) {
         self.errors.with_label_values(&[&self.name, reason]).inc();
+    }
+
+    /// The upstream works (connected, or a delivery succeeded). Logs once per change.
+    pub fn mark_up(&self, detail: &str) {
+        let mut state = self.state.lock();
+        if !state.up {
+            state.up = true;
+            self.up.set(1);
+            info!(sink = %self.name, "sink up: {detail}");
+        }
+    }
+
+    /// The upstream failed: counts the error under `reason`, records it as the last
+    /// error, and marks the sink down. Logs a warning once per change of state (and of
+    /// reason while down); repeats go to debug level.
+    pub fn mark_down(&self, reason: &str, detail: &str) {
+        self.error(reason);
+        let mut state = self.state.lock();
+        let changed = state.up
+            || state
+                .last_error
+                .as_ref()
+                .map_or(true, |last| last.reason != reason);
+        state.up = false;
+        self.up.set(0);
+        state.last_error = Some(LastError {
+            reason: reason.to_string(),
+            detail: detail.to_string(),
+            at: now_millis(),
+        });
+        drop(state);
+        if changed {
+            warn!(sink = %self.name, reason, "sink down: {detail}");
+        } else {
+            debug!(sink = %self.name, reason, "still down: {detail}");
+        }
     }
 
     /// A record that can never be delivered (e.g. larger than the upstream allows).
@@ -78,5 +159,169 @@ pub fn spawn(plan: &SinkPlan, ctx: SinkContext) -> tokio::task::JoinHandle<()> {
     match &plan.kind {
         SinkKindPlan::Mqtt(m) => tokio::spawn(mqtt::run(m.clone(), ctx)),
         SinkKindPlan::File(f) => tokio::spawn(file::run(f.clone(), ctx)),
+    }
+}
+
+/// What the status API shows of one sink; written by its worker, read by the admin
+/// endpoint.
+#[derive(Debug, Default)]
+pub struct SinkState {
+    inner: Mutex<SinkStateSnapshot>,
+}
+
+/// A copy of a [`SinkState`] at one moment.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SinkStateSnapshot {
+    pub up: bool,
+    pub last_error: Option<LastError>,
+}
+
+/// The most recent error of a sink.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastError {
+    /// The `reason` label it was counted under.
+    pub reason: String,
+    pub detail: String,
+    /// Milliseconds since the Unix epoch.
+    pub at: u64,
+}
+
+impl SinkState {
+    pub fn snapshot(&self) -> SinkStateSnapshot {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SinkStateSnapshot> {
+        // A panic while holding this lock leaves plain data behind; keep using it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A sink's dead-letter file: messages that can never be delivered (a permanent HTTP
+/// 4xx, a payload over the upstream's limit...) are appended here as NDJSON, one line
+/// each, before their buffer record is acked; so nothing leaves the gateway unrecorded.
+///
+/// Line: `{"dead_at","sink","reason","detail","topic","payload"[,"encoding"],"qos",
+/// "retain","received_at"}`; the payload is text when valid UTF-8, else base64.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub path: PathBuf,
+}
+
+impl DeadLetter {
+    /// The dead-letter file of `sink`: `<data_dir>/dead_letter/<sink>.ndjson`.
+    pub fn new(data_dir: &std::path::Path, sink: &str) -> Self {
+        Self {
+            path: data_dir.join("dead_letter").join(format!("{sink}.ndjson")),
+        }
+    }
+
+    /// Appends `messages` and syncs the file. On error nothing may be acked: the caller
+    /// keeps the records and retries.
+    pub async fn write(
+        &self,
+        sink: &str,
+        reason: &str,
+        detail: &str,
+        messages: &[Message],
+    ) -> std::io::Result<()> {
+        let mut lines = Vec::new();
+        let dead_at = now_millis();
+        for msg in messages {
+            let mut line = match std::str::from_utf8(&msg.payload) {
+                Ok(text) => json!({ "payload": text }),
+                Err(_) => json!({
+                    "payload": base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+                    "encoding": "base64",
+                }),
+            };
+            line["dead_at"] = json!(dead_at);
+            line["sink"] = json!(sink);
+            line["reason"] = json!(reason);
+            line["detail"] = json!(detail);
+            line["topic"] = json!(msg.topic);
+            line["qos"] = json!(msg.qos);
+            line["retain"] = json!(msg.retain);
+            line["received_at"] = json!(msg.received_at);
+            // Serializing a serde_json::Value into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut lines, &line);
+            lines.push(b'\n');
+        }
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            file.write_all(&lines)?;
+            file.sync_data()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dead_letters_are_appended_as_ndjson() {
+        let dir = tempfile::tempdir().unwrap();
+        let dl = DeadLetter::new(dir.path(), "hook");
+        let msg = |topic: &str, payload: &'static [u8]| Message {
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(payload),
+            qos: 1,
+            retain: false,
+            properties: None,
+            received_at: 7,
+        };
+        dl.write(
+            "hook",
+            "http_400",
+            "bad request",
+            &[msg("a/1", b"{\"x\":1}")],
+        )
+        .await
+        .unwrap();
+        dl.write("hook", "too_large", "", &[msg("a/2", &[0xff, 0xfe])])
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(dir.path().join("dead_letter/hook.ndjson")).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["topic"], "a/1");
+        assert_eq!(lines[0]["payload"], "{\"x\":1}");
+        assert_eq!(lines[0]["reason"], "http_400");
+        assert_eq!(lines[1]["encoding"], "base64");
+        assert_eq!(lines[1]["payload"], "//4=");
+        assert_eq!(lines[1]["received_at"], 7);
+    }
+
+    #[test]
+    fn state_changes_are_recorded() {
+        let metrics = Metrics::new();
+        let m = SinkMetrics::new(&metrics, "s");
+        assert!(!m.state().snapshot().up);
+        m.mark_up("connected");
+        assert!(m.state().snapshot().up);
+        assert_eq!(m.up.get(), 1);
+        m.mark_down("refused", "connection refused");
+        let snap = m.state().snapshot();
+        assert!(!snap.up);
+        assert_eq!(m.up.get(), 0);
+        let last = snap.last_error.unwrap();
+        assert_eq!(
+            (last.reason.as_str(), last.detail.as_str()),
+            ("refused", "connection refused")
+        );
     }
 }

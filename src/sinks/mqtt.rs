@@ -262,19 +262,28 @@ async fn publish_batch(
     window: &mut Window,
 ) -> Result<(), rumqttc::ClientError> {
     for record in batch {
+        let msg = &record.msg;
+        let undeliverable =
+            if msg.topic.len() + msg.payload.len() + PUBLISH_OVERHEAD > plan.max_packet_size {
+                Some(("too_large", "larger than the upstream's max_packet_size"))
+            } else if msg.topic.is_empty() || !rumqttc::valid_topic(&msg.topic) {
+                Some(("invalid_topic", "not a valid MQTT topic name"))
+            } else {
+                None
+            };
+        if let Some((reason, detail)) = undeliverable {
+            if ctx
+                .dead_letter(std::slice::from_ref(&record), reason, detail)
+                .await
+                .is_err()
+            {
+                // Retrying cannot make it deliverable; it is counted and logged as lost.
+                ctx.metrics.undeliverable(reason);
+                ctx.buffer.ack(record.seq);
+            }
+            continue;
+        }
         let msg = record.msg;
-        if msg.topic.len() + msg.payload.len() + PUBLISH_OVERHEAD > plan.max_packet_size {
-            ctx.metrics.undeliverable("too_large");
-            warn!(sink = %ctx.name, topic = %msg.topic, bytes = msg.payload.len(), "message larger than the upstream's max_packet_size; dropped");
-            ctx.buffer.ack(record.seq);
-            continue;
-        }
-        if msg.topic.is_empty() || !rumqttc::valid_topic(&msg.topic) {
-            ctx.metrics.undeliverable("invalid_topic");
-            warn!(sink = %ctx.name, topic = %msg.topic, "not a valid MQTT topic name; dropped");
-            ctx.buffer.ack(record.seq);
-            continue;
-        }
         let retain = msg.retain && plan.forward_retain;
         let entry = InFlight {
             seq: record.seq,
