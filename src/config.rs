@@ -22,6 +22,7 @@ use figment::{Figment, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::rules::{Template, TemplateScope, TopicFilter};
+use crate::sinks::http::{HttpPlan, HttpSinkSection};
 
 /// One problem with the configuration, named by its key path (`sinks.cloud.url`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,6 +260,7 @@ pub struct ListenerSection {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum SinkSection {
     Mqtt(MqttSinkSection),
+    Http(HttpSinkSection),
     File(FileSinkSection),
 }
 
@@ -266,6 +268,7 @@ impl SinkSection {
     pub fn buffer(&self) -> &BufferSection {
         match self {
             SinkSection::Mqtt(s) => &s.buffer,
+            SinkSection::Http(s) => &s.buffer,
             SinkSection::File(s) => &s.buffer,
         }
     }
@@ -606,18 +609,19 @@ fn check_sinks(dict: &Dict) -> Result<(), ConfigErrors> {
         let figment = Figment::from(Serialized::defaults(fields));
         let result = match kind.as_ref().and_then(Value::as_str) {
             Some("mqtt") => figment.extract::<MqttSinkSection>().map(drop),
+            Some("http") => figment.extract::<HttpSinkSection>().map(drop),
             Some("file") => figment.extract::<FileSinkSection>().map(drop),
             Some(other) => {
                 errors.push(ConfigError::new(
                     format!("sinks.{name}.type"),
-                    format!("unknown sink type {other:?}; use mqtt or file"),
+                    format!("unknown sink type {other:?}; use mqtt, http or file"),
                 ));
                 continue;
             }
             None => {
                 errors.push(ConfigError::new(
                     format!("sinks.{name}.type"),
-                    "missing (mqtt or file)",
+                    "missing (mqtt, http or file)",
                 ));
                 continue;
             }
@@ -803,6 +807,7 @@ pub struct SinkPlan {
 #[derive(Debug, Clone)]
 pub enum SinkKindPlan {
     Mqtt(MqttPlan),
+    Http(HttpPlan),
     File(FilePlan),
 }
 
@@ -1002,6 +1007,10 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         let kind = match sink {
             SinkSection::Mqtt(m) => {
                 validate_mqtt(&path, m, &gateway_id, &mut err).map(SinkKindPlan::Mqtt)
+            }
+            SinkSection::Http(h) => {
+                crate::sinks::http::config::validate(&path, h, &gateway_id, &mut err)
+                    .map(SinkKindPlan::Http)
             }
             SinkSection::File(f) => {
                 if f.path.as_os_str().is_empty() {
@@ -1310,6 +1319,9 @@ impl Plan {
                         s.name, m.host, m.port, m.client_id, m.qos
                     );
                 }
+                SinkKindPlan::Http(h) => {
+                    let _ = writeln!(out, "  {} http {}; {buffer}", s.name, h.describe());
+                }
                 SinkKindPlan::File(f) => {
                     let _ = writeln!(out, "  {} file {}; {buffer}", s.name, f.path.display());
                 }
@@ -1508,5 +1520,92 @@ mod tests {
         let text = plan.describe();
         assert!(text.contains("password=****"), "{text}");
         assert!(!text.contains("s3cret-value"), "{text}");
+    }
+
+    #[test]
+    fn http_sink_defaults_and_templates() {
+        let plan = load_str(
+            r#"[sinks.hook]
+            type = "http"
+            url = "https://hooks.example.com/in/{gateway_id}/{2}?site=a+b"
+            format = "ndjson"
+            headers = { "X-Line" = "{1}", "X-Key" = "k+y" }"#,
+            &[],
+        )
+        .expect("valid");
+        let SinkKindPlan::Http(h) = &plan.sinks[0].kind else {
+            panic!("an http plan");
+        };
+        assert_eq!((h.max_messages, h.max_bytes), (100, 1024 * 1024));
+        assert_eq!(h.max_delay, Duration::from_millis(50));
+        assert_eq!(h.timeout, Duration::from_secs(10));
+        assert_eq!(h.content_type, "application/x-ndjson");
+        assert!(!h.url_is_static);
+        assert!(h.idempotency_key);
+        assert_eq!(h.headers.len(), 2);
+    }
+
+    #[test]
+    fn http_sink_errors_name_their_keys() {
+        let cases = [
+            (
+                r#"url = "ftp://x/in""#,
+                "sinks.hook.url: scheme \"ftp\" is not supported; use http:// or https://",
+            ),
+            (
+                r#"url = "http://{1}.example.com/in""#,
+                "sinks.hook.url: placeholders are allowed in the path, not in the host",
+            ),
+            (
+                "url = \"http://x/in\"\nbatch = { max_messages = 10 }",
+                "sinks.hook.batch.max_messages: format Json sends one message per request; use format \"ndjson\" or \"json_array\" to batch",
+            ),
+            (
+                "url = \"http://x/in\"\nbearer_token = \"t\"\nusername = \"u\"",
+                "sinks.hook.bearer_token: set together with username; use one",
+            ),
+            (
+                "url = \"http://x/in\"\ntls = { ca = \"/nonexistent.pem\" }",
+                "sinks.hook.tls: set, but the url is not https://",
+            ),
+            (
+                "url = \"http://x/in\"\nretry_on = [404]\npermanent_on = [404]",
+                "sinks.hook.permanent_on: 404 is also in retry_on",
+            ),
+            (
+                "url = \"http://x/in\"\nmethod = \"GET\"",
+                "sinks.hook.method: unknown variant: found `GET`, expected `one of `POST`, `post`, `PUT`, `put``",
+            ),
+            (
+                "url = \"http://x/in\"\nheaders = { \"Bad Name\" = \"v\" }",
+                "sinks.hook.headers.Bad Name: not a valid HTTP header name",
+            ),
+        ];
+        for (body, expected) in cases {
+            let e = first_error(&format!("[sinks.hook]\ntype = \"http\"\n{body}"));
+            assert_eq!(e, expected, "for {body}");
+        }
+    }
+
+    #[test]
+    fn http_secrets_are_masked_in_the_plan() {
+        let plan = load_str(
+            r#"[sinks.hook]
+            type = "http"
+            url = "https://user:pw-in-url@hooks.example.com/in?token=q-secret"
+            bearer_token = "${HOOK_TOKEN}"
+            headers = { "X-Api-Key" = "header-secret" }"#,
+            &[("HOOK_TOKEN", "tok-secret")],
+        )
+        .expect("valid");
+        let text = plan.describe();
+        for secret in ["tok-secret", "header-secret", "q-secret", "pw-in-url"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        assert!(
+            text.contains("X-Api-Key") || text.contains("x-api-key"),
+            "{text}"
+        );
+        assert!(text.contains("auth=bearer ****"), "{text}");
     }
 }

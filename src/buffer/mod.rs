@@ -619,6 +619,12 @@ impl Buffer {
         self.readable.notify_one();
     }
 
+    /// Whether records survive a restart (disk storage), so their sequence numbers are
+    /// stable across restarts.
+    pub fn is_durable(&self) -> bool {
+        self.config.storage == Storage::Disk
+    }
+
     /// Messages waiting (including in flight).
     pub fn pending(&self) -> u64 {
         self.lock().backend.pending()

@@ -39,6 +39,20 @@ pub struct Template {
 
 impl Template {
     pub fn parse(source: &str, scope: &TemplateScope) -> Result<Self, TemplateError> {
+        let template = Self::parse_text(source, scope)?;
+        let has_wildcard = template
+            .parts
+            .iter()
+            .any(|p| matches!(p, Part::Literal(l) if l.contains(['+', '#'])));
+        if has_wildcard {
+            return Err(TemplateError::Wildcard);
+        }
+        Ok(template)
+    }
+
+    /// As [`Template::parse`], for text that is not an MQTT topic (a URL, a header
+    /// value): `+` and `#` are allowed.
+    pub fn parse_text(source: &str, scope: &TemplateScope) -> Result<Self, TemplateError> {
         let mut parts = Vec::new();
         let mut rest = source;
         while let Some(open) = rest.find('{') {
@@ -65,12 +79,6 @@ impl Template {
         }
         if parts.is_empty() {
             return Err(TemplateError::Empty);
-        }
-        let has_wildcard = parts
-            .iter()
-            .any(|p| matches!(p, Part::Literal(l) if l.contains(['+', '#'])));
-        if has_wildcard {
-            return Err(TemplateError::Wildcard);
         }
         Ok(Self {
             source: source.to_string(),

@@ -7,6 +7,7 @@
 
 mod backoff;
 pub mod file;
+pub mod http;
 pub mod mqtt;
 
 use std::path::PathBuf;
@@ -159,6 +160,7 @@ pub fn spawn(plan: &SinkPlan, ctx: SinkContext) -> tokio::task::JoinHandle<()> {
     match &plan.kind {
         SinkKindPlan::Mqtt(m) => tokio::spawn(mqtt::run(m.clone(), ctx)),
         SinkKindPlan::File(f) => tokio::spawn(file::run(f.clone(), ctx)),
+        SinkKindPlan::Http(h) => tokio::spawn(http::run(h.clone(), ctx)),
     }
 }
 

@@ -1,0 +1,581 @@
+//! HTTP webhook sink: POSTs (or PUTs) messages from the sink's buffer to a URL, one
+//! request at a time so the receiver sees them in buffer order.
+//!
+//! Input: batches from the buffer. A request holds one message (`json`, `raw`) or up to
+//! `batch.max_messages` / `batch.max_bytes` consecutive messages that render to the same
+//! URL and headers (`ndjson`, `json_array`), waiting at most `batch.max_delay` for a
+//! partly filled batch. Output: a buffer ack per message once the server answered 2xx.
+//!
+//! What a response means is decided in one place, [`verdict`]: 2xx delivered; 408, 429,
+//! 5xx and transport errors retried with backoff (honouring `Retry-After`); 401/403
+//! retried too (a configuration problem: the data is kept) with the sink marked down;
+//! any other 4xx is the message's fault: it goes to the dead-letter file and the stream
+//! goes on. A batch refused that way is split and its messages are sent one by one, so
+//! only the one at fault is dead-lettered. `retry_on` / `permanent_on` override the table.
+//!
+//! Every request carries `Idempotency-Key`: `<gateway>-<sink>-<seq>` for one message,
+//! `<gateway>-<sink>-<first>-<last>` for a batch (a memory buffer adds a per-start
+//! token, as its sequence numbers restart). The same id is each message's `id` field.
+
+mod body;
+pub mod config;
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::StatusCode;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+pub use config::{HttpPlan, HttpSinkSection};
+
+use super::{Backoff, SinkContext};
+use crate::buffer::Record;
+use config::{redact_url, HttpAuth, HttpMethod};
+
+/// Longest `Retry-After` honoured; a larger value waits this long.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// What to do after a response (or a transport error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Ack the messages.
+    Delivered,
+    /// Keep the messages; send them again after backoff or `Retry-After`.
+    Retry,
+    /// Keep the messages and retry, but the sink cannot work until its configuration
+    /// (credentials, permissions) is fixed: marked down with the reason.
+    RetryConfig,
+    /// The messages are at fault: dead-letter them and go on.
+    Permanent,
+}
+
+/// The response table. `retry_on` and `permanent_on` win over the built-in rules.
+pub fn verdict(status: u16, retry_on: &[u16], permanent_on: &[u16]) -> Verdict {
+    if retry_on.contains(&status) {
+        return Verdict::Retry;
+    }
+    if permanent_on.contains(&status) {
+        return Verdict::Permanent;
+    }
+    match status {
+        200..=299 => Verdict::Delivered,
+        401 | 403 => Verdict::RetryConfig,
+        408 | 429 => Verdict::Retry,
+        400..=499 => Verdict::Permanent,
+        // 5xx, and 1xx/3xx that reqwest did not resolve (e.g. too many redirects):
+        // nothing says the message is at fault, so keep it.
+        _ => Verdict::Retry,
+    }
+}
+
+/// Reads `Retry-After` as seconds or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// Characters escaped when a topic level goes into a URL path.
+const PATH_SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'|');
+
+/// `topic` as rendered into a URL (each level percent-encoded) and the byte ranges of its
+/// levels, which `{1}`.. refer to.
+fn url_topic(topic: &str) -> (String, Vec<(usize, usize)>) {
+    let escaped: Vec<String> = topic
+        .split('/')
+        .map(|level| utf8_percent_encode(level, PATH_SEGMENT).to_string())
+        .collect();
+    let joined = escaped.join("/");
+    (joined.clone(), level_ranges(&joined))
+}
+
+/// Byte ranges of the `/`-separated levels of `topic`.
+fn level_ranges(topic: &str) -> Vec<(usize, usize)> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for (i, b) in topic.bytes().enumerate() {
+        if b == b'/' {
+            ranges.push((start, i));
+            start = i + 1;
+        }
+    }
+    ranges.push((start, topic.len()));
+    ranges
+}
+
+/// Where and with which headers one message is sent; consecutive messages with the same
+/// target may share a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    url: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+fn render_target(plan: &HttpPlan, topic: &str) -> Result<Target, String> {
+    let url = if plan.url_is_static {
+        plan.url.source().to_string()
+    } else {
+        let (escaped, ranges) = url_topic(topic);
+        plan.url.render(&plan.gateway_id, &escaped, &ranges)
+    };
+    let ranges = level_ranges(topic);
+    let mut headers = Vec::with_capacity(plan.headers.len());
+    for (name, template) in &plan.headers {
+        let text = template.render(&plan.gateway_id, topic, &ranges);
+        // Non-ASCII (a unicode topic) is percent-encoded so the value stays valid.
+        let text = utf8_percent_encode(&text, CONTROLS).to_string();
+        let value = HeaderValue::from_str(&text)
+            .map_err(|_| format!("header {name} does not render to a valid value"))?;
+        headers.push((name.clone(), value));
+    }
+    Ok(Target { url, headers })
+}
+
+/// One request ready to send.
+struct Request {
+    records: Vec<Record>,
+    target: Target,
+    body: Vec<u8>,
+    key: String,
+}
+
+/// Takes the next request's records off the front of `pending`. Records with
+/// `seq <= alone_upto` go one per request.
+fn next_request(
+    plan: &HttpPlan,
+    key_prefix: &str,
+    pending: &mut VecDeque<Record>,
+    alone_upto: u64,
+) -> Option<Result<Request, (Record, String)>> {
+    let first = pending.pop_front()?;
+    let target = match render_target(plan, &first.msg.topic) {
+        Ok(t) => t,
+        Err(e) => return Some(Err((first, e))),
+    };
+    let id = |seq: u64| format!("{key_prefix}-{seq}");
+    let mut body = Vec::new();
+    body::encode(
+        plan.format,
+        &first.msg,
+        &id(first.seq),
+        &plan.gateway_id,
+        true,
+        &mut body,
+    );
+    let alone = first.seq <= alone_upto || !plan.format.batches();
+    let mut records = vec![first];
+    while !alone && records.len() < plan.max_messages {
+        let Some(next) = pending.front() else { break };
+        if next.seq <= alone_upto {
+            break;
+        }
+        let same_target = plan.url_is_static && plan.headers.is_empty()
+            || render_target(plan, &next.msg.topic).as_ref() == Ok(&target);
+        if !same_target {
+            break;
+        }
+        let before = body.len();
+        body::encode(
+            plan.format,
+            &next.msg,
+            &id(next.seq),
+            &plan.gateway_id,
+            false,
+            &mut body,
+        );
+        if body.len() + 1 > plan.max_bytes {
+            body.truncate(before);
+            break;
+        }
+        if let Some(next) = pending.pop_front() {
+            records.push(next);
+        }
+    }
+    body::finish(plan.format, &mut body);
+    let key = match records.as_slice() {
+        [one] => id(one.seq),
+        [first, .., last] => format!("{key_prefix}-{}-{}", first.seq, last.seq),
+        [] => unreachable!("records starts with one record"),
+    };
+    Some(Ok(Request {
+        records,
+        target,
+        body,
+        key,
+    }))
+}
+
+fn client(plan: &HttpPlan) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(plan.timeout)
+        .connect_timeout(plan.timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .user_agent(concat!("edgebridge/", env!("CARGO_PKG_VERSION")));
+    if let Some(tls) = &plan.tls {
+        if let Some(ca) = &tls.ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| anyhow::anyhow!("cannot read tls.ca {}: {e}", ca.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| anyhow::anyhow!("tls.ca {}: {e}", ca.display()))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            let mut pem = std::fs::read(cert)
+                .map_err(|e| anyhow::anyhow!("cannot read tls.cert {}: {e}", cert.display()))?;
+            pem.push(b'\n');
+            pem.extend(
+                std::fs::read(key)
+                    .map_err(|e| anyhow::anyhow!("cannot read tls.key {}: {e}", key.display()))?,
+            );
+            let identity = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| anyhow::anyhow!("tls.cert/tls.key: {e}"))?;
+            builder = builder.identity(identity);
+        }
+    }
+    Ok(builder.build()?)
+}
+
+/// The result of one attempt.
+enum Attempt {
+    Status(StatusCode, Option<Duration>),
+    /// No response: (reason label, detail).
+    Failed(&'static str, String),
+}
+
+async fn send(client: &reqwest::Client, plan: &HttpPlan, req: &Request) -> Attempt {
+    let mut builder = match plan.method {
+        HttpMethod::Post => client.post(&req.target.url),
+        HttpMethod::Put => client.put(&req.target.url),
+    };
+    builder = builder.header(reqwest::header::CONTENT_TYPE, &plan.content_type);
+    for (name, value) in &req.target.headers {
+        builder = builder.header(name, value);
+    }
+    if plan.idempotency_key {
+        builder = builder.header("Idempotency-Key", &req.key);
+    }
+    builder = match &plan.auth {
+        Some(HttpAuth::Bearer(token)) => builder.bearer_auth(token),
+        Some(HttpAuth::Basic { username, password }) => {
+            builder.basic_auth(username, password.as_ref())
+        }
+        None => builder,
+    };
+    match builder.body(req.body.clone()).send().await {
+        Ok(response) => {
+            let status = response.status();
+            let wait = retry_after(response.headers());
+            // Read the body so the connection goes back to the pool.
+            let _ = response.bytes().await;
+            Attempt::Status(status, wait)
+        }
+        Err(e) => {
+            let reason = if e.is_timeout() {
+                "timeout"
+            } else if e.is_connect() {
+                "connect"
+            } else if e.is_builder() {
+                "invalid_url"
+            } else {
+                "io"
+            };
+            Attempt::Failed(reason, error_chain(&e.without_url()))
+        }
+    }
+}
+
+/// The error with its sources, which name the real cause ("connection refused").
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Sleeps, or returns `true` at once when shutdown begins.
+async fn sleep_or_stop(ctx: &SinkContext, delay: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = ctx.shutdown.cancelled() => true,
+    }
+}
+
+pub async fn run(plan: HttpPlan, ctx: SinkContext) {
+    let mut backoff = Backoff::try_new(plan.backoff_min, plan.backoff_max).unwrap_or_else(|e| {
+        // Validation refuses such bounds; keep a sane default rather than stop.
+        warn!(sink = %ctx.name, error = %e, "invalid backoff; using 1s..30s");
+        Backoff::try_new(Duration::from_secs(1), Duration::from_secs(30))
+            .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
+    });
+    let client = loop {
+        match client(&plan) {
+            Ok(c) => break c,
+            Err(e) => {
+                ctx.metrics
+                    .mark_down("config", &format!("cannot build the HTTP client: {e:#}"));
+                if sleep_or_stop(&ctx, backoff.next_delay()).await {
+                    return;
+                }
+            }
+        }
+    };
+    let key_prefix = if ctx.buffer.is_durable() {
+        format!("{}-{}", plan.gateway_id, ctx.name)
+    } else {
+        format!(
+            "{}-{}-{:08x}",
+            plan.gateway_id,
+            ctx.name,
+            rand::random::<u32>()
+        )
+    };
+    info!(sink = %ctx.name, url = %redact_url(plan.url.source()), format = ?plan.format, "HTTP sink started");
+
+    let mut pending: VecDeque<Record> = VecDeque::new();
+    // After a batch was refused as permanent, its records go one per request.
+    let mut alone_upto = 0u64;
+    loop {
+        if !fill(&plan, &ctx, &mut pending).await {
+            return;
+        }
+        let request = match next_request(&plan, &key_prefix, &mut pending, alone_upto) {
+            Some(Ok(r)) => r,
+            Some(Err((record, problem))) => {
+                if ctx
+                    .dead_letter(std::slice::from_ref(&record), "invalid_request", &problem)
+                    .await
+                    .is_err()
+                {
+                    pending.push_front(record);
+                    if sleep_or_stop(&ctx, backoff.next_delay()).await {
+                        return;
+                    }
+                }
+                continue;
+            }
+            None => continue,
+        };
+        match deliver(&plan, &ctx, &client, &mut backoff, request).await {
+            Delivery::Done => {}
+            Delivery::Split(records) => {
+                alone_upto = records.last().map_or(alone_upto, |r| r.seq);
+                for record in records.into_iter().rev() {
+                    pending.push_front(record);
+                }
+            }
+            Delivery::Stopped => return,
+        }
+    }
+}
+
+/// Reads from the buffer into `pending`: waits for at least one record, then (batch
+/// formats) up to `max_delay` for a full batch. `false` when shutdown began.
+async fn fill(plan: &HttpPlan, ctx: &SinkContext, pending: &mut VecDeque<Record>) -> bool {
+    let want = plan.max_messages;
+    if pending.is_empty() {
+        tokio::select! {
+            batch = ctx.buffer.read_batch(want.max(ctx.batch)) => pending.extend(batch),
+            _ = ctx.shutdown.cancelled() => return false,
+        }
+    }
+    if plan.format.batches() && pending.len() < want && !plan.max_delay.is_zero() {
+        let deadline = Instant::now() + plan.max_delay;
+        while pending.len() < want {
+            tokio::select! {
+                batch = ctx.buffer.read_batch(want - pending.len()) => pending.extend(batch),
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = ctx.shutdown.cancelled() => break,
+            }
+        }
+    }
+    true
+}
+
+enum Delivery {
+    /// Delivered or dead-lettered; go on.
+    Done,
+    /// A batch refused as permanent: send these again one by one.
+    Split(Vec<Record>),
+    /// Shutdown began; the records stay in the buffer.
+    Stopped,
+}
+
+/// Sends `req` until it is delivered or dead-lettered.
+async fn deliver(
+    plan: &HttpPlan,
+    ctx: &SinkContext,
+    client: &reqwest::Client,
+    backoff: &mut Backoff,
+    req: Request,
+) -> Delivery {
+    loop {
+        let attempt = {
+            let attempt = send(client, plan, &req);
+            tokio::pin!(attempt);
+            tokio::select! {
+                a = &mut attempt => a,
+                _ = ctx.shutdown.cancelled() => {
+                    // Let the request in flight finish within the grace period.
+                    match tokio::time::timeout(ctx.grace, &mut attempt).await {
+                        Ok(a) => a,
+                        Err(_) => return Delivery::Stopped,
+                    }
+                }
+            }
+        };
+        let (reason, detail, wait) = match attempt {
+            Attempt::Status(status, wait) => {
+                let code = status.as_u16();
+                match verdict(code, &plan.retry_on, &plan.permanent_on) {
+                    Verdict::Delivered => {
+                        for record in &req.records {
+                            ctx.buffer.ack(record.seq);
+                            ctx.metrics.delivered(record.msg.received_at);
+                        }
+                        ctx.metrics.mark_up(&format!("HTTP {code}"));
+                        backoff.reset();
+                        return Delivery::Done;
+                    }
+                    Verdict::Permanent if req.records.len() > 1 => {
+                        ctx.metrics.error(&format!("http_{code}"));
+                        warn!(sink = %ctx.name, status = code, messages = req.records.len(), "batch refused; sending its messages one by one to find the one at fault");
+                        return Delivery::Split(req.records);
+                    }
+                    Verdict::Permanent => {
+                        // The server works; this message never will.
+                        ctx.metrics.mark_up(&format!("HTTP {code}"));
+                        let reason = format!("http_{code}");
+                        if ctx
+                            .dead_letter(&req.records, &reason, &format!("HTTP {status}"))
+                            .await
+                            .is_ok()
+                        {
+                            return Delivery::Done;
+                        }
+                        (
+                            "dead_letter".to_string(),
+                            "cannot write the dead-letter file".to_string(),
+                            None,
+                        )
+                    }
+                    Verdict::RetryConfig => (
+                        format!("http_{code}"),
+                        format!("HTTP {status}: check the sink's credentials and permissions"),
+                        wait,
+                    ),
+                    Verdict::Retry => (format!("http_{code}"), format!("HTTP {status}"), wait),
+                }
+            }
+            Attempt::Failed(reason, detail) => (reason.to_string(), detail, None),
+        };
+        ctx.metrics.mark_down(&reason, &detail);
+        let delay = wait.unwrap_or_else(|| backoff.next_delay());
+        if sleep_or_stop(ctx, delay).await {
+            return Delivery::Stopped;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_table() {
+        use Verdict::*;
+        let table: &[(u16, Verdict)] = &[
+            (200, Delivered),
+            (201, Delivered),
+            (204, Delivered),
+            (400, Permanent),
+            (401, RetryConfig),
+            (403, RetryConfig),
+            (404, Permanent),
+            (408, Retry),
+            (409, Permanent),
+            (413, Permanent),
+            (422, Permanent),
+            (429, Retry),
+            (500, Retry),
+            (502, Retry),
+            (503, Retry),
+            (504, Retry),
+            (304, Retry),
+        ];
+        for &(status, expected) in table {
+            assert_eq!(verdict(status, &[], &[]), expected, "status {status}");
+        }
+        // Overrides win.
+        assert_eq!(verdict(404, &[404], &[]), Retry);
+        assert_eq!(verdict(503, &[], &[503]), Permanent);
+        assert_eq!(verdict(200, &[], &[]), Delivered);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            HeaderValue::from_static("999999"),
+        );
+        assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        let date = httpdate::fmt_http_date(later);
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            HeaderValue::from_str(&date).unwrap(),
+        );
+        let wait = retry_after(&h).unwrap();
+        assert!(
+            wait > Duration::from_secs(100) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            HeaderValue::from_static("soon"),
+        );
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn topic_levels_are_escaped_for_urls() {
+        let (escaped, ranges) = url_topic("plant/line 1/温度?x");
+        assert_eq!(escaped, "plant/line%201/%E6%B8%A9%E5%BA%A6%3Fx");
+        assert_eq!(&escaped[ranges[1].0..ranges[1].1], "line%201");
+        assert_eq!(ranges.len(), 3);
+        assert_eq!(level_ranges("a//b"), vec![(0, 1), (2, 2), (3, 4)]);
+    }
+}
