@@ -222,7 +222,9 @@ fn every_shipped_config_passes_check() {
     }
     let cert_dir = certs.path().display().to_string();
     let hivemq_password = "example-password-must-not-show";
+    let webhook_token = "example-token-must-not-show";
     let env = [
+        ("WEBHOOK_TOKEN", webhook_token),
         ("CERT_DIR", cert_dir.as_str()),
         (
             "AWS_IOT_ENDPOINT",
@@ -241,7 +243,9 @@ fn every_shipped_config_passes_check() {
         let ok = out.status.success()
             && stdout.contains("config OK")
             && !stdout.contains(hivemq_password)
-            && !stderr.contains(hivemq_password);
+            && !stderr.contains(hivemq_password)
+            && !stdout.contains(webhook_token)
+            && !stderr.contains(webhook_token);
         if !ok {
             failures.push(format!(
                 "--- {} ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",

@@ -439,3 +439,32 @@ batch = { max_messages = 50, max_delay = "100ms" }"#;
     );
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unauthorized_keeps_the_data_and_marks_the_sink_down_until_it_passes() {
+    let server = HttpServer::start().await;
+    // With backoff 50ms..500ms, 20 refusals keep the sink down for a few seconds.
+    server.script((0..20).map(|_| Reply::status(401)));
+    let extra = r#"bearer_token = "stale-token""#;
+    let mut gw = TestGateway::start(&http_sink(&server.url("/in"), extra)).await;
+    publish(&gw, 3).await;
+    let down = gw
+        .eventually(WAIT, |g| {
+            g.counter(
+                "edgebridge_sink_errors_total",
+                &[("sink", "hook"), ("reason", "http_401")],
+            ) >= 2.0
+        })
+        .await;
+    assert!(down, "401s counted");
+    assert_eq!(gw.counter("edgebridge_sink_up", &[("sink", "hook")]), 0.0);
+    // Once the receiver accepts the credentials, everything kept is delivered in order.
+    assert_eq!(wait_accepted(&server, 3).await, vec![0, 1, 2]);
+    assert!(server.received().iter().take(20).all(|r| r.status == 401));
+    assert_eq!(
+        gw.counter("edgebridge_buffer_dropped_total", &[("sink", "hook")]),
+        0.0,
+        "nothing dead-lettered for an auth problem"
+    );
+    gw.shutdown().await;
+}
