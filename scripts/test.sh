@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need, then lints and runs every test.
-# Tests start their own peers (Mosquitto on free ports, certificates generated per test).
+# Tests start their own peers (Mosquitto and tansu on free ports, an HTTP server in the
+# test, certificates generated per test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,10 +16,31 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# tansu: the Kafka-protocol broker of the Kafka sink tests (DESIGN.md). Its install takes
+# several minutes, so it builds in the background while the linters run.
+TANSU_VERSION=0.6.0
+tansu_bin="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+tansu_pid=""
+tansu_log=$(mktemp)
+if ! "$tansu_bin" --version 2>/dev/null | grep -q "$TANSU_VERSION" \
+   && ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+  echo "installing tansu $TANSU_VERSION from crates.io (in the background)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore >"$tansu_log" 2>&1 &
+  tansu_pid=$!
+fi
+
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+if [ -n "$tansu_pid" ]; then
+  if ! wait "$tansu_pid"; then
+    cat "$tansu_log"
+    echo "cargo install tansu failed" >&2
+    exit 1
+  fi
+  echo "tansu installed"
+fi
 # Unit and integration tests (benches are run by `cargo bench`, not here).
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log" "$tansu_log"' EXIT
 cargo test --lib --bins --tests 2>&1 | tee "$log"
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

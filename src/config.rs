@@ -23,6 +23,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::rules::{Template, TemplateScope, TopicFilter};
 use crate::sinks::http::{HttpPlan, HttpSinkSection};
+use crate::sinks::kafka::{KafkaPlan, KafkaSinkSection};
 
 /// One problem with the configuration, named by its key path (`sinks.cloud.url`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,6 +262,7 @@ pub struct ListenerSection {
 pub enum SinkSection {
     Mqtt(MqttSinkSection),
     Http(HttpSinkSection),
+    Kafka(KafkaSinkSection),
     File(FileSinkSection),
 }
 
@@ -269,6 +271,7 @@ impl SinkSection {
         match self {
             SinkSection::Mqtt(s) => &s.buffer,
             SinkSection::Http(s) => &s.buffer,
+            SinkSection::Kafka(s) => &s.buffer,
             SinkSection::File(s) => &s.buffer,
         }
     }
@@ -610,18 +613,19 @@ fn check_sinks(dict: &Dict) -> Result<(), ConfigErrors> {
         let result = match kind.as_ref().and_then(Value::as_str) {
             Some("mqtt") => figment.extract::<MqttSinkSection>().map(drop),
             Some("http") => figment.extract::<HttpSinkSection>().map(drop),
+            Some("kafka") => figment.extract::<KafkaSinkSection>().map(drop),
             Some("file") => figment.extract::<FileSinkSection>().map(drop),
             Some(other) => {
                 errors.push(ConfigError::new(
                     format!("sinks.{name}.type"),
-                    format!("unknown sink type {other:?}; use mqtt, http or file"),
+                    format!("unknown sink type {other:?}; use mqtt, http, kafka or file"),
                 ));
                 continue;
             }
             None => {
                 errors.push(ConfigError::new(
                     format!("sinks.{name}.type"),
-                    "missing (mqtt, http or file)",
+                    "missing (mqtt, http, kafka or file)",
                 ));
                 continue;
             }
@@ -808,6 +812,7 @@ pub struct SinkPlan {
 pub enum SinkKindPlan {
     Mqtt(MqttPlan),
     Http(HttpPlan),
+    Kafka(KafkaPlan),
     File(FilePlan),
 }
 
@@ -1011,6 +1016,10 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
             SinkSection::Http(h) => {
                 crate::sinks::http::config::validate(&path, h, &gateway_id, &mut err)
                     .map(SinkKindPlan::Http)
+            }
+            SinkSection::Kafka(k) => {
+                crate::sinks::kafka::config::validate(&path, k, &gateway_id, &mut err)
+                    .map(SinkKindPlan::Kafka)
             }
             SinkSection::File(f) => {
                 if f.path.as_os_str().is_empty() {
@@ -1321,6 +1330,9 @@ impl Plan {
                 }
                 SinkKindPlan::Http(h) => {
                     let _ = writeln!(out, "  {} http {}; {buffer}", s.name, h.describe());
+                }
+                SinkKindPlan::Kafka(k) => {
+                    let _ = writeln!(out, "  {} kafka {}; {buffer}", s.name, k.describe());
                 }
                 SinkKindPlan::File(f) => {
                     let _ = writeln!(out, "  {} file {}; {buffer}", s.name, f.path.display());

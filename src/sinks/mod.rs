@@ -6,8 +6,10 @@
 //! is sent again, and backs off exponentially with jitter.
 
 mod backoff;
+pub mod envelope;
 pub mod file;
 pub mod http;
+pub mod kafka;
 pub mod mqtt;
 
 use std::path::PathBuf;
@@ -161,6 +163,7 @@ pub fn spawn(plan: &SinkPlan, ctx: SinkContext) -> tokio::task::JoinHandle<()> {
         SinkKindPlan::Mqtt(m) => tokio::spawn(mqtt::run(m.clone(), ctx)),
         SinkKindPlan::File(f) => tokio::spawn(file::run(f.clone(), ctx)),
         SinkKindPlan::Http(h) => tokio::spawn(http::run(h.clone(), ctx)),
+        SinkKindPlan::Kafka(k) => tokio::spawn(kafka::run(k.clone(), ctx)),
     }
 }
 

@@ -19,7 +19,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::TestCerts;
+use crate::common::TestCerts;
 
 /// One scripted answer.
 #[derive(Debug, Clone)]

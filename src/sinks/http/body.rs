@@ -1,36 +1,12 @@
 //! Request bodies: how a run of messages becomes one HTTP body.
 //!
-//! A message object is `{"id","topic","payload","qos","retain","received_at",
-//! "gateway_id"}`. `payload` is the payload as JSON when it parses as JSON, else a string
-//! with `"encoding":"text"` (valid UTF-8) or `"encoding":"base64"`. `id` is the message's
-//! stable idempotency id.
+//! Each message is its envelope object (`crate::sinks::envelope`).
 
-use base64::Engine;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::config::BodyFormat;
 use crate::message::Message;
-
-/// The JSON object of one message.
-pub fn message_object(msg: &Message, id: &str, gateway_id: &str) -> Value {
-    let mut obj = match serde_json::from_slice::<Value>(&msg.payload) {
-        Ok(v) => json!({ "payload": v }),
-        Err(_) => match std::str::from_utf8(&msg.payload) {
-            Ok(text) => json!({ "payload": text, "encoding": "text" }),
-            Err(_) => json!({
-                "payload": base64::engine::general_purpose::STANDARD.encode(&msg.payload),
-                "encoding": "base64",
-            }),
-        },
-    };
-    obj["id"] = json!(id);
-    obj["topic"] = json!(msg.topic);
-    obj["qos"] = json!(msg.qos);
-    obj["retain"] = json!(msg.retain);
-    obj["received_at"] = json!(msg.received_at);
-    obj["gateway_id"] = json!(gateway_id);
-    obj
-}
+use crate::sinks::envelope::message_object;
 
 /// Appends the body part of one message to `out`: a whole body for `json` and `raw`, a
 /// line for `ndjson`, an array element (with its leading comma) for `json_array`.

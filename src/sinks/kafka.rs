@@ -1,0 +1,535 @@
+//! Kafka sink: produces each buffered message as a Kafka record with librdkafka
+//! (rdkafka's `ThreadedProducer`), and acks the buffer record only on an `Ok` delivery
+//! report.
+//!
+//! Input: batches from the sink's buffer, at most `inflight` records awaiting their
+//! delivery report. Each record: topic and key rendered from templates (`{1}`.. are the
+//! levels of the MQTT topic; the key defaults to the MQTT topic, so one device topic
+//! stays in one partition), value = the payload (or the JSON envelope), headers
+//! `mqtt_topic`, `qos`, `gateway_id` and the MQTT 5 user properties.
+//!
+//! Output: delivery reports, from librdkafka's poll thread over a channel. What a failed
+//! report means is decided in one place, [`fault`]: the message's fault (too large, an
+//! invalid record or topic) sends it to the dead-letter file and the stream goes on;
+//! anything else (brokers down, timeouts, authorization…) is the cluster's or the
+//! configuration's: the sink waits for every report in flight, marks itself down with
+//! the reason, backs off, rewinds its buffer and produces again from the oldest
+//! unconfirmed record. A fatal producer error (e.g. the idempotent producer's sequence
+//! broken) recreates the producer.
+//!
+//! Ordering: `enable.idempotence = true` keeps librdkafka's own retries in order and
+//! without duplicates per partition; after a failed report edgebridge re-produces only
+//! once nothing else is in flight. On shutdown the producer is flushed within the grace
+//! period; what was not confirmed stays in the buffer.
+
+pub mod config;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientConfig;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+pub use config::{KafkaPlan, KafkaSinkSection};
+
+use super::{Backoff, SinkContext};
+use crate::buffer::Record;
+use crate::message::Message;
+use config::{valid_topic_name, KafkaFormat};
+
+/// Whose fault a failed delivery is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The message can never be delivered: dead-letter it, go on.
+    Message,
+    /// The cluster or the configuration: keep the message, retry, mark the sink down.
+    Cluster,
+}
+
+/// The error table.
+pub fn fault(code: RDKafkaErrorCode) -> Fault {
+    use RDKafkaErrorCode::*;
+    match code {
+        MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge | InvalidMessage
+        | InvalidRecord | InvalidTimestamp | InvalidTopic | BadMessage => Fault::Message,
+        _ => Fault::Cluster,
+    }
+}
+
+/// The `reason` label of an error code: `MessageTimedOut` → `message_timed_out`.
+fn reason(code: RDKafkaErrorCode) -> String {
+    let name = format!("{code:?}");
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// What travels with a record through librdkafka and comes back in its report.
+struct Pending {
+    seq: u64,
+    msg: Message,
+}
+
+enum Event {
+    Delivered(Box<Pending>),
+    Failed(Box<Pending>, RDKafkaErrorCode, String),
+    /// An error librdkafka reported outside a delivery (brokers down, auth, fatal).
+    Client(RDKafkaErrorCode, String),
+}
+
+/// Hands librdkafka's callbacks (on its poll thread) to the sink's task. The channel is
+/// unbounded so the poll thread never blocks; it holds at most `inflight` reports plus
+/// the occasional client error, as the task drains it continuously.
+struct Context {
+    sink: String,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        // Connection errors repeat on every retry; the sink logs its state changes.
+        debug!(sink = %self.sink, ?level, facility = fac, "librdkafka: {message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+        let _ = self.events.send(Event::Client(code, reason.to_string()));
+    }
+}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = Box<Pending>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, pending: Box<Pending>) {
+        let event = match result {
+            Ok(_) => Event::Delivered(pending),
+            Err((e, _)) => {
+                let code = e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+                Event::Failed(pending, code, e.to_string())
+            }
+        };
+        let _ = self.events.send(event);
+    }
+}
+
+type KafkaProducer = ThreadedProducer<Context>;
+
+fn producer(
+    plan: &KafkaPlan,
+    sink: &str,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<KafkaProducer, KafkaError> {
+    let mut config = ClientConfig::new();
+    for (k, v) in &plan.properties {
+        config.set(k, v);
+    }
+    config.set(
+        "client.id",
+        format!("edgebridge-{}-{sink}", plan.gateway_id),
+    );
+    config.create_with_context(Context {
+        sink: sink.to_string(),
+        events,
+    })
+}
+
+/// Byte ranges of the `/`-separated levels of `topic`.
+fn level_ranges(topic: &str) -> Vec<(usize, usize)> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for (i, b) in topic.bytes().enumerate() {
+        if b == b'/' {
+            ranges.push((start, i));
+            start = i + 1;
+        }
+    }
+    ranges.push((start, topic.len()));
+    ranges
+}
+
+/// The Kafka topic of `msg`, or why it has none.
+fn kafka_topic<'a>(
+    plan: &'a KafkaPlan,
+    msg: &Message,
+    levels: &[(usize, usize)],
+) -> Result<std::borrow::Cow<'a, str>, String> {
+    if !plan.topic.source().contains('{') {
+        return Ok(plan.topic.source().into());
+    }
+    let topic = plan.topic.render(&plan.gateway_id, &msg.topic, levels);
+    if valid_topic_name(&topic) {
+        Ok(topic.into())
+    } else {
+        Err(format!(
+            "topic template renders to {topic:?}, not a valid Kafka topic"
+        ))
+    }
+}
+
+fn headers(plan: &KafkaPlan, msg: &Message) -> OwnedHeaders {
+    let qos = msg.qos.to_string();
+    let mut h = OwnedHeaders::new()
+        .insert(Header {
+            key: "mqtt_topic",
+            value: Some(msg.topic.as_str()),
+        })
+        .insert(Header {
+            key: "qos",
+            value: Some(qos.as_str()),
+        })
+        .insert(Header {
+            key: "gateway_id",
+            value: Some(plan.gateway_id.as_str()),
+        });
+    if let Some(props) = &msg.properties {
+        for (k, v) in &props.user_properties {
+            h = h.insert(Header {
+                key: k.as_str(),
+                value: Some(v.as_str()),
+            });
+        }
+    }
+    h
+}
+
+/// What became of one record handed to [`produce`].
+enum Produced {
+    /// Queued in librdkafka; its report will come.
+    Queued,
+    /// Could not be queued and is at fault: the caller dead-letters it.
+    Refused(Record, String, String),
+    /// Could not be queued for another reason: stop producing and retry later.
+    Failed(String, String),
+}
+
+fn produce(
+    plan: &KafkaPlan,
+    ctx: &SinkContext,
+    producer: &KafkaProducer,
+    record: Record,
+) -> Produced {
+    let msg = &record.msg;
+    let levels = level_ranges(&msg.topic);
+    let topic = match kafka_topic(plan, msg, &levels) {
+        Ok(t) => t,
+        Err(problem) => return Produced::Refused(record, "invalid_topic".into(), problem),
+    };
+    let key = plan.key.render(&plan.gateway_id, &msg.topic, &levels);
+    let value: bytes::Bytes = match plan.format {
+        KafkaFormat::Raw => msg.payload.clone(),
+        KafkaFormat::Envelope => {
+            let id = format!("{}-{}-{}", plan.gateway_id, ctx.name, record.seq);
+            let obj = super::envelope::message_object(msg, &id, &plan.gateway_id);
+            // Serializing a serde_json::Value cannot fail.
+            serde_json::to_vec(&obj).unwrap_or_default().into()
+        }
+    };
+    let headers = headers(plan, msg);
+    let pending = Box::new(Pending {
+        seq: record.seq,
+        msg: record.msg.clone(),
+    });
+    let base = BaseRecord::with_opaque_to(&topic, pending)
+        .key(key.as_bytes())
+        .payload(value.as_ref())
+        .headers(headers);
+    match producer.send(base) {
+        Ok(()) => Produced::Queued,
+        Err((e, returned)) => {
+            let code = e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+            let record = Record {
+                seq: returned.delivery_opaque.seq,
+                msg: returned.delivery_opaque.msg,
+            };
+            if fault(code) == Fault::Message {
+                Produced::Refused(record, reason(code), e.to_string())
+            } else {
+                Produced::Failed(reason(code), e.to_string())
+            }
+        }
+    }
+}
+
+/// Sleeps, or returns `true` at once when shutdown begins.
+async fn sleep_or_stop(ctx: &SinkContext, delay: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = ctx.shutdown.cancelled() => true,
+    }
+}
+
+pub async fn run(plan: KafkaPlan, ctx: SinkContext) {
+    let mut backoff = Backoff::try_new(plan.backoff_min, plan.backoff_max).unwrap_or_else(|e| {
+        // Validation refuses such bounds; keep a sane default rather than stop.
+        warn!(sink = %ctx.name, error = %e, "invalid backoff; using 1s..30s");
+        Backoff::try_new(Duration::from_secs(1), Duration::from_secs(30))
+            .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
+    });
+    loop {
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let producer = match producer(&plan, &ctx.name, tx) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                ctx.metrics
+                    .mark_down("config", &format!("cannot create the Kafka producer: {e}"));
+                if sleep_or_stop(&ctx, backoff.next_delay()).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        info!(sink = %ctx.name, brokers = %plan.brokers.join(","), topic = %plan.topic.source(), "Kafka producer started");
+        ctx.buffer.rewind();
+        let end = session(&plan, &ctx, &producer, &mut events, &mut backoff).await;
+        let stopping = matches!(end, SessionEnd::Stopped);
+        if stopping {
+            finish(&ctx, producer.clone(), &mut events).await;
+        }
+        // Dropping a producer waits for librdkafka's threads: off the runtime.
+        let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
+        if stopping {
+            return;
+        }
+        if sleep_or_stop(&ctx, backoff.next_delay()).await {
+            return;
+        }
+    }
+}
+
+enum SessionEnd {
+    Stopped,
+    /// A fatal producer error: make a new producer.
+    Recreate,
+}
+
+/// Produces from the buffer and handles reports until shutdown or a fatal error.
+async fn session(
+    plan: &KafkaPlan,
+    ctx: &SinkContext,
+    producer: &KafkaProducer,
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    backoff: &mut Backoff,
+) -> SessionEnd {
+    let mut in_flight = 0usize;
+    // Set by the first failure; producing stops until every report is in.
+    let mut failure: Option<(String, String)> = None;
+    loop {
+        if in_flight == 0 {
+            if let Some((reason, detail)) = failure.take() {
+                ctx.metrics.mark_down(&reason, &detail);
+                if let Some((code, detail)) = producer.client().fatal_error() {
+                    warn!(sink = %ctx.name, code = ?code, "fatal producer error; recreating the producer: {detail}");
+                    return SessionEnd::Recreate;
+                }
+                if sleep_or_stop(ctx, backoff.next_delay()).await {
+                    return SessionEnd::Stopped;
+                }
+                ctx.buffer.rewind();
+            }
+        }
+        let room = plan.inflight.saturating_sub(in_flight).min(ctx.batch);
+        tokio::select! {
+            batch = ctx.buffer.read_batch(room), if room > 0 && failure.is_none() => {
+                for record in batch {
+                    match produce(plan, ctx, producer, record) {
+                        Produced::Queued => in_flight += 1,
+                        Produced::Refused(record, reason, detail) => {
+                            dead_letter(ctx, record, &reason, &detail, &mut failure).await;
+                        }
+                        Produced::Failed(reason, detail) => {
+                            // The rest of the batch is read again after the rewind.
+                            failure.get_or_insert((reason, detail));
+                            break;
+                        }
+                    }
+                }
+            }
+            Some(event) = events.recv() => match event {
+                Event::Delivered(p) => {
+                    in_flight -= 1;
+                    ctx.buffer.ack(p.seq);
+                    ctx.metrics.delivered(p.msg.received_at);
+                    ctx.metrics.mark_up("delivering");
+                    backoff.reset();
+                }
+                Event::Failed(p, code, detail) => {
+                    in_flight -= 1;
+                    if fault(code) == Fault::Message {
+                        let record = Record { seq: p.seq, msg: p.msg };
+                        dead_letter(ctx, record, &reason(code), &detail, &mut failure).await;
+                    } else {
+                        failure.get_or_insert((reason(code), detail));
+                    }
+                }
+                Event::Client(code, detail) => client_error(ctx, code, &detail, &mut failure),
+            },
+            _ = ctx.shutdown.cancelled() => return SessionEnd::Stopped,
+        }
+    }
+}
+
+/// An error librdkafka reported outside a delivery. Those that mean nothing can be
+/// delivered mark the sink down; the rest (one broker's idle connection closed, a
+/// retried request) are counted and logged at debug level.
+fn client_error(
+    ctx: &SinkContext,
+    code: RDKafkaErrorCode,
+    detail: &str,
+    failure: &mut Option<(String, String)>,
+) {
+    use RDKafkaErrorCode::*;
+    match code {
+        Fatal => {
+            failure.get_or_insert(("fatal".into(), detail.to_string()));
+            ctx.metrics.mark_down("fatal", detail);
+        }
+        AllBrokersDown
+        | Resolve
+        | Authentication
+        | SaslAuthenticationFailed
+        | TopicAuthorizationFailed
+        | ClusterAuthorizationFailed
+        | InvalidConfig => {
+            ctx.metrics.mark_down(&reason(code), detail);
+        }
+        _ => {
+            ctx.metrics.error(&reason(code));
+            debug!(sink = %ctx.name, code = ?code, "Kafka client error: {detail}");
+        }
+    }
+}
+
+/// Dead-letters `record`; if the file cannot be written the record is kept (a failure,
+/// so it is produced again after the rewind and refused again).
+async fn dead_letter(
+    ctx: &SinkContext,
+    record: Record,
+    reason: &str,
+    detail: &str,
+    failure: &mut Option<(String, String)>,
+) {
+    if ctx
+        .dead_letter(std::slice::from_ref(&record), reason, detail)
+        .await
+        .is_err()
+    {
+        failure.get_or_insert((
+            "dead_letter".into(),
+            "cannot write the dead-letter file".into(),
+        ));
+    }
+}
+
+/// Flushes what librdkafka holds within the grace period and acks what it confirms.
+async fn finish(
+    ctx: &SinkContext,
+    producer: Arc<KafkaProducer>,
+    events: &mut mpsc::UnboundedReceiver<Event>,
+) {
+    let grace = ctx.grace;
+    let flushed = tokio::task::spawn_blocking(move || producer.flush(grace)).await;
+    if !matches!(flushed, Ok(Ok(()))) {
+        warn!(sink = %ctx.name, "Kafka flush did not finish within the grace period; unconfirmed messages stay buffered");
+    }
+    while let Ok(event) = events.try_recv() {
+        if let Event::Delivered(p) = event {
+            ctx.buffer.ack(p.seq);
+            ctx.metrics.delivered(p.msg.received_at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_table() {
+        use RDKafkaErrorCode::*;
+        for code in [
+            MessageSizeTooLarge,
+            InvalidMessageSize,
+            MessageBatchTooLarge,
+            InvalidMessage,
+            InvalidRecord,
+            InvalidTimestamp,
+            InvalidTopic,
+            BadMessage,
+        ] {
+            assert_eq!(fault(code), Fault::Message, "{code:?}");
+        }
+        for code in [
+            NotLeaderForPartition,
+            MessageTimedOut,
+            AllBrokersDown,
+            BrokerTransportFailure,
+            QueueFull,
+            TopicAuthorizationFailed,
+            ClusterAuthorizationFailed,
+            UnknownTopicOrPartition,
+            RequestTimedOut,
+            NotEnoughReplicas,
+            OutOfOrderSequenceNumber,
+            Fatal,
+        ] {
+            assert_eq!(fault(code), Fault::Cluster, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn reasons_are_snake_case() {
+        assert_eq!(
+            reason(RDKafkaErrorCode::MessageTimedOut),
+            "message_timed_out"
+        );
+        assert_eq!(reason(RDKafkaErrorCode::AllBrokersDown), "all_brokers_down");
+        assert_eq!(
+            reason(RDKafkaErrorCode::MessageSizeTooLarge),
+            "message_size_too_large"
+        );
+    }
+
+    #[test]
+    fn topics_render_and_are_checked() {
+        let plan = |topic: &str| {
+            let section: KafkaSinkSection =
+                toml::from_str(&format!("brokers = [\"k:9092\"]\ntopic = \"{topic}\"")).unwrap();
+            config::validate("s", &section, "gw", &mut |p, m| panic!("{p}: {m}")).unwrap()
+        };
+        let msg = |topic: &str| Message {
+            topic: topic.into(),
+            payload: bytes::Bytes::new(),
+            qos: 1,
+            retain: false,
+            properties: None,
+            received_at: 0,
+        };
+        let p = plan("telemetry.{2}");
+        let m = msg("plant/press-1/temp");
+        assert_eq!(
+            kafka_topic(&p, &m, &level_ranges(&m.topic)).unwrap(),
+            "telemetry.press-1"
+        );
+        let m = msg("plant/bad name/temp");
+        assert!(kafka_topic(&p, &m, &level_ranges(&m.topic)).is_err());
+        let p = plan("static-topic");
+        assert_eq!(
+            kafka_topic(&p, &m, &level_ranges(&m.topic)).unwrap(),
+            "static-topic"
+        );
+    }
+}
