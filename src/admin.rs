@@ -166,7 +166,8 @@ impl AdminState {
         let elapsed = now.duration_since(sample.at);
         if elapsed >= RATE_WINDOW {
             let delta = value.saturating_sub(sample.value) as f64;
-            sample.rate = Some(delta / elapsed.as_secs_f64());
+            let per_second = delta / elapsed.as_secs_f64();
+            sample.rate = Some((per_second * 100.0).round() / 100.0);
             sample.at = now;
             sample.value = value;
         }
@@ -513,8 +514,9 @@ h1{font-size:1.3rem;margin:0 0 .3rem}h2{font-size:1.1rem;margin:1.2rem 0 .5rem}\
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem .8rem;margin:0}\
 dt{color:#555}dd{margin:0;overflow-wrap:anywhere}\
 .error{color:#c62828}\
-table{border-collapse:collapse;width:100%;background:#fff}\
-td,th{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #ddd;overflow-wrap:anywhere}";
+table{border-collapse:collapse;width:100%;background:#fff;border-radius:8px}\
+td,th{text-align:left;padding:.4rem .5rem;border-bottom:1px solid #ddd;vertical-align:top}\
+td{overflow-wrap:break-word}th{white-space:nowrap}";
 
 /// The status page: listeners, sinks, rules. Every config-derived string is escaped.
 pub fn render_page(s: &Status) -> String {
@@ -534,20 +536,23 @@ pub fn render_page(s: &Status) -> String {
         uptime = age(s.uptime_seconds as f64),
     );
 
-    h.push_str("<h2>Listeners</h2><table><tr><th>name</th><th>address</th><th>connections</th><th>received</th><th>rate</th><th>dropped</th></tr>");
+    h.push_str("<h2>Listeners</h2>");
     for l in &s.listeners {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(&l.name),
-            escape(&l.addr),
-            l.connections,
-            l.received,
-            rate(l.received_per_second),
-            reasons(&l.dropped),
+            "<div class=\"card listener\"><h3>{name}</h3><dl>\
+             <dt>address</dt><dd>{addr}</dd>\
+             <dt>connections</dt><dd>{connections}</dd>\
+             <dt>received</dt><dd>{received} ({rate})</dd>\
+             <dt>not taken in</dt><dd>{dropped}</dd></dl></div>",
+            name = escape(&l.name),
+            addr = escape(&l.addr),
+            connections = l.connections,
+            received = l.received,
+            rate = rate(l.received_per_second),
+            dropped = reasons(&l.dropped),
         );
     }
-    h.push_str("</table>");
 
     h.push_str("<h2>Sinks</h2>");
     for k in &s.sinks {

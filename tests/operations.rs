@@ -729,6 +729,64 @@ async fn paused_upstream_is_detected_by_ack_timeout_and_nothing_is_lost() {
     gw.shutdown().await;
 }
 
+/// A real gateway shutting down while its sink waits for acknowledgements (the upstream
+/// is frozen, so the sink uses its whole grace period): readiness says "stopping" and the
+/// status reports it until the admin endpoint closes last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_reports_stopping_during_shutdown() {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let mut gw = TestGateway::start(&half_open_sink(
+        upstream.port(),
+        "ack_timeout = \"60s\"\nkeep_alive = \"60s\"",
+    ))
+    .await;
+    let addr = admin(&gw);
+    assert_eq!(http_get(addr, "/readyz").await, (200, "ready\n".into()));
+    let up = gw
+        .eventually(WAIT, |g| {
+            g.counter("edgebridge_sink_up", &[("sink", "cloud")]) == 1.0
+        })
+        .await;
+    assert!(up, "the sink connects");
+    upstream.pause();
+    let sent = publish_seq(
+        "127.0.0.1",
+        gw.port(),
+        "dev-0",
+        "dev/0",
+        0,
+        20,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert_eq!(sent, 20, "stored while the upstream is frozen");
+    let outstanding = gw
+        .eventually(WAIT, |g| {
+            g.counter("edgebridge_buffer_messages", &[("sink", "cloud")]) == 20.0
+        })
+        .await;
+    assert!(outstanding);
+
+    let gateway = gw.gateway.take().expect("gateway running");
+    let shutdown = tokio::spawn(gateway.shutdown());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (code, body) = loop {
+        let answer = http_get(addr, "/readyz").await;
+        if answer.0 != 200 || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!((code, body.as_str()), (503, "stopping\n"));
+    assert_eq!(status(addr).await["state"], "stopping");
+    shutdown.await.expect("shutdown");
+    upstream.resume();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the admin endpoint closes once shutdown is done"
+    );
+}
+
 /// With nothing outstanding, a SIGSTOPped upstream is caught by its unanswered PINGREQ
 /// (`reason="ping_timeout"`), and the sink comes back after SIGCONT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

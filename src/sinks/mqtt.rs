@@ -247,7 +247,10 @@ async fn connection(
                         }
                     }
                     Some(Err(e)) => {
-                        let detail = format!("{upstream}: {e}; {} unconfirmed will be resent", window.len());
+                        let detail = match window.len() {
+                            0 => format!("{upstream}: {e}"),
+                            n => format!("{upstream}: {e}; {n} unconfirmed will be resent"),
+                        };
                         ctx.metrics.mark_down(classify(&e), &detail);
                         break Outcome::Reconnect;
                     }
