@@ -413,6 +413,11 @@ topic = "up/img/{{1}}"
         BIG as f64
     );
     assert_eq!(m("edgebridge_connections", &[("listener", "devices")]), 0.0);
+    // The process collector: memory and open files of this process (its CPU counter
+    // counts whole seconds, so it may still read 0 here).
+    assert!(m("process_resident_memory_bytes", &[]) > 0.0, "{text}");
+    assert!(m("process_open_fds", &[]) > 0.0, "{text}");
+    assert!(text.contains("\nprocess_cpu_seconds_total "), "{text}");
     // cloud: every small message confirmed, every big one dead-lettered.
     assert_eq!(
         m("edgebridge_sink_delivered_total", &[("sink", "cloud")]),
