@@ -110,6 +110,22 @@ async fn publish_all(port: u16, client_id: &str, messages: &[(String, Vec<u8>)])
     acked
 }
 
+/// A plain Mosquitto as the upstream, with a collector subscribed to `up/#`.
+async fn upstream_with_collector() -> (Mosquitto, Collector) {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let opts = client_options("collector", upstream.port(), Mode::Plain);
+    let collector = Collector::start(opts, "up/#").await;
+    (upstream, collector)
+}
+
+/// Whether sink `cloud` is up within `timeout`.
+async fn sink_up_within(gw: &TestGateway, timeout: Duration) -> bool {
+    gw.eventually(timeout, |g| {
+        g.counter("edgebridge_sink_up", &[("sink", "cloud")]) == 1.0
+    })
+    .await
+}
+
 /// Starting, running and stopping as `/readyz`, `/healthz` and the status answer them,
 /// served by the real admin endpoint; then a listener that stops accepting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -299,12 +315,7 @@ async fn status_of_a_running_gateway_with_a_sink_down() {
 /// is down with a small `drop_newest` buffer. The status API agrees with `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_are_exact_after_a_workload_with_failures_and_drops() {
-    let upstream = Mosquitto::start(Mode::Plain);
-    let collector = Collector::start(
-        client_options("collector", upstream.port(), Mode::Plain),
-        "up/#",
-    )
-    .await;
+    let (upstream, collector) = upstream_with_collector().await;
     let body = format!(
         r#"
 [sinks.cloud]
@@ -664,12 +675,7 @@ async fn time_to_down(gw: &TestGateway, since: Instant) -> (Duration, Value) {
 /// connection is re-established after SIGCONT; every message arrives, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn paused_upstream_is_detected_by_ack_timeout_and_nothing_is_lost() {
-    let upstream = Mosquitto::start(Mode::Plain);
-    let collector = Collector::start(
-        client_options("collector", upstream.port(), Mode::Plain),
-        "up/#",
-    )
-    .await;
+    let (upstream, collector) = upstream_with_collector().await;
     // keep_alive well above ack_timeout: the missing PUBACKs must be what detects it.
     let mut gw = TestGateway::start(&half_open_sink(
         upstream.port(),
@@ -747,11 +753,7 @@ async fn readiness_reports_stopping_during_shutdown() {
     .await;
     let addr = admin(&gw);
     assert_eq!(http_get(addr, "/readyz").await, (200, "ready\n".into()));
-    let up = gw
-        .eventually(WAIT, |g| {
-            g.counter("edgebridge_sink_up", &[("sink", "cloud")]) == 1.0
-        })
-        .await;
+    let up = sink_up_within(&gw, WAIT).await;
     assert!(up, "the sink connects");
     upstream.pause();
     let sent = publish_seq(
@@ -798,11 +800,7 @@ async fn readiness_reports_stopping_during_shutdown() {
 async fn idle_paused_upstream_is_detected_by_unanswered_pings() {
     let upstream = Mosquitto::start(Mode::Plain);
     let mut gw = TestGateway::start(&half_open_sink(upstream.port(), "keep_alive = \"5s\"")).await;
-    let up = gw
-        .eventually(WAIT, |g| {
-            g.counter("edgebridge_sink_up", &[("sink", "cloud")]) == 1.0
-        })
-        .await;
+    let up = sink_up_within(&gw, WAIT).await;
     assert!(up, "the sink connects");
     upstream.pause();
     let (took, s) = time_to_down(&gw, Instant::now()).await;
@@ -813,11 +811,7 @@ async fn idle_paused_upstream_is_detected_by_unanswered_pings() {
         "{s:#}"
     );
     upstream.resume();
-    let back = gw
-        .eventually(WAIT, |g| {
-            g.counter("edgebridge_sink_up", &[("sink", "cloud")]) == 1.0
-        })
-        .await;
+    let back = sink_up_within(&gw, WAIT).await;
     assert!(back, "the sink reconnects after SIGCONT");
     gw.shutdown().await;
 }
@@ -903,12 +897,7 @@ fn binary_config(dir: &Path, admin: u16, body: &str) -> std::path::PathBuf {
 /// nothing per message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn json_logs_have_one_line_per_sink_state_change() {
-    let mut upstream = Mosquitto::start(Mode::Plain);
-    let collector = Collector::start(
-        client_options("collector", upstream.port(), Mode::Plain),
-        "up/#",
-    )
-    .await;
+    let (mut upstream, collector) = upstream_with_collector().await;
     upstream.stop();
     let dir = tempfile::tempdir().expect("tempdir");
     let admin_port = free_port();
