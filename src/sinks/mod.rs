@@ -113,8 +113,9 @@ impl SinkMetrics {
         self.state.clone()
     }
 
-    /// Counts an error under `reason` (`edgebridge_sink_errors_total`) and remembers it
-    /// as the sink's last error.
+    /// Counts an error under `reason` (`edgebridge_sink_errors_total`). A failure of the
+    /// upstream itself goes through [`SinkMetrics::mark_down`], which also counts it and
+    /// records it as the last error.
     pub fn error(&self, reason: &str) {
         self.errors.with_label_values(&[&self.name, reason]).inc();
     }
