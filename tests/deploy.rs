@@ -121,6 +121,14 @@ async fn dockerfile_is_multi_stage_non_root_with_a_volume_and_a_working_healthch
     );
     assert!(env.contains("EDGEBRIDGE_ADMIN__BIND=0.0.0.0:9464"), "{env}");
 
+    // The build context leaves out build output and local data.
+    let ignored = read(".dockerignore");
+    for path in ["target/", "data/", ".git/"] {
+        assert!(
+            ignored.lines().any(|l| l == path),
+            ".dockerignore lacks {path}"
+        );
+    }
     // The build command is the README's.
     let build = get("RUN")[0];
     assert!(
