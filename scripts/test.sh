@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need, then lints and runs every test.
 # Tests start their own peers (Mosquitto and tansu on free ports, an HTTP server in the
-# test, certificates generated per test).
+# test, certificates generated per test, headless Chromium for the status page).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# The status page is tested in headless Chromium (tests/operations.rs).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

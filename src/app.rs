@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, Phase};
 use crate::broker;
 use crate::buffer::Buffer;
 use crate::config::Plan;
@@ -41,6 +41,8 @@ pub struct Gateway {
     sinks_stop: CancellationToken,
     /// Stops the admin endpoint.
     admin_stop: CancellationToken,
+    /// What the admin endpoint shows; told when shutdown begins.
+    admin_state: Arc<AdminState>,
     listener_tasks: Vec<JoinHandle<()>>,
     router: JoinHandle<()>,
     sink_tasks: Vec<JoinHandle<()>>,
@@ -73,6 +75,8 @@ impl Gateway {
                 tokio::spawn(async move { b.run_interval_sync(stop).await })
             })
             .collect();
+        // Each sink's up/down state and last error, shared by its worker and the status.
+        let mut sink_states = Vec::new();
         let sink_tasks = plan
             .sinks
             .iter()
@@ -87,6 +91,7 @@ impl Gateway {
                     metrics: SinkMetrics::new(&metrics, &s.name),
                     dead_letter: DeadLetter::new(&plan.data_dir, &s.name),
                 };
+                sink_states.push((ctx.metrics.state(), buffer.clone()));
                 sinks::spawn(s, ctx)
             })
             .collect();
@@ -117,15 +122,15 @@ impl Gateway {
             running.iter().map(|l| (l.name.clone(), l.addr)).collect();
 
         let admin_stop = CancellationToken::new();
-        let state = Arc::new(AdminState {
-            metrics: metrics.clone(),
-            buffers: buffers.clone(),
-            listeners: listeners.iter().map(|(_, a)| *a).collect(),
-            ready: AtomicBool::new(false),
-        });
+        let state = Arc::new(AdminState::new(
+            &plan,
+            metrics.clone(),
+            listeners.clone(),
+            sink_states,
+        ));
         let (admin_addr, admin) =
             admin::start(plan.admin_bind, state.clone(), admin_stop.clone()).await?;
-        state.ready.store(true, Ordering::Relaxed);
+        state.set_phase(Phase::Running);
         info!(gateway = %plan.gateway_id, admin = %admin_addr, sinks = plan.sinks.len(), rules = plan.rules.len(), "edgebridge started");
 
         Ok(Gateway {
@@ -136,6 +141,7 @@ impl Gateway {
             intake_stop,
             sinks_stop,
             admin_stop,
+            admin_state: state,
             listener_tasks: running.into_iter().map(|l| l.task).collect(),
             router,
             sink_tasks,
@@ -149,6 +155,7 @@ impl Gateway {
     /// Stops in the order of the module docs.
     pub async fn shutdown(self) {
         info!("shutting down: stopping intake");
+        self.admin_state.set_phase(Phase::Stopping);
         self.stopping.store(true, Ordering::Relaxed);
         for task in &self.listener_tasks {
             task.abort();

@@ -298,6 +298,10 @@ pub struct MqttSinkSection {
     pub forward_retain: bool,
     #[serde(default = "default_keep_alive")]
     pub keep_alive: HumanDuration,
+    /// Half-open detection: with publishes awaiting their PUBACK, none arriving for this
+    /// long marks the upstream down and reconnects.
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout: HumanDuration,
     #[serde(default = "default_true")]
     pub clean_session: bool,
     /// Largest packet sent or accepted; default fits a 128 KiB payload.
@@ -514,6 +518,9 @@ fn default_qos() -> u8 {
     1
 }
 fn default_keep_alive() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_ack_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 fn default_true() -> bool {
@@ -827,6 +834,7 @@ pub struct MqttPlan {
     pub qos: u8,
     pub forward_retain: bool,
     pub keep_alive: Duration,
+    pub ack_timeout: Duration,
     pub clean_session: bool,
     pub max_packet_size: usize,
     pub inflight: u16,
@@ -1221,6 +1229,10 @@ fn validate_mqtt(
         );
         ok = false;
     }
+    if m.ack_timeout.0 < Duration::from_secs(1) {
+        err(format!("{path}.ack_timeout"), "must be at least 1s".into());
+        ok = false;
+    }
     if m.inflight == 0 {
         err(format!("{path}.inflight"), "must be at least 1".into());
         ok = false;
@@ -1258,6 +1270,7 @@ fn validate_mqtt(
         qos: m.qos,
         forward_retain: m.forward_retain,
         keep_alive: m.keep_alive.0,
+        ack_timeout: m.ack_timeout.0,
         clean_session: m.clean_session,
         max_packet_size: m.max_packet_size.0 as usize,
         inflight: m.inflight,
@@ -1516,6 +1529,25 @@ mod tests {
             tls = { ca = "/nonexistent/ca.pem" }"#,
         );
         assert_eq!(e, "sinks.cloud.tls.ca: file /nonexistent/ca.pem not found");
+    }
+
+    #[test]
+    fn mqtt_ack_timeout_defaults_to_30s_and_refuses_zero() {
+        let sink = |extra: &str| {
+            format!("[sinks.cloud]\ntype = \"mqtt\"\nurl = \"mqtt://b:1883\"\n{extra}")
+        };
+        let plan = load_str(&sink(""), &[]).expect("valid");
+        let SinkKindPlan::Mqtt(m) = &plan.sinks[0].kind else {
+            panic!("not an mqtt sink");
+        };
+        assert_eq!(m.ack_timeout, Duration::from_secs(30));
+        let plan = load_str(&sink("ack_timeout = \"2s\""), &[]).expect("valid");
+        let SinkKindPlan::Mqtt(m) = &plan.sinks[0].kind else {
+            panic!("not an mqtt sink");
+        };
+        assert_eq!(m.ack_timeout, Duration::from_secs(2));
+        let e = first_error(&sink("ack_timeout = \"0s\""));
+        assert_eq!(e, "sinks.cloud.ack_timeout: must be at least 1s");
     }
 
     #[test]

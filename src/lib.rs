@@ -20,7 +20,7 @@
 //! - [`rules`]: compiled topic filters and templates; the router task.
 //! - [`buffer`]: the per-sink buffer (append / read batch / ack / rewind).
 //! - [`sinks`]: one worker per sink: [`sinks::mqtt`], [`sinks::file`].
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/v1/status` and the status page.
 //! - [`app`]: start-up and shutdown order.
 
 #![forbid(unsafe_code)]

@@ -159,6 +159,11 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
+    /// Every metric family with its current values (for the status API).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     pub fn listener(&self, listener: &str) -> ListenerMetrics {
         ListenerMetrics {
             received: self.messages_received.with_label_values(&[listener]),

@@ -10,7 +10,6 @@ use base64::Engine;
 use serde_json::json;
 use tokio::fs::{File, OpenOptions};
 use tokio::io::AsyncWriteExt;
-use tracing::{info, warn};
 
 use super::{Backoff, SinkContext};
 use crate::config::FilePlan;
@@ -53,23 +52,21 @@ pub async fn run(plan: FilePlan, ctx: SinkContext) {
         let mut file = match open(&plan.path).await {
             Ok(f) => f,
             Err(e) => {
-                ctx.metrics.up.set(0);
-                ctx.metrics.error("io");
-                warn!(sink = %ctx.name, path = %plan.path.display(), error = %e, "cannot open the output file; retrying");
+                let detail = format!("cannot open {}: {e}", plan.path.display());
+                ctx.metrics.mark_down("io", &detail);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => continue 'reopen,
                     _ = ctx.shutdown.cancelled() => return,
                 }
             }
         };
-        ctx.metrics.up.set(1);
         backoff.reset();
-        info!(sink = %ctx.name, path = %plan.path.display(), "writing to file");
+        ctx.up(&format!("writing to {}", plan.path.display()));
         loop {
             let batch = tokio::select! {
                 batch = ctx.buffer.read_batch(ctx.batch) => batch,
                 _ = ctx.shutdown.cancelled() => {
-                    ctx.metrics.up.set(0);
+                    ctx.metrics.mark_stopped();
                     return;
                 }
             };
@@ -82,9 +79,8 @@ pub async fn run(plan: FilePlan, ctx: SinkContext) {
                 file.flush().await
             };
             if let Err(e) = written.await {
-                ctx.metrics.up.set(0);
-                ctx.metrics.error("io");
-                warn!(sink = %ctx.name, path = %plan.path.display(), error = %e, "write failed; will retry the batch");
+                let detail = format!("cannot write {}: {e}", plan.path.display());
+                ctx.metrics.mark_down("io", &detail);
                 ctx.buffer.rewind();
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => continue 'reopen,
@@ -95,6 +91,7 @@ pub async fn run(plan: FilePlan, ctx: SinkContext) {
                 ctx.buffer.ack(record.seq);
                 ctx.metrics.delivered(record.msg.received_at);
             }
+            ctx.acked();
         }
     }
 }

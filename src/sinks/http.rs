@@ -331,6 +331,12 @@ async fn sleep_or_stop(ctx: &SinkContext, delay: Duration) -> bool {
 }
 
 pub async fn run(plan: HttpPlan, ctx: SinkContext) {
+    serve(&plan, &ctx).await;
+    ctx.metrics.mark_stopped();
+}
+
+/// Delivers until shutdown.
+async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
     let mut backoff = Backoff::try_new(plan.backoff_min, plan.backoff_max).unwrap_or_else(|e| {
         // Validation refuses such bounds; keep a sane default rather than stop.
         warn!(sink = %ctx.name, error = %e, "invalid backoff; using 1s..30s");
@@ -338,12 +344,12 @@ pub async fn run(plan: HttpPlan, ctx: SinkContext) {
             .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
     });
     let client = loop {
-        match client(&plan) {
+        match client(plan) {
             Ok(c) => break c,
             Err(e) => {
                 ctx.metrics
                     .mark_down("config", &format!("cannot build the HTTP client: {e:#}"));
-                if sleep_or_stop(&ctx, backoff.next_delay()).await {
+                if sleep_or_stop(ctx, backoff.next_delay()).await {
                     return;
                 }
             }
@@ -365,10 +371,10 @@ pub async fn run(plan: HttpPlan, ctx: SinkContext) {
     // After a batch was refused as permanent, its records go one per request.
     let mut alone_upto = 0u64;
     loop {
-        if !fill(&plan, &ctx, &mut pending).await {
+        if !fill(plan, ctx, &mut pending).await {
             return;
         }
-        let request = match next_request(&plan, &key_prefix, &mut pending, alone_upto) {
+        let request = match next_request(plan, &key_prefix, &mut pending, alone_upto) {
             Some(Ok(r)) => r,
             Some(Err((record, problem))) => {
                 if ctx
@@ -377,7 +383,7 @@ pub async fn run(plan: HttpPlan, ctx: SinkContext) {
                     .is_err()
                 {
                     pending.push_front(record);
-                    if sleep_or_stop(&ctx, backoff.next_delay()).await {
+                    if sleep_or_stop(ctx, backoff.next_delay()).await {
                         return;
                     }
                 }
@@ -385,7 +391,7 @@ pub async fn run(plan: HttpPlan, ctx: SinkContext) {
             }
             None => continue,
         };
-        match deliver(&plan, &ctx, &client, &mut backoff, request).await {
+        match deliver(plan, ctx, &client, &mut backoff, request).await {
             Delivery::Done => {}
             Delivery::Split(records) => {
                 alone_upto = records.last().map_or(alone_upto, |r| r.seq);
@@ -462,7 +468,8 @@ async fn deliver(
                             ctx.buffer.ack(record.seq);
                             ctx.metrics.delivered(record.msg.received_at);
                         }
-                        ctx.metrics.mark_up(&format!("HTTP {code}"));
+                        ctx.up(&format!("HTTP {code}"));
+                        ctx.acked();
                         backoff.reset();
                         return Delivery::Done;
                     }
@@ -473,7 +480,7 @@ async fn deliver(
                     }
                     Verdict::Permanent => {
                         // The server works; this message never will.
-                        ctx.metrics.mark_up(&format!("HTTP {code}"));
+                        ctx.up(&format!("HTTP {code}"));
                         let reason = format!("http_{code}");
                         if ctx
                             .dead_letter(&req.records, &reason, &format!("HTTP {status}"))

@@ -273,6 +273,12 @@ async fn sleep_or_stop(ctx: &SinkContext, delay: Duration) -> bool {
 }
 
 pub async fn run(plan: KafkaPlan, ctx: SinkContext) {
+    serve(&plan, &ctx).await;
+    ctx.metrics.mark_stopped();
+}
+
+/// Delivers until shutdown.
+async fn serve(plan: &KafkaPlan, ctx: &SinkContext) {
     let mut backoff = Backoff::try_new(plan.backoff_min, plan.backoff_max).unwrap_or_else(|e| {
         // Validation refuses such bounds; keep a sane default rather than stop.
         warn!(sink = %ctx.name, error = %e, "invalid backoff; using 1s..30s");
@@ -281,12 +287,12 @@ pub async fn run(plan: KafkaPlan, ctx: SinkContext) {
     });
     loop {
         let (tx, mut events) = mpsc::unbounded_channel();
-        let producer = match producer(&plan, &ctx.name, tx) {
+        let producer = match producer(plan, &ctx.name, tx) {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 ctx.metrics
                     .mark_down("config", &format!("cannot create the Kafka producer: {e}"));
-                if sleep_or_stop(&ctx, backoff.next_delay()).await {
+                if sleep_or_stop(ctx, backoff.next_delay()).await {
                     return;
                 }
                 continue;
@@ -294,17 +300,17 @@ pub async fn run(plan: KafkaPlan, ctx: SinkContext) {
         };
         info!(sink = %ctx.name, brokers = %plan.brokers.join(","), topic = %plan.topic.source(), "Kafka producer started");
         ctx.buffer.rewind();
-        let end = session(&plan, &ctx, &producer, &mut events, &mut backoff).await;
+        let end = session(plan, ctx, &producer, &mut events, &mut backoff).await;
         let stopping = matches!(end, SessionEnd::Stopped);
         if stopping {
-            finish(&ctx, producer.clone(), &mut events).await;
+            finish(ctx, producer.clone(), &mut events).await;
         }
         // Dropping a producer waits for librdkafka's threads: off the runtime.
         let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
         if stopping {
             return;
         }
-        if sleep_or_stop(&ctx, backoff.next_delay()).await {
+        if sleep_or_stop(ctx, backoff.next_delay()).await {
             return;
         }
     }
@@ -363,7 +369,8 @@ async fn session(
                     in_flight -= 1;
                     ctx.buffer.ack(p.seq);
                     ctx.metrics.delivered(p.msg.received_at);
-                    ctx.metrics.mark_up("delivering");
+                    ctx.up("deliveries confirmed");
+                    ctx.acked();
                     backoff.reset();
                 }
                 Event::Failed(p, code, detail) => {

@@ -44,6 +44,21 @@ pub struct SinkContext {
 }
 
 impl SinkContext {
+    /// The upstream works: marks the sink up and, on a change of state with a backlog
+    /// waiting, logs that it starts draining.
+    pub fn up(&self, detail: &str) {
+        if self.metrics.mark_up(detail) {
+            self.metrics.draining(self.buffer.pending());
+        }
+    }
+
+    /// Called after acks: logs "drained" once a backlog being drained is gone.
+    pub fn acked(&self) {
+        if self.metrics.is_draining() {
+            self.metrics.check_drained(self.buffer.pending());
+        }
+    }
+
     /// Moves records that can never be delivered to the dead-letter file, counts them
     /// as dropped under `reason`, and acks them. If the file cannot be written nothing is
     /// acked, the error is counted (`reason="dead_letter"`) and returned.
@@ -101,20 +116,72 @@ impl SinkMetrics {
         self.state.clone()
     }
 
-    /// Counts an error under `reason` (`edgebridge_sink_errors_total`) and remembers it
-    /// as the sink's last error.
+    /// Counts an error under `reason` (`edgebridge_sink_errors_total`). A failure of the
+    /// upstream itself goes through [`SinkMetrics::mark_down`], which also counts it and
+    /// records it as the last error.
     pub fn error(&self, reason: &str) {
         self.errors.with_label_values(&[&self.name, reason]).inc();
     }
 
-    /// The upstream works (connected, or a delivery succeeded). Logs once per change.
-    pub fn mark_up(&self, detail: &str) {
+    /// The upstream works (connected, or a delivery succeeded). Logs once per change;
+    /// returns whether the sink was down before.
+    pub fn mark_up(&self, detail: &str) -> bool {
         let mut state = self.state.lock();
-        if !state.up {
-            state.up = true;
-            self.up.set(1);
-            info!(sink = %self.name, "sink up: {detail}");
+        if state.up {
+            return false;
         }
+        state.up = true;
+        self.up.set(1);
+        drop(state);
+        info!(sink = %self.name, "sink up: {detail}");
+        true
+    }
+
+    /// The worker stopped on shutdown: down, but not an error.
+    pub fn mark_stopped(&self) {
+        let mut state = self.state.lock();
+        let was_up = std::mem::replace(&mut state.up, false);
+        state.draining = None;
+        self.up.set(0);
+        drop(state);
+        if was_up {
+            info!(sink = %self.name, "sink stopped");
+        }
+    }
+
+    /// After [`SinkMetrics::mark_up`] returned `true`: a backlog of `pending` messages
+    /// starts draining (logged once; nothing when there is none).
+    pub fn draining(&self, pending: u64) {
+        if pending == 0 {
+            return;
+        }
+        let mut state = self.state.lock();
+        state.draining = Some(Draining {
+            since: now_millis(),
+            pending,
+        });
+        drop(state);
+        info!(sink = %self.name, pending, "draining the backlog");
+    }
+
+    /// Whether a backlog is draining: while it is, the worker calls
+    /// [`SinkMetrics::check_drained`] after its acks.
+    pub fn is_draining(&self) -> bool {
+        self.state.lock().draining.is_some()
+    }
+
+    /// Logs "drained" once the buffer holds nothing more (`pending` is its count now).
+    pub fn check_drained(&self, pending: u64) {
+        if pending > 0 {
+            return;
+        }
+        let mut state = self.state.lock();
+        let Some(d) = state.draining.take() else {
+            return;
+        };
+        drop(state);
+        let seconds = now_millis().saturating_sub(d.since) as f64 / 1000.0;
+        info!(sink = %self.name, messages = d.pending, seconds, "backlog drained");
     }
 
     /// The upstream failed: counts the error under `reason`, records it as the last
@@ -129,6 +196,7 @@ impl SinkMetrics {
                 .as_ref()
                 .map_or(true, |last| last.reason != reason);
         state.up = false;
+        state.draining = None;
         self.up.set(0);
         state.last_error = Some(LastError {
             reason: reason.to_string(),
@@ -179,6 +247,17 @@ pub struct SinkState {
 pub struct SinkStateSnapshot {
     pub up: bool,
     pub last_error: Option<LastError>,
+    /// Set from the moment the sink came up with a backlog until the buffer is empty.
+    pub draining: Option<Draining>,
+}
+
+/// A backlog being drained after the sink came up.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Draining {
+    /// Milliseconds since the Unix epoch.
+    pub since: u64,
+    /// Messages in the buffer when draining began.
+    pub pending: u64,
 }
 
 /// The most recent error of a sink.

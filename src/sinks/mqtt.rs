@@ -8,6 +8,13 @@
 //! session), the buffer is rewound to the oldest unacked record, and the connection is
 //! re-established after an exponential backoff with jitter. Duplicates are possible after
 //! a reconnect; losses are not.
+//!
+//! Half-open connections: an upstream that stops answering while the TCP connection
+//! stays open (a hung broker, a dead NAT entry) is caught two ways. With publishes
+//! awaiting their acknowledgement, no PUBACK for `ack_timeout` marks the sink down
+//! (`reason="ack_timeout"`) and reconnects; with nothing outstanding, rumqttc's own
+//! PINGREQ going unanswered for a keep-alive period does the same
+//! (`reason="ping_timeout"`).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
@@ -15,11 +22,12 @@ use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
-    TlsConfiguration, Transport,
+    StateError, TlsConfiguration, Transport,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::warn;
 
 use super::{Backoff, SinkContext};
 use crate::config::MqttPlan;
@@ -38,6 +46,7 @@ pub fn classify(error: &ConnectionError) -> &'static str {
         ConnectionError::Tls(_) => "tls",
         ConnectionError::ConnectionRefused(_) => "connack_refused",
         ConnectionError::NetworkTimeout | ConnectionError::FlushTimeout => "timeout",
+        ConnectionError::MqttState(StateError::AwaitPingResp) => "ping_timeout",
         ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_) => "protocol",
         ConnectionError::RequestsDone => "closed",
     }
@@ -126,8 +135,7 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
         let opts = match options(&plan) {
             Ok(o) => o,
             Err(e) => {
-                ctx.metrics.error("config");
-                warn!(sink = %ctx.name, error = %e, "cannot build the upstream connection; retrying");
+                ctx.metrics.mark_down("config", &e);
                 if sleep_or_stop(&ctx, backoff.next_delay()).await {
                     return;
                 }
@@ -140,7 +148,6 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
         match connection(&plan, &ctx, &client, eventloop, &mut backoff).await {
             Outcome::Stopped => return,
             Outcome::Reconnect => {
-                ctx.metrics.up.set(0);
                 if sleep_or_stop(&ctx, backoff.next_delay()).await {
                     return;
                 }
@@ -206,6 +213,13 @@ async fn connection(
     let refill_at = (window_size / 4).max(1);
     let mut window = Window::default();
     let mut connected = false;
+    // When an acknowledgement last arrived, or the window last became non-empty: while
+    // publishes are outstanding, nothing for `ack_timeout` means a half-open connection.
+    let mut last_progress = Instant::now();
+    let mut ack_check =
+        tokio::time::interval((plan.ack_timeout / 4).max(Duration::from_millis(100)));
+    ack_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let upstream = format!("{}:{}", plan.host, plan.port);
     let (mut events, driver) = drive(eventloop);
     let outcome = loop {
         let room = window_size.saturating_sub(window.len());
@@ -222,25 +236,46 @@ async fn connection(
                     Some(Ok(event)) => {
                         if let Event::Incoming(Incoming::ConnAck(ack)) = &event {
                             connected = true;
+                            last_progress = Instant::now();
                             backoff.reset();
-                            ctx.metrics.up.set(1);
-                            info!(sink = %ctx.name, host = %plan.host, port = plan.port, session_present = ack.session_present, "upstream connected");
+                            let session = if ack.session_present { "resumed" } else { "new" };
+                            ctx.up(&format!("connected to {upstream} ({session} session)"));
                         }
-                        handle_event(ctx, &mut window, event);
+                        if handle_event(ctx, &mut window, event) {
+                            last_progress = Instant::now();
+                            ctx.acked();
+                        }
                     }
                     Some(Err(e)) => {
-                        ctx.metrics.error(classify(&e));
-                        warn!(sink = %ctx.name, host = %plan.host, port = plan.port, error = %e, in_flight = window.len(), "upstream connection failed; will resend unacked messages");
+                        let detail = match window.len() {
+                            0 => format!("{upstream}: {e}"),
+                            n => format!("{upstream}: {e}; {n} unconfirmed will be resent"),
+                        };
+                        ctx.metrics.mark_down(classify(&e), &detail);
                         break Outcome::Reconnect;
                     }
                     None => break Outcome::Reconnect,
                 }
             }
+            _ = ack_check.tick(), if connected && window.len() > 0 => {
+                if last_progress.elapsed() >= plan.ack_timeout {
+                    let detail = format!(
+                        "{upstream}: no acknowledgement for {} with {} publishes outstanding; reconnecting",
+                        humantime::format_duration(plan.ack_timeout),
+                        window.len()
+                    );
+                    ctx.metrics.mark_down("ack_timeout", &detail);
+                    break Outcome::Reconnect;
+                }
+            }
             batch = ctx.buffer.read_batch(room.min(ctx.batch)), if connected && refill => {
+                if window.len() == 0 {
+                    last_progress = Instant::now();
+                }
                 if publish_batch(plan, ctx, client, qos, batch, &mut window).await.is_err() {
                     // The event loop is gone: its error is next in `events` (or it was
                     // aborted); nothing of this batch was acked, the rewind resends it.
-                    ctx.metrics.error("closed");
+                    ctx.metrics.mark_down("closed", &format!("{upstream}: the connection closed"));
                     break Outcome::Reconnect;
                 }
             }
@@ -297,31 +332,36 @@ async fn publish_batch(
     Ok(())
 }
 
-fn handle_event(ctx: &SinkContext, window: &mut Window, event: Event) {
+/// Applies one event to the window; returns whether it confirmed a record.
+fn handle_event(ctx: &SinkContext, window: &mut Window, event: Event) -> bool {
     match event {
         Event::Outgoing(Outgoing::Publish(pkid)) => {
             let Some(entry) = window.queued.pop_front() else {
-                return;
+                return false;
             };
             if pkid == 0 {
                 // QoS 0: written is all the confirmation there will be.
                 ctx.buffer.ack(entry.seq);
                 ctx.metrics.delivered(entry.received_at);
+                true
             } else {
                 window.by_pkid.insert(pkid, entry);
+                false
             }
         }
         Event::Incoming(Incoming::PubAck(ack)) => confirm(ctx, window, ack.pkid),
         Event::Incoming(Incoming::PubComp(comp)) => confirm(ctx, window, comp.pkid),
-        _ => {}
+        _ => false,
     }
 }
 
-fn confirm(ctx: &SinkContext, window: &mut Window, pkid: u16) {
-    if let Some(entry) = window.by_pkid.remove(&pkid) {
-        ctx.buffer.ack(entry.seq);
-        ctx.metrics.delivered(entry.received_at);
-    }
+fn confirm(ctx: &SinkContext, window: &mut Window, pkid: u16) -> bool {
+    let Some(entry) = window.by_pkid.remove(&pkid) else {
+        return false;
+    };
+    ctx.buffer.ack(entry.seq);
+    ctx.metrics.delivered(entry.received_at);
+    true
 }
 
 /// Shutdown: wait (within the grace period) for the acks of what is in flight, then say
@@ -335,7 +375,9 @@ async fn drain_and_disconnect(
     let deadline = tokio::time::Instant::now() + ctx.grace;
     while window.len() > 0 {
         match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(Ok(event))) => handle_event(ctx, window, event),
+            Ok(Some(Ok(event))) => {
+                handle_event(ctx, window, event);
+            }
             _ => break,
         }
     }
@@ -349,7 +391,7 @@ async fn drain_and_disconnect(
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
     }
-    ctx.metrics.up.set(0);
+    ctx.metrics.mark_stopped();
     Outcome::Stopped
 }
 
@@ -370,6 +412,10 @@ mod tests {
                 "io",
             ),
             (ConnectionError::NetworkTimeout, "timeout"),
+            (
+                ConnectionError::MqttState(StateError::AwaitPingResp),
+                "ping_timeout",
+            ),
             (
                 ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized),
                 "connack_refused",

@@ -71,10 +71,10 @@ impl Tansu {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
-    /// tansu does not create topics on first use.
+    /// tansu does not create topics on first use. Three partitions, as tansu's default.
     pub fn create_topic(&self, name: &str) {
         let out = Command::new(tansu_binary())
-            .args(["topic", "create", name, "--broker"])
+            .args(["topic", "create", name, "--partitions", "3", "--broker"])
             .arg(format!("tcp://127.0.0.1:{}", self.port))
             .output()
             .expect("run tansu topic create");
@@ -104,7 +104,7 @@ pub struct Record {
     pub headers: BTreeMap<String, String>,
 }
 
-/// Reads `topic` partition 0 from the beginning until `n` records arrived or `timeout`
+/// Reads partitions 0..3 of `topics` (those that exist) from the beginning until `n` records arrived or `timeout`
 /// passed (blocking: call from `spawn_blocking`).
 pub fn consume(bootstrap: &str, topics: &[&str], n: usize, timeout: Duration) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -116,9 +116,11 @@ pub fn consume(bootstrap: &str, topics: &[&str], n: usize, timeout: Duration) ->
         .expect("consumer");
     let mut assignment = TopicPartitionList::new();
     for topic in topics {
-        assignment
-            .add_partition_offset(topic, 0, Offset::Beginning)
-            .expect("assign");
+        for partition in 0..3 {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .expect("assign");
+        }
     }
     consumer.assign(&assignment).expect("assign");
     let mut out = Vec::new();
