@@ -1,7 +1,13 @@
-//! Sink benchmark (S5): the HTTP sink against the ceiling of the same receiver.
+//! Sink benchmark (S5): the HTTP and Kafka sinks, each against its peer's own ceiling.
 //!
-//! Run with `cargo bench --bench sinks`; the table is printed and written to
-//! `benches/RESULTS-sinks.md`.
+//! Run with `cargo bench --bench sinks` (`-- http` or `-- kafka` for one half); the table
+//! is printed and written to `benches/RESULTS-sinks.md`.
+//!
+//! Kafka: the ceiling is an rdkafka producer alone (the sink's default properties:
+//! idempotent, acks=all, lz4, linger 5 ms) producing 100-byte records from this process;
+//! the edgebridge run counts `Ok` delivery reports (the gateway's delivered counter).
+//! Brokers: librdkafka's MockCluster (in this process) and tansu (memory storage, topic
+//! `bench` with 3 partitions).
 //!
 //! The receiver is an HTTP/1.1 server in this process that counts messages (NDJSON lines,
 //! or one per request) and answers 200 at once. Two kinds of run, each batched (NDJSON,
@@ -93,7 +99,8 @@ struct Row {
     target: &'static str,
     messages: u64,
     expected: u64,
-    requests: u64,
+    /// HTTP requests (Kafka: none).
+    requests: Option<u64>,
     seconds: f64,
     cpu_us_per_msg: Option<f64>,
     peak_rss_mib: Option<f64>,
@@ -104,13 +111,13 @@ impl Row {
         let opt =
             |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         format!(
-            "| {} | {} | {}/{} | {:.0} | {:.0} | {} | {} |",
+            "| {} | {} | {}/{} | {:.0} | {} | {} | {} |",
             self.scenario,
             self.target,
             self.messages,
             self.expected,
             self.messages as f64 / self.seconds,
-            self.requests as f64 / self.seconds,
+            opt(self.requests.map(|r| r as f64 / self.seconds), 0),
             opt(self.cpu_us_per_msg, 1),
             opt(self.peak_rss_mib, 1),
         )
@@ -158,7 +165,7 @@ async fn ceiling(scenario: &'static str, batch: usize, total: u64) -> Result<Row
         target: "ceiling (sequential client → receiver)",
         messages,
         expected: requests * batch as u64,
-        requests: counts.requests.load(Ordering::Relaxed),
+        requests: Some(counts.requests.load(Ordering::Relaxed)),
         seconds,
         cpu_us_per_msg: cpu_seconds(None)
             .zip(cpu_before)
@@ -203,13 +210,23 @@ async fn device(port: u16, d: u32, n: u64) -> u64 {
     acked
 }
 
+/// Where a gateway run's messages are counted.
+enum Arrivals {
+    /// At the HTTP receiver of this process.
+    Http(Arc<Counts>),
+    /// By the gateway's delivered counter (Kafka: each one an `Ok` delivery report).
+    Delivered,
+}
+
+/// The release binary with `sink` (a `[sinks.out]` table) fed by rule `bench/#`, and
+/// `DEVICES` devices publishing `per_device` messages each, flat out.
 async fn gateway_run(
     binary: &Path,
     scenario: &'static str,
-    sink_extra: &str,
+    sink: &str,
+    arrivals: Arrivals,
     per_device: u64,
 ) -> Result<Row, String> {
-    let (receiver_port, counts) = start_receiver().await?;
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let (port, admin_port) = (free_port()?, free_port()?);
     let config = format!(
@@ -224,15 +241,12 @@ bind = "127.0.0.1:{admin_port}"
 name = "devices"
 bind = "127.0.0.1:{port}"
 
-[sinks.hook]
-type = "http"
-url = "http://127.0.0.1:{receiver_port}/in"
-{sink_extra}
+{sink}
 
 [[rules]]
 name = "bench"
 from = "bench/#"
-to = ["hook"]
+to = ["out"]
 
 [log]
 level = "warn"
@@ -241,8 +255,8 @@ level = "warn"
     );
     let config_path = dir.path().join("edgebridge.toml");
     std::fs::write(&config_path, config).map_err(|e| format!("write config: {e}"))?;
-    let log =
-        std::fs::File::create(dir.path().join("edgebridge.log")).map_err(|e| e.to_string())?;
+    let log_path = dir.path().join("edgebridge.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
     let child = Command::new(binary)
         .args(["run", "--config"])
         .arg(&config_path)
@@ -256,37 +270,53 @@ level = "warn"
     let ready_by = Instant::now() + Duration::from_secs(20);
     while !matches!(http_get(admin_port, "/readyz"), Some((200, _))) {
         if process.has_exited() || Instant::now() > ready_by {
-            return Err("edgebridge did not start".into());
+            return Err(format!(
+                "edgebridge did not start:\n{}",
+                tail(&log_path, 20)
+            ));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let expected = per_device * DEVICES as u64;
+    let arrived = || match &arrivals {
+        Arrivals::Http(counts) => counts.messages.load(Ordering::Relaxed),
+        Arrivals::Delivered => http_get(admin_port, "/metrics").map_or(0, |(_, page)| {
+            metric_sum(&page, "edgebridge_sink_delivered_total") as u64
+        }),
+    };
     let cpu_before = cpu_seconds(Some(process.pid()));
     let start = Instant::now();
     let devices: Vec<_> = (0..DEVICES)
         .map(|d| tokio::spawn(device(port, d, per_device)))
         .collect();
     let deadline = start + RUN_DEADLINE;
-    while counts.messages.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+    let mut messages = arrived();
+    while messages < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        messages = arrived();
     }
+    let done = Instant::now();
     let cpu_after = cpu_seconds(Some(process.pid()));
     for d in devices {
         let _ = d.await;
     }
-    let last = counts
-        .last
-        .lock()
-        .expect("lock")
-        .unwrap_or_else(Instant::now);
-    let messages = counts.messages.load(Ordering::Relaxed);
+    let (seconds, requests) = match &arrivals {
+        Arrivals::Http(counts) => {
+            let last = counts.last.lock().expect("lock").unwrap_or(done);
+            (
+                last.duration_since(start).as_secs_f64(),
+                Some(counts.requests.load(Ordering::Relaxed)),
+            )
+        }
+        Arrivals::Delivered => (done.duration_since(start).as_secs_f64(), None),
+    };
     Ok(Row {
         scenario,
         target: "edgebridge",
         messages,
         expected,
-        requests: counts.requests.load(Ordering::Relaxed),
-        seconds: last.duration_since(start).as_secs_f64(),
+        requests,
+        seconds,
         cpu_us_per_msg: cpu_after
             .zip(cpu_before)
             .map(|(a, b)| (a - b) * 1e6 / messages.max(1) as f64),
@@ -294,14 +324,183 @@ level = "warn"
     })
 }
 
-async fn bench(binary: PathBuf) -> Result<String, String> {
+fn http_sink(receiver_port: u16, extra: &str) -> String {
+    format!("[sinks.out]\ntype = \"http\"\nurl = \"http://127.0.0.1:{receiver_port}/in\"\n{extra}")
+}
+
+fn kafka_sink(bootstrap: &str) -> String {
+    let brokers: Vec<String> = bootstrap.split(',').map(|b| format!("\"{b}\"")).collect();
+    format!(
+        "[sinks.out]\ntype = \"kafka\"\nbrokers = [{}]\ntopic = \"bench\"",
+        brokers.join(", ")
+    )
+}
+
+/// An rdkafka producer alone, with the sink's default properties, producing `total`
+/// 100-byte records to `bootstrap`: the broker's ceiling for this client.
+async fn kafka_ceiling(scenario: &'static str, bootstrap: &str, total: u64) -> Result<Row, String> {
+    let bootstrap = bootstrap.to_string();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let mut config = rdkafka::ClientConfig::new();
+        for (k, v) in edgebridge::sinks::kafka::config::DEFAULT_PROPERTIES {
+            config.set(*k, *v);
+        }
+        config.set("bootstrap.servers", &bootstrap);
+        let producer: ThreadedProducer<DefaultProducerContext> = config
+            .create()
+            .map_err(|e| format!("ceiling producer: {e}"))?;
+        let cpu_before = cpu_seconds(None);
+        let start = Instant::now();
+        for s in 0..total {
+            let key = format!("bench/dev{}", s % DEVICES as u64);
+            let value = payload((s % DEVICES as u64) as u32, s);
+            let mut record = BaseRecord::to("bench").key(&key).payload(&value);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        // Queue full: let librdkafka drain a little.
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        producer
+            .flush(Duration::from_secs(120))
+            .map_err(|e| format!("ceiling flush: {e}"))?;
+        let seconds = start.elapsed().as_secs_f64();
+        Ok(Row {
+            scenario,
+            target: "ceiling (rdkafka producer alone)",
+            messages: total,
+            expected: total,
+            requests: None,
+            seconds,
+            cpu_us_per_msg: cpu_seconds(None)
+                .zip(cpu_before)
+                .map(|(a, b)| (a - b) * 1e6 / total as f64),
+            peak_rss_mib: None,
+        })
+    })
+    .await
+    .map_err(|e| format!("ceiling task: {e}"))?
+}
+
+/// `tansu broker` on a free port with topic `bench`; killed when dropped.
+fn start_tansu() -> Result<(ChildGuard, String), String> {
+    let bin = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("tansu"));
+    let port = free_port()?;
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(&bin)
+        .args(["broker", "--storage-engine", "memory://tansu/"])
+        .args(["--listener-url", &url, "--advertised-listener-url", &url])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            format!("start tansu ({e}); cargo install tansu --locked --features dynostore")
+        })?;
+    let guard = ChildGuard { child };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err("tansu did not listen".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new(&bin)
+        .args([
+            "topic",
+            "create",
+            "bench",
+            "--partitions",
+            "3",
+            "--broker",
+            &url,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("tansu topic create: {e}"))?;
+    if !status.success() {
+        return Err("tansu topic create bench failed".into());
+    }
+    Ok((guard, format!("127.0.0.1:{port}")))
+}
+
+async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> {
     let batched = "format = \"ndjson\"\nbatch = { max_messages = 500, max_delay = \"20ms\" }";
-    let rows = vec![
-        ceiling("S5-http batched (500/request)", 500, 500_000).await?,
-        gateway_run(&binary, "S5-http batched (500/request)", batched, 30_000).await?,
-        ceiling("S5-http unbatched", 1, 30_000).await?,
-        gateway_run(&binary, "S5-http unbatched", "format = \"json\"", 3_000).await?,
-    ];
+    let mut rows = Vec::new();
+    let run_http = filters.is_empty() || filters.iter().any(|f| f == "http");
+    let run_kafka = filters.is_empty() || filters.iter().any(|f| f == "kafka");
+    if run_http {
+        rows.push(ceiling("S5-http batched (500/request)", 500, 500_000).await?);
+        let (port, counts) = start_receiver().await?;
+        rows.push(
+            gateway_run(
+                &binary,
+                "S5-http batched (500/request)",
+                &http_sink(port, batched),
+                Arrivals::Http(counts),
+                30_000,
+            )
+            .await?,
+        );
+        rows.push(ceiling("S5-http unbatched", 1, 30_000).await?);
+        let (port, counts) = start_receiver().await?;
+        rows.push(
+            gateway_run(
+                &binary,
+                "S5-http unbatched",
+                &http_sink(port, "format = \"json\""),
+                Arrivals::Http(counts),
+                3_000,
+            )
+            .await?,
+        );
+    }
+    if run_kafka {
+        let cluster =
+            rdkafka::mocking::MockCluster::new(1).map_err(|e| format!("mock cluster: {e}"))?;
+        cluster
+            .create_topic("bench", 3, 1)
+            .map_err(|e| format!("mock topic: {e}"))?;
+        let bootstrap = cluster.bootstrap_servers();
+        rows.push(kafka_ceiling("S5-kafka MockCluster", &bootstrap, 500_000).await?);
+        rows.push(
+            gateway_run(
+                &binary,
+                "S5-kafka MockCluster",
+                &kafka_sink(&bootstrap),
+                Arrivals::Delivered,
+                30_000,
+            )
+            .await?,
+        );
+        drop(cluster);
+        let (tansu, bootstrap) = start_tansu()?;
+        rows.push(kafka_ceiling("S5-kafka tansu", &bootstrap, 300_000).await?);
+        drop(tansu);
+        // A fresh broker, so the gateway's run does not share it with the ceiling's data.
+        let (_tansu, bootstrap) = start_tansu()?;
+        rows.push(
+            gateway_run(
+                &binary,
+                "S5-kafka tansu",
+                &kafka_sink(&bootstrap),
+                Arrivals::Delivered,
+                30_000,
+            )
+            .await?,
+        );
+    }
     let mut md = String::from(
         "| scenario | target | messages | msg/s | requests/s | CPU µs/msg | peak RSS MiB |\n|---|---|---:|---:|---:|---:|---:|\n",
     );
@@ -312,6 +511,11 @@ async fn bench(binary: PathBuf) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
+    // `cargo bench` passes `--bench`; `http` or `kafka` picks one half.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let binary = match build_gateway() {
         Ok(b) => b,
         Err(e) => {
@@ -333,7 +537,7 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         tokio::select! {
             _ = interrupted() => Err("interrupted".to_string()),
-            r = bench(binary) => r,
+            r = bench(binary, filters) => r,
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));

@@ -1652,4 +1652,64 @@ mod tests {
         );
         assert!(text.contains("auth=bearer ****"), "{text}");
     }
+
+    #[test]
+    fn kafka_sink_errors_name_their_keys() {
+        let cases = [
+            (
+                "brokers = []\ntopic = \"t\"",
+                "sinks.lake.brokers: at least one host:port",
+            ),
+            (
+                "brokers = [\"kafka\"]\ntopic = \"t\"",
+                "sinks.lake.brokers[0]: \"kafka\" is not host:port",
+            ),
+            (
+                "brokers = [\"k:9092\"]\ntopic = \"bad topic\"",
+                "sinks.lake.topic: a Kafka topic is 1 to 249 of the characters a-z A-Z 0-9 . _ -",
+            ),
+            (
+                "brokers = [\"k:9092\"]\ntopic = \"t\"\nproperties = { \"bootstrap.servers\" = \"x:1\" }",
+                "sinks.lake.properties.bootstrap.servers: set by edgebridge from `brokers`",
+            ),
+            (
+                "brokers = [\"k:9092\"]\ntopic = \"t\"\nproperties = { \"no.such.property\" = \"1\" }",
+                "sinks.lake.properties.no.such.property: No such configuration property: \"no.such.property\"",
+            ),
+            (
+                "brokers = [\"k:9092\"]\ntopic = \"t\"\nformat = \"avro\"",
+                "sinks.lake.format: unknown variant: found `avro`, expected ``raw` or `envelope``",
+            ),
+        ];
+        for (body, expected) in cases {
+            let e = first_error(&format!("[sinks.lake]\ntype = \"kafka\"\n{body}"));
+            assert_eq!(e, expected, "for {body}");
+        }
+    }
+
+    #[test]
+    fn kafka_defaults_and_secret_properties() {
+        let plan = load_str(
+            r#"[sinks.lake]
+            type = "kafka"
+            brokers = ["a:9092", "b:9092"]
+            topic = "plant.{2}"
+            [sinks.lake.properties]
+            "linger.ms" = "20"
+            "sasl.password" = "kafka-secret""#,
+            &[],
+        )
+        .expect("valid");
+        let SinkKindPlan::Kafka(k) = &plan.sinks[0].kind else {
+            panic!("a kafka plan");
+        };
+        assert_eq!(k.properties["enable.idempotence"], "true");
+        assert_eq!(k.properties["acks"], "all");
+        assert_eq!(k.properties["linger.ms"], "20", "configured values win");
+        assert_eq!(k.properties["bootstrap.servers"], "a:9092,b:9092");
+        assert_eq!(k.key.source(), "{topic}");
+        let text = plan.describe();
+        assert!(!text.contains("kafka-secret"), "{text}");
+        assert!(text.contains("sasl.password=****"), "{text}");
+    }
 }

@@ -223,7 +223,10 @@ fn every_shipped_config_passes_check() {
     let cert_dir = certs.path().display().to_string();
     let hivemq_password = "example-password-must-not-show";
     let webhook_token = "example-token-must-not-show";
+    let kafka_secret = "example-kafka-secret-must-not-show";
     let env = [
+        ("KAFKA_API_KEY", "example-key"),
+        ("KAFKA_API_SECRET", kafka_secret),
         ("WEBHOOK_TOKEN", webhook_token),
         ("CERT_DIR", cert_dir.as_str()),
         (
@@ -245,7 +248,9 @@ fn every_shipped_config_passes_check() {
             && !stdout.contains(hivemq_password)
             && !stderr.contains(hivemq_password)
             && !stdout.contains(webhook_token)
-            && !stderr.contains(webhook_token);
+            && !stderr.contains(webhook_token)
+            && !stdout.contains(kafka_secret)
+            && !stderr.contains(kafka_secret);
         if !ok {
             failures.push(format!(
                 "--- {} ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
