@@ -498,6 +498,31 @@ mod tests {
     }
 
     #[test]
+    fn tls_sasl_scram_and_compression_are_built_in() {
+        // librdkafka refuses, at producer creation, a mechanism or codec it was built
+        // without ("OpenSSL not available at build time"...). Nothing connects here.
+        for (mechanism, codec) in [
+            ("PLAIN", "zstd"),
+            ("SCRAM-SHA-256", "lz4"),
+            ("SCRAM-SHA-512", "gzip"),
+        ] {
+            let producer: Result<rdkafka::producer::BaseProducer, _> = ClientConfig::new()
+                .set("bootstrap.servers", "127.0.0.1:1")
+                .set("security.protocol", "SASL_SSL")
+                .set("sasl.mechanisms", mechanism)
+                .set("sasl.username", "u")
+                .set("sasl.password", "p")
+                .set("compression.type", codec)
+                .create();
+            assert!(
+                producer.is_ok(),
+                "{mechanism} + {codec}: {:?}",
+                producer.err()
+            );
+        }
+    }
+
+    #[test]
     fn reasons_are_snake_case() {
         assert_eq!(
             reason(RDKafkaErrorCode::MessageTimedOut),
