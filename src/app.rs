@@ -94,7 +94,7 @@ impl Gateway {
         let (intake_tx, intake_rx) = mpsc::channel(plan.broker.intake_queue);
         let intake_stop = CancellationToken::new();
         let router = RouterTask {
-            rules: RuleSet::new(&plan.gateway_id, &plan.rules, &metrics),
+            rules: RuleSet::new(&plan.gateway_id, &plan.rules, &plan.fallback, &metrics),
             buffers: buffers.clone(),
             listeners: plan
                 .listeners

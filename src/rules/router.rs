@@ -73,8 +73,13 @@ impl RouterTask {
         releases: &mut Vec<(Arc<AckTracker>, u64)>,
         shutdown: &CancellationToken,
     ) {
-        let IntakeItem { listener, msg, ack } = item;
-        if !self.rules.route(&msg.topic, routes) {
+        let IntakeItem {
+            listener,
+            msg,
+            client_id,
+            ack,
+        } = item;
+        if !self.rules.route(&msg, &client_id, routes) {
             if let Some(m) = self.listeners.get(listener) {
                 m.unmatched.inc();
             }
@@ -88,6 +93,9 @@ impl RouterTask {
             };
             if let Some(topic) = route.topic.take() {
                 pending.topic = topic;
+            }
+            if let Some(payload) = route.payload.take() {
+                pending.payload = payload;
             }
             let buffer = &self.buffers[route.sink];
             loop {

@@ -124,7 +124,7 @@ impl SinkMetrics {
             || state
                 .last_error
                 .as_ref()
-                .map_or(true, |last| last.reason != reason);
+                .is_none_or(|last| last.reason != reason);
         state.up = false;
         self.up.set(0);
         state.last_error = Some(LastError {

@@ -1,0 +1,184 @@
+//! The rule engine end to end: real devices (rumqttc) → edgebridge → a real Mosquitto
+//! upstream, with CEL conditions and transforms.
+
+mod common;
+#[path = "common/gateway.rs"]
+mod gateway;
+
+use std::time::Duration;
+
+use common::{client_options, Collector, Mode, Mosquitto};
+use gateway::TestGateway;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn cloud_sink(port: u16) -> String {
+    format!(
+        r#"
+[sinks.cloud]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{port}"
+backoff_min = "50ms"
+backoff_max = "500ms"
+"#
+    )
+}
+
+/// Publishes `messages` at QoS 1 as device `client_id` and returns once every PUBACK
+/// arrived (so each message is in the gateway's buffers).
+async fn publish_all(port: u16, client_id: &str, messages: &[(&str, &str)]) {
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    for (topic, payload) in messages {
+        client
+            .publish(*topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .await
+            .expect("queue publish");
+    }
+    let mut acked = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while acked < messages.len() {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("device {client_id}: {e}"),
+            Err(_) => panic!("device {client_id}: {acked} of {} acked", messages.len()),
+        }
+    }
+    let _ = client.disconnect().await;
+}
+
+/// Waits until the collector saw a message on `topic` (the test's end marker).
+async fn wait_for_topic(collector: &Collector, topic: &str) -> Vec<(String, Vec<u8>)> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let msgs = collector.messages();
+        if msgs.iter().any(|(t, _)| t == topic) {
+            return msgs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {topic} upstream; got {msgs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_condition_passes_one_message_and_stops_another() {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "#",
+    )
+    .await;
+    let body = format!(
+        r##"{}
+[[rules]]
+name = "hot"
+from = "sensors/+"
+where = "payload.temperature > 80"
+to = ["cloud"]
+topic = "alerts/{{1}}"
+
+[[rules]]
+name = "marker"
+from = "end"
+to = ["cloud"]
+"##,
+        cloud_sink(upstream.port())
+    );
+    let mut gw = TestGateway::start(&body).await;
+    publish_all(
+        gw.port(),
+        "dev-1",
+        &[
+            ("sensors/s1", r#"{"temperature": 85, "n": 1}"#),
+            ("sensors/s1", r#"{"temperature": 20, "n": 2}"#),
+            ("sensors/s1", r#"{"humidity": 99, "n": 3}"#),
+            ("sensors/s1", "not json at all"),
+            ("end", "done"),
+        ],
+    )
+    .await;
+    // One sink keeps order: everything that passed is upstream before the marker.
+    let msgs = wait_for_topic(&collector, "end").await;
+    assert_eq!(
+        msgs,
+        vec![
+            (
+                "alerts/s1".to_string(),
+                br#"{"temperature": 85, "n": 1}"#.to_vec()
+            ),
+            ("end".to_string(), b"done".to_vec()),
+        ]
+    );
+    assert_eq!(
+        gw.counter("edgebridge_rule_matches_total", &[("rule", "hot")]),
+        1.0
+    );
+    // The non-JSON payload is an evaluation error (a string has no fields), counted;
+    // the missing field is just false.
+    assert_eq!(
+        gw.counter("edgebridge_rule_errors_total", &[("rule", "hot")]),
+        1.0
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transform_arrives_upstream_as_json() {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "#",
+    )
+    .await;
+    let body = format!(
+        r##"{}
+[[rules]]
+name = "shape"
+from = "factory/+/+/telemetry"
+topic = "dt/{{gateway_id}}/{{2}}"
+payload = '{{"machine": levels[2], "t": payload.temperature, "at": received_at, "by": client_id}}'
+to = ["cloud", {{ sink = "cloud", topic = "raw/{{client_id}}/{{1}}", payload = "payload_text" }}]
+"##,
+        cloud_sink(upstream.port())
+    );
+    let mut gw = TestGateway::start(&body).await;
+    let before = edgebridge::message::now_millis();
+    publish_all(
+        gw.port(),
+        "press-7",
+        &[("factory/l1/m7/telemetry", r#"{"temperature": 21.5}"#)],
+    )
+    .await;
+    assert!(
+        collector.wait_for(2, WAIT).await,
+        "{:?}",
+        collector.messages()
+    );
+    let msgs = collector.messages();
+    let shaped = msgs
+        .iter()
+        .find(|(t, _)| t == "dt/edge-01/m7")
+        .unwrap_or_else(|| panic!("no transformed message: {msgs:?}"));
+    let json: serde_json::Value = serde_json::from_slice(&shaped.1).expect("JSON upstream");
+    assert_eq!(json["machine"], "m7");
+    assert_eq!(json["t"], 21.5);
+    assert_eq!(json["by"], "press-7");
+    let at = json["at"].as_u64().expect("received_at is a number");
+    assert!(
+        at >= before,
+        "received_at {at} is the gateway's receive time"
+    );
+    assert_eq!(json.as_object().map(|o| o.len()), Some(4), "{json}");
+    let raw = msgs
+        .iter()
+        .find(|(t, _)| t == "raw/press-7/l1")
+        .unwrap_or_else(|| panic!("no per-target override: {msgs:?}"));
+    assert_eq!(raw.1, br#"{"temperature": 21.5}"#.to_vec());
+    gw.shutdown().await;
+}
