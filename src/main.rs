@@ -1,4 +1,4 @@
-//! The `edgebridge` command line: `run`, `check`, `version`.
+//! The `edgebridge` command line: `run`, `check`, `rules test`, `version`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use edgebridge::app::Gateway;
 use edgebridge::config::{self, LogFormat, Plan};
+use edgebridge::rules::dry_run::{dry_run, TestMessage};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
@@ -38,8 +39,33 @@ enum Command {
         #[arg(long, short, default_value = "config/edgebridge.toml")]
         config: PathBuf,
     },
+    /// Work with the rules of a configuration.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Dry run: show what every rule makes of one message and what each sink would get.
+    Test {
+        #[arg(long, short, default_value = "config/edgebridge.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// The publishing device's client id (`client_id` in rules).
+        #[arg(long, default_value = "")]
+        client_id: String,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+        qos: u8,
+        #[arg(long)]
+        retain: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -138,6 +164,30 @@ fn main() -> ExitCode {
             Ok(plan) => {
                 print!("{}", plan.describe());
                 println!("config OK: {}", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Rules {
+            command:
+                RulesCommand::Test {
+                    config,
+                    topic,
+                    payload,
+                    client_id,
+                    qos,
+                    retain,
+                },
+        } => match load_plan(&config) {
+            Ok(plan) => {
+                let input = TestMessage {
+                    topic,
+                    payload: payload.into_bytes(),
+                    client_id,
+                    qos,
+                    retain,
+                };
+                print!("{}", dry_run(&plan, &input));
                 ExitCode::SUCCESS
             }
             Err(code) => code,

@@ -182,3 +182,159 @@ to = ["cloud", {{ sink = "cloud", topic = "raw/{{client_id}}/{{1}}", payload = "
     assert_eq!(raw.1, br#"{"temperature": 21.5}"#.to_vec());
     gw.shutdown().await;
 }
+
+/// `edgebridge rules test --config <file> <args>` as a user runs it.
+fn rules_test(config: &str, args: &[&str]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("edgebridge.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_edgebridge"));
+    cmd.args(["rules", "test", "--config"])
+        .arg(&path)
+        .args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("EDGEBRIDGE_") {
+            cmd.env_remove(name);
+        }
+    }
+    let out = cmd.output().expect("run edgebridge rules test");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+const DRY_RUN_CONFIG: &str = r##"
+[gateway]
+id = "edge-09"
+[sinks.cloud]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1"
+[sinks.lake]
+type = "file"
+path = "lake.ndjson"
+
+[[rules]]
+name = "other"
+from = "elsewhere/#"
+to = ["lake"]
+
+[[rules]]
+name = "hot"
+from = "factory/+/+/telemetry"
+where = "payload.temperature > 80"
+topic = "alerts/{gateway_id}/{2}"
+payload = '{"machine": levels[2], "t": payload.temperature, "by": client_id}'
+to = ["cloud", { sink = "lake", topic = "raw/{topic}", payload = "payload_text" }]
+continue = false
+
+[[rules]]
+name = "all"
+from = "factory/#"
+to = ["lake"]
+
+[fallback]
+to = [{ sink = "lake", topic = "unrouted/{topic}" }]
+"##;
+
+#[test]
+fn rules_test_prints_each_rule_and_each_sinks_message() {
+    let (code, out, err) = rules_test(
+        DRY_RUN_CONFIG,
+        &[
+            "--topic",
+            "factory/l1/m7/telemetry",
+            "--payload",
+            r#"{"temperature": 91}"#,
+            "--client-id",
+            "press-7",
+        ],
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines.contains(&"rule other: no match: topic filter elsewhere/# does not match"),
+        "{out}"
+    );
+    assert!(lines.contains(&"rule hot: matched"), "{out}");
+    assert!(
+        lines.contains(&"rule all: not evaluated: an earlier rule matched with continue = false"),
+        "{out}"
+    );
+    assert!(
+        lines.contains(
+            &r#"sink cloud: topic "alerts/edge-09/m7" payload {"by":"press-7","machine":"m7","t":91}"#
+        ),
+        "{out}"
+    );
+    assert!(
+        lines.contains(
+            &r#"sink lake: topic "raw/factory/l1/m7/telemetry" payload {"temperature": 91}"#
+        ),
+        "{out}"
+    );
+
+    // The condition is false: the next rule takes it, unchanged.
+    let (code, out, _) = rules_test(
+        DRY_RUN_CONFIG,
+        &[
+            "--topic",
+            "factory/l1/m7/telemetry",
+            "--payload",
+            r#"{"temperature": 20}"#,
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("rule hot: no match: where is false (payload.temperature > 80)"),
+        "{out}"
+    );
+    assert!(out.contains("rule all: matched"), "{out}");
+    assert!(
+        out.contains(r#"sink lake: topic "factory/l1/m7/telemetry" payload {"temperature": 20}"#),
+        "{out}"
+    );
+
+    // Not JSON: an evaluation error, said as such; a missing field: said as such.
+    let (_, out, _) = rules_test(
+        DRY_RUN_CONFIG,
+        &["--topic", "factory/l1/m7/telemetry", "--payload", "hello"],
+    );
+    assert!(
+        out.contains("rule hot: no match: evaluation error"),
+        "{out}"
+    );
+    let (_, out, _) = rules_test(
+        DRY_RUN_CONFIG,
+        &["--topic", "factory/l1/m7/telemetry", "--payload", "{}"],
+    );
+    assert!(
+        out.contains(
+            "rule hot: no match: where reads a field the message does not have (temperature)"
+        ),
+        "{out}"
+    );
+
+    // Nothing matches: the fallback.
+    let (code, out, _) = rules_test(DRY_RUN_CONFIG, &["--topic", "x/ü", "--payload", "1"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("no rule matched: the message goes to [fallback]"),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"sink lake: topic "unrouted/x/ü" payload 1"#),
+        "{out}"
+    );
+}
+
+#[test]
+fn rules_test_on_a_bad_config_names_the_key_and_exits_64() {
+    let broken = DRY_RUN_CONFIG.replace("payload.temperature > 80", "payload.temperature >");
+    let (code, out, err) = rules_test(&broken, &["--topic", "a", "--payload", "1"]);
+    assert_eq!(code, 64, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.starts_with("rules[1].where: "), "{err}");
+    assert!(out.is_empty(), "{out}");
+}
