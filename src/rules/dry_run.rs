@@ -55,7 +55,7 @@ pub fn dry_run(plan: &Plan, input: &TestMessage) -> String {
             Verdict::MissingField(field) => {
                 format!("no match: where reads a field the message does not have ({field})")
             }
-            Verdict::Error(e) => format!("no match: evaluation error, counted: {e}"),
+            Verdict::Error(key, e) => format!("no match: evaluation error in {key}, counted: {e}"),
             Verdict::Skipped => {
                 "not evaluated: an earlier rule matched with continue = false".into()
             }

@@ -88,15 +88,37 @@ pub struct Expr {
     program: Arc<Program>,
 }
 
-/// Why an evaluation did not give a usable result.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why an evaluation did not give a usable result. Formatting is left to whoever shows
+/// it (the dry run): the router only counts, and must not pay for messages.
+#[derive(Debug, Clone, PartialEq)]
 pub enum EvalError {
-    /// A field or key the message does not have: for a condition, simply "false".
-    #[error("missing field: {0}")]
-    Missing(String),
+    /// A field, key or index the message does not have: for a condition, simply "false".
+    Missing(ExecutionError),
     /// Anything else (type mismatch, bad result type...): counted as a rule error.
-    #[error("{0}")]
-    Failed(String),
+    Failed(Failure),
+}
+
+/// The cause of [`EvalError::Failed`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    Execution(ExecutionError),
+    /// The expression ran but its result cannot be used (`detail` says why).
+    Result(String),
+}
+
+impl std::fmt::Display for EvalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EvalError::Missing(ExecutionError::NoSuchKey(key)) => f.write_str(key),
+            EvalError::Missing(ExecutionError::IndexOutOfBounds(i)) => {
+                write!(f, "index {}", one_line(&format!("{i:?}")))
+            }
+            EvalError::Missing(other) | EvalError::Failed(Failure::Execution(other)) => {
+                f.write_str(&one_line(&other.to_string()))
+            }
+            EvalError::Failed(Failure::Result(detail)) => f.write_str(detail),
+        }
+    }
 }
 
 impl Expr {
@@ -189,10 +211,10 @@ impl Expr {
     pub fn matches(&self, vars: &MessageVars<'_>) -> Result<bool, EvalError> {
         match self.execute(vars) {
             Ok(Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(EvalError::Failed(format!(
+            Ok(other) => Err(EvalError::Failed(Failure::Result(format!(
                 "the condition gave a {}, not a bool",
                 other.type_of()
-            ))),
+            )))),
             Err(e) => Err(classify(e)),
         }
     }
@@ -205,10 +227,10 @@ impl Expr {
             Value::String(s) => Ok(Bytes::from(s.as_bytes().to_vec())),
             Value::Bytes(b) => Ok(Bytes::from(b.as_ref().clone())),
             other => {
-                let json = to_json(&other).map_err(EvalError::Failed)?;
+                let json = to_json(&other).map_err(|e| EvalError::Failed(Failure::Result(e)))?;
                 serde_json::to_vec(&json)
                     .map(Bytes::from)
-                    .map_err(|e| EvalError::Failed(e.to_string()))
+                    .map_err(|e| EvalError::Failed(Failure::Result(e.to_string())))
             }
         }
     }
@@ -235,9 +257,8 @@ fn is_type_error(e: &ExecutionError) -> bool {
 
 fn classify(e: ExecutionError) -> EvalError {
     match e {
-        ExecutionError::NoSuchKey(key) => EvalError::Missing(key.to_string()),
-        ExecutionError::IndexOutOfBounds(i) => EvalError::Missing(format!("index {i:?}")),
-        other => EvalError::Failed(one_line(&other.to_string())),
+        ExecutionError::NoSuchKey(_) | ExecutionError::IndexOutOfBounds(_) => EvalError::Missing(e),
+        other => EvalError::Failed(Failure::Execution(other)),
     }
 }
 

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use prometheus::IntCounter;
 
-pub use expr::{EvalError, Expr, ExprKind, MessageVars, VARIABLES};
+pub use expr::{EvalError, Expr, ExprKind, Failure, MessageVars, VARIABLES};
 pub use filter::{FilterError, TopicFilter};
 pub use template::{Template, TemplateError, TemplateScope, TemplateVars};
 
@@ -38,16 +38,17 @@ pub struct Route {
 }
 
 /// What one rule made of one message (the dry run prints these).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// The topic filter does not match.
     FilterMismatch,
     /// The condition is false.
     ConditionFalse,
     /// The condition reads a field the message does not have: false.
-    MissingField(String),
-    /// Evaluating the condition or a transform failed: no match, counted.
-    Error(String),
+    MissingField(EvalError),
+    /// Evaluating the condition (`"where"`) or a transform (`"payload"`) failed: no
+    /// match, counted.
+    Error(&'static str, EvalError),
     /// Matched; its routes were added.
     Matched,
     /// Not evaluated: an earlier rule matched with `continue = false`.
@@ -212,10 +213,10 @@ impl RuleSet {
             match condition.matches(vars) {
                 Ok(true) => {}
                 Ok(false) => return Verdict::ConditionFalse,
-                Err(EvalError::Missing(field)) => return Verdict::MissingField(field),
-                Err(EvalError::Failed(e)) => {
+                Err(e @ EvalError::Missing(_)) => return Verdict::MissingField(e),
+                Err(e @ EvalError::Failed(_)) => {
                     rule.errors.inc();
-                    return Verdict::Error(format!("where: {e}"));
+                    return Verdict::Error("where", e);
                 }
             }
         }
@@ -226,7 +227,7 @@ impl RuleSet {
             }
             Err(e) => {
                 rule.errors.inc();
-                Verdict::Error(format!("payload: {e}"))
+                Verdict::Error("payload", e)
             }
         }
     }
@@ -517,13 +518,19 @@ mod tests {
         assert_eq!(verdicts[0], ("other", Verdict::FilterMismatch));
         assert_eq!(verdicts[1], ("hot", Verdict::ConditionFalse));
         assert!(
-            matches!(verdicts[2], ("typed", Verdict::Error(_))),
+            matches!(
+                verdicts[2],
+                ("typed", Verdict::Error("where", EvalError::Failed(_)))
+            ),
             "{verdicts:?}"
         );
         assert_eq!(verdicts[3], ("stop", Verdict::Matched));
         assert_eq!(verdicts[4], ("after", Verdict::Skipped));
         let (verdicts, _, _) = rules.explain(&msg("s/1", "{}"), "dev");
-        assert_eq!(verdicts[1], ("hot", Verdict::MissingField("t".into())));
+        match &verdicts[1] {
+            ("hot", Verdict::MissingField(e)) => assert_eq!(e.to_string(), "t"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
