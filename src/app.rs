@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -23,6 +23,7 @@ use crate::broker;
 use crate::buffer::Buffer;
 use crate::config::Plan;
 use crate::metrics::Metrics;
+use crate::rules::downlink::{self, DownlinkMetrics, DownlinkTable};
 use crate::rules::router::RouterTask;
 use crate::rules::RuleSet;
 use crate::sinks::{self, DeadLetter, SinkContext, SinkMetrics};
@@ -44,6 +45,8 @@ pub struct Gateway {
     listener_tasks: Vec<JoinHandle<()>>,
     router: JoinHandle<()>,
     sink_tasks: Vec<JoinHandle<()>>,
+    /// Upstream → local devices; stops with the sinks.
+    downlinks: JoinHandle<()>,
     buffer_tasks: Vec<JoinHandle<()>>,
     buffers: Vec<Arc<Buffer>>,
     admin: JoinHandle<()>,
@@ -73,11 +76,17 @@ impl Gateway {
                 tokio::spawn(async move { b.run_interval_sync(stop).await })
             })
             .collect();
+        // Upstream → downlink task; the sinks' taps hold the sender.
+        let (downlink_tx, downlink_rx) = mpsc::channel(downlink::QUEUE);
+        let (_downlink_table_tx, downlink_table) =
+            watch::channel(Arc::new(DownlinkTable::new(&plan)));
+        downlink::log_table(&plan);
         let sink_tasks = plan
             .sinks
             .iter()
             .zip(&buffers)
-            .map(|(s, buffer)| {
+            .enumerate()
+            .map(|(index, (s, buffer))| {
                 let ctx = SinkContext {
                     name: s.name.clone(),
                     buffer: buffer.clone(),
@@ -86,6 +95,7 @@ impl Gateway {
                     grace: plan.shutdown_grace,
                     metrics: SinkMetrics::new(&metrics, &s.name),
                     dead_letter: DeadLetter::new(&plan.data_dir, &s.name),
+                    downlink: DownlinkTable::tap(&plan, index, &downlink_tx),
                 };
                 sinks::spawn(s, ctx)
             })
@@ -105,7 +115,7 @@ impl Gateway {
         let router = tokio::spawn(router.run(intake_rx, intake_stop.clone()));
 
         let stopping = Arc::new(AtomicBool::new(false));
-        let running = broker::start(
+        let broker = broker::start(
             &plan.broker,
             &plan.listeners,
             intake_tx,
@@ -113,6 +123,14 @@ impl Gateway {
             stopping.clone(),
         )
         .await?;
+        let running = broker.listeners;
+        let downlinks = tokio::spawn(downlink::run(
+            downlink_rx,
+            downlink_table,
+            broker.local,
+            DownlinkMetrics::new(&metrics),
+            sinks_stop.clone(),
+        ));
         let listeners: Vec<(String, SocketAddr)> =
             running.iter().map(|l| (l.name.clone(), l.addr)).collect();
 
@@ -139,6 +157,7 @@ impl Gateway {
             listener_tasks: running.into_iter().map(|l| l.task).collect(),
             router,
             sink_tasks,
+            downlinks,
             buffer_tasks,
             buffers,
             admin,
@@ -169,6 +188,7 @@ impl Gateway {
         {
             warn!("some sinks did not finish within the grace period");
         }
+        let _ = self.downlinks.await;
         join_all(self.buffer_tasks).await;
         for buffer in &self.buffers {
             buffer.fsync_now().await;

@@ -156,6 +156,9 @@ pub struct Config {
     /// Where messages go that no rule matched.
     #[serde(default)]
     pub fallback: Option<FallbackSection>,
+    /// Cloud-to-device: upstream subscriptions published to local devices.
+    #[serde(default)]
+    pub downlinks: Vec<DownlinkSection>,
     #[serde(default)]
     pub log: LogSection,
 }
@@ -467,6 +470,26 @@ pub struct TargetTable {
     pub payload: Option<String>,
 }
 
+/// `[[downlinks]]`: messages the upstream of an MQTT sink delivers on `from` are
+/// published to local devices on `topic`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownlinkSection {
+    /// An MQTT sink.
+    pub sink: String,
+    /// Topic filter subscribed to on the upstream; may use `{gateway_id}`.
+    pub from: String,
+    /// Local topic template: `{1}`.. are the wildcard levels of `from`, `{topic}` the
+    /// upstream topic, `{gateway_id}`.
+    pub topic: String,
+    /// QoS of the upstream subscription.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Publish retained to local devices.
+    #[serde(default)]
+    pub retain: bool,
+}
+
 /// `[fallback]`: the targets of messages that no rule matched.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -722,7 +745,7 @@ fn figment_errors(error: figment::Error) -> ConfigErrors {
 /// `["listeners", "0", "bind"]` → `listeners[0].bind`; only after the keys that hold
 /// arrays, since a sink may well be called `0`.
 fn render_path(segments: &[String]) -> String {
-    const ARRAYS: [&str; 4] = ["listeners", "rules", "to", "alpn"];
+    const ARRAYS: [&str; 5] = ["listeners", "rules", "to", "alpn", "downlinks"];
     let mut out = String::new();
     let mut previous: Option<&str> = None;
     for segment in segments.iter().filter(|s| !s.is_empty()) {
@@ -824,6 +847,7 @@ pub struct Plan {
     pub rules: Vec<RulePlan>,
     /// Targets of messages no rule matched (empty: they go nowhere).
     pub fallback: Vec<TargetPlan>,
+    pub downlinks: Vec<DownlinkPlan>,
     pub log: LogSection,
 }
 
@@ -889,6 +913,18 @@ pub struct RulePlan {
     pub to: Vec<TargetPlan>,
     /// `continue = false`: stop after this rule when it matched.
     pub stop: bool,
+}
+
+/// One `[[downlinks]]` entry, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownlinkPlan {
+    /// Index into [`Plan::sinks`]; always an MQTT sink.
+    pub sink: usize,
+    /// The upstream filter with `{gateway_id}` filled in.
+    pub filter: TopicFilter,
+    pub topic: Template,
+    pub qos: u8,
+    pub retain: bool,
 }
 
 /// One destination of a rule, with the rule's topic and payload already folded in (a
@@ -1144,6 +1180,52 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         None => Vec::new(),
     };
 
+    let mut downlinks = Vec::new();
+    for (i, d) in config.downlinks.iter().enumerate() {
+        let path = format!("downlinks[{i}]");
+        let sink = match config.sinks.iter().position(|(k, _)| *k == d.sink) {
+            None => {
+                err(format!("{path}.sink"), format!("unknown sink {:?}", d.sink));
+                None
+            }
+            Some(idx) => match config.sinks.get(&d.sink) {
+                Some(SinkSection::Mqtt(_)) => Some(idx),
+                _ => {
+                    err(
+                        format!("{path}.sink"),
+                        format!("sink {:?} is not an mqtt sink", d.sink),
+                    );
+                    None
+                }
+            },
+        };
+        // `{gateway_id}` is the one placeholder of a filter (braces are legal in topics).
+        let filter = TopicFilter::parse(&d.from.replace("{gateway_id}", &gateway_id))
+            .map_err(|e| err(format!("{path}.from"), e.to_string()))
+            .ok();
+        let topic = filter.as_ref().and_then(|f| {
+            let scope = TemplateScope {
+                wildcards: f.wildcard_count(),
+                client_id: false,
+            };
+            Template::parse(&d.topic, &scope)
+                .map_err(|e| err(format!("{path}.topic"), e.to_string()))
+                .ok()
+        });
+        if d.qos > 2 {
+            err(format!("{path}.qos"), "must be 0, 1 or 2".into());
+        }
+        if let (Some(sink), Some(filter), Some(topic)) = (sink, filter, topic) {
+            downlinks.push(DownlinkPlan {
+                sink,
+                filter,
+                topic,
+                qos: d.qos.min(2),
+                retain: d.retain,
+            });
+        }
+    }
+
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
@@ -1158,6 +1240,7 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         sinks,
         rules,
         fallback,
+        downlinks,
         log: config.log.clone(),
     })
 }
@@ -1489,6 +1572,20 @@ impl Plan {
         if !self.fallback.is_empty() {
             let _ = writeln!(out, "fallback -> {}", self.describe_targets(&self.fallback));
         }
+        if !self.downlinks.is_empty() {
+            let _ = writeln!(out, "downlinks:");
+        }
+        for d in &self.downlinks {
+            let _ = writeln!(
+                out,
+                "  {} {} (qos {}) -> local {}{}",
+                self.sinks[d.sink].name,
+                d.filter,
+                d.qos,
+                d.topic.source(),
+                if d.retain { " retained" } else { "" }
+            );
+        }
         out
     }
 }
@@ -1778,6 +1875,63 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("fallback -> sea"), "{text}");
+    }
+
+    #[test]
+    fn downlinks_need_an_mqtt_sink_a_filter_and_a_template_of_its_captures() {
+        let sinks = r#"
+            [gateway]
+            id = "edge-3"
+            [sinks.cloud]
+            type = "mqtt"
+            url = "mqtt://broker:1883"
+            [sinks.lake]
+            type = "file"
+            path = "x"
+        "#;
+        let plan = load_str(
+            &format!(
+                "{sinks}[[downlinks]]\nsink = \"cloud\"\nfrom = \"cmd/{{gateway_id}}/+/#\"\ntopic = \"cmd/{{1}}/{{2}}\"\nretain = true\n"
+            ),
+            &[],
+        )
+        .expect("valid");
+        let d = &plan.downlinks[0];
+        assert_eq!(d.filter.to_string(), "cmd/edge-3/+/#");
+        assert_eq!((d.sink, d.qos, d.retain), (0, 1, true));
+        let err = load_str(
+            &format!(
+                r#"{sinks}
+                [[downlinks]]
+                sink = "lake"
+                from = "a/#"
+                topic = "b/{{2}}"
+                [[downlinks]]
+                sink = "cloud"
+                from = "a/#/b"
+                topic = "b"
+                qos = 3
+                [[downlinks]]
+                sink = "cloud"
+                from = "a/+"
+                topic = "b/{{client_id}}"
+                "#
+            ),
+            &[],
+        )
+        .expect_err("invalid");
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "downlinks[0].sink",
+                "downlinks[0].topic",
+                "downlinks[1].from",
+                "downlinks[1].qos",
+                "downlinks[2].topic"
+            ],
+            "{err}"
+        );
     }
 
     #[test]

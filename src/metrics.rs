@@ -16,6 +16,7 @@ pub struct Metrics {
     pub connections: IntGaugeVec,
     pub rule_matches: IntCounterVec,
     pub rule_errors: IntCounterVec,
+    pub downlink_messages: IntCounterVec,
     pub sink_delivered: IntCounterVec,
     pub sink_errors: IntCounterVec,
     pub sink_up: IntGaugeVec,
@@ -109,6 +110,12 @@ impl Metrics {
                 "edgebridge_rule_matches_total",
                 "Messages matched by each rule",
                 &["rule"],
+            ),
+            downlink_messages: counter(
+                &registry,
+                "edgebridge_downlink_messages_total",
+                "Messages from an upstream published to local devices by [[downlinks]]",
+                &["sink"],
             ),
             rule_errors: counter(
                 &registry,

@@ -338,3 +338,169 @@ fn rules_test_on_a_bad_config_names_the_key_and_exits_64() {
     assert!(err.starts_with("rules[1].where: "), "{err}");
     assert!(out.is_empty(), "{out}");
 }
+
+/// Topic, payload, retain flag.
+type Received = (String, Vec<u8>, bool);
+
+/// A device subscribed to `filter` on the gateway; collects what it receives.
+struct Subscriber {
+    msgs: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    async fn start(port: u16, client_id: &str, filter: &str) -> Subscriber {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("queue subscribe");
+        let msgs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (subbed_tx, subbed_rx) = tokio::sync::oneshot::channel();
+        let sink = msgs.clone();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            let mut subbed = Some(subbed_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subbed.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let msg = (p.topic, p.payload.to_vec(), p.retain);
+                        sink.lock().expect("lock").push(msg);
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("subscriber lost its connection: {e}"),
+                }
+            }
+        });
+        tokio::time::timeout(WAIT, subbed_rx)
+            .await
+            .expect("SUBACK within the timeout")
+            .expect("subscriber task alive");
+        Subscriber { msgs, task }
+    }
+
+    async fn wait_for(&self, n: usize) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let msgs = self.msgs.lock().expect("lock").clone();
+            if msgs.len() >= n || tokio::time::Instant::now() >= deadline {
+                return msgs;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Publishes one retained QoS 1 message on the upstream: the gateway gets it whether
+/// its subscription is already in place or comes after.
+async fn publish_upstream_retained(port: u16, topic: &str, payload: &str) {
+    let (client, mut eventloop) =
+        AsyncClient::new(client_options("cloud-app", port, Mode::Plain), 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, true, payload.as_bytes().to_vec())
+        .await
+        .expect("queue publish");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("upstream publish failed: {other:?}"),
+        }
+    }
+    let _ = client.disconnect().await;
+}
+
+fn downlink_config(upstream: u16, retain: bool) -> String {
+    format!(
+        r##"{}
+[[rules]]
+name = "all"
+from = "#"
+to = ["cloud"]
+
+[[downlinks]]
+sink = "cloud"
+from = "cmd/{{gateway_id}}/#"
+topic = "cmd/{{1}}"
+qos = 1
+retain = {retain}
+"##,
+        cloud_sink(upstream)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_from_the_upstream_reaches_a_subscribed_device_on_the_mapped_topic() {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let mut gw = TestGateway::start(&downlink_config(upstream.port(), false)).await;
+    let device = Subscriber::start(gw.port(), "press-7", "cmd/#").await;
+    // Not for this gateway: the upstream subscription is cmd/edge-01/#.
+    publish_upstream_retained(upstream.port(), "cmd/edge-02/m7/start", "not ours").await;
+    publish_upstream_retained(upstream.port(), "cmd/edge-01/m7/start", r#"{"speed": 3}"#).await;
+    let got = device.wait_for(1).await;
+    assert_eq!(
+        got,
+        vec![(
+            "cmd/m7/start".to_string(),
+            br#"{"speed": 3}"#.to_vec(),
+            false
+        )],
+        "mosquitto log:\n{}",
+        upstream.logs()
+    );
+    assert_eq!(
+        gw.counter("edgebridge_downlink_messages_total", &[("sink", "cloud")]),
+        1.0
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_downlinked_message_is_never_forwarded_back_upstream() {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "#",
+    )
+    .await;
+    // A rule that matches every local topic, the downlinked one included, and a
+    // retained downlink (published to the local broker as retained).
+    let mut gw = TestGateway::start(&downlink_config(upstream.port(), true)).await;
+    let device = Subscriber::start(gw.port(), "press-7", "cmd/#").await;
+    publish_upstream_retained(upstream.port(), "cmd/edge-01/m7/stop", "now").await;
+    let got = device.wait_for(1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "cmd/m7/stop");
+    // A device that subscribes later gets the retained command.
+    let late = Subscriber::start(gw.port(), "press-8", "cmd/m7/#").await;
+    assert_eq!(
+        late.wait_for(1).await,
+        vec![("cmd/m7/stop".to_string(), b"now".to_vec(), true)]
+    );
+    // The rule does forward a device's own message: the marker. Once it is upstream,
+    // a downlinked message that had entered intake would have been counted and sent.
+    publish_all(gw.port(), "dev-1", &[("end", "done")]).await;
+    let msgs = wait_for_topic(&collector, "end").await;
+    let topics: Vec<&str> = msgs.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(topics, vec!["cmd/edge-01/m7/stop", "end"], "{msgs:?}");
+    assert_eq!(gw.counter("edgebridge_messages_received_total", &[]), 1.0);
+    assert_eq!(
+        gw.counter("edgebridge_rule_matches_total", &[("rule", "all")]),
+        1.0
+    );
+    gw.shutdown().await;
+}

@@ -41,7 +41,7 @@ use crate::metrics::ListenerMetrics;
 const DURABLE_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest client id accepted.
-const MAX_CLIENT_ID_LEN: usize = 256;
+pub(crate) const MAX_CLIENT_ID_LEN: usize = 256;
 
 /// State shared by all connections of one listener.
 pub struct ListenerShared {

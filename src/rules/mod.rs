@@ -4,6 +4,7 @@
 //! Output: one record per matched sink, appended to that sink's buffer. The engine never
 //! touches the network; a slow sink only grows its own buffer.
 
+pub mod downlink;
 pub mod dry_run;
 mod expr;
 mod filter;

@@ -26,6 +26,7 @@ use crate::buffer::Buffer;
 use crate::config::{SinkKindPlan, SinkPlan};
 use crate::message::{now_millis, Message};
 use crate::metrics::Metrics;
+use crate::rules::downlink::DownlinkTap;
 
 /// What every sink worker gets.
 pub struct SinkContext {
@@ -38,6 +39,8 @@ pub struct SinkContext {
     pub metrics: SinkMetrics,
     /// Where undeliverable messages go.
     pub dead_letter: DeadLetter,
+    /// MQTT sinks with `[[downlinks]]`: what to subscribe to upstream, where to hand it.
+    pub downlink: Option<DownlinkTap>,
 }
 
 impl SinkContext {

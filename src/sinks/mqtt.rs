@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use super::{Backoff, SinkContext};
 use crate::config::MqttPlan;
+use crate::rules::downlink::DownlinkTap;
 
 /// Bytes of MQTT framing around topic and payload in a PUBLISH (fixed header, lengths,
 /// packet id), rounded up.
@@ -171,9 +172,11 @@ fn relevant(event: &Event) -> bool {
 
 /// Polls rumqttc's event loop in a task of its own: `poll()` is never cancelled half
 /// way (the delivery loop selects over the buffer too), and network I/O runs in parallel
-/// with reading the buffer. Ends after forwarding the first error.
+/// with reading the buffer. Ends after forwarding the first error. Upstream PUBLISHes
+/// (downlinks) go to the downlink tap from here.
 fn drive(
     mut eventloop: EventLoop,
+    downlink: Option<DownlinkTap>,
 ) -> (
     mpsc::Receiver<Result<Event, ConnectionError>>,
     JoinHandle<()>,
@@ -182,6 +185,13 @@ fn drive(
     let task = tokio::spawn(async move {
         loop {
             let event = eventloop.poll().await;
+            if let (Some(tap), Ok(Event::Incoming(incoming))) = (&downlink, &event) {
+                match incoming {
+                    Incoming::Publish(publish) => tap.forward(publish).await,
+                    Incoming::SubAck(ack) => tap.check_suback(&ack.return_codes),
+                    _ => {}
+                }
+            }
             let failed = event.is_err();
             if (failed || event.as_ref().is_ok_and(relevant)) && tx.send(event).await.is_err() {
                 return;
@@ -206,7 +216,7 @@ async fn connection(
     let refill_at = (window_size / 4).max(1);
     let mut window = Window::default();
     let mut connected = false;
-    let (mut events, driver) = drive(eventloop);
+    let (mut events, driver) = drive(eventloop, ctx.downlink.clone());
     let outcome = loop {
         let room = window_size.saturating_sub(window.len());
         // Refill the window in chunks, not one record per PUBACK: each read takes the
@@ -225,6 +235,9 @@ async fn connection(
                             backoff.reset();
                             ctx.metrics.up.set(1);
                             info!(sink = %ctx.name, host = %plan.host, port = plan.port, session_present = ack.session_present, "upstream connected");
+                            if let Some(tap) = &ctx.downlink {
+                                tap.subscribe(client);
+                            }
                         }
                         handle_event(ctx, &mut window, event);
                     }
