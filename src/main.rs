@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway.
+    /// Run the gateway (SIGHUP reloads rules, sinks and downlinks).
     Run {
         #[arg(long, short, default_value = "config/edgebridge.toml")]
         config: PathBuf,
@@ -124,7 +124,40 @@ async fn wait_for_signal() {
     }
 }
 
-fn run(plan: Plan) -> ExitCode {
+/// Runs until SIGINT/SIGTERM; SIGHUP reloads `config` (a broken one is logged and
+/// changes nothing).
+async fn serve(gateway: &mut Gateway, config: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return,
+                    _ = term.recv() => return,
+                    _ = hup.recv() => {
+                        info!(config = %config.display(), "SIGHUP: reloading the config");
+                        match gateway.reload_from(config).await {
+                            Ok(report) => info!(?report, "reload done"),
+                            Err(errors) => {
+                                for e in &errors {
+                                    error!(error = %e, "reload rejected");
+                                }
+                                error!(problems = errors.len(), "reload rejected; the running config stays");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    wait_for_signal().await;
+}
+
+fn run(plan: Plan, config: &std::path::Path) -> ExitCode {
     // Multi-thread: withheld device acks block a worker thread (block_in_place).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -137,7 +170,7 @@ fn run(plan: Plan) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let gateway = match Gateway::start(plan).await {
+        let mut gateway = match Gateway::start(plan).await {
             Ok(g) => g,
             Err(e) => {
                 error!(error = %format!("{e:#}"), "start-up failed");
@@ -147,7 +180,7 @@ fn run(plan: Plan) -> ExitCode {
         for (name, addr) in &gateway.listeners {
             info!(listener = %name, %addr, "ready for devices");
         }
-        wait_for_signal().await;
+        serve(&mut gateway, config).await;
         gateway.shutdown().await;
         ExitCode::SUCCESS
     })
@@ -195,7 +228,7 @@ fn main() -> ExitCode {
         Command::Run { config, log_format } => match load_plan(&config) {
             Ok(plan) => {
                 init_logging(&plan, log_format);
-                run(plan)
+                run(plan, &config)
             }
             Err(code) => code,
         },

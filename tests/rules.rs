@@ -504,3 +504,334 @@ async fn a_downlinked_message_is_never_forwarded_back_upstream() {
     );
     gw.shutdown().await;
 }
+
+/// A device that publishes `count` sequence-numbered QoS 1 messages on `topic`, one
+/// every `pace`, over one connection. Returns (PUBACKs received, connection errors).
+async fn stream(port: u16, device: u32, topic: String, count: u64, pace: Duration) -> (u64, u64) {
+    let mut opts = MqttOptions::new(format!("stream-{device}"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_inflight(100);
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    let publisher = tokio::spawn(async move {
+        for seq in 0..count {
+            let payload = common::seq_payload(device, seq);
+            if client
+                .publish(&topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(pace).await;
+        }
+    });
+    let (mut acked, mut errors) = (0u64, 0u64);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while acked < count {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Err(_) => break,
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => {
+                errors += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    publisher.abort();
+    (acked, errors)
+}
+
+fn reload_config(upstream: u16, version: u32) -> String {
+    let sinks = cloud_sink(upstream);
+    match version {
+        1 => format!(
+            r##"{sinks}
+[sinks.old]
+type = "file"
+path = "{{dir}}/old.ndjson"
+
+[[rules]]
+name = "telemetry"
+from = "factory/+/telemetry"
+to = ["cloud", "old"]
+topic = "v1/{{1}}"
+"##
+        ),
+        _ => format!(
+            r##"{sinks}
+[sinks.lake]
+type = "file"
+path = "{{dir}}/lake.ndjson"
+
+[[rules]]
+name = "telemetry"
+from = "factory/+/telemetry"
+where = "payload.seq >= 0"
+to = ["cloud", "lake"]
+topic = "v2/{{1}}"
+"##
+        ),
+    }
+}
+
+/// Writes `body` as the gateway's config file, the way TestGateway writes it.
+fn write_config(gw: &TestGateway, body: &str) -> std::path::PathBuf {
+    let dir = gw.dir.path();
+    let body = body.replace("{dir}", &dir.display().to_string());
+    let toml = format!(
+        "[gateway]\nid = \"edge-01\"\ndata_dir = \"{}\"\nshutdown_grace = \"2s\"\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n\
+         [[listeners]]\nname = \"devices\"\nbind = \"127.0.0.1:0\"\n{body}",
+        dir.join("data").display()
+    );
+    let path = dir.join("edgebridge.toml");
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_under_a_steady_stream_loses_nothing_and_keeps_every_device_connected() {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "#",
+    )
+    .await;
+    let mut gw = TestGateway::start(&reload_config(upstream.port(), 1)).await;
+    let (devices, per_device) = (3u32, 1_500u64);
+    let streams: Vec<_> = (0..devices)
+        .map(|d| {
+            let port = gw.port();
+            tokio::spawn(stream(
+                port,
+                d,
+                format!("factory/d{d}/telemetry"),
+                per_device,
+                Duration::from_millis(2),
+            ))
+        })
+        .collect();
+    // Reload once the stream is well under way.
+    assert!(collector.wait_for(300, WAIT).await, "stream started");
+    let path = write_config(&gw, &reload_config(upstream.port(), 2));
+    let report = gw
+        .gateway
+        .as_mut()
+        .expect("running")
+        .reload_from(&path)
+        .await
+        .expect("the new config applies");
+    assert_eq!(report.added, vec!["lake".to_string()]);
+    assert_eq!(report.removed, vec!["old".to_string()]);
+    assert!(
+        report.restarted.is_empty(),
+        "cloud is unchanged: {report:?}"
+    );
+    assert_eq!(
+        gw.counter("edgebridge_connections", &[("listener", "devices")]),
+        f64::from(devices)
+    );
+    for s in streams {
+        let (acked, errors) = s.await.expect("stream task");
+        assert_eq!(
+            (acked, errors),
+            (per_device, 0),
+            "every publish acked, no reconnect"
+        );
+    }
+    let total = (devices as u64 * per_device) as usize;
+    assert!(
+        collector.wait_for_unique(total, WAIT).await,
+        "upstream got {} of {total}",
+        collector.len()
+    );
+    let msgs = collector.messages();
+    let report = common::check_sequences(&msgs);
+    assert_eq!(report.missing, 0, "{report:?}");
+    // The switch is atomic per message and in order: per device, v1 topics up to some
+    // point, v2 after it, never mixed.
+    for d in 0..devices {
+        let topics: Vec<&str> = msgs
+            .iter()
+            .filter(|(t, _)| t.ends_with(&format!("/d{d}")))
+            .map(|(t, _)| t.split('/').next().unwrap_or(""))
+            .collect();
+        let first_v2 = topics
+            .iter()
+            .position(|t| *t == "v2")
+            .expect("new rules applied");
+        assert!(first_v2 > 0, "old rules applied before the reload");
+        assert!(
+            topics[first_v2..].iter().all(|t| *t == "v2"),
+            "device {d}: old rules after the switch"
+        );
+    }
+    // The added sink started; the removed one keeps its buffer on disk.
+    let lake = gw.dir.path().join("lake.ndjson");
+    let ok = gw
+        .eventually(WAIT, |_| {
+            std::fs::read_to_string(&lake).is_ok_and(|t| t.lines().count() > 0)
+        })
+        .await;
+    assert!(ok, "the added sink delivers");
+    assert!(gw.dir.path().join("data/buffers/old").is_dir());
+    gw.shutdown().await;
+}
+
+/// `edgebridge run` as a process, killed on drop.
+struct Process {
+    child: std::process::Child,
+    /// Its stdout (the log) and stderr.
+    output: [std::path::PathBuf; 2],
+}
+
+impl Process {
+    fn logs(&self) -> String {
+        let read = |p: &std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        read(&self.output[0]) + &read(&self.output[1])
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill {sig}");
+    }
+
+    /// Waits until the log says `what` `n` times.
+    async fn wait_for_log(&self, what: &str, n: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.logs().matches(what).count() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {what:?} in the log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Lines of the file sink's output, as (topic, payload).
+fn file_lines(path: &std::path::Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
+            let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            (s("topic"), s("payload"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_with_a_broken_config_keeps_the_old_rules_and_a_good_one_applies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = common::free_port();
+    let out = dir.path().join("out.ndjson");
+    let config = |rule: &str| {
+        format!(
+            "[gateway]\nid = \"edge-01\"\ndata_dir = \"{}\"\nshutdown_grace = \"1s\"\n\
+             [admin]\nbind = \"127.0.0.1:{}\"\n\
+             [[listeners]]\nname = \"devices\"\nbind = \"127.0.0.1:{port}\"\n\
+             [sinks.out]\ntype = \"file\"\npath = \"{}\"\n{rule}",
+            dir.path().join("data").display(),
+            common::free_port(),
+            out.display()
+        )
+    };
+    let rule = |topic: &str, condition: &str| {
+        format!(
+            "[[rules]]\nname = \"r\"\nfrom = \"a/+\"\nwhere = \"{condition}\"\nto = [\"out\"]\ntopic = \"{topic}\"\n"
+        )
+    };
+    let path = dir.path().join("edgebridge.toml");
+    std::fs::write(&path, config(&rule("old/{1}", "true"))).expect("write config");
+    let output = [dir.path().join("stdout.log"), dir.path().join("stderr.log")];
+    let file = |p: &std::path::PathBuf| std::fs::File::create(p).expect("log file");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_edgebridge"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("EDGEBRIDGE_") {
+            cmd.env_remove(name);
+        }
+    }
+    let child = cmd
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(file(&output[0]))
+        .stderr(file(&output[1]))
+        .spawn()
+        .expect("start edgebridge");
+    let gw = Process { child, output };
+    gw.wait_for_log("edgebridge started", 1).await;
+
+    // One device connection for the whole test: a reload must not drop it.
+    let mut opts = MqttOptions::new("dev-1", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+    let events = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    let _ = acks_tx.send(());
+                }
+                Ok(_) => {}
+                Err(e) => return format!("device connection failed: {e}"),
+            }
+        }
+    });
+    let mut publish = async |topic: &str| {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, b"x".to_vec())
+            .await
+            .expect("queue publish");
+        tokio::time::timeout(WAIT, acks.recv())
+            .await
+            .expect("PUBACK within the timeout")
+            .expect("device connection alive");
+    };
+    let wait_lines = async |n: usize| {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while file_lines(&out).len() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        file_lines(&out)
+    };
+
+    publish("a/1").await;
+    assert_eq!(wait_lines(1).await[0].0, "old/1");
+
+    // Broken: a CEL syntax error. Rejected with the key path; the old rules stay.
+    std::fs::write(&path, config(&rule("new/{1}", "payload.x >"))).expect("write config");
+    gw.signal("-HUP");
+    gw.wait_for_log("reload rejected; the running config stays", 1)
+        .await;
+    assert!(gw.logs().contains("rules[0].where"), "{}", gw.logs());
+    publish("a/2").await;
+    assert_eq!(wait_lines(2).await[1].0, "old/2");
+
+    // Good: applies, the device stays connected.
+    std::fs::write(&path, config(&rule("new/{1}", "true"))).expect("write config");
+    gw.signal("-HUP");
+    gw.wait_for_log("config reloaded", 1).await;
+    publish("a/3").await;
+    let lines = wait_lines(3).await;
+    let topics: Vec<&str> = lines.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(topics, vec!["old/1", "old/2", "new/3"]);
+    assert!(!events.is_finished(), "the device connection is still up");
+
+    gw.signal("-TERM");
+    gw.wait_for_log("edgebridge stopped", 1).await;
+    events.abort();
+}

@@ -44,6 +44,11 @@ pub struct DownlinkTap {
 }
 
 impl DownlinkTap {
+    /// The upstream filters and their QoS.
+    pub fn filters(&self) -> &[(String, u8)] {
+        &self.filters
+    }
+
     /// Queues the SUBSCRIBE (after a CONNACK: a clean session forgets subscriptions).
     pub fn subscribe(&self, client: &AsyncClient) {
         let filters = self.filters.iter().map(|(f, qos)| {
