@@ -23,6 +23,7 @@ use cel::context::VariableResolver;
 use cel::objects::Key;
 use cel::{Context, Env, ExecutionError, Program, Value};
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::{Serialize, Serializer};
 
 use crate::message::Message;
 
@@ -226,12 +227,9 @@ impl Expr {
         match value {
             Value::String(s) => Ok(Bytes::from(s.as_bytes().to_vec())),
             Value::Bytes(b) => Ok(Bytes::from(b.as_ref().clone())),
-            other => {
-                let json = to_json(&other).map_err(|e| EvalError::Failed(Failure::Result(e)))?;
-                serde_json::to_vec(&json)
-                    .map(Bytes::from)
-                    .map_err(|e| EvalError::Failed(Failure::Result(e.to_string())))
-            }
+            other => serde_json::to_vec(&JsonOut(&other))
+                .map(Bytes::from)
+                .map_err(|e| EvalError::Failed(Failure::Result(e.to_string()))),
         }
     }
 }
@@ -307,35 +305,51 @@ fn entry_names(entry: &EntryExpr, out: &mut HashSet<String>) {
     }
 }
 
-/// A CEL result as JSON. Map keys become strings; NaN and infinities are refused.
-fn to_json(value: &Value) -> Result<serde_json::Value, String> {
-    use serde_json::Value as J;
-    Ok(match value {
-        Value::Null => J::Null,
-        Value::Bool(b) => J::Bool(*b),
-        Value::Int(i) => J::from(*i),
-        Value::UInt(u) => J::from(*u),
-        Value::Float(f) => serde_json::Number::from_f64(*f)
-            .map(J::Number)
-            .ok_or_else(|| format!("{f} cannot be written as JSON"))?,
-        Value::String(s) => J::String(s.to_string()),
-        Value::Bytes(b) => J::String(String::from_utf8_lossy(b).into_owned()),
-        Value::List(items) => J::Array(items.iter().map(to_json).collect::<Result<_, _>>()?),
-        Value::Map(map) => {
-            let mut obj = serde_json::Map::with_capacity(map.map.len());
-            for (k, v) in map.map.iter() {
-                let key = match k {
-                    Key::String(s) => s.to_string(),
-                    Key::Int(i) => i.to_string(),
-                    Key::Uint(u) => u.to_string(),
-                    Key::Bool(b) => b.to_string(),
-                };
-                obj.insert(key, to_json(v)?);
+/// A CEL result written as JSON, without an intermediate `serde_json::Value`. Map keys
+/// become strings, in sorted order (the same result gives the same bytes); NaN and
+/// infinities are refused (serde_json would write them as null).
+struct JsonOut<'a>(&'a Value);
+
+impl Serialize for JsonOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeMap};
+        match self.0 {
+            Value::Null => s.serialize_unit(),
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::Int(i) => s.serialize_i64(*i),
+            Value::UInt(u) => s.serialize_u64(*u),
+            Value::Float(f) if f.is_finite() => s.serialize_f64(*f),
+            Value::Float(f) => Err(S::Error::custom(format!("{f} cannot be written as JSON"))),
+            Value::String(text) => s.serialize_str(text),
+            Value::Bytes(b) => s.serialize_str(&String::from_utf8_lossy(b)),
+            Value::List(items) => s.collect_seq(items.iter().map(JsonOut)),
+            Value::Map(map) => {
+                let mut entries: Vec<(std::borrow::Cow<'_, str>, &Value)> = map
+                    .map
+                    .iter()
+                    .map(|(k, v)| {
+                        let key = match k {
+                            Key::String(k) => std::borrow::Cow::Borrowed(k.as_str()),
+                            Key::Int(i) => i.to_string().into(),
+                            Key::Uint(u) => u.to_string().into(),
+                            Key::Bool(b) => b.to_string().into(),
+                        };
+                        (key, v)
+                    })
+                    .collect();
+                entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                let mut out = s.serialize_map(Some(entries.len()))?;
+                for (k, v) in entries {
+                    out.serialize_entry(&k, &JsonOut(v))?;
+                }
+                out.end()
             }
-            J::Object(obj)
+            other => Err(S::Error::custom(format!(
+                "a {} cannot be written as JSON",
+                other.type_of()
+            ))),
         }
-        other => return Err(format!("a {} cannot be written as JSON", other.type_of())),
-    })
+    }
 }
 
 /// The variables of one message, resolved on first use.
