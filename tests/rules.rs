@@ -25,6 +25,17 @@ backoff_max = "500ms"
     )
 }
 
+/// A Mosquitto "cloud" and a collector subscribed to everything on it.
+async fn upstream_with_collector() -> (Mosquitto, Collector) {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "#",
+    )
+    .await;
+    (upstream, collector)
+}
+
 /// Publishes `messages` at QoS 1 as device `client_id` and returns once every PUBACK
 /// arrived (so each message is in the gateway's buffers).
 async fn publish_all(port: u16, client_id: &str, messages: &[(&str, &str)]) {
@@ -68,12 +79,7 @@ async fn wait_for_topic(collector: &Collector, topic: &str) -> Vec<(String, Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_condition_passes_one_message_and_stops_another() {
-    let upstream = Mosquitto::start(Mode::Plain);
-    let collector = Collector::start(
-        client_options("collector", upstream.port(), Mode::Plain),
-        "#",
-    )
-    .await;
+    let (upstream, collector) = upstream_with_collector().await;
     let body = format!(
         r##"{}
 [[rules]]
@@ -130,12 +136,7 @@ to = ["cloud"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transform_arrives_upstream_as_json() {
-    let upstream = Mosquitto::start(Mode::Plain);
-    let collector = Collector::start(
-        client_options("collector", upstream.port(), Mode::Plain),
-        "#",
-    )
-    .await;
+    let (upstream, collector) = upstream_with_collector().await;
     let body = format!(
         r##"{}
 [[rules]]
@@ -181,6 +182,18 @@ to = ["cloud", {{ sink = "cloud", topic = "raw/{{client_id}}/{{1}}", payload = "
         .unwrap_or_else(|| panic!("no per-target override: {msgs:?}"));
     assert_eq!(raw.1, br#"{"temperature": 21.5}"#.to_vec());
     gw.shutdown().await;
+}
+
+/// The real binary, with the caller's `EDGEBRIDGE_*` overrides removed so that only the
+/// test's config file counts.
+fn edgebridge() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_edgebridge"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("EDGEBRIDGE_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
 }
 
 /// `edgebridge rules test --config <file> <args>` as a user runs it.
@@ -471,12 +484,7 @@ async fn a_command_from_the_upstream_reaches_a_subscribed_device_on_the_mapped_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_downlinked_message_is_never_forwarded_back_upstream() {
-    let upstream = Mosquitto::start(Mode::Plain);
-    let collector = Collector::start(
-        client_options("collector", upstream.port(), Mode::Plain),
-        "#",
-    )
-    .await;
+    let (upstream, collector) = upstream_with_collector().await;
     // A rule that matches every local topic, the downlinked one included, and a
     // retained downlink (published to the local broker as retained).
     let mut gw = TestGateway::start(&downlink_config(upstream.port(), true)).await;
@@ -592,12 +600,7 @@ fn write_config(gw: &TestGateway, body: &str) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reload_under_a_steady_stream_loses_nothing_and_keeps_every_device_connected() {
-    let upstream = Mosquitto::start(Mode::Plain);
-    let collector = Collector::start(
-        client_options("collector", upstream.port(), Mode::Plain),
-        "#",
-    )
-    .await;
+    let (upstream, collector) = upstream_with_collector().await;
     let mut gw = TestGateway::start(&reload_config(upstream.port(), 1)).await;
     let (devices, per_device) = (3u32, 1_500u64);
     let streams: Vec<_> = (0..devices)
@@ -758,13 +761,7 @@ async fn sighup_with_a_broken_config_keeps_the_old_rules_and_a_good_one_applies(
     std::fs::write(&path, config(&rule("old/{1}", "true"))).expect("write config");
     let output = [dir.path().join("stdout.log"), dir.path().join("stderr.log")];
     let file = |p: &std::path::PathBuf| std::fs::File::create(p).expect("log file");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_edgebridge"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("EDGEBRIDGE_") {
-            cmd.env_remove(name);
-        }
-    }
-    let child = cmd
+    let child = edgebridge()
         .args(["run", "--config"])
         .arg(&path)
         .env_remove("RUST_LOG")
