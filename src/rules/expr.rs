@@ -205,7 +205,14 @@ impl Expr {
     fn execute(&self, vars: &MessageVars<'_>) -> Result<Value, ExecutionError> {
         let mut ctx = Context::with_env(ENV.clone());
         ctx.set_variable_resolver(vars);
-        self.program.execute(&ctx)
+        // The router must survive any input: a panic inside the interpreter on some
+        // payload becomes an evaluation error of this rule (costs nothing otherwise).
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.program.execute(&ctx)))
+            .unwrap_or_else(|_| {
+                Err(ExecutionError::InternalError(
+                    "the CEL interpreter panicked on this message".into(),
+                ))
+            })
     }
 
     /// Evaluates a condition.
