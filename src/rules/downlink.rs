@@ -232,3 +232,91 @@ pub fn log_table(plan: &Plan) {
         info!(sink = %plan.sinks[d.sink].name, from = %d.filter, topic = %d.topic.source(), "downlink");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, Config};
+
+    fn plan(downlinks: &str) -> Plan {
+        let toml = format!(
+            "[gateway]\nid = \"edge-5\"\n\
+             [sinks.aws]\ntype = \"mqtt\"\nurl = \"mqtt://a:1883\"\n\
+             [sinks.hive]\ntype = \"mqtt\"\nurl = \"mqtt://b:1883\"\n{downlinks}"
+        );
+        let config: Config = toml::from_str(&toml).expect("toml");
+        config::validate(&config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn upstream(sink: &str, topic: &str) -> UpstreamMessage {
+        UpstreamMessage {
+            sink: Arc::from(sink),
+            topic: topic.into(),
+            payload: Bytes::from_static(b"go"),
+        }
+    }
+
+    #[test]
+    fn maps_by_sink_and_filter_with_captures() {
+        let plan = plan(
+            r#"
+            [[downlinks]]
+            sink = "aws"
+            from = "cmd/{gateway_id}/+/#"
+            topic = "cmd/{1}/{2}"
+            [[downlinks]]
+            sink = "aws"
+            from = "cmd/{gateway_id}/#"
+            topic = "audit/{gateway_id}/{topic}"
+            retain = true
+            qos = 0
+            [[downlinks]]
+            sink = "hive"
+            from = "ota/#"
+            topic = "ota/{1}"
+            "#,
+        );
+        let table = DownlinkTable::new(&plan);
+        assert_eq!(
+            table.map(&upstream("aws", "cmd/edge-5/press-7/start/now")),
+            vec![
+                ("cmd/press-7/start/now".to_string(), false),
+                (
+                    "audit/edge-5/cmd/edge-5/press-7/start/now".to_string(),
+                    true
+                ),
+            ]
+        );
+        // Another gateway's commands, or another sink's filter: nothing.
+        assert!(table
+            .map(&upstream("aws", "cmd/edge-6/press-7/start"))
+            .is_empty());
+        assert!(table.map(&upstream("hive", "cmd/edge-5/x/y")).is_empty());
+        assert_eq!(
+            table.map(&upstream("hive", "ota/fw/ü")),
+            vec![("ota/fw/ü".to_string(), false)]
+        );
+    }
+
+    #[test]
+    fn taps_subscribe_each_filter_once_at_the_highest_qos() {
+        let plan = plan(
+            r#"
+            [[downlinks]]
+            sink = "aws"
+            from = "cmd/#"
+            topic = "a/{1}"
+            qos = 0
+            [[downlinks]]
+            sink = "aws"
+            from = "cmd/#"
+            topic = "b/{1}"
+            qos = 1
+            "#,
+        );
+        let (tx, _rx) = mpsc::channel(1);
+        let tap = DownlinkTable::tap(&plan, 0, &tx).expect("aws has downlinks");
+        assert_eq!(tap.filters(), &[("cmd/#".to_string(), 1)]);
+        assert!(DownlinkTable::tap(&plan, 1, &tx).is_none(), "hive has none");
+    }
+}
