@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
@@ -73,8 +73,8 @@ pub struct AdminState {
     pub gateway_id: String,
     /// Device listeners by name; their addresses are probed by `/healthz`.
     pub listeners: Vec<(String, SocketAddr)>,
-    pub sinks: Vec<SinkInfo>,
-    pub rules: Vec<RuleInfo>,
+    /// Sinks and rules; replaced whole by a reload.
+    view: RwLock<Arc<View>>,
     /// Start of the process, for the uptime.
     started: Instant,
     started_at_ms: u64,
@@ -84,35 +84,26 @@ pub struct AdminState {
     rates: Mutex<HashMap<String, RateSample>>,
 }
 
-struct RateSample {
-    at: Instant,
-    value: u64,
-    /// Per second over the last window; `None` until a window has passed.
-    rate: Option<f64>,
+/// The sinks and rules of the plan in force.
+pub struct View {
+    pub sinks: Vec<SinkInfo>,
+    pub rules: Vec<RuleInfo>,
 }
 
-impl AdminState {
-    /// The admin view of `plan`: sinks are given with the state handle and buffer of each
-    /// (in plan order); the phase starts as [`Phase::Starting`].
-    pub fn new(
-        plan: &Plan,
-        metrics: Arc<Metrics>,
-        listeners: Vec<(String, SocketAddr)>,
-        sinks: Vec<(Arc<SinkState>, Arc<Buffer>)>,
-    ) -> Self {
-        let sinks = plan
-            .sinks
-            .iter()
-            .zip(sinks)
-            .map(|(s, (state, buffer))| {
+impl View {
+    fn new(plan: &Plan, sinks: Vec<(String, Arc<SinkState>, Arc<Buffer>)>) -> Self {
+        let sinks = sinks
+            .into_iter()
+            .filter_map(|(name, state, buffer)| {
+                let s = plan.sinks.iter().find(|s| s.name == name)?;
                 let (kind, target) = describe_target(&s.kind);
-                SinkInfo {
-                    name: s.name.clone(),
+                Some(SinkInfo {
+                    name,
                     kind,
                     target,
                     state,
                     buffer,
-                }
+                })
             })
             .collect();
         let rules = plan
@@ -124,21 +115,51 @@ impl AdminState {
                 to: r
                     .to
                     .iter()
-                    .filter_map(|&i| plan.sinks.get(i).map(|s| s.name.clone()))
+                    .filter_map(|t| plan.sinks.get(t.sink).map(|s| s.name.clone()))
                     .collect(),
             })
             .collect();
+        View { sinks, rules }
+    }
+}
+
+struct RateSample {
+    at: Instant,
+    value: u64,
+    /// Per second over the last window; `None` until a window has passed.
+    rate: Option<f64>,
+}
+
+impl AdminState {
+    /// The admin view of `plan`: sinks are given by name with the state handle and
+    /// buffer of each; the phase starts as [`Phase::Starting`].
+    pub fn new(
+        plan: &Plan,
+        metrics: Arc<Metrics>,
+        listeners: Vec<(String, SocketAddr)>,
+        sinks: Vec<(String, Arc<SinkState>, Arc<Buffer>)>,
+    ) -> Self {
         Self {
             metrics,
             gateway_id: plan.gateway_id.clone(),
             listeners,
-            sinks,
-            rules,
+            view: RwLock::new(Arc::new(View::new(plan, sinks))),
             started: Instant::now(),
             started_at_ms: now_millis(),
             phase: AtomicU8::new(Phase::Starting as u8),
             rates: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// After a reload: the sinks and rules of the new `plan`.
+    pub fn set_plan(&self, plan: &Plan, sinks: Vec<(String, Arc<SinkState>, Arc<Buffer>)>) {
+        let view = Arc::new(View::new(plan, sinks));
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
+    }
+
+    /// The sinks and rules in force.
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn phase(&self) -> Phase {
@@ -198,7 +219,8 @@ impl AdminState {
                 }
             })
             .collect();
-        let sinks = self
+        let view = self.view();
+        let sinks = view
             .sinks
             .iter()
             .map(|s| {
@@ -237,7 +259,7 @@ impl AdminState {
                 }
             })
             .collect();
-        let rules = self
+        let rules = view
             .rules
             .iter()
             .map(|r| RuleStatus {
@@ -366,7 +388,7 @@ pub struct RuleStatus {
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    for s in &state.sinks {
+    for s in &state.view().sinks {
         s.buffer.refresh_age();
     }
     (

@@ -1,19 +1,27 @@
-//! Wires broker → rules → buffers → sink workers, and owns start-up and shutdown order.
+//! Wires broker → rules → buffers → sink workers, and owns start-up, reload and shutdown
+//! order.
 //!
 //! Start: buffers, sink workers, the router task, then the device listeners (so nothing
 //! is accepted before it can be stored), then the admin endpoint.
+//! Reload (SIGHUP, [`Gateway::reload`]): the new plan is validated first; a broken one
+//! changes nothing. Then new sinks get their buffer and worker, changed sinks a new worker
+//! on the same buffer, the router switches to the new rules and buffers between two
+//! batches (one atomic swap), the downlink mappings are swapped, and removed sinks stop;
+//! their buffers stay on disk. Device connections are never touched.
 //! Shutdown (SIGINT/SIGTERM): stop intake (listeners refuse new work and devices get no
 //! more acks), let the router append and sync what is queued, let each sink finish its
 //! in-flight sends within the grace period and disconnect cleanly. Whatever was not
 //! confirmed upstream stays in the buffer.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -21,11 +29,12 @@ use tracing::{info, warn};
 use crate::admin::{self, AdminState, Phase};
 use crate::broker;
 use crate::buffer::Buffer;
-use crate::config::Plan;
+use crate::config::{self, Plan, SinkPlan};
 use crate::metrics::Metrics;
-use crate::rules::router::RouterTask;
+use crate::rules::downlink::{self, DownlinkMetrics, DownlinkTable, UpstreamMessage};
+use crate::rules::router::{RouterTask, Routing};
 use crate::rules::RuleSet;
-use crate::sinks::{self, DeadLetter, SinkContext, SinkMetrics};
+use crate::sinks::{self, DeadLetter, SinkContext, SinkMetrics, SinkState};
 
 /// A running gateway.
 pub struct Gateway {
@@ -33,23 +42,159 @@ pub struct Gateway {
     pub listeners: Vec<(String, SocketAddr)>,
     pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    /// The plan in force (the last one applied).
+    plan: Plan,
     /// Tells connections to stop taking messages.
     stopping: Arc<AtomicBool>,
     /// Stops the router (intake).
     intake_stop: CancellationToken,
-    /// Stops the sink workers.
-    sinks_stop: CancellationToken,
     /// Stops the admin endpoint.
     admin_stop: CancellationToken,
     /// What the admin endpoint shows; told when shutdown begins.
     admin_state: Arc<AdminState>,
     listener_tasks: Vec<JoinHandle<()>>,
     router: JoinHandle<()>,
-    sink_tasks: Vec<JoinHandle<()>>,
-    buffer_tasks: Vec<JoinHandle<()>>,
-    buffers: Vec<Arc<Buffer>>,
+    /// The router's rules and buffers: a reload sends the next ones.
+    routing: watch::Sender<Arc<Routing>>,
+    sinks: SinkSet,
+    /// Upstream → local devices; stops with the sinks.
+    downlinks: JoinHandle<()>,
+    /// The downlink task's mappings: a reload sends the next ones.
+    downlink_table: watch::Sender<Arc<DownlinkTable>>,
     admin: JoinHandle<()>,
-    grace: Duration,
+}
+
+/// What a reload did, for the log and for tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub restarted: Vec<String>,
+    pub removed: Vec<String>,
+    /// Settings that only a restart applies (kept as they are).
+    pub needs_restart: Vec<String>,
+}
+
+/// One sink worker.
+struct RunningSink {
+    /// The plan it runs with, to tell on reload whether it changed.
+    plan: SinkPlan,
+    /// Its upstream downlink subscriptions (part of what a restart would change).
+    downlink_filters: Option<Vec<(String, u8)>>,
+    /// Stops this worker alone (a child of `SinkSet::stop`).
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    /// Its up/down state, shown by the status API.
+    state: Arc<SinkState>,
+}
+
+/// Sink workers and every buffer opened since start, by sink name.
+struct SinkSet {
+    running: HashMap<String, RunningSink>,
+    /// Buffers of removed sinks stay open here: re-adding the sink reuses its buffer, and
+    /// two `Buffer`s never share a directory.
+    buffers: HashMap<String, Arc<Buffer>>,
+    buffer_tasks: Vec<JoinHandle<()>>,
+    /// Parent of every sink's stop token, and stops the buffers' sync tasks.
+    stop: CancellationToken,
+    downlink_tx: mpsc::Sender<UpstreamMessage>,
+    metrics: Arc<Metrics>,
+}
+
+impl SinkSet {
+    /// The buffer of `sink`, opened (and its sync task started) if it is new.
+    fn buffer(&mut self, sink: &SinkPlan, data_dir: &Path) -> anyhow::Result<Arc<Buffer>> {
+        if let Some(b) = self.buffers.get(&sink.name) {
+            return Ok(b.clone());
+        }
+        let buffer = Buffer::open(&sink.name, &sink.buffer, data_dir, &self.metrics)
+            .with_context(|| format!("cannot open the buffer of sink {}", sink.name))?;
+        let buffer = Arc::new(buffer);
+        let (b, stop) = (buffer.clone(), self.stop.clone());
+        self.buffer_tasks
+            .push(tokio::spawn(async move { b.run_interval_sync(stop).await }));
+        self.buffers.insert(sink.name.clone(), buffer.clone());
+        Ok(buffer)
+    }
+
+    /// Starts the worker of sink `index` of `plan` (its buffer must be open).
+    fn start(&mut self, plan: &Plan, index: usize) {
+        let s = &plan.sinks[index];
+        let Some(buffer) = self.buffers.get(&s.name).cloned() else {
+            warn!(sink = %s.name, "no buffer open; sink not started");
+            return;
+        };
+        let stop = self.stop.child_token();
+        let downlink = DownlinkTable::tap(plan, index, &self.downlink_tx);
+        let downlink_filters = downlink.as_ref().map(|t| t.filters().to_vec());
+        let ctx = SinkContext {
+            name: s.name.clone(),
+            buffer,
+            batch: s.buffer.batch,
+            shutdown: stop.clone(),
+            grace: plan.shutdown_grace,
+            metrics: SinkMetrics::new(&self.metrics, &s.name),
+            dead_letter: DeadLetter::new(&plan.data_dir, &s.name),
+            downlink,
+        };
+        let state = ctx.metrics.state();
+        let task = sinks::spawn(s, ctx);
+        self.running.insert(
+            s.name.clone(),
+            RunningSink {
+                plan: s.clone(),
+                downlink_filters,
+                stop,
+                task,
+                state,
+            },
+        );
+    }
+
+    /// The state and buffer of each of `plan`'s sinks, in plan order, for the admin
+    /// endpoint (sinks without a running worker are left out).
+    fn admin_sinks(&self, plan: &Plan) -> Vec<(String, Arc<SinkState>, Arc<Buffer>)> {
+        plan.sinks
+            .iter()
+            .filter_map(|s| {
+                let state = self.running.get(&s.name)?.state.clone();
+                let buffer = self.buffers.get(&s.name)?.clone();
+                Some((s.name.clone(), state, buffer))
+            })
+            .collect()
+    }
+
+    /// Stops the worker of `name` and waits for it (within the grace period): its
+    /// in-flight sends finish or stay in the buffer for the next worker.
+    async fn stop_one(&mut self, name: &str, grace: Duration) {
+        if let Some(sink) = self.running.remove(name) {
+            sink.stop.cancel();
+            if tokio::time::timeout(grace + Duration::from_secs(2), sink.task)
+                .await
+                .is_err()
+            {
+                warn!(sink = %name, "sink worker did not stop within the grace period");
+            }
+        }
+    }
+
+    /// The buffers of `plan`'s sinks, in plan order (all open).
+    fn routing_buffers(&self, plan: &Plan) -> anyhow::Result<Vec<Arc<Buffer>>> {
+        plan.sinks
+            .iter()
+            .map(|s| {
+                self.buffers
+                    .get(&s.name)
+                    .cloned()
+                    .with_context(|| format!("no buffer open for sink {}", s.name))
+            })
+            .collect()
+    }
+}
+
+/// Sink plans hold only parsed values, all `Debug`: comparing their text tells whether a
+/// sink changed without requiring `PartialEq` of every sink kind.
+fn same_sink_config(a: &SinkPlan, b: &SinkPlan) -> bool {
+    format!("{:?}", a.kind) == format!("{:?}", b.kind) && a.buffer.batch == b.buffer.batch
 }
 
 impl Gateway {
@@ -60,47 +205,35 @@ impl Gateway {
             .with_context(|| format!("cannot create data_dir {}", plan.data_dir.display()))?;
 
         let metrics = Arc::new(Metrics::new());
-        let sinks_stop = CancellationToken::new();
-        let mut buffers: Vec<Arc<Buffer>> = Vec::new();
+        // Upstream → downlink task; the sinks' taps hold the sender.
+        let (downlink_tx, downlink_rx) = mpsc::channel(downlink::QUEUE);
+        let mut sinks = SinkSet {
+            running: HashMap::new(),
+            buffers: HashMap::new(),
+            buffer_tasks: Vec::new(),
+            stop: CancellationToken::new(),
+            downlink_tx,
+            metrics: metrics.clone(),
+        };
         for s in &plan.sinks {
-            let buffer = Buffer::open(&s.name, &s.buffer, &plan.data_dir, &metrics)
-                .with_context(|| format!("cannot open the buffer of sink {}", s.name))?;
-            buffers.push(Arc::new(buffer));
+            sinks.buffer(s, &plan.data_dir)?;
         }
-        let buffer_tasks: Vec<JoinHandle<()>> = buffers
-            .iter()
-            .map(|b| {
-                let b = b.clone();
-                let stop = sinks_stop.clone();
-                tokio::spawn(async move { b.run_interval_sync(stop).await })
-            })
-            .collect();
-        // Each sink's up/down state and last error, shared by its worker and the status.
-        let mut sink_states = Vec::new();
-        let sink_tasks = plan
-            .sinks
-            .iter()
-            .zip(&buffers)
-            .map(|(s, buffer)| {
-                let ctx = SinkContext {
-                    name: s.name.clone(),
-                    buffer: buffer.clone(),
-                    batch: s.buffer.batch,
-                    shutdown: sinks_stop.clone(),
-                    grace: plan.shutdown_grace,
-                    metrics: SinkMetrics::new(&metrics, &s.name),
-                    dead_letter: DeadLetter::new(&plan.data_dir, &s.name),
-                };
-                sink_states.push((ctx.metrics.state(), buffer.clone()));
-                sinks::spawn(s, ctx)
-            })
-            .collect();
+        let (downlink_table, downlink_table_rx) =
+            watch::channel(Arc::new(DownlinkTable::new(&plan)));
+        downlink::log_table(&plan);
+        for index in 0..plan.sinks.len() {
+            sinks.start(&plan, index);
+        }
 
         let (intake_tx, intake_rx) = mpsc::channel(plan.broker.intake_queue);
         let intake_stop = CancellationToken::new();
-        let router = RouterTask {
-            rules: RuleSet::new(&plan.gateway_id, &plan.rules, &metrics),
+        let buffers = sinks.routing_buffers(&plan)?;
+        let (routing, routing_rx) = watch::channel(Arc::new(Routing {
+            rules: RuleSet::new(&plan.gateway_id, &plan.rules, &plan.fallback, &metrics),
             buffers: buffers.clone(),
+        }));
+        let router = RouterTask {
+            routing: routing_rx,
             listeners: plan
                 .listeners
                 .iter()
@@ -110,7 +243,7 @@ impl Gateway {
         let router = tokio::spawn(router.run(intake_rx, intake_stop.clone()));
 
         let stopping = Arc::new(AtomicBool::new(false));
-        let running = broker::start(
+        let broker = broker::start(
             &plan.broker,
             &plan.listeners,
             intake_tx,
@@ -118,6 +251,14 @@ impl Gateway {
             stopping.clone(),
         )
         .await?;
+        let running = broker.listeners;
+        let downlinks = tokio::spawn(downlink::run(
+            downlink_rx,
+            downlink_table_rx,
+            broker.local,
+            DownlinkMetrics::new(&metrics),
+            sinks.stop.clone(),
+        ));
         let listeners: Vec<(String, SocketAddr)> =
             running.iter().map(|l| (l.name.clone(), l.addr)).collect();
 
@@ -126,7 +267,7 @@ impl Gateway {
             &plan,
             metrics.clone(),
             listeners.clone(),
-            sink_states,
+            sinks.admin_sinks(&plan),
         ));
         let (admin_addr, admin) =
             admin::start(plan.admin_bind, state.clone(), admin_stop.clone()).await?;
@@ -137,19 +278,138 @@ impl Gateway {
             listeners,
             admin_addr,
             metrics,
+            plan,
             stopping,
             intake_stop,
-            sinks_stop,
             admin_stop,
             admin_state: state,
             listener_tasks: running.into_iter().map(|l| l.task).collect(),
             router,
-            sink_tasks,
-            buffer_tasks,
-            buffers,
+            routing,
+            sinks,
+            downlinks,
+            downlink_table,
             admin,
-            grace: plan.shutdown_grace,
         })
+    }
+
+    /// Reads, validates and applies the config at `path` (what SIGHUP does). On any
+    /// error nothing changes and the errors come back one per line, as `check` prints
+    /// them.
+    pub async fn reload_from(&mut self, path: &Path) -> Result<ReloadReport, Vec<String>> {
+        let plan = config::load(path)
+            .and_then(|c| config::validate(&c))
+            .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        self.reload(plan).await.map_err(|e| vec![format!("{e:#}")])
+    }
+
+    /// Applies `plan`: rules, sinks and downlinks, as the module docs describe.
+    /// `gateway.id` and `data_dir` cannot change without a restart (the reload is
+    /// refused); listener, broker, admin and log settings are kept and reported.
+    pub async fn reload(&mut self, plan: Plan) -> anyhow::Result<ReloadReport> {
+        let old = &self.plan;
+        if plan.gateway_id != old.gateway_id {
+            anyhow::bail!("gateway.id: cannot change on reload (restart to change it)");
+        }
+        if plan.data_dir != old.data_dir {
+            anyhow::bail!("gateway.data_dir: cannot change on reload (restart to change it)");
+        }
+        let mut report = ReloadReport::default();
+        let restart_only = [
+            (
+                "listeners",
+                format!("{:?}", plan.listeners) != format!("{:?}", old.listeners),
+            ),
+            (
+                "broker",
+                format!("{:?}", plan.broker) != format!("{:?}", old.broker),
+            ),
+            ("admin.bind", plan.admin_bind != old.admin_bind),
+            ("log", format!("{:?}", plan.log) != format!("{:?}", old.log)),
+            (
+                "gateway.shutdown_grace",
+                plan.shutdown_grace != old.shutdown_grace,
+            ),
+        ];
+        for (key, changed) in restart_only {
+            if changed {
+                warn!(key, "changed in the config; applies at the next restart");
+                report.needs_restart.push(key.to_string());
+            }
+        }
+        // Everything that can fail comes first: opening the buffers of new sinks.
+        for s in &plan.sinks {
+            let old_buffer = old
+                .sinks
+                .iter()
+                .find(|o| o.name == s.name)
+                .map(|o| &o.buffer);
+            if old_buffer.is_some_and(|b| format!("{b:?}") != format!("{:?}", s.buffer)) {
+                warn!(sink = %s.name, "buffer settings changed; they apply at the next restart");
+                report
+                    .needs_restart
+                    .push(format!("sinks.{}.buffer", s.name));
+            }
+            self.sinks.buffer(s, &plan.data_dir)?;
+        }
+        let buffers = self.sinks.routing_buffers(&plan)?;
+        let rules = RuleSet::new(&plan.gateway_id, &plan.rules, &plan.fallback, &self.metrics);
+
+        // Workers: start new ones, restart changed ones (same buffer), before the router
+        // routes to them; a changed worker is stopped before its successor starts, so
+        // one buffer never has two readers.
+        for (index, s) in plan.sinks.iter().enumerate() {
+            let filters = DownlinkTable::tap(&plan, index, &self.sinks.downlink_tx)
+                .map(|t| t.filters().to_vec());
+            match self.sinks.running.get(&s.name) {
+                Some(r) if same_sink_config(&r.plan, s) && r.downlink_filters == filters => {}
+                Some(_) => {
+                    info!(sink = %s.name, "sink changed; restarting its worker (its buffer stays)");
+                    self.sinks.stop_one(&s.name, self.plan.shutdown_grace).await;
+                    self.sinks.start(&plan, index);
+                    report.restarted.push(s.name.clone());
+                }
+                None => {
+                    info!(sink = %s.name, "sink added; starting it");
+                    self.sinks.start(&plan, index);
+                    report.added.push(s.name.clone());
+                }
+            }
+        }
+        // The atomic switch: the router takes the new rules with their buffers between
+        // two batches; the downlink task maps every later message with the new table.
+        self.routing
+            .send_replace(Arc::new(Routing { rules, buffers }));
+        self.downlink_table
+            .send_replace(Arc::new(DownlinkTable::new(&plan)));
+        downlink::log_table(&plan);
+        let removed: Vec<String> = self
+            .sinks
+            .running
+            .keys()
+            .filter(|name| !plan.sinks.iter().any(|s| &s.name == *name))
+            .cloned()
+            .collect();
+        for name in removed {
+            self.sinks.stop_one(&name, self.plan.shutdown_grace).await;
+            if let Some(b) = self.sinks.buffers.get(&name) {
+                b.fsync_now().await;
+            }
+            warn!(sink = %name, dir = %plan.data_dir.join("buffers").join(&name).display(), "sink removed from the config; its buffer stays on disk (delivered again if the sink comes back)");
+            report.removed.push(name);
+        }
+        // What only a restart applies stays as it runs.
+        let mut plan = plan;
+        plan.listeners = self.plan.listeners.clone();
+        plan.broker = self.plan.broker.clone();
+        plan.admin_bind = self.plan.admin_bind;
+        plan.log = self.plan.log.clone();
+        plan.shutdown_grace = self.plan.shutdown_grace;
+        info!(rules = plan.rules.len(), sinks = plan.sinks.len(), downlinks = plan.downlinks.len(), added = ?report.added, restarted = ?report.restarted, removed = ?report.removed, "config reloaded");
+        self.admin_state
+            .set_plan(&plan, self.sinks.admin_sinks(&plan));
+        self.plan = plan;
+        Ok(report)
     }
 
     /// Stops in the order of the module docs.
@@ -168,16 +428,18 @@ impl Gateway {
             warn!("router did not finish within 10s");
         }
         info!("intake stopped and synced; finishing in-flight sends");
-        self.sinks_stop.cancel();
-        let sinks = join_all(self.sink_tasks);
-        if tokio::time::timeout(self.grace + Duration::from_secs(2), sinks)
+        let sinks = self.sinks;
+        sinks.stop.cancel();
+        let tasks = join_all(sinks.running.into_values().map(|s| s.task).collect());
+        if tokio::time::timeout(self.plan.shutdown_grace + Duration::from_secs(2), tasks)
             .await
             .is_err()
         {
             warn!("some sinks did not finish within the grace period");
         }
-        join_all(self.buffer_tasks).await;
-        for buffer in &self.buffers {
+        let _ = self.downlinks.await;
+        join_all(sinks.buffer_tasks).await;
+        for buffer in sinks.buffers.values() {
             buffer.fsync_now().await;
         }
         self.admin_stop.cancel();

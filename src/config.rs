@@ -21,7 +21,7 @@ use figment::value::{Dict, Value};
 use figment::{Figment, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::rules::{Template, TemplateScope, TopicFilter};
+use crate::rules::{Expr, ExprKind, Template, TemplateScope, TopicFilter};
 use crate::sinks::http::{HttpPlan, HttpSinkSection};
 use crate::sinks::kafka::{KafkaPlan, KafkaSinkSection};
 
@@ -155,6 +155,12 @@ pub struct Config {
     pub sinks: BTreeMap<String, SinkSection>,
     #[serde(default)]
     pub rules: Vec<RuleSection>,
+    /// Where messages go that no rule matched.
+    #[serde(default)]
+    pub fallback: Option<FallbackSection>,
+    /// Cloud-to-device: upstream subscriptions published to local devices.
+    #[serde(default)]
+    pub downlinks: Vec<DownlinkSection>,
     #[serde(default)]
     pub log: LogSection,
 }
@@ -435,10 +441,70 @@ impl Default for BufferSection {
 #[serde(deny_unknown_fields)]
 pub struct RuleSection {
     pub name: String,
+    /// MQTT topic filter.
     pub from: String,
-    pub to: Vec<String>,
+    /// CEL condition; absent = every message the filter matches.
+    #[serde(default, rename = "where")]
+    pub condition: Option<String>,
+    pub to: Vec<TargetSection>,
+    /// Topic template for every target that does not set its own.
     #[serde(default)]
     pub topic: Option<String>,
+    /// CEL expression building the outgoing payload; absent = unchanged.
+    #[serde(default)]
+    pub payload: Option<String>,
+    /// `false`: a message this rule matched is not offered to later rules.
+    #[serde(default = "default_true", rename = "continue")]
+    pub continue_matching: bool,
+}
+
+/// One entry of a rule's `to`: a sink name, or a table that overrides topic and payload
+/// for that sink.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(
+    untagged,
+    expecting = "a sink name or a table { sink = \"...\", topic = \"...\", payload = \"...\" }"
+)]
+pub enum TargetSection {
+    Sink(String),
+    Table(TargetTable),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetTable {
+    pub sink: String,
+    #[serde(default)]
+    pub topic: Option<String>,
+    #[serde(default)]
+    pub payload: Option<String>,
+}
+
+/// `[[downlinks]]`: messages the upstream of an MQTT sink delivers on `from` are
+/// published to local devices on `topic`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownlinkSection {
+    /// An MQTT sink.
+    pub sink: String,
+    /// Topic filter subscribed to on the upstream; may use `{gateway_id}`.
+    pub from: String,
+    /// Local topic template: `{1}`.. are the wildcard levels of `from`, `{topic}` the
+    /// upstream topic, `{gateway_id}`.
+    pub topic: String,
+    /// QoS of the upstream subscription.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Publish retained to local devices.
+    #[serde(default)]
+    pub retain: bool,
+}
+
+/// `[fallback]`: the targets of messages that no rule matched.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackSection {
+    pub to: Vec<TargetSection>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -694,7 +760,7 @@ fn figment_errors(error: figment::Error) -> ConfigErrors {
 /// `["listeners", "0", "bind"]` → `listeners[0].bind`; only after the keys that hold
 /// arrays, since a sink may well be called `0`.
 fn render_path(segments: &[String]) -> String {
-    const ARRAYS: [&str; 4] = ["listeners", "rules", "to", "alpn"];
+    const ARRAYS: [&str; 5] = ["listeners", "rules", "to", "alpn", "downlinks"];
     let mut out = String::new();
     let mut previous: Option<&str> = None;
     for segment in segments.iter().filter(|s| !s.is_empty()) {
@@ -794,6 +860,9 @@ pub struct Plan {
     pub listeners: Vec<ListenerPlan>,
     pub sinks: Vec<SinkPlan>,
     pub rules: Vec<RulePlan>,
+    /// Targets of messages no rule matched (empty: they go nowhere).
+    pub fallback: Vec<TargetPlan>,
+    pub downlinks: Vec<DownlinkPlan>,
     pub log: LogSection,
 }
 
@@ -858,9 +927,32 @@ pub struct FilePlan {
 pub struct RulePlan {
     pub name: String,
     pub filter: TopicFilter,
-    /// Indexes into [`Plan::sinks`].
-    pub to: Vec<usize>,
+    pub condition: Option<Expr>,
+    pub to: Vec<TargetPlan>,
+    /// `continue = false`: stop after this rule when it matched.
+    pub stop: bool,
+}
+
+/// One `[[downlinks]]` entry, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownlinkPlan {
+    /// Index into [`Plan::sinks`]; always an MQTT sink.
+    pub sink: usize,
+    /// The upstream filter with `{gateway_id}` filled in.
+    pub filter: TopicFilter,
+    pub topic: Template,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+/// One destination of a rule, with the rule's topic and payload already folded in (a
+/// target's own override wins).
+#[derive(Debug, Clone)]
+pub struct TargetPlan {
+    /// Index into [`Plan::sinks`].
+    pub sink: usize,
     pub topic: Option<Template>,
+    pub payload: Option<Expr>,
 }
 
 /// Checks `config` and builds the [`Plan`]; every problem found is reported.
@@ -1049,6 +1141,7 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         }
     }
 
+    let sink_names: Vec<&String> = config.sinks.keys().collect();
     let mut rules = Vec::new();
     let mut rule_names = HashSet::new();
     for (i, r) in config.rules.iter().enumerate() {
@@ -1071,37 +1164,90 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         if r.to.is_empty() {
             err(format!("{path}.to"), "must name at least one sink".into());
         }
-        let mut to = Vec::new();
-        for (j, target) in r.to.iter().enumerate() {
-            match config.sinks.keys().position(|k| k == target) {
-                Some(idx) => to.push(idx),
-                None => err(
-                    format!("{path}.to[{j}]"),
-                    format!("unknown sink {target:?}"),
-                ),
-            }
-        }
-        let topic = match (&r.topic, &filter) {
-            (Some(t), Some(f)) => {
-                let scope = TemplateScope {
-                    wildcards: f.wildcard_count(),
-                };
-                match Template::parse(t, &scope) {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        err(format!("{path}.topic"), e.to_string());
-                        None
-                    }
-                }
-            }
-            _ => None,
+        let condition = r.condition.as_ref().and_then(|c| {
+            Expr::compile(c, ExprKind::Condition)
+                .map_err(|e| err(format!("{path}.where"), e))
+                .ok()
+        });
+        let scope = TemplateScope {
+            wildcards: filter.as_ref().map_or(0, |f| f.wildcard_count()),
+            client_id: true,
         };
+        let targets = validate_targets(
+            &path,
+            &r.to,
+            r.topic.as_deref(),
+            r.payload.as_deref(),
+            &scope,
+            &sink_names,
+            &mut err,
+        );
         if let Some(filter) = filter {
             rules.push(RulePlan {
                 name: r.name.clone(),
                 filter,
-                to,
+                condition,
+                to: targets,
+                stop: !r.continue_matching,
+            });
+        }
+    }
+    let fallback = match &config.fallback {
+        Some(f) => {
+            if f.to.is_empty() {
+                err("fallback.to".into(), "must name at least one sink".into());
+            }
+            let scope = TemplateScope {
+                wildcards: 0,
+                client_id: true,
+            };
+            validate_targets("fallback", &f.to, None, None, &scope, &sink_names, &mut err)
+        }
+        None => Vec::new(),
+    };
+
+    let mut downlinks = Vec::new();
+    for (i, d) in config.downlinks.iter().enumerate() {
+        let path = format!("downlinks[{i}]");
+        let sink = match config.sinks.iter().position(|(k, _)| *k == d.sink) {
+            None => {
+                err(format!("{path}.sink"), format!("unknown sink {:?}", d.sink));
+                None
+            }
+            Some(idx) => match config.sinks.get(&d.sink) {
+                Some(SinkSection::Mqtt(_)) => Some(idx),
+                _ => {
+                    err(
+                        format!("{path}.sink"),
+                        format!("sink {:?} is not an mqtt sink", d.sink),
+                    );
+                    None
+                }
+            },
+        };
+        // `{gateway_id}` is the one placeholder of a filter (braces are legal in topics).
+        let filter = TopicFilter::parse(&d.from.replace("{gateway_id}", &gateway_id))
+            .map_err(|e| err(format!("{path}.from"), e.to_string()))
+            .ok();
+        let topic = filter.as_ref().and_then(|f| {
+            let scope = TemplateScope {
+                wildcards: f.wildcard_count(),
+                client_id: false,
+            };
+            Template::parse(&d.topic, &scope)
+                .map_err(|e| err(format!("{path}.topic"), e.to_string()))
+                .ok()
+        });
+        if d.qos > 2 {
+            err(format!("{path}.qos"), "must be 0, 1 or 2".into());
+        }
+        if let (Some(sink), Some(filter), Some(topic)) = (sink, filter, topic) {
+            downlinks.push(DownlinkPlan {
+                sink,
+                filter,
                 topic,
+                qos: d.qos.min(2),
+                retain: d.retain,
             });
         }
     }
@@ -1119,8 +1265,87 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         listeners,
         sinks,
         rules,
+        fallback,
+        downlinks,
         log: config.log.clone(),
     })
+}
+
+/// Checks the `to` list at `path` (a rule's, or the fallback's) and folds the rule-wide
+/// `topic` and `payload` into each target that does not override them.
+fn validate_targets(
+    path: &str,
+    to: &[TargetSection],
+    rule_topic: Option<&str>,
+    rule_payload: Option<&str>,
+    scope: &TemplateScope,
+    sink_names: &[&String],
+    err: &mut impl FnMut(String, String),
+) -> Vec<TargetPlan> {
+    let topic = parse_template(format!("{path}.topic"), rule_topic, scope, err);
+    let payload = parse_transform(format!("{path}.payload"), rule_payload, err);
+    let mut targets = Vec::new();
+    for (j, target) in to.iter().enumerate() {
+        let key = format!("{path}.to[{j}]");
+        let (name, own_topic, own_payload) = match target {
+            TargetSection::Sink(name) => (name, None, None),
+            TargetSection::Table(t) => (&t.sink, t.topic.as_deref(), t.payload.as_deref()),
+        };
+        let Some(sink) = sink_names.iter().position(|k| *k == name) else {
+            let key = match target {
+                TargetSection::Sink(_) => key,
+                TargetSection::Table(_) => format!("{key}.sink"),
+            };
+            err(key, format!("unknown sink {name:?}"));
+            continue;
+        };
+        let own_topic = parse_template(format!("{key}.topic"), own_topic, scope, err);
+        let own_payload = parse_transform(format!("{key}.payload"), own_payload, err);
+        let (Ok(own_topic), Ok(own_payload), Ok(topic), Ok(payload)) =
+            (own_topic, own_payload, &topic, &payload)
+        else {
+            continue;
+        };
+        targets.push(TargetPlan {
+            sink,
+            topic: own_topic.or_else(|| topic.clone()),
+            payload: own_payload.or_else(|| payload.clone()),
+        });
+    }
+    targets
+}
+
+/// An optional topic template; `Err` once reported.
+fn parse_template(
+    key: String,
+    source: Option<&str>,
+    scope: &TemplateScope,
+    err: &mut impl FnMut(String, String),
+) -> Result<Option<Template>, ()> {
+    match source.map(|t| Template::parse(t, scope)) {
+        None => Ok(None),
+        Some(Ok(t)) => Ok(Some(t)),
+        Some(Err(e)) => {
+            err(key, e.to_string());
+            Err(())
+        }
+    }
+}
+
+/// An optional CEL payload transform; `Err` once reported.
+fn parse_transform(
+    key: String,
+    source: Option<&str>,
+    err: &mut impl FnMut(String, String),
+) -> Result<Option<Expr>, ()> {
+    match source.map(|p| Expr::compile(p, ExprKind::Transform)) {
+        None => Ok(None),
+        Some(Ok(e)) => Ok(Some(e)),
+        Some(Err(e)) => {
+            err(key, e);
+            Err(())
+        }
+    }
 }
 
 fn placeholder_addr() -> SocketAddr {
@@ -1280,6 +1505,24 @@ fn validate_mqtt(
 }
 
 impl Plan {
+    /// `sink`, `sink topic=...`, `sink payload=...`, comma separated.
+    fn describe_targets(&self, targets: &[TargetPlan]) -> String {
+        let parts: Vec<String> = targets
+            .iter()
+            .map(|t| {
+                let mut s = self.sinks[t.sink].name.clone();
+                if let Some(topic) = &t.topic {
+                    s += &format!(" topic={}", topic.source());
+                }
+                if let Some(payload) = &t.payload {
+                    s += &format!(" payload={}", payload.source());
+                }
+                s
+            })
+            .collect();
+        parts.join(", ")
+    }
+
     /// The resolved plan as printed by `edgebridge check`; secrets are masked.
     pub fn describe(&self) -> String {
         use std::fmt::Write;
@@ -1354,13 +1597,31 @@ impl Plan {
         }
         let _ = writeln!(out, "rules:");
         for r in &self.rules {
-            let to: Vec<&str> = r.to.iter().map(|&i| self.sinks[i].name.as_str()).collect();
-            let topic = r
-                .topic
+            let condition = r
+                .condition
                 .as_ref()
-                .map(|t| format!(" topic={}", t.source()))
+                .map(|c| format!(" where {}", c.source()))
                 .unwrap_or_default();
-            let _ = writeln!(out, "  {} {} -> {}{topic}", r.name, r.filter, to.join(", "));
+            let stop = if r.stop { " (continue = false)" } else { "" };
+            let to = self.describe_targets(&r.to);
+            let _ = writeln!(out, "  {} {}{condition} -> {to}{stop}", r.name, r.filter);
+        }
+        if !self.fallback.is_empty() {
+            let _ = writeln!(out, "fallback -> {}", self.describe_targets(&self.fallback));
+        }
+        if !self.downlinks.is_empty() {
+            let _ = writeln!(out, "downlinks:");
+        }
+        for d in &self.downlinks {
+            let _ = writeln!(
+                out,
+                "  {} {} (qos {}) -> local {}{}",
+                self.sinks[d.sink].name,
+                d.filter,
+                d.qos,
+                d.topic.source(),
+                if d.retain { " retained" } else { "" }
+            );
         }
         out
     }
@@ -1409,7 +1670,7 @@ mod tests {
         assert_eq!(plan.listeners.len(), 1);
         assert_eq!(plan.listeners[0].bind.port(), 1883);
         assert_eq!(plan.listeners[0].ack, AckMode::Durable);
-        assert_eq!(plan.rules[0].to, vec![0]);
+        assert_eq!(plan.rules[0].to[0].sink, 0);
     }
 
     #[test]
@@ -1548,6 +1809,158 @@ mod tests {
         assert_eq!(m.ack_timeout, Duration::from_secs(2));
         let e = first_error(&sink("ack_timeout = \"0s\""));
         assert_eq!(e, "sinks.cloud.ack_timeout: must be at least 1s");
+    }
+
+    #[test]
+    fn rule_expressions_and_targets_are_checked_with_their_paths() {
+        let rules = r#"
+            [sinks.lake]
+            type = "file"
+            path = "x"
+            [[rules]]
+            name = "syntax"
+            from = "a/#"
+            where = "payload.x >"
+            to = ["lake"]
+            [[rules]]
+            name = "types"
+            from = "a/+"
+            where = "topic > 3"
+            payload = "{'x': nope}"
+            to = [{ sink = "lake", topic = "b/{2}", payload = "levels[0] +" }, { sink = "sea" }]
+            [fallback]
+            to = [{ sink = "lake", topic = "u/{1}" }]
+            "#;
+        // A target that is neither a name nor a table fails loading, on its own.
+        let err = load_str(
+            &rules.replace(r#"{ sink = "sea" }]"#, r#"{ sink = "sea" }, 7]"#),
+            &[],
+        )
+        .expect_err("invalid");
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, vec!["rules[1].to[2]"], "{err}");
+        let err = load_str(rules, &[]).expect_err("invalid");
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "rules[0].where",
+                "rules[1].where",
+                "rules[1].payload",
+                "rules[1].to[0].topic",
+                "rules[1].to[0].payload",
+                "rules[1].to[1].sink",
+                "fallback.to[0].topic",
+            ],
+            "{err}"
+        );
+        assert!(err.0[1].message.contains("type error"), "{err}");
+        assert!(err.0[2].message.contains("unknown variable nope"), "{err}");
+    }
+
+    #[test]
+    fn continue_fallback_and_overrides_build_the_plan() {
+        let plan = load_str(
+            r#"
+            [sinks.lake]
+            type = "file"
+            path = "x"
+            [sinks.sea]
+            type = "file"
+            path = "y"
+            [[rules]]
+            name = "r"
+            from = "a/+"
+            where = "payload.t > 1"
+            topic = "t/{1}"
+            payload = "{'t': payload.t}"
+            to = ["lake", { sink = "sea", topic = "s/{client_id}" }]
+            continue = false
+            [fallback]
+            to = ["sea"]
+            "#,
+            &[],
+        )
+        .expect("valid");
+        let r = &plan.rules[0];
+        assert!(r.stop);
+        assert_eq!(
+            r.condition.as_ref().map(|c| c.source()),
+            Some("payload.t > 1")
+        );
+        assert_eq!(r.to[0].topic.as_ref().map(|t| t.source()), Some("t/{1}"));
+        assert_eq!(
+            r.to[1].topic.as_ref().map(|t| t.source()),
+            Some("s/{client_id}")
+        );
+        assert!(
+            r.to[1].payload.is_some(),
+            "the rule's payload applies to every target"
+        );
+        assert_eq!(plan.fallback[0].sink, 1);
+        let text = plan.describe();
+        assert!(
+            text.contains("r a/+ where payload.t > 1 -> lake topic=t/{1}"),
+            "{text}"
+        );
+        assert!(text.contains("fallback -> sea"), "{text}");
+    }
+
+    #[test]
+    fn downlinks_need_an_mqtt_sink_a_filter_and_a_template_of_its_captures() {
+        let sinks = r#"
+            [gateway]
+            id = "edge-3"
+            [sinks.cloud]
+            type = "mqtt"
+            url = "mqtt://broker:1883"
+            [sinks.lake]
+            type = "file"
+            path = "x"
+        "#;
+        let plan = load_str(
+            &format!(
+                "{sinks}[[downlinks]]\nsink = \"cloud\"\nfrom = \"cmd/{{gateway_id}}/+/#\"\ntopic = \"cmd/{{1}}/{{2}}\"\nretain = true\n"
+            ),
+            &[],
+        )
+        .expect("valid");
+        let d = &plan.downlinks[0];
+        assert_eq!(d.filter.to_string(), "cmd/edge-3/+/#");
+        assert_eq!((d.sink, d.qos, d.retain), (0, 1, true));
+        let err = load_str(
+            &format!(
+                r#"{sinks}
+                [[downlinks]]
+                sink = "lake"
+                from = "a/#"
+                topic = "b/{{2}}"
+                [[downlinks]]
+                sink = "cloud"
+                from = "a/#/b"
+                topic = "b"
+                qos = 3
+                [[downlinks]]
+                sink = "cloud"
+                from = "a/+"
+                topic = "b/{{client_id}}"
+                "#
+            ),
+            &[],
+        )
+        .expect_err("invalid");
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "downlinks[0].sink",
+                "downlinks[0].topic",
+                "downlinks[1].from",
+                "downlinks[1].qos",
+                "downlinks[2].topic"
+            ],
+            "{err}"
+        );
     }
 
     #[test]

@@ -4,10 +4,11 @@
 //! devices ──MQTT 3.1.1/5──▶ broker (rumqttd, embedded)
 //!                              │ every PUBLISH, seen at the protocol seam
 //!                              ▼
-//!                          intake ──▶ rules (filter · topic rewrite)
+//!                          intake ──▶ rules (filter · CEL condition · transform)
 //!                                        │ one record per matched sink
 //!                                        ▼
 //!                          buffer[sink] ─▶ sink worker ──▶ mqtt │ file
+//! cloud ──MQTT subscription──▶ [[downlinks]] ──▶ broker ──▶ devices (never into intake)
 //! ```
 //!
 //! Every stage has one job and one owner; the rule engine never waits on the network, it
@@ -17,11 +18,13 @@
 //! - [`config`]: figment loading (defaults ← TOML ← `EDGEBRIDGE_*` env, `${VAR}`) and the
 //!   pure validation into a typed [`config::Plan`].
 //! - [`broker`]: embeds rumqttd; the device-facing protocol seam and intake.
-//! - [`rules`]: compiled topic filters and templates; the router task.
+//! - [`rules`]: compiled topic filters, templates and CEL expressions; the router task;
+//!   downlinks ([`rules::downlink`]) and the dry run ([`rules::dry_run`]).
 //! - [`buffer`]: the per-sink buffer (append / read batch / ack / rewind).
-//! - [`sinks`]: one worker per sink: [`sinks::mqtt`], [`sinks::file`].
+//! - [`sinks`]: one worker per sink: [`sinks::mqtt`], [`sinks::http`], [`sinks::kafka`],
+//!   [`sinks::file`].
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/v1/status` and the status page.
-//! - [`app`]: start-up and shutdown order.
+//! - [`app`]: start-up, reload (SIGHUP) and shutdown order.
 
 #![forbid(unsafe_code)]
 

@@ -1,4 +1,4 @@
-//! The `edgebridge` command line: `run`, `check`, `version`.
+//! The `edgebridge` command line: `run`, `check`, `rules test`, `version`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use edgebridge::app::Gateway;
 use edgebridge::config::{self, LogFormat, Plan};
+use edgebridge::rules::dry_run::{dry_run, TestMessage};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
@@ -25,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway.
+    /// Run the gateway (SIGHUP reloads rules, sinks and downlinks).
     Run {
         #[arg(long, short, default_value = "config/edgebridge.toml")]
         config: PathBuf,
@@ -38,8 +39,33 @@ enum Command {
         #[arg(long, short, default_value = "config/edgebridge.toml")]
         config: PathBuf,
     },
+    /// Work with the rules of a configuration.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Dry run: show what every rule makes of one message and what each sink would get.
+    Test {
+        #[arg(long, short, default_value = "config/edgebridge.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// The publishing device's client id (`client_id` in rules).
+        #[arg(long, default_value = "")]
+        client_id: String,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+        qos: u8,
+        #[arg(long)]
+        retain: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -98,7 +124,40 @@ async fn wait_for_signal() {
     }
 }
 
-fn run(plan: Plan) -> ExitCode {
+/// Runs until SIGINT/SIGTERM; SIGHUP reloads `config` (a broken one is logged and
+/// changes nothing).
+async fn serve(gateway: &mut Gateway, config: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return,
+                    _ = term.recv() => return,
+                    _ = hup.recv() => {
+                        info!(config = %config.display(), "SIGHUP: reloading the config");
+                        match gateway.reload_from(config).await {
+                            Ok(report) => info!(?report, "reload done"),
+                            Err(errors) => {
+                                for e in &errors {
+                                    error!(error = %e, "reload rejected");
+                                }
+                                error!(problems = errors.len(), "reload rejected; the running config stays");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    wait_for_signal().await;
+}
+
+fn run(plan: Plan, config: &std::path::Path) -> ExitCode {
     // Multi-thread: withheld device acks block a worker thread (block_in_place).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -111,7 +170,7 @@ fn run(plan: Plan) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let gateway = match Gateway::start(plan).await {
+        let mut gateway = match Gateway::start(plan).await {
             Ok(g) => g,
             Err(e) => {
                 error!(error = %format!("{e:#}"), "start-up failed");
@@ -121,7 +180,7 @@ fn run(plan: Plan) -> ExitCode {
         for (name, addr) in &gateway.listeners {
             info!(listener = %name, %addr, "ready for devices");
         }
-        wait_for_signal().await;
+        serve(&mut gateway, config).await;
         gateway.shutdown().await;
         ExitCode::SUCCESS
     })
@@ -142,10 +201,34 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Rules {
+            command:
+                RulesCommand::Test {
+                    config,
+                    topic,
+                    payload,
+                    client_id,
+                    qos,
+                    retain,
+                },
+        } => match load_plan(&config) {
+            Ok(plan) => {
+                let input = TestMessage {
+                    topic,
+                    payload: payload.into_bytes(),
+                    client_id,
+                    qos,
+                    retain,
+                };
+                print!("{}", dry_run(&plan, &input));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
         Command::Run { config, log_format } => match load_plan(&config) {
             Ok(plan) => {
                 init_logging(&plan, log_format);
-                run(plan)
+                run(plan, &config)
             }
             Err(code) => code,
         },

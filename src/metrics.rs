@@ -15,6 +15,8 @@ pub struct Metrics {
     pub messages_unmatched: IntCounterVec,
     pub connections: IntGaugeVec,
     pub rule_matches: IntCounterVec,
+    pub rule_errors: IntCounterVec,
+    pub downlink_messages: IntCounterVec,
     pub sink_delivered: IntCounterVec,
     pub sink_errors: IntCounterVec,
     pub sink_up: IntGaugeVec,
@@ -107,6 +109,18 @@ impl Metrics {
                 &registry,
                 "edgebridge_rule_matches_total",
                 "Messages matched by each rule",
+                &["rule"],
+            ),
+            downlink_messages: counter(
+                &registry,
+                "edgebridge_downlink_messages_total",
+                "Messages from an upstream published to local devices by [[downlinks]]",
+                &["sink"],
+            ),
+            rule_errors: counter(
+                &registry,
+                "edgebridge_rule_errors_total",
+                "Evaluation errors of a rule's condition or transforms (the rule did not match)",
                 &["rule"],
             ),
             sink_delivered: counter(

@@ -604,9 +604,9 @@ fn keys_in_arrays_are_named_with_brackets_in_every_error() {
                 name = "hot"
                 from = "a/#"
                 to = ["archive"]
-                where = "payload.temperature > 80"
+                when = "payload.temperature > 80"
             "#,
-            path: "rules[0].where",
+            path: "rules[0].when",
             says: "unknown key",
         },
     ];

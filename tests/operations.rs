@@ -152,7 +152,7 @@ async fn probes_answer_starting_running_and_stopping() {
         &plan,
         metrics,
         vec![("devices".into(), listener_addr)],
-        vec![(sink_state, Arc::new(buffer))],
+        vec![("local".into(), sink_state, Arc::new(buffer))],
     ));
     let stop = CancellationToken::new();
     let (addr, task) = admin::start(

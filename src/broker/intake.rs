@@ -12,6 +12,9 @@ pub struct IntakeItem {
     /// Index of the listener in the plan (for per-listener counters).
     pub listener: usize,
     pub msg: Message,
+    /// The publishing device's client id (rules' `client_id`); not part of [`Message`],
+    /// which the buffers persist.
+    pub client_id: Arc<str>,
     /// Present when the device waits for a durable acknowledgement.
     pub ack: Option<AckTicket>,
 }

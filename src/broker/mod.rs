@@ -4,6 +4,10 @@
 //!
 //! Output: every device PUBLISH becomes an [`IntakeItem`] on the intake channel (see
 //! `protocol.rs`). Local subscribers are served by rumqttd as usual.
+//!
+//! Input from the cloud: [`LocalPublisher`] publishes downlinked messages to devices
+//! through a rumqttd local link. A local link bypasses the protocol seam, so nothing it
+//! publishes ever reaches intake, and so no rule can send it back upstream.
 
 mod intake;
 mod protocol;
@@ -13,6 +17,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context;
+use bytes::Bytes;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -84,6 +91,46 @@ async fn wait_until_listening(addr: SocketAddr, task: &JoinHandle<()>) -> anyhow
     anyhow::bail!("device listener on {addr} did not start within 5s")
 }
 
+/// The client id of the local link: longer than any id the protocol seam accepts from a
+/// device, so no device can take it over (rumqttd refuses `$ / + #` in any id, the
+/// local link's included).
+fn local_link_id() -> String {
+    format!(
+        "edgebridge-downlink{}",
+        "-".repeat(protocol::MAX_CLIENT_ID_LEN)
+    )
+}
+
+/// Publishes to local devices through rumqttd's router (QoS 0 on the link; rumqttd
+/// delivers at each subscription's QoS).
+pub struct LocalPublisher {
+    tx: LinkTx,
+    /// Kept open: rumqttd treats a dropped receiver as a gone connection.
+    _rx: LinkRx,
+}
+
+impl LocalPublisher {
+    pub async fn publish(
+        &mut self,
+        topic: Bytes,
+        payload: Bytes,
+        retain: bool,
+    ) -> anyhow::Result<()> {
+        let publish = Publish::new(topic, payload, retain);
+        self.tx
+            .send(Packet::Publish(publish, None))
+            .await
+            .map(drop)
+            .map_err(|e| anyhow::anyhow!("local link: {e}"))
+    }
+}
+
+/// The embedded broker once started.
+pub struct RunningBroker {
+    pub listeners: Vec<RunningListener>,
+    pub local: LocalPublisher,
+}
+
 /// Starts rumqttd's router and every listener; returns once all of them accept.
 pub async fn start(
     broker: &BrokerSection,
@@ -91,8 +138,18 @@ pub async fn start(
     intake: mpsc::Sender<IntakeItem>,
     metrics: &Metrics,
     stopping: Arc<AtomicBool>,
-) -> anyhow::Result<Vec<RunningListener>> {
+) -> anyhow::Result<RunningBroker> {
     let router_tx = Router::new(0, router_config(broker, listeners)).spawn();
+    // `build` waits (blocking) for the router's CONNACK.
+    let link_router = router_tx.clone();
+    let (tx, rx, _) = tokio::task::spawn_blocking(move || {
+        rumqttd::local::LinkBuilder::new(&local_link_id(), link_router)
+            .build()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    })
+    .await?
+    .context("cannot open the local link for downlinks")?;
+    let local = LocalPublisher { tx, _rx: rx };
     let mut running = Vec::new();
     for (index, plan) in listeners.iter().enumerate() {
         let addr = reserve(plan.bind)?;
@@ -139,5 +196,8 @@ pub async fn start(
             task,
         });
     }
-    Ok(running)
+    Ok(RunningBroker {
+        listeners: running,
+        local,
+    })
 }

@@ -41,7 +41,7 @@ use crate::metrics::ListenerMetrics;
 const DURABLE_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest client id accepted.
-const MAX_CLIENT_ID_LEN: usize = 256;
+pub(crate) const MAX_CLIENT_ID_LEN: usize = 256;
 
 /// State shared by all connections of one listener.
 pub struct ListenerShared {
@@ -95,6 +95,8 @@ pub struct DeviceProtocol {
     refusal: Option<ConnectReturnCode>,
     /// Holds one of the listener's `max_connections` slots.
     counted: bool,
+    /// The device's client id, handed to the rules with each message.
+    client_id: Arc<str>,
     /// MQTT 5 topic aliases set by the device.
     aliases: HashMap<u16, String>,
     /// `ack = "durable"`: progress of this connection's messages through the router.
@@ -111,6 +113,7 @@ impl DeviceProtocol {
             version: None,
             refusal: None,
             counted: false,
+            client_id: Arc::from(""),
             aliases: HashMap::new(),
             tracker: None,
             next_seq: 0,
@@ -265,8 +268,11 @@ impl DeviceProtocol {
             connect.client_id.clear();
             connect.clean_session = false;
             self.refusal = Some(code);
-        } else if self.shared.ack == AckMode::Durable {
-            self.tracker = Some(Arc::new(AckTracker::default()));
+        } else {
+            self.client_id = Arc::from(connect.client_id.as_str());
+            if self.shared.ack == AckMode::Durable {
+                self.tracker = Some(Arc::new(AckTracker::default()));
+            }
         }
     }
 
@@ -336,6 +342,7 @@ impl DeviceProtocol {
                 properties: props.as_ref().and_then(properties_of),
                 received_at: now_millis(),
             },
+            client_id: self.client_id.clone(),
             ack,
         };
         match self.shared.intake.try_send(item) {

@@ -3,11 +3,15 @@
 //! It takes intake items in batches, appends one record per matched sink, syncs every
 //! buffer it touched (group commit: the next batch starts as soon as the sync returns),
 //! and only then releases the withheld device acknowledgements of the batch.
+//!
+//! Reload: the rules and the buffers they route to come as one [`Routing`] through a
+//! watch channel; the router takes a new one only between batches, so every message is
+//! routed entirely by the old rules or entirely by the new ones.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Route, RuleSet};
@@ -18,19 +22,25 @@ use crate::metrics::ListenerMetrics;
 /// Intake items taken per batch.
 const BATCH: usize = 1024;
 
-pub struct RouterTask {
+/// Rules and the buffers of the sinks they name (indexed like the plan's sinks).
+pub struct Routing {
     pub rules: RuleSet,
     pub buffers: Vec<Arc<Buffer>>,
+}
+
+pub struct RouterTask {
+    pub routing: watch::Receiver<Arc<Routing>>,
     /// Indexed like the plan's listeners.
     pub listeners: Vec<ListenerMetrics>,
 }
 
 impl RouterTask {
     /// Runs until `shutdown`; then takes what is still queued, appends and syncs it.
-    pub async fn run(self, mut rx: mpsc::Receiver<IntakeItem>, shutdown: CancellationToken) {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<IntakeItem>, shutdown: CancellationToken) {
         let mut batch = Vec::with_capacity(BATCH);
         let mut routes = Vec::new();
-        let mut touched = vec![false; self.buffers.len()];
+        let mut routing = self.routing.borrow_and_update().clone();
+        let mut touched = vec![false; routing.buffers.len()];
         let mut releases: Vec<(Arc<AckTracker>, u64)> = Vec::new();
         let mut closing = false;
         loop {
@@ -50,11 +60,22 @@ impl RouterTask {
             if n == 0 {
                 break;
             }
-            for item in batch.drain(..) {
-                self.route_one(item, &mut routes, &mut touched, &mut releases, &shutdown)
-                    .await;
+            if self.routing.has_changed().unwrap_or(false) {
+                routing = self.routing.borrow_and_update().clone();
+                touched = vec![false; routing.buffers.len()];
             }
-            for (buffer, t) in self.buffers.iter().zip(touched.iter_mut()) {
+            for item in batch.drain(..) {
+                self.route_one(
+                    &routing,
+                    item,
+                    &mut routes,
+                    &mut touched,
+                    &mut releases,
+                    &shutdown,
+                )
+                .await;
+            }
+            for (buffer, t) in routing.buffers.iter().zip(touched.iter_mut()) {
                 if std::mem::take(t) {
                     buffer.sync().await;
                 }
@@ -67,14 +88,20 @@ impl RouterTask {
 
     async fn route_one(
         &self,
+        routing: &Routing,
         item: IntakeItem,
         routes: &mut Vec<Route>,
         touched: &mut [bool],
         releases: &mut Vec<(Arc<AckTracker>, u64)>,
         shutdown: &CancellationToken,
     ) {
-        let IntakeItem { listener, msg, ack } = item;
-        if !self.rules.route(&msg.topic, routes) {
+        let IntakeItem {
+            listener,
+            msg,
+            client_id,
+            ack,
+        } = item;
+        if !routing.rules.route(&msg, &client_id, routes) {
             if let Some(m) = self.listeners.get(listener) {
                 m.unmatched.inc();
             }
@@ -89,7 +116,10 @@ impl RouterTask {
             if let Some(topic) = route.topic.take() {
                 pending.topic = topic;
             }
-            let buffer = &self.buffers[route.sink];
+            if let Some(payload) = route.payload.take() {
+                pending.payload = payload;
+            }
+            let buffer = &routing.buffers[route.sink];
             loop {
                 match buffer.append(pending) {
                     Appended::Stored | Appended::Dropped => break,

@@ -6,6 +6,8 @@ enum Part {
     GatewayId,
     /// The whole original topic.
     Topic,
+    /// The client id of the device that published (empty when unknown).
+    ClientId,
     /// `{n}`: the n-th wildcard capture, 1-based in the text, 0-based here.
     Capture(usize),
 }
@@ -15,20 +17,35 @@ enum Part {
 pub struct TemplateScope {
     /// Number of wildcard captures available (`{1}`..`{n}`).
     pub wildcards: usize,
+    /// Whether `{client_id}` (of the publishing device) is known where it renders.
+    pub client_id: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TemplateError {
     #[error("unclosed '{{' in template")]
     Unclosed,
-    #[error("unknown placeholder {{{0}}}; use {{gateway_id}}, {{topic}} or {{1}}..{{n}}")]
+    #[error(
+        "unknown placeholder {{{0}}}; use {{gateway_id}}, {{topic}}, {{client_id}} or {{1}}..{{n}}"
+    )]
     Unknown(String),
+    #[error("{{{0}}} is not available here (no device publishes this message)")]
+    Unavailable(String),
     #[error("{{{0}}} refers to a wildcard the filter does not have (it has {1})")]
     NoSuchCapture(usize, usize),
     #[error("a topic template must not contain '+' or '#'")]
     Wildcard,
     #[error("template renders to an empty string")]
     Empty,
+}
+
+/// What a template renders from, besides the wildcard captures.
+#[derive(Debug, Clone, Copy)]
+pub struct TemplateVars<'a> {
+    pub gateway_id: &'a str,
+    /// The topic the captures are byte ranges of.
+    pub topic: &'a str,
+    pub client_id: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +82,8 @@ impl Template {
             let part = match name {
                 "gateway_id" => Part::GatewayId,
                 "topic" => Part::Topic,
+                "client_id" if scope.client_id => Part::ClientId,
+                "client_id" => return Err(TemplateError::Unavailable(name.to_string())),
                 n => match n.parse::<usize>() {
                     Ok(i) if i >= 1 && i <= scope.wildcards => Part::Capture(i - 1),
                     Ok(i) => return Err(TemplateError::NoSuchCapture(i, scope.wildcards)),
@@ -91,13 +110,15 @@ impl Template {
     }
 
     /// Renders with the captures of a filter match (byte ranges into `topic`).
-    pub fn render(&self, gateway_id: &str, topic: &str, captures: &[(usize, usize)]) -> String {
+    pub fn render(&self, vars: &TemplateVars<'_>, captures: &[(usize, usize)]) -> String {
+        let topic = vars.topic;
         let mut out = String::with_capacity(self.source.len() + topic.len());
         for part in &self.parts {
             match part {
                 Part::Literal(l) => out.push_str(l),
-                Part::GatewayId => out.push_str(gateway_id),
+                Part::GatewayId => out.push_str(vars.gateway_id),
                 Part::Topic => out.push_str(topic),
+                Part::ClientId => out.push_str(vars.client_id),
                 Part::Capture(i) => {
                     if let Some(&(s, e)) = captures.get(*i) {
                         out.push_str(&topic[s..e]);
@@ -115,7 +136,7 @@ impl Template {
             match part {
                 Part::Literal(l) => out.push_str(l),
                 Part::GatewayId => out.push_str(gateway_id),
-                Part::Topic | Part::Capture(_) => {}
+                Part::Topic | Part::ClientId | Part::Capture(_) => {}
             }
         }
         out
@@ -127,7 +148,18 @@ mod tests {
     use super::*;
 
     fn scope(n: usize) -> TemplateScope {
-        TemplateScope { wildcards: n }
+        TemplateScope {
+            wildcards: n,
+            client_id: true,
+        }
+    }
+
+    fn vars<'a>(topic: &'a str) -> TemplateVars<'a> {
+        TemplateVars {
+            gateway_id: "edge-01",
+            topic,
+            client_id: "dev-7",
+        }
     }
 
     #[test]
@@ -135,9 +167,11 @@ mod tests {
         let t = Template::parse("dt/{gateway_id}/{1}/{2}", &scope(2)).expect("valid");
         let topic = "factory/l1/m7/telemetry";
         let caps = [(8, 10), (11, 13)];
-        assert_eq!(t.render("edge-01", topic, &caps), "dt/edge-01/l1/m7");
+        assert_eq!(t.render(&vars(topic), &caps), "dt/edge-01/l1/m7");
         let t = Template::parse("copy/{topic}", &scope(0)).expect("valid");
-        assert_eq!(t.render("g", "a/b", &[]), "copy/a/b");
+        assert_eq!(t.render(&vars("a/b"), &[]), "copy/a/b");
+        let t = Template::parse("by/{client_id}/{1}", &scope(1)).expect("valid");
+        assert_eq!(t.render(&vars("x/ü/z"), &[(2, 4)]), "by/dev-7/ü");
     }
 
     #[test]
@@ -159,5 +193,10 @@ mod tests {
             Err(TemplateError::Wildcard)
         );
         assert_eq!(Template::parse("", &scope(0)), Err(TemplateError::Empty));
+        let no_device = TemplateScope::default();
+        assert_eq!(
+            Template::parse("x/{client_id}", &no_device),
+            Err(TemplateError::Unavailable("client_id".into()))
+        );
     }
 }

@@ -33,6 +33,7 @@ pub use config::{HttpPlan, HttpSinkSection};
 
 use super::{Backoff, SinkContext};
 use crate::buffer::Record;
+use crate::rules::TemplateVars;
 use config::{redact_url, HttpAuth, HttpMethod};
 
 /// Longest `Retry-After` honoured; a larger value waits this long.
@@ -136,17 +137,25 @@ struct Target {
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 
+fn vars<'a>(plan: &'a HttpPlan, topic: &'a str) -> TemplateVars<'a> {
+    TemplateVars {
+        gateway_id: &plan.gateway_id,
+        topic,
+        client_id: "",
+    }
+}
+
 fn render_target(plan: &HttpPlan, topic: &str) -> Result<Target, String> {
     let url = if plan.url_is_static {
         plan.url.source().to_string()
     } else {
         let (escaped, ranges) = url_topic(topic);
-        plan.url.render(&plan.gateway_id, &escaped, &ranges)
+        plan.url.render(&vars(plan, &escaped), &ranges)
     };
     let ranges = level_ranges(topic);
     let mut headers = Vec::with_capacity(plan.headers.len());
     for (name, template) in &plan.headers {
-        let text = template.render(&plan.gateway_id, topic, &ranges);
+        let text = template.render(&vars(plan, topic), &ranges);
         // Non-ASCII (a unicode topic) is percent-encoded so the value stays valid.
         let text = utf8_percent_encode(&text, CONTROLS).to_string();
         let value = HeaderValue::from_str(&text)

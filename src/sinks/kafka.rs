@@ -40,6 +40,7 @@ pub use config::{KafkaPlan, KafkaSinkSection};
 use super::{Backoff, SinkContext};
 use crate::buffer::Record;
 use crate::message::Message;
+use crate::rules::TemplateVars;
 use config::{valid_topic_name, KafkaFormat};
 
 /// Whose fault a failed delivery is.
@@ -161,6 +162,14 @@ fn level_ranges(topic: &str) -> Vec<(usize, usize)> {
     ranges
 }
 
+fn vars<'a>(plan: &'a KafkaPlan, msg: &'a Message) -> TemplateVars<'a> {
+    TemplateVars {
+        gateway_id: &plan.gateway_id,
+        topic: &msg.topic,
+        client_id: "",
+    }
+}
+
 /// The Kafka topic of `msg`, or why it has none.
 fn kafka_topic<'a>(
     plan: &'a KafkaPlan,
@@ -170,7 +179,7 @@ fn kafka_topic<'a>(
     if !plan.topic.source().contains('{') {
         return Ok(plan.topic.source().into());
     }
-    let topic = plan.topic.render(&plan.gateway_id, &msg.topic, levels);
+    let topic = plan.topic.render(&vars(plan, msg), levels);
     if valid_topic_name(&topic) {
         Ok(topic.into())
     } else {
@@ -228,7 +237,7 @@ fn produce(
         Ok(t) => t,
         Err(problem) => return Produced::Refused(record, "invalid_topic".into(), problem),
     };
-    let key = plan.key.render(&plan.gateway_id, &msg.topic, &levels);
+    let key = plan.key.render(&vars(plan, msg), &levels);
     let value: bytes::Bytes = match plan.format {
         KafkaFormat::Raw => msg.payload.clone(),
         KafkaFormat::Envelope => {

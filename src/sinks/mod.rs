@@ -29,6 +29,7 @@ use crate::buffer::Buffer;
 use crate::config::{SinkKindPlan, SinkPlan};
 use crate::message::{now_millis, Message};
 use crate::metrics::Metrics;
+use crate::rules::downlink::DownlinkTap;
 
 /// What every sink worker gets.
 pub struct SinkContext {
@@ -41,6 +42,8 @@ pub struct SinkContext {
     pub metrics: SinkMetrics,
     /// Where undeliverable messages go.
     pub dead_letter: DeadLetter,
+    /// MQTT sinks with `[[downlinks]]`: what to subscribe to upstream, where to hand it.
+    pub downlink: Option<DownlinkTap>,
 }
 
 impl SinkContext {
@@ -194,7 +197,7 @@ impl SinkMetrics {
             || state
                 .last_error
                 .as_ref()
-                .map_or(true, |last| last.reason != reason);
+                .is_none_or(|last| last.reason != reason);
         state.up = false;
         state.draining = None;
         self.up.set(0);

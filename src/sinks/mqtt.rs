@@ -31,6 +31,7 @@ use tracing::warn;
 
 use super::{Backoff, SinkContext};
 use crate::config::MqttPlan;
+use crate::rules::downlink::DownlinkTap;
 
 /// Bytes of MQTT framing around topic and payload in a PUBLISH (fixed header, lengths,
 /// packet id), rounded up.
@@ -178,9 +179,11 @@ fn relevant(event: &Event) -> bool {
 
 /// Polls rumqttc's event loop in a task of its own: `poll()` is never cancelled half
 /// way (the delivery loop selects over the buffer too), and network I/O runs in parallel
-/// with reading the buffer. Ends after forwarding the first error.
+/// with reading the buffer. Ends after forwarding the first error. Upstream PUBLISHes
+/// (downlinks) go to the downlink tap from here.
 fn drive(
     mut eventloop: EventLoop,
+    downlink: Option<DownlinkTap>,
 ) -> (
     mpsc::Receiver<Result<Event, ConnectionError>>,
     JoinHandle<()>,
@@ -189,6 +192,13 @@ fn drive(
     let task = tokio::spawn(async move {
         loop {
             let event = eventloop.poll().await;
+            if let (Some(tap), Ok(Event::Incoming(incoming))) = (&downlink, &event) {
+                match incoming {
+                    Incoming::Publish(publish) => tap.forward(publish).await,
+                    Incoming::SubAck(ack) => tap.check_suback(&ack.return_codes),
+                    _ => {}
+                }
+            }
             let failed = event.is_err();
             if (failed || event.as_ref().is_ok_and(relevant)) && tx.send(event).await.is_err() {
                 return;
@@ -220,7 +230,7 @@ async fn connection(
         tokio::time::interval((plan.ack_timeout / 4).max(Duration::from_millis(100)));
     ack_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let upstream = format!("{}:{}", plan.host, plan.port);
-    let (mut events, driver) = drive(eventloop);
+    let (mut events, driver) = drive(eventloop, ctx.downlink.clone());
     let outcome = loop {
         let room = window_size.saturating_sub(window.len());
         // Refill the window in chunks, not one record per PUBACK: each read takes the
@@ -240,6 +250,9 @@ async fn connection(
                             backoff.reset();
                             let session = if ack.session_present { "resumed" } else { "new" };
                             ctx.up(&format!("connected to {upstream} ({session} session)"));
+                            if let Some(tap) = &ctx.downlink {
+                                tap.subscribe(client);
+                            }
                         }
                         if handle_event(ctx, &mut window, event) {
                             last_progress = Instant::now();

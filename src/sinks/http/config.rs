@@ -178,6 +178,7 @@ pub fn validate(
     let mut ok = true;
     let scope = TemplateScope {
         wildcards: MAX_LEVELS,
+        client_id: false,
     };
     let url = match Template::parse_text(&s.url, &scope) {
         Ok(t) => Some(t),

@@ -143,6 +143,7 @@ pub fn validate(
     }
     let scope = TemplateScope {
         wildcards: MAX_LEVELS,
+        client_id: false,
     };
     let topic = match Template::parse_text(&s.topic, &scope) {
         Ok(t) => {

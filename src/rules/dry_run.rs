@@ -1,0 +1,100 @@
+//! `edgebridge rules test`: runs one made-up message through the rules of a plan and
+//! says what each rule made of it and what each sink would get. Touches no buffer, no
+//! network and no metric of a running gateway.
+
+use std::fmt::Write;
+
+use base64::Engine;
+use bytes::Bytes;
+
+use super::{Route, RuleSet, Verdict};
+use crate::config::Plan;
+use crate::message::{now_millis, Message};
+use crate::metrics::Metrics;
+
+/// The message of a dry run.
+pub struct TestMessage {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub client_id: String,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+/// The report printed by `rules test`.
+pub fn dry_run(plan: &Plan, input: &TestMessage) -> String {
+    let metrics = Metrics::new();
+    let rules = RuleSet::new(&plan.gateway_id, &plan.rules, &plan.fallback, &metrics);
+    let msg = Message {
+        topic: input.topic.clone(),
+        payload: Bytes::copy_from_slice(&input.payload),
+        qos: input.qos,
+        retain: input.retain,
+        properties: None,
+        received_at: now_millis(),
+    };
+    let (verdicts, routes, matched) = rules.explain(&msg, &input.client_id);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "message: topic {:?} from client {:?}, {} bytes",
+        msg.topic,
+        input.client_id,
+        msg.payload.len()
+    );
+    for ((name, verdict), plan_rule) in verdicts.iter().zip(&plan.rules) {
+        let why = match verdict {
+            Verdict::Matched => "matched".to_string(),
+            Verdict::FilterMismatch => {
+                format!("no match: topic filter {} does not match", plan_rule.filter)
+            }
+            Verdict::ConditionFalse => format!(
+                "no match: where is false ({})",
+                plan_rule.condition.as_ref().map_or("", |c| c.source())
+            ),
+            Verdict::MissingField(field) => {
+                format!("no match: where reads a field the message does not have ({field})")
+            }
+            Verdict::Error(key, e) => format!("no match: evaluation error in {key}, counted: {e}"),
+            Verdict::Skipped => {
+                "not evaluated: an earlier rule matched with continue = false".into()
+            }
+        };
+        let _ = writeln!(out, "rule {name}: {why}");
+    }
+    if !matched {
+        let _ = writeln!(
+            out,
+            "no rule matched: {}",
+            if plan.fallback.is_empty() {
+                "the message goes nowhere (no [fallback])"
+            } else {
+                "the message goes to [fallback]"
+            }
+        );
+    }
+    for route in &routes {
+        describe_route(&mut out, plan, &msg, route);
+    }
+    if routes.is_empty() {
+        let _ = writeln!(out, "no sink gets this message");
+    }
+    out
+}
+
+fn describe_route(out: &mut String, plan: &Plan, msg: &Message, route: &Route) {
+    let topic = route.topic.as_deref().unwrap_or(&msg.topic);
+    let payload = route.payload.as_ref().unwrap_or(&msg.payload);
+    let shown = match std::str::from_utf8(payload) {
+        Ok(text) => format!("payload {text}"),
+        Err(_) => format!(
+            "payload (base64) {}",
+            base64::engine::general_purpose::STANDARD.encode(payload)
+        ),
+    };
+    let _ = writeln!(
+        out,
+        "sink {}: topic {topic:?} {shown}",
+        plan.sinks[route.sink].name
+    );
+}
