@@ -272,3 +272,51 @@ async fn malformed_and_server_only_packets_close_one_connection_only() {
     listener_still_serves(port, "garbage").await;
     gw.shutdown().await;
 }
+
+/// rumqttd keeps a will handler per client id and leaves it stale when a connection's
+/// link setup fails (typically the takeover of a session by a fast reconnect of the
+/// same id); the next CONNECT with that id then panics while holding the listener's
+/// mutex, and every later connection on the listener fails. Storms of same-id
+/// reconnects, some torn down right after CONNECT, must leave the listener serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_id_reconnect_storms_never_break_the_listener() {
+    let mut gw = TestGateway::start(FILE_SINK).await;
+    let port = gw.port();
+    for round in 0..40u32 {
+        let mut tasks = Vec::new();
+        for i in 0..6u32 {
+            tasks.push(tokio::spawn(async move {
+                let mut s = TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .expect("connect");
+                s.write_all(&connect_packet(if i % 2 == 0 { 4 } else { 5 }, "storm"))
+                    .await
+                    .expect("write CONNECT");
+                if (round + i) % 3 == 0 {
+                    // Gone before the CONNACK.
+                    return;
+                }
+                let mut buf = [0u8; 64];
+                let _ = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await;
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+    // Every id, including the stormed one, still connects; the listener still routes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for attempt in 0..3 {
+        let (code, _s) = raw_connect(port, 4, "storm").await;
+        if code == 0 {
+            break;
+        }
+        assert!(
+            attempt < 2,
+            "the stormed id is accepted again (CONNACK {code})"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    listener_still_serves(port, "after-storm").await;
+    gw.shutdown().await;
+}

@@ -56,6 +56,15 @@ pub struct ListenerShared {
     pub connections: AtomicUsize,
     /// Set at shutdown: stop taking messages, release no more withheld acks.
     pub stopping: Arc<AtomicBool>,
+    /// Client ids whose last connection ended before its session was established
+    /// (no CONNACK written, or nothing read after it), with how often. rumqttd registers
+    /// a will handler per client id before it sets the link up and does not remove it
+    /// when that fails; the next CONNECT with the same id then panics on the stale
+    /// handler while holding the listener's mutex, which breaks the listener for every
+    /// device. So the next connection of such an id gets a fresh key in rumqttd
+    /// (`<id>\u{1}<n>`: no device id can contain a control character); rules and
+    /// logs still see the device's own id.
+    suspect_ids: Mutex<HashMap<String, u32>>,
 }
 
 impl ListenerShared {
@@ -77,7 +86,13 @@ impl ListenerShared {
             metrics,
             connections: AtomicUsize::new(0),
             stopping,
+            suspect_ids: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn suspects(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        // Plain data: a panic elsewhere while holding it leaves it usable.
+        self.suspect_ids.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -97,6 +112,12 @@ pub struct DeviceProtocol {
     counted: bool,
     /// The device's client id, handed to the rules with each message.
     client_id: Arc<str>,
+    /// Accepted with a non-empty client id: rumqttd holds a will handler under it.
+    keyed: bool,
+    /// The CONNACK accepting the connection was encoded (`write` takes `&self`).
+    connack_written: AtomicBool,
+    /// A packet was read after the CONNACK: the session is established.
+    established: bool,
     /// MQTT 5 topic aliases set by the device.
     aliases: HashMap<u16, String>,
     /// `ack = "durable"`: progress of this connection's messages through the router.
@@ -114,6 +135,9 @@ impl DeviceProtocol {
             refusal: None,
             counted: false,
             client_id: Arc::from(""),
+            keyed: false,
+            connack_written: AtomicBool::new(false),
+            established: false,
             aliases: HashMap::new(),
             tracker: None,
             next_seq: 0,
@@ -132,6 +156,12 @@ impl Clone for DeviceProtocol {
 
 impl Drop for DeviceProtocol {
     fn drop(&mut self) {
+        if self.keyed && !self.established {
+            let mut suspects = self.shared.suspects();
+            let n = suspects.entry(self.client_id.to_string()).or_insert(0);
+            *n += 1;
+            debug!(listener = %self.shared.name, client_id = %self.client_id.escape_debug(), key = *n, "connection ended before its session was established; the client id's next connection gets a fresh broker key");
+        }
         if self.counted {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             self.shared.metrics.connections.dec();
@@ -270,6 +300,12 @@ impl DeviceProtocol {
             self.refusal = Some(code);
         } else {
             self.client_id = Arc::from(connect.client_id.as_str());
+            if !connect.client_id.is_empty() {
+                self.keyed = true;
+                if let Some(n) = self.shared.suspects().get(connect.client_id.as_str()) {
+                    connect.client_id = format!("{}\u{1}{n}", connect.client_id);
+                }
+            }
             if self.shared.ack == AckMode::Durable {
                 self.tracker = Some(Arc::new(AckTracker::default()));
             }
@@ -427,6 +463,9 @@ impl DeviceProtocol {
             Version::V4 => V4.read_mut(stream, max_size)?,
             Version::V5 => V5.read_mut(stream, max_size)?,
         };
+        if !self.established && self.connack_written.load(Ordering::Relaxed) {
+            self.established = true;
+        }
         match (&packet, publish_meta) {
             (Packet::Connect(..), _) => self.on_connect(&mut packet),
             (Packet::Publish(..), Some((qos, pkid))) => self.on_publish(&mut packet, qos, pkid)?,
@@ -441,6 +480,8 @@ impl DeviceProtocol {
                 if let Some(code) = self.refusal {
                     ack.code = code;
                     ack.session_present = false;
+                } else {
+                    self.connack_written.store(true, Ordering::Relaxed);
                 }
                 Packet::ConnAck(ack, props)
             }
@@ -516,6 +557,91 @@ mod tests {
         assert_eq!(publish_qos_pkid(&publish, 2), Some((1, 0x0102)));
         assert_eq!(publish_qos_pkid(&[0x30, 2, 0, 0], 2), Some((0, 0)));
         assert_eq!(publish_qos_pkid(&[0x32, 2, 0, 9], 2), None);
+    }
+
+    fn shared() -> Arc<ListenerShared> {
+        let plan = ListenerPlan {
+            name: "devices".into(),
+            bind: "127.0.0.1:0".parse().expect("addr"),
+            ack: AckMode::Received,
+            max_connections: 10,
+            max_packet_size: 1 << 20,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let (tx, _rx) = mpsc::channel(10);
+        let metrics = crate::metrics::Metrics::new();
+        Arc::new(ListenerShared::new(
+            0,
+            &plan,
+            10,
+            tx,
+            metrics.listener("devices"),
+            Arc::new(AtomicBool::new(false)),
+        ))
+    }
+
+    /// A 3.1.1 CONNECT with clean session and `id`.
+    fn connect_bytes(id: &str) -> BytesMut {
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&[0x10, (12 + id.len()) as u8, 0, 4]);
+        b.extend_from_slice(b"MQTT");
+        b.extend_from_slice(&[4, 2, 0, 60, 0, id.len() as u8]);
+        b.extend_from_slice(id.as_bytes());
+        b
+    }
+
+    /// The client id rumqttd gets for a CONNECT of `id` read by `codec`.
+    fn broker_key(codec: &mut DeviceProtocol, id: &str) -> String {
+        match codec.read_mut(&mut connect_bytes(id), 1 << 20) {
+            Ok(Packet::Connect(c, ..)) => c.client_id,
+            other => panic!("not a CONNECT: {other:?}"),
+        }
+    }
+
+    fn connack() -> Packet {
+        Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Success,
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn a_connection_that_never_established_its_session_gives_the_id_a_fresh_broker_key() {
+        let shared = shared();
+        // Established normally (CONNACK, then a packet): the id stays as it is.
+        let mut ok = DeviceProtocol::new(shared.clone());
+        assert_eq!(broker_key(&mut ok, "press-7"), "press-7");
+        ok.write(connack(), &mut BytesMut::new()).expect("connack");
+        let mut ping = BytesMut::from(&[0xC0u8, 0][..]);
+        ok.read_mut(&mut ping, 1 << 20).expect("pingreq");
+        drop(ok);
+        assert_eq!(
+            broker_key(&mut DeviceProtocol::new(shared.clone()), "press-7"),
+            "press-7"
+        );
+
+        // Torn down before its CONNACK (rumqttd's link setup failed): rumqttd may hold a
+        // stale will handler under "press-8", so its next connections use another key.
+        let torn = {
+            let mut c = DeviceProtocol::new(shared.clone());
+            assert_eq!(broker_key(&mut c, "press-8"), "press-8");
+            c
+        };
+        drop(torn);
+        let mut next = DeviceProtocol::new(shared.clone());
+        assert_eq!(broker_key(&mut next, "press-8"), "press-8\u{1}1");
+        drop(next); // never established either
+        let mut third = DeviceProtocol::new(shared.clone());
+        assert_eq!(broker_key(&mut third, "press-8"), "press-8\u{1}2");
+        // The rules still see the device's own id.
+        assert_eq!(&*third.client_id, "press-8");
+        // An empty id is assigned a unique one by rumqttd: never remapped.
+        let empty = DeviceProtocol::new(shared.clone());
+        drop(empty);
+        assert_eq!(broker_key(&mut DeviceProtocol::new(shared), ""), "");
     }
 
     #[test]
