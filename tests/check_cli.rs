@@ -223,7 +223,11 @@ fn every_shipped_config_passes_check() {
     let cert_dir = certs.path().display().to_string();
     let hivemq_password = "example-password-must-not-show";
     let webhook_token = "example-token-must-not-show";
+    // A valid base64 key (Azure's keys are base64); it must never be printed.
+    let azure_key = "ZXhhbXBsZS1henVyZS1rZXktbXVzdC1ub3Qtc2hvdw==";
     let env = [
+        ("AZURE_IOT_HUB", "example-hub.azure-devices.net"),
+        ("AZURE_DEVICE_KEY", azure_key),
         ("WEBHOOK_TOKEN", webhook_token),
         ("CERT_DIR", cert_dir.as_str()),
         (
@@ -245,7 +249,9 @@ fn every_shipped_config_passes_check() {
             && !stdout.contains(hivemq_password)
             && !stderr.contains(hivemq_password)
             && !stdout.contains(webhook_token)
-            && !stderr.contains(webhook_token);
+            && !stderr.contains(webhook_token)
+            && !stdout.contains(azure_key)
+            && !stderr.contains(azure_key);
         if !ok {
             failures.push(format!(
                 "--- {} ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
