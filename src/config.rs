@@ -1530,6 +1530,8 @@ fn validate_mqtt(
                     "Azure IoT Hub does not support QoS 2; use 0 or 1".into(),
                 );
                 ok = false;
+            } else {
+                notes.push(format!("qos {} (Azure IoT Hub supports 0 and 1)", m.qos));
             }
             if m.keep_alive.0 > cloud::AZURE_MAX_KEEP_ALIVE {
                 err(
@@ -1537,6 +1539,11 @@ fn validate_mqtt(
                     "Azure IoT Hub needs at most 1177s".into(),
                 );
                 ok = false;
+            } else {
+                notes.push(format!(
+                    "keep_alive {} (Azure IoT Hub needs at most 1177s)",
+                    humantime::format_duration(m.keep_alive.0)
+                ));
             }
             if m.topic_property.is_empty() {
                 err(format!("{path}.topic_property"), "must not be empty".into());

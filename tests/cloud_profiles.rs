@@ -115,6 +115,11 @@ name = "telemetry"
 from = "factory/+/telemetry"
 to = ["cloud"]
 topic = "dt/{{gateway_id}}/{{1}}"
+
+[[rules]]
+name = "deep"
+from = "deep/#"
+to = ["cloud"]
 "#,
         certs.ca.display(),
         certs.client_cert.display(),
@@ -122,9 +127,9 @@ topic = "dt/{{gateway_id}}/{{1}}"
     )
 }
 
-/// AWS closes the connection on a payload over 128 KiB; with the profile, such a message
-/// is dead-lettered and counted, and the stream around it is delivered on the same
-/// connection, in order.
+/// AWS closes the connection on a payload over 128 KiB (and on a topic it refuses); with
+/// the profile, such a message is dead-lettered and counted, and the stream around it is
+/// delivered on the same connection, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn aws_profile_delivers_over_mutual_tls_and_dead_letters_oversized_payloads() {
     let certs = TestCerts::generate();
@@ -145,6 +150,13 @@ async fn aws_profile_delivers_over_mutual_tls_and_dead_letters_oversized_payload
     let big = 128 * 1024 + 1;
     let acked = publish_with_oversized(gw.port(), topic, 7, 0..500, big).await;
     assert_eq!(acked, 501);
+    // The `deep/#` rule passes devices' topics through: one with 8 slashes is refused
+    // before it is sent (AWS allows 7), and the stream goes on.
+    let mut opts = MqttOptions::new("dev-deep", "127.0.0.1", gw.port());
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let deep = "deep/1/2/3/4/5/6/7/8";
+    let acked = publish_seq_with(opts, deep, 8, 0..1, QoS::AtLeastOnce).await;
+    assert_eq!(acked, 1);
     let acked = publish_with_oversized(gw.port(), topic, 7, 500..1000, 0).await;
     assert_eq!(acked, 500);
 
@@ -165,7 +177,11 @@ async fn aws_profile_delivers_over_mutual_tls_and_dead_letters_oversized_payload
     assert!(msgs.iter().all(|(t, _)| t == "dt/edge-01/d7"));
 
     let letters = dead_letters(&gw, "cloud");
-    assert_eq!(letters.len(), 1, "{letters:?}");
+    let summary: Vec<_> = letters
+        .iter()
+        .map(|l| (&l["reason"], &l["topic"], &l["detail"]))
+        .collect();
+    assert_eq!(letters.len(), 2, "{summary:?}");
     assert_eq!(letters[0]["reason"], "too_large");
     assert_eq!(letters[0]["topic"], "dt/edge-01/d7");
     assert_eq!(letters[0]["payload"].as_str().map(str::len), Some(big));
@@ -173,19 +189,30 @@ async fn aws_profile_delivers_over_mutual_tls_and_dead_letters_oversized_payload
         letters[0]["detail"]
             .as_str()
             .is_some_and(|d| d.contains("128 KiB that profile aws-iot allows")),
-        "{letters:?}"
+        "{summary:?}"
     );
-    assert_eq!(
-        gw.counter(
-            "edgebridge_buffer_dropped_total",
-            &[("sink", "cloud"), ("reason", "too_large")]
-        ),
-        1.0
+    assert_eq!(letters[1]["reason"], "invalid_topic");
+    assert_eq!(letters[1]["topic"], deep);
+    assert!(
+        letters[1]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("has 8 forward slashes")),
+        "{summary:?}"
     );
-    // No disconnect loop: the one error counted is the dead letter itself.
+    for reason in ["too_large", "invalid_topic"] {
+        assert_eq!(
+            gw.counter(
+                "edgebridge_buffer_dropped_total",
+                &[("sink", "cloud"), ("reason", reason)]
+            ),
+            1.0,
+            "{reason}"
+        );
+    }
+    // No disconnect loop: the only errors counted are the two dead letters.
     assert_eq!(
         gw.counter("edgebridge_sink_errors_total", &[("sink", "cloud")]),
-        1.0
+        2.0
     );
     assert_eq!(gw.counter("edgebridge_sink_up", &[("sink", "cloud")]), 1.0);
     let acked = gw
@@ -505,7 +532,11 @@ async fn azure_sas_token_is_renewed_before_expiry_without_losing_messages() {
     }
     // Renewals are not failures.
     let letters = dead_letters(&gw, "hub");
-    assert_eq!(letters.len(), 1, "{letters:?}");
+    let summary: Vec<_> = letters
+        .iter()
+        .map(|l| (&l["reason"], &l["topic"]))
+        .collect();
+    assert_eq!(letters.len(), 1, "{summary:?}");
     assert_eq!(letters[0]["reason"], "too_large");
     assert_eq!(
         gw.counter("edgebridge_sink_errors_total", &[("sink", "hub")]),
