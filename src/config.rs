@@ -1141,29 +1141,6 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
             }
             _ => None,
         };
-        if let Some(filter) = &filter {
-            for (j, &idx) in to.iter().enumerate() {
-                let Some((sink_name, SinkSection::Mqtt(m))) = config.sinks.iter().nth(idx) else {
-                    continue;
-                };
-                if m.profile != Some(CloudProfile::AwsIot) {
-                    continue;
-                }
-                let (key, problem) = match &topic {
-                    Some(t) => ("topic", aws_template_problem(t, &gateway_id)),
-                    None => ("from", aws_filter_problem(&r.from, filter)),
-                };
-                if let Some(problem) = problem {
-                    err(
-                        format!("{path}.{key}"),
-                        format!(
-                            "topics sent to sink {sink_name:?} (profile aws-iot) {problem} \
-                             (to[{j}])"
-                        ),
-                    );
-                }
-            }
-        }
         if let Some(filter) = filter {
             rules.push(RulePlan {
                 name: r.name.clone(),
@@ -1173,6 +1150,8 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
             });
         }
     }
+
+    check_aws_topics(config, &rules, &gateway_id, &mut err);
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -1189,6 +1168,40 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         rules,
         log: config.log.clone(),
     })
+}
+
+/// Rules that send to a sink with `profile = "aws-iot"`: what can be known at load of
+/// the topics they will send (see [`aws_template_problem`], [`aws_filter_problem`]).
+fn check_aws_topics(
+    config: &Config,
+    rules: &[RulePlan],
+    gateway_id: &str,
+    err: &mut impl FnMut(String, String),
+) {
+    for rule in rules {
+        let Some(i) = config.rules.iter().position(|r| r.name == rule.name) else {
+            continue;
+        };
+        let from = &config.rules[i].from;
+        for (j, &idx) in rule.to.iter().enumerate() {
+            let Some((sink, SinkSection::Mqtt(m))) = config.sinks.iter().nth(idx) else {
+                continue;
+            };
+            if m.profile != Some(CloudProfile::AwsIot) {
+                continue;
+            }
+            let (key, problem) = match &rule.topic {
+                Some(t) => ("topic", aws_template_problem(t, gateway_id)),
+                None => ("from", aws_filter_problem(from, &rule.filter)),
+            };
+            if let Some(problem) = problem {
+                err(
+                    format!("rules[{i}].{key}"),
+                    format!("topics sent to sink {sink:?} (profile aws-iot) {problem} (to[{j}])"),
+                );
+            }
+        }
+    }
 }
 
 /// What AWS IoT Core would refuse in every topic a rule's `topic` template renders: its
