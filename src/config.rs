@@ -22,6 +22,7 @@ use figment::{Figment, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::rules::{Expr, ExprKind, Template, TemplateScope, TopicFilter};
+use crate::sinks::cloud::{self, AzureEvents, AzureSas, CloudProfile, SharedAccessKey};
 use crate::sinks::http::{HttpPlan, HttpSinkSection};
 use crate::sinks::kafka::{KafkaPlan, KafkaSinkSection};
 
@@ -286,8 +287,34 @@ impl SinkSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSinkSection {
-    /// `mqtt://host:port` or `mqtts://host:port`.
-    pub url: String,
+    /// `mqtt://host:port` or `mqtts://host:port`. Required, except with the
+    /// `azure-iot-hub` profile, where it defaults to `mqtts://{hub}:8883`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `aws-iot` or `azure-iot-hub`: applies that cloud's rules (see `sinks::cloud`).
+    #[serde(default)]
+    pub profile: Option<CloudProfile>,
+    /// Azure IoT Hub: the hub's host name (`{name}.azure-devices.net`).
+    #[serde(default)]
+    pub hub: Option<String>,
+    /// Azure IoT Hub: the device identity the gateway connects as.
+    #[serde(default)]
+    pub device_id: Option<String>,
+    /// Azure IoT Hub: the device's shared access key (base64), from which edgebridge
+    /// makes SAS tokens. Keep it in the environment: `"${AZURE_DEVICE_KEY}"`.
+    #[serde(default)]
+    pub shared_access_key: Option<String>,
+    /// Azure IoT Hub: lifetime of each SAS token; renewed a quarter of it (at most 5
+    /// minutes) before it expires.
+    #[serde(default = "default_sas_ttl")]
+    pub sas_ttl: HumanDuration,
+    /// Azure IoT Hub: name of the message property that carries the MQTT topic.
+    #[serde(default = "default_topic_property")]
+    pub topic_property: String,
+    /// Azure IoT Hub: fixed message properties added to every message
+    /// (e.g. `{ "$.ct" = "application/json", "$.ce" = "utf-8", site = "plant9" }`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
     /// Template; default `{gateway_id}`.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -588,6 +615,12 @@ fn default_keep_alive() -> HumanDuration {
 }
 fn default_ack_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
+}
+fn default_sas_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
+fn default_topic_property() -> String {
+    "topic".into()
 }
 fn default_true() -> bool {
     true
@@ -909,6 +942,18 @@ pub struct MqttPlan {
     pub inflight: u16,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// A cloud profile in force, if any.
+    pub profile: Option<CloudProfile>,
+    /// Largest payload the upstream accepts; a larger message is dead-lettered.
+    pub max_payload: Option<usize>,
+    /// Azure IoT Hub with a shared access key: the password is a SAS token made per
+    /// connection and renewed before it expires.
+    pub sas: Option<AzureSas>,
+    /// Azure IoT Hub: every message goes to the device's events topic, its own topic
+    /// carried as a property.
+    pub azure_events: Option<AzureEvents>,
+    /// One line per profile decision, printed by `edgebridge check`.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -1252,6 +1297,8 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         }
     }
 
+    check_aws_topics(config, &rules, &gateway_id, &mut err);
+
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
@@ -1332,6 +1379,40 @@ fn parse_template(
     }
 }
 
+/// Rules that send to a sink with `profile = "aws-iot"`: what can be known at load of
+/// the topics they will send (see [`aws_template_problem`], [`aws_filter_problem`]).
+fn check_aws_topics(
+    config: &Config,
+    rules: &[RulePlan],
+    gateway_id: &str,
+    err: &mut impl FnMut(String, String),
+) {
+    for rule in rules {
+        let Some(i) = config.rules.iter().position(|r| r.name == rule.name) else {
+            continue;
+        };
+        let from = &config.rules[i].from;
+        for (j, target) in rule.to.iter().enumerate() {
+            let Some((sink, SinkSection::Mqtt(m))) = config.sinks.iter().nth(target.sink) else {
+                continue;
+            };
+            if m.profile != Some(CloudProfile::AwsIot) {
+                continue;
+            }
+            let (key, problem) = match &target.topic {
+                Some(t) => ("topic", aws_template_problem(t, gateway_id)),
+                None => ("from", aws_filter_problem(from, &rule.filter)),
+            };
+            if let Some(problem) = problem {
+                err(
+                    format!("rules[{i}].{key}"),
+                    format!("topics sent to sink {sink:?} (profile aws-iot) {problem} (to[{j}])"),
+                );
+            }
+        }
+    }
+}
+
 /// An optional CEL payload transform; `Err` once reported.
 fn parse_transform(
     key: String,
@@ -1348,6 +1429,38 @@ fn parse_transform(
     }
 }
 
+/// What AWS IoT Core would refuse in every topic a rule's `topic` template renders: its
+/// fixed text (literals and the gateway id) is a lower bound of length and levels.
+fn aws_template_problem(template: &Template, gateway_id: &str) -> Option<String> {
+    let fixed = template.render_static(gateway_id);
+    let problem = if template.source().starts_with("$aws") {
+        cloud::aws_topic_problem(&fixed)
+    } else {
+        cloud::aws_topic_size_problem(fixed.len(), fixed.matches('/').count())
+    };
+    problem.map(|p| format!("would be refused: the template's fixed part alone {p}"))
+}
+
+/// As [`aws_template_problem`], for a rule without `topic`: the devices' own topics go
+/// upstream, so the filter bounds them (exactly, when it has no `#`).
+fn aws_filter_problem(from: &str, filter: &TopicFilter) -> Option<String> {
+    if from.starts_with("$aws") {
+        return Some("would be refused: they start with the reserved prefix $aws".into());
+    }
+    let slashes = from.matches('/').count();
+    let (bytes, slashes) = if from.ends_with('#') {
+        // `a/#` also matches `a`: one level less at least.
+        (0, slashes.saturating_sub(1))
+    } else if filter.wildcard_count() > 0 {
+        (0, slashes)
+    } else {
+        (from.len(), slashes)
+    };
+    cloud::aws_topic_size_problem(bytes, slashes).map(|p| {
+        format!("would be refused: a topic this filter matches {p}; add a `topic` template")
+    })
+}
+
 fn placeholder_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
@@ -1359,7 +1472,40 @@ fn validate_mqtt(
     err: &mut impl FnMut(String, String),
 ) -> Option<MqttPlan> {
     let mut ok = true;
-    let (host, port, secure) = match url::Url::parse(&m.url) {
+    let azure = m.profile == Some(CloudProfile::AzureIotHub);
+    if !azure {
+        let azure_keys = [
+            ("hub", m.hub.is_some()),
+            ("device_id", m.device_id.is_some()),
+            ("shared_access_key", m.shared_access_key.is_some()),
+            ("properties", !m.properties.is_empty()),
+        ];
+        for (key, set) in azure_keys {
+            if set {
+                err(
+                    format!("{path}.{key}"),
+                    "only used with profile = \"azure-iot-hub\"".into(),
+                );
+                ok = false;
+            }
+        }
+    }
+    let url = match (&m.url, &m.hub) {
+        (Some(url), _) => url.clone(),
+        (None, Some(hub)) if azure => format!("mqtts://{hub}:8883"),
+        (None, None) if azure => {
+            err(
+                format!("{path}.hub"),
+                "missing (required by profile \"azure-iot-hub\": {name}.azure-devices.net)".into(),
+            );
+            return None;
+        }
+        _ => {
+            err(format!("{path}.url"), "missing (required)".into());
+            return None;
+        }
+    };
+    let (host, port, secure) = match url::Url::parse(&url) {
         Ok(u) => {
             let secure = match u.scheme() {
                 "mqtt" | "tcp" => false,
@@ -1387,7 +1533,7 @@ fn validate_mqtt(
         }
     };
 
-    let tls = match (&m.tls, secure) {
+    let mut tls = match (&m.tls, secure) {
         (Some(_), false) => {
             err(
                 format!("{path}.tls"),
@@ -1447,6 +1593,231 @@ fn validate_mqtt(
         err(format!("{path}.qos"), "must be 0, 1 or 2".into());
         ok = false;
     }
+    let mut username = m.username.clone();
+    let mut client_id_template = m.client_id.clone().unwrap_or_else(|| "{gateway_id}".into());
+    let mut max_packet_size = m.max_packet_size.0 as usize;
+    let mut notes = Vec::new();
+    let mut sas = None;
+    let mut azure_events = None;
+    let max_payload = m.profile.map(|p| p.max_payload());
+    match m.profile {
+        None => {}
+        Some(CloudProfile::AwsIot) => {
+            let tls = tls.as_mut().filter(|_| secure);
+            match tls {
+                None => {
+                    err(
+                        format!("{path}.url"),
+                        "AWS IoT Core takes MQTT over TLS only; use mqtts://".into(),
+                    );
+                    ok = false;
+                }
+                Some(tls) => {
+                    if tls.client_auth.is_none() && m.username.is_none() {
+                        err(
+                            format!("{path}.tls"),
+                            "profile \"aws-iot\" needs the thing's certificate: set tls.cert and tls.key"
+                                .into(),
+                        );
+                        ok = false;
+                    }
+                    if port == 443 {
+                        if tls.alpn.is_empty() {
+                            tls.alpn.push(cloud::AWS_ALPN_443.into());
+                            notes.push(format!(
+                                "port 443: offers ALPN {} (AWS IoT Core takes MQTT on 443 only with it)",
+                                cloud::AWS_ALPN_443
+                            ));
+                        } else {
+                            notes.push(format!(
+                                "port 443: offers ALPN {:?} as configured",
+                                tls.alpn
+                            ));
+                        }
+                    } else {
+                        notes.push(format!(
+                            "port {port}: MQTT over mutual TLS (8883 by default; 443 adds ALPN {})",
+                            cloud::AWS_ALPN_443
+                        ));
+                    }
+                }
+            }
+            if m.qos == 2 {
+                err(
+                    format!("{path}.qos"),
+                    "AWS IoT Core does not support QoS 2; use 0 or 1".into(),
+                );
+                ok = false;
+            } else {
+                notes.push(format!("qos {} (AWS IoT Core supports 0 and 1)", m.qos));
+            }
+            let (min, max) = cloud::AWS_KEEP_ALIVE;
+            if m.keep_alive.0 < min || m.keep_alive.0 > max {
+                err(
+                    format!("{path}.keep_alive"),
+                    "AWS IoT Core accepts 30s to 1200s".into(),
+                );
+                ok = false;
+            } else {
+                notes.push(format!(
+                    "keep_alive {} (AWS IoT Core accepts 30s to 1200s)",
+                    humantime::format_duration(m.keep_alive.0)
+                ));
+            }
+            notes.push(
+                "client id: one connection per id (a second one takes it over); a close right \
+                 after CONNACK is logged as a duplicate id or a policy refusal"
+                    .into(),
+            );
+            notes.push(format!(
+                "payloads over {} KiB are dead-lettered (reason too_large) instead of being sent",
+                cloud::AWS_MAX_PAYLOAD / 1024
+            ));
+            notes.push(format!(
+                "topics: at most {} bytes and {} slashes, no $aws prefix (Basic Ingest $aws/rules/ \
+                 allowed); rule templates checked now, every topic again before it is sent \
+                 (dead-lettered, reason invalid_topic)",
+                cloud::AWS_MAX_TOPIC_BYTES,
+                cloud::AWS_MAX_TOPIC_SLASHES
+            ));
+        }
+        Some(CloudProfile::AzureIotHub) => {
+            let hub = m.hub.clone().unwrap_or_default();
+            if hub.is_empty() || hub.contains(['/', ':']) {
+                err(
+                    format!("{path}.hub"),
+                    "must be the hub's host name ({name}.azure-devices.net)".into(),
+                );
+                ok = false;
+            }
+            let device_id = m.device_id.clone().unwrap_or_default();
+            if device_id.is_empty() || device_id.contains(['/', '+', '#', '&', '=']) {
+                err(
+                    format!("{path}.device_id"),
+                    "required; the device identity in the hub (no / + # & =)".into(),
+                );
+                ok = false;
+            }
+            if m.client_id.as_ref().is_some_and(|c| *c != device_id) {
+                err(
+                    format!("{path}.client_id"),
+                    "Azure IoT Hub requires the device_id as client id; leave it out".into(),
+                );
+                ok = false;
+            }
+            if m.username.is_some() || m.password.is_some() {
+                err(
+                    format!("{path}.username"),
+                    "set by profile \"azure-iot-hub\"; leave username and password out".into(),
+                );
+                ok = false;
+            }
+            client_id_template = device_id.clone();
+            username = Some(cloud::azure_username(&hub, &device_id));
+            notes.push(format!(
+                "client id {device_id}, username {}",
+                cloud::azure_username(&hub, &device_id)
+            ));
+            let client_cert = tls.as_ref().is_some_and(|t| t.client_auth.is_some());
+            match (&m.shared_access_key, client_cert) {
+                (Some(key), false) => match SharedAccessKey::from_base64(key) {
+                    Ok(key) => {
+                        let ttl = m.sas_ttl.0;
+                        if ttl < Duration::from_secs(2) || ttl > Duration::from_secs(365 * 86400) {
+                            err(
+                                format!("{path}.sas_ttl"),
+                                "must be between 2s and 365d".into(),
+                            );
+                            ok = false;
+                        }
+                        let resource = format!("{hub}/devices/{device_id}");
+                        notes.push(format!(
+                            "password: a SAS token for {resource} from shared_access_key (****), \
+                             valid {}, renewed {} before it expires by reconnecting (unconfirmed \
+                             messages are resent)",
+                            humantime::format_duration(ttl),
+                            humantime::format_duration(cloud::renewal_margin(ttl))
+                        ));
+                        sas = Some(AzureSas { resource, key, ttl });
+                    }
+                    Err(e) => {
+                        err(format!("{path}.shared_access_key"), e);
+                        ok = false;
+                    }
+                },
+                (None, true) => notes.push("authentication: X.509 client certificate".into()),
+                (Some(_), true) => {
+                    err(
+                        format!("{path}.shared_access_key"),
+                        "set together with tls.cert/tls.key; use one".into(),
+                    );
+                    ok = false;
+                }
+                (None, false) => {
+                    err(
+                        format!("{path}.shared_access_key"),
+                        "missing: profile \"azure-iot-hub\" needs shared_access_key or tls.cert and tls.key"
+                            .into(),
+                    );
+                    ok = false;
+                }
+            }
+            if m.qos == 2 {
+                err(
+                    format!("{path}.qos"),
+                    "Azure IoT Hub does not support QoS 2; use 0 or 1".into(),
+                );
+                ok = false;
+            } else {
+                notes.push(format!("qos {} (Azure IoT Hub supports 0 and 1)", m.qos));
+            }
+            if m.keep_alive.0 > cloud::AZURE_MAX_KEEP_ALIVE {
+                err(
+                    format!("{path}.keep_alive"),
+                    "Azure IoT Hub needs at most 1177s".into(),
+                );
+                ok = false;
+            } else {
+                notes.push(format!(
+                    "keep_alive {} (Azure IoT Hub needs at most 1177s)",
+                    humantime::format_duration(m.keep_alive.0)
+                ));
+            }
+            if m.topic_property.is_empty() {
+                err(format!("{path}.topic_property"), "must not be empty".into());
+                ok = false;
+            }
+            let events = AzureEvents::new(&device_id, &m.topic_property, &m.properties);
+            notes.push(format!(
+                "topic: every message to {} with its MQTT topic as property {:?}{}",
+                events.prefix,
+                m.topic_property,
+                if m.properties.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " and {}",
+                        m.properties.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                }
+            ));
+            azure_events = Some(events);
+            notes.push(format!(
+                "payloads over {} KiB are dead-lettered (reason too_large) instead of being sent",
+                cloud::AZURE_MAX_PAYLOAD / 1024
+            ));
+            if !secure {
+                notes.push(
+                    "url is plain mqtt://: only for a local stand-in; Azure IoT Hub takes TLS only"
+                        .into(),
+                );
+            }
+        }
+    }
+    if let Some(limit) = max_payload {
+        // Room for the topic (with Azure's properties) and the framing.
+        max_packet_size = max_packet_size.max(limit + 16 * 1024);
+    }
     if m.keep_alive.0 < Duration::from_secs(5) || m.keep_alive.0 > Duration::from_secs(65535) {
         err(
             format!("{path}.keep_alive"),
@@ -1473,7 +1844,6 @@ fn validate_mqtt(
         err(format!("{path}.password"), "set without a username".into());
         ok = false;
     }
-    let client_id_template = m.client_id.clone().unwrap_or_else(|| "{gateway_id}".into());
     let client_id = match Template::parse(&client_id_template, &TemplateScope::default()) {
         Ok(t) => t.render_static(gateway_id),
         Err(e) => {
@@ -1490,17 +1860,22 @@ fn validate_mqtt(
         port,
         tls,
         client_id,
-        username: m.username.clone(),
+        username,
         password: m.password.clone(),
         qos: m.qos,
         forward_retain: m.forward_retain,
         keep_alive: m.keep_alive.0,
         ack_timeout: m.ack_timeout.0,
         clean_session: m.clean_session,
-        max_packet_size: m.max_packet_size.0 as usize,
+        max_packet_size,
         inflight: m.inflight,
         backoff_min: m.backoff_min.0,
         backoff_max: m.backoff_max.0,
+        profile: m.profile,
+        max_payload,
+        sas,
+        azure_events,
+        notes,
     })
 }
 
@@ -1578,11 +1953,18 @@ impl Plan {
                         ),
                         None => String::new(),
                     };
+                    let profile = m
+                        .profile
+                        .map(|p| format!(" profile={}", p.name()))
+                        .unwrap_or_default();
                     let _ = writeln!(
                         out,
-                        "  {} mqtt {scheme}://{}:{} client_id={} qos={}{auth}{tls}; {buffer}",
+                        "  {} mqtt {scheme}://{}:{}{profile} client_id={} qos={}{auth}{tls}; {buffer}",
                         s.name, m.host, m.port, m.client_id, m.qos
                     );
+                    for note in &m.notes {
+                        let _ = writeln!(out, "    {}: {note}", m.profile.map_or("", |p| p.name()));
+                    }
                 }
                 SinkKindPlan::Http(h) => {
                     let _ = writeln!(out, "  {} http {}; {buffer}", s.name, h.describe());
@@ -2100,6 +2482,25 @@ mod tests {
         }
     }
 
+    /// An AWS IoT sink with a real (temporary) certificate pair and the given extra keys.
+    fn aws_sink(dir: &Path, url: &str, extra: &str) -> String {
+        for f in ["ca.pem", "cert.pem", "key.pem"] {
+            std::fs::write(dir.join(f), "x").expect("write");
+        }
+        format!(
+            "[sinks.aws]\ntype = \"mqtt\"\nprofile = \"aws-iot\"\nurl = \"{url}\"\n\
+             tls = {{ ca = \"{d}/ca.pem\", cert = \"{d}/cert.pem\", key = \"{d}/key.pem\" }}\n{extra}\n",
+            d = dir.display()
+        )
+    }
+
+    fn mqtt_plan(plan: &Plan) -> &MqttPlan {
+        match &plan.sinks[0].kind {
+            SinkKindPlan::Mqtt(m) => m,
+            _ => panic!("not an mqtt sink"),
+        }
+    }
+
     #[test]
     fn kafka_defaults_and_secret_properties() {
         let plan = load_str(
@@ -2124,5 +2525,201 @@ mod tests {
         let text = plan.describe();
         assert!(!text.contains("kafka-secret"), "{text}");
         assert!(text.contains("sasl.password=****"), "{text}");
+    }
+
+    #[test]
+    fn aws_profile_defaults_and_port_443_alpn() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plan = load_str(
+            &aws_sink(dir.path(), "mqtts://x-ats.iot.eu-west-1.amazonaws.com", ""),
+            &[],
+        )
+        .expect("valid");
+        let m = mqtt_plan(&plan);
+        assert_eq!(m.port, 8883);
+        assert_eq!(m.client_id, "edge-01");
+        assert_eq!(m.max_payload, Some(128 * 1024));
+        assert!(m.tls.as_ref().is_some_and(|t| t.alpn.is_empty()));
+        let text = plan.describe();
+        for line in [
+            "profile=aws-iot",
+            "aws-iot: qos 1",
+            "aws-iot: keep_alive 30s",
+            "128 KiB are dead-lettered",
+            "aws-iot: client id",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        let plan = load_str(
+            &aws_sink(dir.path(), "mqtts://x.amazonaws.com:443", ""),
+            &[],
+        )
+        .expect("valid");
+        let m = mqtt_plan(&plan);
+        assert_eq!(
+            m.tls.as_ref().map(|t| t.alpn.clone()),
+            Some(vec!["x-amzn-mqtt-ca".to_string()])
+        );
+        assert!(
+            plan.describe()
+                .contains("port 443: offers ALPN x-amzn-mqtt-ca"),
+            "{}",
+            plan.describe()
+        );
+    }
+
+    #[test]
+    fn aws_profile_refuses_what_aws_refuses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = "mqtts://x.amazonaws.com";
+        let cases = [
+            (
+                "qos = 2",
+                "sinks.aws.qos: AWS IoT Core does not support QoS 2; use 0 or 1",
+            ),
+            (
+                "keep_alive = \"10s\"",
+                "sinks.aws.keep_alive: AWS IoT Core accepts 30s to 1200s",
+            ),
+            (
+                "keep_alive = \"1201s\"",
+                "sinks.aws.keep_alive: AWS IoT Core accepts 30s to 1200s",
+            ),
+            (
+                "device_id = \"d\"",
+                "sinks.aws.device_id: only used with profile = \"azure-iot-hub\"",
+            ),
+        ];
+        for (extra, expected) in cases {
+            assert_eq!(
+                first_error(&aws_sink(dir.path(), url, extra)),
+                expected,
+                "for {extra}"
+            );
+        }
+        let e = first_error(
+            "[sinks.aws]\ntype = \"mqtt\"\nprofile = \"aws-iot\"\nurl = \"mqtt://x:1883\"\n",
+        );
+        assert_eq!(
+            e,
+            "sinks.aws.url: AWS IoT Core takes MQTT over TLS only; use mqtts://"
+        );
+        std::fs::write(dir.path().join("ca.pem"), "x").expect("write");
+        let e = first_error(&format!(
+            "[sinks.aws]\ntype = \"mqtt\"\nprofile = \"aws-iot\"\nurl = \"{url}\"\ntls = {{ ca = \"{}/ca.pem\" }}\n",
+            dir.path().display()
+        ));
+        assert!(
+            e.starts_with("sinks.aws.tls: profile \"aws-iot\" needs the thing's certificate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn aws_profile_checks_rule_topics_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = aws_sink(dir.path(), "mqtts://x.amazonaws.com", "");
+        let rule = |from: &str, topic: &str| {
+            format!("{sink}[[rules]]\nname = \"r\"\nfrom = \"{from}\"\nto = [\"aws\"]\n{topic}")
+        };
+        assert!(load_str(&rule("f/+/+/t", "topic = \"dt/{gateway_id}/{1}/{2}\""), &[]).is_ok());
+        assert!(load_str(&rule("a/b/c/d/e/f/g/#", ""), &[]).is_ok());
+        let e = first_error(&rule("f/+/t", "topic = \"a/b/c/d/e/f/g/h/{1}\""));
+        assert!(e.starts_with("rules[0].topic: topics sent to sink \"aws\" (profile aws-iot) would be refused: the template's fixed part alone has 8 forward slashes"), "{e}");
+        let e = first_error(&rule("f/+/t", "topic = \"$aws/things/{1}/shadow/update\""));
+        assert!(e.contains("reserved prefix $aws"), "{e}");
+        assert!(load_str(&rule("f/+/t", "topic = \"$aws/rules/ingest/{1}\""), &[]).is_ok());
+        let e = first_error(&rule("a/b/c/d/e/f/g/h/+", ""));
+        assert!(e.starts_with("rules[0].from: topics sent to sink \"aws\" (profile aws-iot) would be refused: a topic this filter matches has 8 forward slashes"), "{e}");
+        let long = "x".repeat(300);
+        let e = first_error(&rule(&long, ""));
+        assert!(e.contains("300 bytes long"), "{e}");
+    }
+
+    const AZURE: &str = r#"
+        [sinks.hub]
+        type = "mqtt"
+        profile = "azure-iot-hub"
+        hub = "myhub.azure-devices.net"
+        device_id = "edge-01"
+        shared_access_key = "${AZURE_KEY}"
+        sas_ttl = "1h"
+        properties = { "$.ct" = "application/json" }
+    "#;
+
+    #[test]
+    fn azure_profile_builds_sas_auth_and_events_topic() {
+        let key = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seQ==";
+        let mut toml = AZURE.to_string();
+        toml += "tls = { ca = \"/etc/hostname\" }\n";
+        let plan = load_str(&toml, &[("AZURE_KEY", key)]).expect("valid");
+        let m = mqtt_plan(&plan);
+        assert_eq!((m.host.as_str(), m.port), ("myhub.azure-devices.net", 8883));
+        assert_eq!(m.client_id, "edge-01");
+        assert_eq!(
+            m.username.as_deref(),
+            Some("myhub.azure-devices.net/edge-01/?api-version=2021-04-12")
+        );
+        let sas = m.sas.as_ref().expect("SAS auth");
+        assert_eq!(sas.resource, "myhub.azure-devices.net/devices/edge-01");
+        assert_eq!(sas.ttl, Duration::from_secs(3600));
+        assert_eq!(m.max_payload, Some(256 * 1024));
+        assert!(m.max_packet_size > 256 * 1024);
+        let events = m.azure_events.as_ref().expect("events topic");
+        assert_eq!(
+            events.topic_for("a/b"),
+            "devices/edge-01/messages/events/topic=a%2Fb&$.ct=application%2Fjson"
+        );
+        let text = plan.describe();
+        assert!(!text.contains(key), "{text}");
+        assert!(
+            !format!("{plan:?}").contains("c2VjcmV0"),
+            "the key shows in Debug"
+        );
+        assert!(
+            text.contains(
+                "azure-iot-hub: password: a SAS token for myhub.azure-devices.net/devices/edge-01"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("renewed 5m before it expires"), "{text}");
+    }
+
+    #[test]
+    fn azure_profile_errors_name_their_keys() {
+        let key = [("AZURE_KEY", "c2VjcmV0")];
+        let cases = [
+            ("shared_access_key = \"${AZURE_KEY}\"", "", "sinks.hub.shared_access_key: missing: profile \"azure-iot-hub\" needs shared_access_key or tls.cert and tls.key"),
+            ("sas_ttl = \"1h\"", "sas_ttl = \"1s\"", "sinks.hub.sas_ttl: must be between 2s and 365d"),
+            ("device_id = \"edge-01\"", "device_id = \"a/b\"", "sinks.hub.device_id: required; the device identity in the hub (no / + # & =)"),
+            ("sas_ttl = \"1h\"", "sas_ttl = \"1h\"\nqos = 2", "sinks.hub.qos: Azure IoT Hub does not support QoS 2; use 0 or 1"),
+            ("sas_ttl = \"1h\"", "sas_ttl = \"1h\"\nclient_id = \"other\"", "sinks.hub.client_id: Azure IoT Hub requires the device_id as client id; leave it out"),
+            ("hub = \"myhub.azure-devices.net\"", "", "sinks.hub.hub: missing (required by profile \"azure-iot-hub\": {name}.azure-devices.net)"),
+        ];
+        for (from, to, expected) in cases {
+            let toml = AZURE.replace(from, to) + "url = \"mqtt://127.0.0.1:1883\"\n";
+            let toml = if from.starts_with("hub") {
+                toml.replace("url = \"mqtt://127.0.0.1:1883\"\n", "")
+            } else {
+                toml
+            };
+            let e = match load_str(&toml, &key) {
+                Ok(_) => panic!("accepted: {toml}"),
+                Err(e) => e.0[0].to_string(),
+            };
+            assert_eq!(e, expected, "for {to}");
+        }
+        let e = match load_str(
+            &(AZURE.to_string() + "url = \"mqtt://h:1\"\n"),
+            &[("AZURE_KEY", "not base64!")],
+        ) {
+            Ok(_) => panic!("accepted a bad key"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.starts_with("sinks.hub.shared_access_key: not valid base64"),
+            "{e}"
+        );
+        assert!(!e.contains("not base64!"), "{e}");
     }
 }

@@ -224,9 +224,13 @@ fn every_shipped_config_passes_check() {
     let hivemq_password = "example-password-must-not-show";
     let webhook_token = "example-token-must-not-show";
     let kafka_secret = "example-kafka-secret-must-not-show";
+    // A valid base64 key (Azure's keys are base64); it must never be printed.
+    let azure_key = "ZXhhbXBsZS1henVyZS1rZXktbXVzdC1ub3Qtc2hvdw==";
     let env = [
         ("KAFKA_API_KEY", "example-key"),
         ("KAFKA_API_SECRET", kafka_secret),
+        ("AZURE_IOT_HUB", "example-hub.azure-devices.net"),
+        ("AZURE_DEVICE_KEY", azure_key),
         ("WEBHOOK_TOKEN", webhook_token),
         ("CERT_DIR", cert_dir.as_str()),
         (
@@ -250,7 +254,9 @@ fn every_shipped_config_passes_check() {
             && !stdout.contains(webhook_token)
             && !stderr.contains(webhook_token)
             && !stdout.contains(kafka_secret)
-            && !stderr.contains(kafka_secret);
+            && !stderr.contains(kafka_secret)
+            && !stdout.contains(azure_key)
+            && !stderr.contains(azure_key);
         if !ok {
             failures.push(format!(
                 "--- {} ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",

@@ -6,6 +6,7 @@
 //! is sent again, and backs off exponentially with jitter.
 
 mod backoff;
+pub mod cloud;
 pub mod envelope;
 pub mod file;
 pub mod http;

@@ -15,6 +15,13 @@
 //! (`reason="ack_timeout"`) and reconnects; with nothing outstanding, rumqttc's own
 //! PINGREQ going unanswered for a keep-alive period does the same
 //! (`reason="ping_timeout"`).
+//!
+//! Cloud profiles (`sinks::cloud`) add limits and credentials: a payload over the cloud's
+//! limit or a topic AWS refuses is dead-lettered before it is sent; with an Azure shared
+//! access key every connection gets a fresh SAS token as its password, and when the token
+//! is due the connection stops taking new records, waits briefly for the acks of those in
+//! flight, says DISCONNECT and reconnects at once with a new token (`Outcome::Renew`; not
+//! an error, the sink stays up); anything unconfirmed is resent after the rewind.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
@@ -27,8 +34,9 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::warn;
+use tracing::{info, warn};
 
+use super::cloud::{self, CloudProfile};
 use super::{Backoff, SinkContext};
 use crate::config::MqttPlan;
 use crate::rules::downlink::DownlinkTap;
@@ -36,6 +44,10 @@ use crate::rules::downlink::DownlinkTap;
 /// Bytes of MQTT framing around topic and payload in a PUBLISH (fixed header, lengths,
 /// packet id), rounded up.
 const PUBLISH_OVERHEAD: usize = 16;
+
+/// A cloud profile's upstream closing the connection within this time after CONNACK is
+/// reported as `reason="closed_after_connack"` with what it usually means.
+const CLOSED_AFTER_CONNACK: Duration = Duration::from_secs(3);
 
 /// Why a connection failed, as the `reason` label of `edgebridge_sink_errors_total`.
 /// Every connection failure is retryable: the destination is at fault, never the data.
@@ -61,14 +73,25 @@ fn qos_of(level: u8) -> QoS {
     }
 }
 
-fn options(plan: &MqttPlan) -> Result<MqttOptions, String> {
+/// rumqttc's options for one connection attempt, and, with an Azure SAS token as the
+/// password, how long from now to renew it.
+fn options(plan: &MqttPlan) -> Result<(MqttOptions, Option<Duration>), String> {
     let mut opts = MqttOptions::new(plan.client_id.clone(), plan.host.clone(), plan.port);
     opts.set_keep_alive(plan.keep_alive)
         .set_clean_session(plan.clean_session)
         .set_max_packet_size(plan.max_packet_size, plan.max_packet_size)
         .set_inflight(plan.inflight);
+    let mut renew_in = None;
     if let Some(user) = &plan.username {
-        opts.set_credentials(user.clone(), plan.password.clone().unwrap_or_default());
+        let password = match &plan.sas {
+            Some(sas) => {
+                let (token, _expiry, renew) = sas.fresh_token();
+                renew_in = Some(renew);
+                token
+            }
+            None => plan.password.clone().unwrap_or_default(),
+        };
+        opts.set_credentials(user.clone(), password);
     }
     if let Some(tls) = &plan.tls {
         let read = |p: &std::path::Path| {
@@ -90,7 +113,7 @@ fn options(plan: &MqttPlan) -> Result<MqttOptions, String> {
             client_auth,
         }));
     }
-    Ok(opts)
+    Ok((opts, renew_in))
 }
 
 /// A record handed to rumqttc, waiting for its packet id or its acknowledgement.
@@ -118,6 +141,9 @@ impl Window {
 enum Outcome {
     /// The connection failed: back off and reconnect.
     Reconnect,
+    /// The SAS token is about to expire: the connection was closed cleanly; reconnect at
+    /// once with a fresh one.
+    Renew,
     /// Shutdown finished.
     Stopped,
 }
@@ -133,7 +159,7 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
         }
     };
     loop {
-        let opts = match options(&plan) {
+        let (opts, renew_in) = match options(&plan) {
             Ok(o) => o,
             Err(e) => {
                 ctx.metrics.mark_down("config", &e);
@@ -146,14 +172,24 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
         let capacity = plan.inflight as usize * 2 + 16;
         let (client, eventloop) = AsyncClient::new(opts, capacity);
         ctx.buffer.rewind();
-        match connection(&plan, &ctx, &client, eventloop, &mut backoff).await {
+        let renew_at = renew_in.map(|d| Instant::now() + d);
+        match connection(&plan, &ctx, &client, eventloop, &mut backoff, renew_at).await {
             Outcome::Stopped => return,
+            Outcome::Renew => {}
             Outcome::Reconnect => {
                 if sleep_or_stop(&ctx, backoff.next_delay()).await {
                     return;
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`; never returns for `None` (guard the select branch instead).
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -217,12 +253,19 @@ async fn connection(
     client: &AsyncClient,
     eventloop: EventLoop,
     backoff: &mut Backoff,
+    renew_at: Option<Instant>,
 ) -> Outcome {
     let qos = qos_of(plan.qos);
     let window_size = plan.inflight as usize;
     let refill_at = (window_size / 4).max(1);
     let mut window = Window::default();
     let mut connected = false;
+    // When CONNACK arrived: a cloud that closes the connection right after it usually
+    // refuses the client id or its policy (see `CloudProfile::closed_after_connack_hint`).
+    let mut connected_at: Option<Instant> = None;
+    // Set once the SAS token is due for renewal: no new publishes; the connection closes
+    // once those in flight are acked, or at this deadline (the rest is resent).
+    let mut renewing: Option<Instant> = None;
     // When an acknowledgement last arrived, or the window last became non-empty: while
     // publishes are outstanding, nothing for `ack_timeout` means a half-open connection.
     let mut last_progress = Instant::now();
@@ -232,10 +275,16 @@ async fn connection(
     let upstream = format!("{}:{}", plan.host, plan.port);
     let (mut events, driver) = drive(eventloop, ctx.downlink.clone());
     let outcome = loop {
+        if let Some(deadline) = renewing {
+            if window.len() == 0 || Instant::now() >= deadline {
+                disconnect(client, &mut events).await;
+                break Outcome::Renew;
+            }
+        }
         let room = window_size.saturating_sub(window.len());
         // Refill the window in chunks, not one record per PUBACK: each read takes the
         // buffer's lock and a read call.
-        let refill = room > 0 && (room >= refill_at || window.len() == 0);
+        let refill = renewing.is_none() && room > 0 && (room >= refill_at || window.len() == 0);
         tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => {
@@ -246,6 +295,7 @@ async fn connection(
                     Some(Ok(event)) => {
                         if let Event::Incoming(Incoming::ConnAck(ack)) = &event {
                             connected = true;
+                            connected_at = Some(Instant::now());
                             last_progress = Instant::now();
                             backoff.reset();
                             let session = if ack.session_present { "resumed" } else { "new" };
@@ -260,16 +310,42 @@ async fn connection(
                         }
                     }
                     Some(Err(e)) => {
-                        let detail = match window.len() {
+                        let mut detail = match window.len() {
                             0 => format!("{upstream}: {e}"),
                             n => format!("{upstream}: {e}; {n} unconfirmed will be resent"),
                         };
-                        ctx.metrics.mark_down(classify(&e), &detail);
+                        let mut reason = classify(&e);
+                        let just_accepted = connected_at
+                            .is_some_and(|at| at.elapsed() < CLOSED_AFTER_CONNACK);
+                        if let (Some(profile), true) = (plan.profile, just_accepted) {
+                            reason = "closed_after_connack";
+                            detail = format!(
+                                "{detail}; {} (client id {})",
+                                profile.closed_after_connack_hint(),
+                                plan.client_id
+                            );
+                        }
+                        ctx.metrics.mark_down(reason, &detail);
                         break Outcome::Reconnect;
                     }
                     None => break Outcome::Reconnect,
                 }
             }
+            _ = sleep_until_some(renew_at), if renewing.is_none() && renew_at.is_some() => {
+                info!(
+                    sink = %ctx.name,
+                    in_flight = window.len(),
+                    "renewing the SAS token: reconnecting once the messages in flight are acked"
+                );
+                // Half the renewal margin at most: the new connection must be up before
+                // the token expires.
+                let margin = plan
+                    .sas
+                    .as_ref()
+                    .map_or(Duration::ZERO, |s| cloud::renewal_margin(s.ttl));
+                renewing = Some(Instant::now() + (plan.ack_timeout / 2).min(margin / 2));
+            }
+            _ = sleep_until_some(renewing), if renewing.is_some() => {}
             _ = ack_check.tick(), if connected && window.len() > 0 => {
                 if last_progress.elapsed() >= plan.ack_timeout {
                     let detail = format!(
@@ -311,17 +387,14 @@ async fn publish_batch(
 ) -> Result<(), rumqttc::ClientError> {
     for record in batch {
         let msg = &record.msg;
-        let undeliverable =
-            if msg.topic.len() + msg.payload.len() + PUBLISH_OVERHEAD > plan.max_packet_size {
-                Some(("too_large", "larger than the upstream's max_packet_size"))
-            } else if msg.topic.is_empty() || !rumqttc::valid_topic(&msg.topic) {
-                Some(("invalid_topic", "not a valid MQTT topic name"))
-            } else {
-                None
-            };
+        let topic = match &plan.azure_events {
+            Some(events) => events.topic_for(&msg.topic),
+            None => msg.topic.clone(),
+        };
+        let undeliverable = undeliverable(plan, &topic, msg.payload.len());
         if let Some((reason, detail)) = undeliverable {
             if ctx
-                .dead_letter(std::slice::from_ref(&record), reason, detail)
+                .dead_letter(std::slice::from_ref(&record), reason, &detail)
                 .await
                 .is_err()
             {
@@ -338,11 +411,48 @@ async fn publish_batch(
             received_at: msg.received_at,
         };
         client
-            .publish_bytes(msg.topic, qos, retain, msg.payload)
+            .publish_bytes(topic, qos, retain, msg.payload)
             .await?;
         window.queued.push_back(entry);
     }
     Ok(())
+}
+
+/// Why a message with `topic` (as it goes upstream) and a payload of `payload_len` bytes
+/// can never be delivered, if it cannot: the `reason` label and a detail for the log and
+/// the dead-letter file.
+fn undeliverable(
+    plan: &MqttPlan,
+    topic: &str,
+    payload_len: usize,
+) -> Option<(&'static str, String)> {
+    if let (Some(profile), Some(limit)) = (plan.profile, plan.max_payload) {
+        if payload_len > limit {
+            return Some((
+                "too_large",
+                format!(
+                    "payload of {payload_len} bytes is over the {} KiB that profile {} allows",
+                    limit / 1024,
+                    profile.name()
+                ),
+            ));
+        }
+    }
+    if topic.len() + payload_len + PUBLISH_OVERHEAD > plan.max_packet_size {
+        return Some((
+            "too_large",
+            "larger than the upstream's max_packet_size".into(),
+        ));
+    }
+    if topic.is_empty() || !rumqttc::valid_topic(topic) {
+        return Some(("invalid_topic", "not a valid MQTT topic name".into()));
+    }
+    if plan.profile == Some(CloudProfile::AwsIot) {
+        if let Some(problem) = cloud::aws_topic_problem(topic) {
+            return Some(("invalid_topic", format!("topic {topic:?} {problem}")));
+        }
+    }
+    None
 }
 
 /// Applies one event to the window; returns whether it confirmed a record.
@@ -394,6 +504,16 @@ async fn drain_and_disconnect(
             _ => break,
         }
     }
+    disconnect(client, events).await;
+    ctx.metrics.mark_stopped();
+    Outcome::Stopped
+}
+
+/// Says DISCONNECT and waits (up to 1 s) until it is written.
+async fn disconnect(
+    client: &AsyncClient,
+    events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
+) {
     if client.try_disconnect().is_ok() {
         let flush = async {
             while let Some(Ok(event)) = events.recv().await {
@@ -404,8 +524,6 @@ async fn drain_and_disconnect(
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
     }
-    ctx.metrics.mark_stopped();
-    Outcome::Stopped
 }
 
 #[cfg(test)]
