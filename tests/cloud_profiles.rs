@@ -580,3 +580,60 @@ async fn azure_wrong_key_is_refused_and_messages_stay_buffered() {
     );
     gw.shutdown().await;
 }
+
+/// Cloud-to-device: the Azure profile's sink subscribes to the device's `devicebound`
+/// topic through `[[downlinks]]`; a command the hub sends (with Azure's URL-encoded
+/// property bag as the last level) reaches a local device on the mapped topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn azure_cloud_to_device_messages_reach_local_devices_through_downlinks() {
+    let hub = AzureStandIn::start().await;
+    let body = format!(
+        "{}\n[[downlinks]]\nsink = \"hub\"\nfrom = \"devices/{DEVICE}/messages/devicebound/#\"\ntopic = \"cmd/{{gateway_id}}\"\n",
+        azure_sink(hub.port, KEY, "1h")
+    );
+    let mut gw = TestGateway::start(&body).await;
+    assert!(
+        gw.eventually(WAIT, |g| g
+            .counter("edgebridge_sink_up", &[("sink", "hub")])
+            == 1.0)
+            .await,
+        "the hub sink connects"
+    );
+    // A local device waiting for commands.
+    let mut opts = MqttOptions::new("machine-1", "127.0.0.1", gw.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (device, mut device_events) = AsyncClient::new(opts, 10);
+    device
+        .subscribe("cmd/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    // The hub's side: a service sending a C2D message to the device.
+    let mut opts = MqttOptions::new("collector", "127.0.0.1", hub.port);
+    opts.set_credentials("collector", "collector-secret");
+    let (service, mut service_events) = AsyncClient::new(opts, 10);
+    let service_driver = tokio::spawn(async move { while service_events.poll().await.is_ok() {} });
+    let c2d = format!("devices/{DEVICE}/messages/devicebound/%24.to=%2Fdevices%2F{DEVICE}%2Fmessages%2FdeviceBound&cmd=reboot");
+    let received = tokio::time::timeout(WAIT, async {
+        let mut next_send = tokio::time::Instant::now();
+        loop {
+            // Sent again until it arrives: the gateway subscribes once it is connected.
+            if tokio::time::Instant::now() >= next_send {
+                service
+                    .publish(&c2d, QoS::AtLeastOnce, false, b"reboot".to_vec())
+                    .await
+                    .expect("publish C2D");
+                next_send = tokio::time::Instant::now() + Duration::from_secs(1);
+            }
+            if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+                tokio::time::timeout(Duration::from_millis(200), device_events.poll()).await
+            {
+                return (p.topic.clone(), p.payload.to_vec());
+            }
+        }
+    })
+    .await
+    .expect("the C2D message reaches the local device");
+    assert_eq!(received, ("cmd/edge-01".to_string(), b"reboot".to_vec()));
+    service_driver.abort();
+    gw.shutdown().await;
+}
