@@ -1461,6 +1461,24 @@ fn aws_filter_problem(from: &str, filter: &TopicFilter) -> Option<String> {
     })
 }
 
+/// A sink's `backoff_min`/`backoff_max`, checked as [`crate::sinks::Backoff`] will take
+/// them; `false` (and the error reported) when it would refuse them.
+pub(crate) fn check_backoff(
+    path: &str,
+    min: HumanDuration,
+    max: HumanDuration,
+    err: &mut impl FnMut(String, String),
+) -> bool {
+    let ok = crate::sinks::Backoff::try_new(min.0, max.0).is_ok();
+    if !ok {
+        err(
+            format!("{path}.backoff_min"),
+            "must be above 0 and not above backoff_max".into(),
+        );
+    }
+    ok
+}
+
 fn placeholder_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
@@ -1833,13 +1851,7 @@ fn validate_mqtt(
         err(format!("{path}.inflight"), "must be at least 1".into());
         ok = false;
     }
-    if m.backoff_min.0 > m.backoff_max.0 || m.backoff_min.0.is_zero() {
-        err(
-            format!("{path}.backoff_min"),
-            "must be above 0 and not above backoff_max".into(),
-        );
-        ok = false;
-    }
+    ok &= check_backoff(path, m.backoff_min, m.backoff_max, err);
     if m.password.is_some() && m.username.is_none() {
         err(format!("{path}.password"), "set without a username".into());
         ok = false;

@@ -18,7 +18,7 @@ use prometheus::IntCounter;
 
 pub use expr::{EvalError, Expr, ExprKind, Failure, MessageVars, VARIABLES};
 pub use filter::{FilterError, TopicFilter};
-pub use template::{Template, TemplateError, TemplateScope, TemplateVars};
+pub use template::{level_ranges, Template, TemplateError, TemplateScope, TemplateVars};
 
 use crate::config::{RulePlan, TargetPlan};
 use crate::message::Message;

@@ -48,6 +48,21 @@ pub struct TemplateVars<'a> {
     pub client_id: &'a str,
 }
 
+/// Byte ranges of the `/`-separated levels of `topic`: the captures `{1}`, `{2}`.. of a
+/// template rendered against a whole topic (sink templates: URL paths, Kafka topics).
+pub fn level_ranges(topic: &str) -> Vec<(usize, usize)> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for (i, b) in topic.bytes().enumerate() {
+        if b == b'/' {
+            ranges.push((start, i));
+            start = i + 1;
+        }
+    }
+    ranges.push((start, topic.len()));
+    ranges
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     source: String,
@@ -103,6 +118,11 @@ impl Template {
             source: source.to_string(),
             parts,
         })
+    }
+
+    /// Whether rendering reads captures (`{1}`..): callers may skip computing them.
+    pub fn uses_captures(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Capture(_)))
     }
 
     pub fn source(&self) -> &str {

@@ -33,7 +33,7 @@ pub use config::{HttpPlan, HttpSinkSection};
 
 use super::{Backoff, SinkContext};
 use crate::buffer::Record;
-use crate::rules::TemplateVars;
+use crate::rules::{level_ranges, TemplateVars};
 use config::{redact_url, HttpAuth, HttpMethod};
 
 /// Longest `Retry-After` honoured; a larger value waits this long.
@@ -112,21 +112,8 @@ fn url_topic(topic: &str) -> (String, Vec<(usize, usize)>) {
         .map(|level| utf8_percent_encode(level, PATH_SEGMENT).to_string())
         .collect();
     let joined = escaped.join("/");
-    (joined.clone(), level_ranges(&joined))
-}
-
-/// Byte ranges of the `/`-separated levels of `topic`.
-fn level_ranges(topic: &str) -> Vec<(usize, usize)> {
-    let mut ranges = Vec::new();
-    let mut start = 0;
-    for (i, b) in topic.bytes().enumerate() {
-        if b == b'/' {
-            ranges.push((start, i));
-            start = i + 1;
-        }
-    }
-    ranges.push((start, topic.len()));
-    ranges
+    let ranges = level_ranges(&joined);
+    (joined, ranges)
 }
 
 /// Where and with which headers one message is sent; consecutive messages with the same
@@ -331,14 +318,6 @@ fn error_chain(e: &reqwest::Error) -> String {
     text
 }
 
-/// Sleeps, or returns `true` at once when shutdown begins.
-async fn sleep_or_stop(ctx: &SinkContext, delay: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => false,
-        _ = ctx.shutdown.cancelled() => true,
-    }
-}
-
 pub async fn run(plan: HttpPlan, ctx: SinkContext) {
     serve(&plan, &ctx).await;
     ctx.metrics.mark_stopped();
@@ -346,19 +325,14 @@ pub async fn run(plan: HttpPlan, ctx: SinkContext) {
 
 /// Delivers until shutdown.
 async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
-    let mut backoff = Backoff::try_new(plan.backoff_min, plan.backoff_max).unwrap_or_else(|e| {
-        // Validation refuses such bounds; keep a sane default rather than stop.
-        warn!(sink = %ctx.name, error = %e, "invalid backoff; using 1s..30s");
-        Backoff::try_new(Duration::from_secs(1), Duration::from_secs(30))
-            .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
-    });
+    let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
     let client = loop {
         match client(plan) {
             Ok(c) => break c,
             Err(e) => {
                 ctx.metrics
                     .mark_down("config", &format!("cannot build the HTTP client: {e:#}"));
-                if sleep_or_stop(ctx, backoff.next_delay()).await {
+                if ctx.sleep_or_stop(backoff.next_delay()).await {
                     return;
                 }
             }
@@ -392,7 +366,7 @@ async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
                     .is_err()
                 {
                     pending.push_front(record);
-                    if sleep_or_stop(ctx, backoff.next_delay()).await {
+                    if ctx.sleep_or_stop(backoff.next_delay()).await {
                         return;
                     }
                 }
@@ -516,7 +490,7 @@ async fn deliver(
         };
         ctx.metrics.mark_down(&reason, &detail);
         let delay = wait.unwrap_or_else(|| backoff.next_delay());
-        if sleep_or_stop(ctx, delay).await {
+        if ctx.sleep_or_stop(delay).await {
             return Delivery::Stopped;
         }
     }

@@ -25,7 +25,6 @@
 pub mod config;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -40,7 +39,7 @@ pub use config::{KafkaPlan, KafkaSinkSection};
 use super::{Backoff, SinkContext};
 use crate::buffer::Record;
 use crate::message::Message;
-use crate::rules::TemplateVars;
+use crate::rules::{level_ranges, TemplateVars};
 use config::{valid_topic_name, KafkaFormat};
 
 /// Whose fault a failed delivery is.
@@ -146,20 +145,6 @@ fn producer(
         sink: sink.to_string(),
         events,
     })
-}
-
-/// Byte ranges of the `/`-separated levels of `topic`.
-fn level_ranges(topic: &str) -> Vec<(usize, usize)> {
-    let mut ranges = Vec::new();
-    let mut start = 0;
-    for (i, b) in topic.bytes().enumerate() {
-        if b == b'/' {
-            ranges.push((start, i));
-            start = i + 1;
-        }
-    }
-    ranges.push((start, topic.len()));
-    ranges
 }
 
 fn vars<'a>(plan: &'a KafkaPlan, msg: &'a Message) -> TemplateVars<'a> {
@@ -273,14 +258,6 @@ fn produce(
     }
 }
 
-/// Sleeps, or returns `true` at once when shutdown begins.
-async fn sleep_or_stop(ctx: &SinkContext, delay: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => false,
-        _ = ctx.shutdown.cancelled() => true,
-    }
-}
-
 pub async fn run(plan: KafkaPlan, ctx: SinkContext) {
     serve(&plan, &ctx).await;
     ctx.metrics.mark_stopped();
@@ -288,12 +265,7 @@ pub async fn run(plan: KafkaPlan, ctx: SinkContext) {
 
 /// Delivers until shutdown.
 async fn serve(plan: &KafkaPlan, ctx: &SinkContext) {
-    let mut backoff = Backoff::try_new(plan.backoff_min, plan.backoff_max).unwrap_or_else(|e| {
-        // Validation refuses such bounds; keep a sane default rather than stop.
-        warn!(sink = %ctx.name, error = %e, "invalid backoff; using 1s..30s");
-        Backoff::try_new(Duration::from_secs(1), Duration::from_secs(30))
-            .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
-    });
+    let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
     loop {
         let (tx, mut events) = mpsc::unbounded_channel();
         let producer = match producer(plan, &ctx.name, tx) {
@@ -301,7 +273,7 @@ async fn serve(plan: &KafkaPlan, ctx: &SinkContext) {
             Err(e) => {
                 ctx.metrics
                     .mark_down("config", &format!("cannot create the Kafka producer: {e}"));
-                if sleep_or_stop(ctx, backoff.next_delay()).await {
+                if ctx.sleep_or_stop(backoff.next_delay()).await {
                     return;
                 }
                 continue;
@@ -319,7 +291,7 @@ async fn serve(plan: &KafkaPlan, ctx: &SinkContext) {
         if stopping {
             return;
         }
-        if sleep_or_stop(ctx, backoff.next_delay()).await {
+        if ctx.sleep_or_stop(backoff.next_delay()).await {
             return;
         }
     }
@@ -350,7 +322,7 @@ async fn session(
                     warn!(sink = %ctx.name, code = ?code, "fatal producer error; recreating the producer: {detail}");
                     return SessionEnd::Recreate;
                 }
-                if sleep_or_stop(ctx, backoff.next_delay()).await {
+                if ctx.sleep_or_stop(backoff.next_delay()).await {
                     return SessionEnd::Stopped;
                 }
                 ctx.buffer.rewind();

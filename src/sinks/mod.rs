@@ -48,6 +48,24 @@ pub struct SinkContext {
 }
 
 impl SinkContext {
+    /// The retry backoff of a sink between `min` and `max`. Validation refuses bad
+    /// bounds; should some reach here anyway, 1s..30s is used rather than stopping.
+    pub fn backoff(&self, min: Duration, max: Duration) -> Backoff {
+        Backoff::try_new(min, max).unwrap_or_else(|e| {
+            warn!(sink = %self.name, error = %e, "invalid backoff; using 1s..30s");
+            Backoff::try_new(Duration::from_secs(1), Duration::from_secs(30))
+                .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
+        })
+    }
+
+    /// Sleeps for `delay`, or returns `true` at once when shutdown begins.
+    pub async fn sleep_or_stop(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = self.shutdown.cancelled() => true,
+        }
+    }
+
     /// The upstream works: marks the sink up and, on a change of state with a backlog
     /// waiting, logs that it starts draining.
     pub fn up(&self, detail: &str) {

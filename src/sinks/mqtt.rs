@@ -34,7 +34,7 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::cloud::{self, CloudProfile};
 use super::{Backoff, SinkContext};
@@ -149,21 +149,13 @@ enum Outcome {
 }
 
 pub async fn run(plan: MqttPlan, ctx: SinkContext) {
-    let mut backoff = match Backoff::try_new(plan.backoff_min, plan.backoff_max) {
-        Ok(b) => b,
-        Err(e) => {
-            // Validation refuses such bounds; keep a sane default rather than stop.
-            warn!(sink = %ctx.name, error = %e, "invalid backoff; using 1s..30s");
-            Backoff::try_new(Duration::from_secs(1), Duration::from_secs(30))
-                .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
-        }
-    };
+    let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
     loop {
         let (opts, renew_in) = match options(&plan) {
             Ok(o) => o,
             Err(e) => {
                 ctx.metrics.mark_down("config", &e);
-                if sleep_or_stop(&ctx, backoff.next_delay()).await {
+                if ctx.sleep_or_stop(backoff.next_delay()).await {
                     return;
                 }
                 continue;
@@ -177,7 +169,7 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
             Outcome::Stopped => return,
             Outcome::Renew => {}
             Outcome::Reconnect => {
-                if sleep_or_stop(&ctx, backoff.next_delay()).await {
+                if ctx.sleep_or_stop(backoff.next_delay()).await {
                     return;
                 }
             }
@@ -190,14 +182,6 @@ async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Sleeps, or returns `true` at once when shutdown begins.
-async fn sleep_or_stop(ctx: &SinkContext, delay: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => false,
-        _ = ctx.shutdown.cancelled() => true,
     }
 }
 

@@ -213,13 +213,7 @@ pub fn validate(
         );
         ok = false;
     }
-    if s.backoff_min.0.is_zero() || s.backoff_min.0 > s.backoff_max.0 {
-        err(
-            format!("{path}.backoff_min"),
-            "must be above 0 and not above backoff_max".into(),
-        );
-        ok = false;
-    }
+    ok &= crate::config::check_backoff(path, s.backoff_min, s.backoff_max, err);
     if !ok {
         return None;
     }
