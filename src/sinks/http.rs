@@ -139,7 +139,11 @@ fn render_target(plan: &HttpPlan, topic: &str) -> Result<Target, String> {
         let (escaped, ranges) = url_topic(topic);
         plan.url.render(&vars(plan, &escaped), &ranges)
     };
-    let ranges = level_ranges(topic);
+    let ranges = if plan.headers.iter().any(|(_, t)| t.uses_captures()) {
+        level_ranges(topic)
+    } else {
+        Vec::new()
+    };
     let mut headers = Vec::with_capacity(plan.headers.len());
     for (name, template) in &plan.headers {
         let text = template.render(&vars(plan, topic), &ranges);

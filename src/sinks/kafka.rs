@@ -217,7 +217,13 @@ fn produce(
     record: Record,
 ) -> Produced {
     let msg = &record.msg;
-    let levels = level_ranges(&msg.topic);
+    // Only templates with `{1}`.. read the levels; the defaults (a fixed topic, the MQTT
+    // topic as key) do not, and skip the allocation.
+    let levels = if plan.topic.uses_captures() || plan.key.uses_captures() {
+        level_ranges(&msg.topic)
+    } else {
+        Vec::new()
+    };
     let topic = match kafka_topic(plan, msg, &levels) {
         Ok(t) => t,
         Err(problem) => return Produced::Refused(record, "invalid_topic".into(), problem),
@@ -345,29 +351,52 @@ async fn session(
                     }
                 }
             }
-            Some(event) = events.recv() => match event {
-                Event::Delivered(p) => {
-                    in_flight -= 1;
-                    ctx.buffer.ack(p.seq);
-                    ctx.metrics.delivered(p.msg.received_at);
-                    ctx.up("deliveries confirmed");
-                    ctx.acked();
-                    backoff.reset();
-                }
-                Event::Failed(p, code, detail) => {
-                    in_flight -= 1;
-                    if fault(code) == Fault::Message {
-                        let record = Record { seq: p.seq, msg: p.msg };
-                        dead_letter(ctx, record, &reason(code), &detail, &mut failure).await;
-                    } else {
-                        failure.get_or_insert((reason(code), detail));
+            Some(event) = events.recv() => {
+                // Every report already waiting is taken in this wake-up, and the sink's
+                // shared state (a lock) is updated once for them, not once per message.
+                let mut confirmed = false;
+                let mut next = Some(event);
+                while let Some(event) = next {
+                    match event {
+                        Event::Delivered(p) => {
+                            in_flight -= 1;
+                            ctx.buffer.ack(p.seq);
+                            ctx.metrics.delivered(p.msg.received_at);
+                            confirmed = true;
+                        }
+                        Event::Failed(p, code, detail) => {
+                            in_flight -= 1;
+                            if fault(code) == Fault::Message {
+                                let record = Record { seq: p.seq, msg: p.msg };
+                                dead_letter(ctx, record, &reason(code), &detail, &mut failure).await;
+                            } else {
+                                failure.get_or_insert((reason(code), detail));
+                            }
+                        }
+                        Event::Client(code, detail) => {
+                            // Deliveries reported before it count first.
+                            if std::mem::take(&mut confirmed) {
+                                confirmed_up(ctx, backoff);
+                            }
+                            client_error(ctx, code, &detail, &mut failure);
+                        }
                     }
+                    next = events.try_recv().ok();
                 }
-                Event::Client(code, detail) => client_error(ctx, code, &detail, &mut failure),
-            },
+                if confirmed {
+                    confirmed_up(ctx, backoff);
+                }
+            }
             _ = ctx.shutdown.cancelled() => return SessionEnd::Stopped,
         }
     }
+}
+
+/// Deliveries were confirmed: the sink is up and its backoff starts over.
+fn confirmed_up(ctx: &SinkContext, backoff: &mut Backoff) {
+    ctx.up("deliveries confirmed");
+    ctx.acked();
+    backoff.reset();
 }
 
 /// An error librdkafka reported outside a delivery. Those that mean nothing can be
