@@ -275,35 +275,7 @@ level = "warn"
         log: &Path,
         admin_port: u16,
     ) -> Result<ChildGuard, String> {
-        let open_log = || {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .map_err(|e| format!("open {}: {e}", log.display()))
-        };
-        let child = Command::new(binary)
-            .arg("run")
-            .arg("--config")
-            .arg(config_path)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(open_log()?)
-            .stderr(open_log()?)
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
-        let mut process = ChildGuard { child };
-        let deadline = Instant::now() + START_LIMIT;
-        while Instant::now() < deadline {
-            if process.has_exited() {
-                return Err(format!("edgebridge exited at start:\n{}", tail(log, 20)));
-            }
-            if matches!(http_get(admin_port, "/readyz"), Some((200, _))) {
-                return Ok(process);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Err(format!("edgebridge not ready in time:\n{}", tail(log, 20)))
+        launch_gateway(binary, config_path, log, admin_port, START_LIMIT).await
     }
 
     /// SIGTERM, wait (bounded) for the exit, start again on the same config and data_dir.
@@ -1872,13 +1844,10 @@ fn main() -> ExitCode {
         }
     };
     now_us(); // fix the clock's epoch before any task reads it
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
+            eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };

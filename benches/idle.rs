@@ -150,23 +150,15 @@ level = "warn"
     );
     let config_path = dir.path().join("edgebridge.toml");
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
-    let child = Command::new(binary)
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
-    let mut process = ChildGuard { child };
-    let ready_by = Instant::now() + Duration::from_secs(20);
-    while !matches!(http_get(admin_port, "/readyz"), Some((200, _))) {
-        if process.has_exited() || Instant::now() > ready_by {
-            return Err("edgebridge did not start".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let log = dir.path().join("edgebridge.log");
+    let process = launch_gateway(
+        binary,
+        &config_path,
+        &log,
+        admin_port,
+        Duration::from_secs(20),
+    )
+    .await?;
     measure("edgebridge", process.pid(), port, n).await
 }
 
@@ -213,13 +205,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
+            eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };

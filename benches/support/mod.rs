@@ -161,3 +161,51 @@ pub async fn interrupted() {
         } => {}
     }
 }
+
+/// A multi-thread tokio runtime for a bench's `main`.
+pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// Starts `binary run --config config_path` with its output appended to `log`, and waits
+/// (up to `limit`) until its admin endpoint on `admin_port` answers `/readyz` 200.
+pub async fn launch_gateway(
+    binary: &Path,
+    config_path: &Path,
+    log: &Path,
+    admin_port: u16,
+    limit: Duration,
+) -> Result<ChildGuard, String> {
+    let open_log = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("open {}: {e}", log.display()))
+    };
+    let child = Command::new(binary)
+        .arg("run")
+        .arg("--config")
+        .arg(config_path)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(open_log()?)
+        .stderr(open_log()?)
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
+    let mut process = ChildGuard { child };
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if process.has_exited() {
+            return Err(format!("edgebridge exited at start:\n{}", tail(log, 20)));
+        }
+        if matches!(http_get(admin_port, "/readyz"), Some((200, _))) {
+            return Ok(process);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(format!("edgebridge not ready in time:\n{}", tail(log, 20)))
+}
