@@ -85,19 +85,6 @@ async fn http_get_status(addr: SocketAddr) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("status is not JSON ({e}): {response}"))
 }
 
-fn dead_letters(gw: &TestGateway, sink: &str) -> Vec<serde_json::Value> {
-    let path = gw
-        .dir
-        .path()
-        .join("data/dead_letter")
-        .join(format!("{sink}.ndjson"));
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("dead letter is JSON"))
-        .collect()
-}
-
 fn aws_sink(port: u16, certs: &TestCerts, extra: &str) -> String {
     format!(
         r#"
@@ -176,7 +163,7 @@ async fn aws_profile_delivers_over_mutual_tls_and_dead_letters_oversized_payload
     );
     assert!(msgs.iter().all(|(t, _)| t == "dt/edge-01/d7"));
 
-    let letters = dead_letters(&gw, "cloud");
+    let letters = gw.dead_letters("cloud");
     let summary: Vec<_> = letters
         .iter()
         .map(|l| (&l["reason"], &l["topic"], &l["detail"]))
@@ -531,7 +518,7 @@ async fn azure_sas_token_is_renewed_before_expiry_without_losing_messages() {
         );
     }
     // Renewals are not failures.
-    let letters = dead_letters(&gw, "hub");
+    let letters = gw.dead_letters("hub");
     let summary: Vec<_> = letters
         .iter()
         .map(|l| (&l["reason"], &l["topic"]))

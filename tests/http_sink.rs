@@ -193,15 +193,6 @@ async fn retry_after_is_honoured() {
     gw.shutdown().await;
 }
 
-fn dead_letters(gw: &TestGateway) -> Vec<serde_json::Value> {
-    let path = gw.dir.path().join("data/dead_letter/hook.ndjson");
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("dead-letter line is JSON"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_request_is_dead_lettered_and_the_stream_goes_on() {
     let server = HttpServer::start().await;
@@ -215,10 +206,11 @@ async fn bad_request_is_dead_lettered_and_the_stream_goes_on() {
         "the refused message is not retried"
     );
     assert!(
-        gw.eventually(WAIT, |g| dead_letters(g).len() == 1).await,
+        gw.eventually(WAIT, |g| g.dead_letters("hook").len() == 1)
+            .await,
         "one dead letter"
     );
-    let dead = &dead_letters(&gw)[0];
+    let dead = &gw.dead_letters("hook")[0];
     assert_eq!(dead["reason"], "http_400");
     assert_eq!(dead["topic"], "plant/m1/temp");
     assert_eq!(dead["payload"], "{\"device\":1,\"seq\":3}");
@@ -243,8 +235,11 @@ batch = { max_messages = 10, max_delay = "2s" }"#;
     publish(&gw, 10).await;
     let expected: Vec<u64> = (0..10).filter(|s| *s != 3).collect();
     assert_eq!(wait_accepted(&server, 9).await, expected);
-    assert!(gw.eventually(WAIT, |g| dead_letters(g).len() == 1).await);
-    assert_eq!(dead_letters(&gw)[0]["reason"], "http_422");
+    assert!(
+        gw.eventually(WAIT, |g| g.dead_letters("hook").len() == 1)
+            .await
+    );
+    assert_eq!(gw.dead_letters("hook")[0]["reason"], "http_422");
     assert_eq!(
         gw.counter(
             "edgebridge_buffer_dropped_total",

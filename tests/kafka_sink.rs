@@ -200,15 +200,6 @@ async fn broker_down_at_start_then_up_delivers_everything_buffered() {
     gw.shutdown().await;
 }
 
-fn dead_letters(gw: &TestGateway) -> Vec<serde_json::Value> {
-    let path = gw.dir.path().join("data/dead_letter/lake.ndjson");
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("dead-letter line"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mock_cluster_not_leader_is_retried_and_too_large_is_dead_lettered() {
     let cluster = MockCluster::new(3).expect("mock cluster");
@@ -223,10 +214,11 @@ async fn mock_cluster_not_leader_is_retried_and_too_large_is_dead_lettered() {
     );
     publish(&gw, "dev-1", "plant/m1/temp", 1, 1).await;
     assert!(
-        gw.eventually(WAIT, |g| dead_letters(g).len() == 1).await,
+        gw.eventually(WAIT, |g| g.dead_letters("lake").len() == 1)
+            .await,
         "the refused message is dead-lettered"
     );
-    let dead = &dead_letters(&gw)[0];
+    let dead = &gw.dead_letters("lake")[0];
     assert_eq!(dead["reason"], "message_size_too_large");
     assert_eq!(dead["payload"], "{\"device\":1,\"seq\":0}");
 
@@ -240,7 +232,11 @@ async fn mock_cluster_not_leader_is_retried_and_too_large_is_dead_lettered() {
     let records = consume_async(&bootstrap, &["mock"], 100, WAIT).await;
     let seqs: Vec<u64> = records.iter().map(|r| seq_of(&r.payload)).collect();
     assert_eq!(seqs, (1..101).collect::<Vec<_>>());
-    assert_eq!(dead_letters(&gw).len(), 1, "nothing else dead-lettered");
+    assert_eq!(
+        gw.dead_letters("lake").len(),
+        1,
+        "nothing else dead-lettered"
+    );
     assert_eq!(
         gw.counter(
             "edgebridge_buffer_dropped_total",

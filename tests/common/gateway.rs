@@ -75,6 +75,21 @@ impl TestGateway {
         }
     }
 
+    /// The lines of sink `sink`'s dead-letter file (none when it does not exist), for a
+    /// gateway whose data_dir is `{dir}/data`.
+    pub fn dead_letters(&self, sink: &str) -> Vec<serde_json::Value> {
+        let path = self
+            .dir
+            .path()
+            .join("data/dead_letter")
+            .join(format!("{sink}.ndjson"));
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a dead-letter line is JSON"))
+            .collect()
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
