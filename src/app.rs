@@ -46,6 +46,8 @@ pub struct Gateway {
     plan: Plan,
     /// Tells connections to stop taking messages.
     stopping: Arc<AtomicBool>,
+    /// Device users and ACLs; a reload replaces them for later connections.
+    security: broker::SharedSecurity,
     /// Stops the router (intake).
     intake_stop: CancellationToken,
     /// Stops the admin endpoint.
@@ -243,12 +245,16 @@ impl Gateway {
         let router = tokio::spawn(router.run(intake_rx, intake_stop.clone()));
 
         let stopping = Arc::new(AtomicBool::new(false));
+        let security = Arc::new(std::sync::RwLock::new(Arc::new(broker::Security::load(
+            &plan.auth,
+        )?)));
         let broker = broker::start(
             &plan.broker,
             &plan.listeners,
             intake_tx,
             &metrics,
             stopping.clone(),
+            security.clone(),
         )
         .await?;
         let running = broker.listeners;
@@ -280,6 +286,7 @@ impl Gateway {
             metrics,
             plan,
             stopping,
+            security,
             intake_stop,
             admin_stop,
             admin_state: state,
@@ -337,7 +344,9 @@ impl Gateway {
                 report.needs_restart.push(key.to_string());
             }
         }
-        // Everything that can fail comes first: opening the buffers of new sinks.
+        // Everything that can fail comes first: the users file, opening the buffers of
+        // new sinks.
+        let security = broker::Security::load(&plan.auth)?;
         for s in &plan.sinks {
             let old_buffer = old
                 .sinks
@@ -398,6 +407,8 @@ impl Gateway {
             warn!(sink = %name, dir = %plan.data_dir.join("buffers").join(&name).display(), "sink removed from the config; its buffer stays on disk (delivered again if the sink comes back)");
             report.removed.push(name);
         }
+        // Users and ACLs: every later CONNECT uses the new ones.
+        *self.security.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(security);
         // What only a restart applies stays as it runs.
         let mut plan = plan;
         plan.listeners = self.plan.listeners.clone();

@@ -164,6 +164,54 @@ pub struct Config {
     pub downlinks: Vec<DownlinkSection>,
     #[serde(default)]
     pub log: LogSection,
+    /// Device users and topic permissions.
+    #[serde(default)]
+    pub auth: AuthSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// TOML file of `username = "$argon2id$…"` (written by `edgebridge passwd`). Once set,
+    /// devices without credentials are refused unless their listener has
+    /// `allow_anonymous = true`.
+    #[serde(default)]
+    pub users_file: Option<PathBuf>,
+    /// Topic permissions; once any entry exists, whatever no entry grants is denied.
+    #[serde(default)]
+    pub acl: Vec<AclSection>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclSection {
+    /// Applies to devices whose username matches (`*` globs). With several selectors,
+    /// all must match; with none, the entry applies to every device.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// … whose client certificate identity (CN, or first SAN) matches.
+    #[serde(default)]
+    pub cn: Option<String>,
+    /// … whose client id matches.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Topic filters the device may publish to; `{username}`, `{client_id}` and `{cn}`
+    /// are filled in per device.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Topic filters the device may subscribe to (a subscription must be covered by one).
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+}
+
+/// A device listener's TLS: with `client_ca`, client certificates are required.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -257,9 +305,20 @@ pub struct ListenerSection {
     pub max_connections: usize,
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: ByteSize,
-    /// Time a new connection has to send CONNECT.
+    /// Time a new connection has to finish its TLS/WebSocket handshake, and then to
+    /// send CONNECT.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
+    /// TLS for this listener (`mqtts://`, or `wss://` with `websocket`).
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// MQTT over WebSocket on path `/mqtt`.
+    #[serde(default)]
+    pub websocket: bool,
+    /// Devices without username or client certificate: allowed by default only when no
+    /// `auth.users_file` is set.
+    #[serde(default)]
+    pub allow_anonymous: Option<bool>,
 }
 
 // Built once at load: the size difference between kinds does not matter.
@@ -581,6 +640,9 @@ fn default_listeners() -> Vec<ListenerSection> {
         max_connections: default_max_connections(),
         max_packet_size: default_max_packet_size(),
         connect_timeout: default_connect_timeout(),
+        tls: None,
+        websocket: false,
+        allow_anonymous: None,
     }]
 }
 fn default_segment_size() -> ByteSize {
@@ -897,6 +959,14 @@ pub struct Plan {
     pub fallback: Vec<TargetPlan>,
     pub downlinks: Vec<DownlinkPlan>,
     pub log: LogSection,
+    pub auth: AuthPlan,
+}
+
+/// `[auth]`, validated. The users file is read when the broker starts (and on reload).
+#[derive(Debug, Clone, Default)]
+pub struct AuthPlan {
+    pub users_file: Option<PathBuf>,
+    pub acl: Vec<crate::broker::AclEntry>,
 }
 
 #[derive(Debug, Clone)]
@@ -907,6 +977,21 @@ pub struct ListenerPlan {
     pub max_connections: usize,
     pub max_packet_size: usize,
     pub connect_timeout: Duration,
+    pub tls: Option<ListenerTls>,
+    pub websocket: bool,
+    pub allow_anonymous: bool,
+}
+
+impl ListenerPlan {
+    /// `mqtt`, `mqtts`, `ws` or `wss`.
+    pub fn scheme(&self) -> &'static str {
+        match (self.tls.is_some(), self.websocket) {
+            (false, false) => "mqtt",
+            (true, false) => "mqtts",
+            (false, true) => "ws",
+            (true, true) => "wss",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -1087,6 +1172,20 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
                 "must be between 1ms and 60s".into(),
             );
         }
+        if let Some(tls) = &l.tls {
+            let files = [("cert", Some(&tls.cert)), ("key", Some(&tls.key))];
+            for (key, file) in files
+                .into_iter()
+                .chain([("client_ca", tls.client_ca.as_ref())])
+            {
+                if let Some(file) = file.filter(|f| !f.is_file()) {
+                    err(
+                        format!("{path}.tls.{key}"),
+                        format!("file {} not found", file.display()),
+                    );
+                }
+            }
+        }
         if let Some(bind) = bind {
             listeners.push(ListenerPlan {
                 name: l.name.clone(),
@@ -1095,6 +1194,11 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
                 max_connections: l.max_connections,
                 max_packet_size: l.max_packet_size.0 as usize,
                 connect_timeout: l.connect_timeout.0,
+                tls: l.tls.clone(),
+                websocket: l.websocket,
+                allow_anonymous: l
+                    .allow_anonymous
+                    .unwrap_or(config.auth.users_file.is_none()),
             });
         }
     }
@@ -1298,6 +1402,7 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
     }
 
     check_aws_topics(config, &rules, &gateway_id, &mut err);
+    let auth = validate_auth(&config.auth, &mut err);
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -1315,7 +1420,56 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         fallback,
         downlinks,
         log: config.log.clone(),
+        auth,
     })
+}
+
+fn validate_auth(auth: &AuthSection, err: &mut impl FnMut(String, String)) -> AuthPlan {
+    use crate::broker::{check_pattern, AclEntry, Glob, Users};
+    if let Some(file) = &auth.users_file {
+        if let Err(e) = Users::load(file) {
+            err("auth.users_file".into(), format!("{e:#}"));
+        }
+    }
+    let mut acl = Vec::new();
+    for (i, a) in auth.acl.iter().enumerate() {
+        let path = format!("auth.acl[{i}]");
+        if a.publish.is_empty() && a.subscribe.is_empty() {
+            err(
+                path.clone(),
+                "grants nothing: give publish and/or subscribe".into(),
+            );
+        }
+        let trusts_username = a.user.is_some()
+            || a.publish
+                .iter()
+                .chain(&a.subscribe)
+                .any(|p| p.contains("{username}"));
+        if trusts_username && auth.users_file.is_none() {
+            err(
+                path.clone(),
+                "uses the username, which is only verified with auth.users_file set".into(),
+            );
+        }
+        for (key, patterns) in [("publish", &a.publish), ("subscribe", &a.subscribe)] {
+            for (j, p) in patterns.iter().enumerate() {
+                if let Err(e) = check_pattern(p) {
+                    err(format!("{path}.{key}[{j}]"), format!("{p:?}: {e}"));
+                }
+            }
+        }
+        acl.push(AclEntry {
+            user: a.user.as_deref().map(Glob::new),
+            cn: a.cn.as_deref().map(Glob::new),
+            client_id: a.client_id.as_deref().map(Glob::new),
+            publish: a.publish.clone(),
+            subscribe: a.subscribe.clone(),
+        });
+    }
+    AuthPlan {
+        users_file: auth.users_file.clone(),
+        acl,
+    }
 }
 
 /// Checks the `to` list at `path` (a rule's, or the fallback's) and folds the rule-wide
@@ -1923,10 +2077,44 @@ impl Plan {
         let _ = writeln!(out, "admin http://{}", self.admin_bind);
         let _ = writeln!(out, "listeners:");
         for l in &self.listeners {
+            let tls = match &l.tls {
+                Some(t) => format!(
+                    " cert={} key=**** client_ca={}",
+                    t.cert.display(),
+                    t.client_ca
+                        .as_ref()
+                        .map_or("none".into(), |p| p.display().to_string())
+                ),
+                None => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "  {} mqtt://{} (MQTT 3.1.1 + 5) ack={:?} max_connections={} max_packet_size={}",
-                l.name, l.bind, l.ack, l.max_connections, l.max_packet_size
+                "  {} {}://{} (MQTT 3.1.1 + 5) ack={:?} max_connections={} max_packet_size={} allow_anonymous={}{tls}",
+                l.name, l.scheme(), l.bind, l.ack, l.max_connections, l.max_packet_size, l.allow_anonymous
+            );
+        }
+        match &self.auth.users_file {
+            Some(f) => {
+                let _ = writeln!(out, "auth: users_file {}", f.display());
+            }
+            None => {
+                let _ = writeln!(out, "auth: no users file (usernames are not verified)");
+            }
+        }
+        for a in &self.auth.acl {
+            let sel = |name: &str, g: &Option<crate::broker::Glob>| {
+                g.as_ref()
+                    .map(|g| format!(" {name}={}", g.pattern()))
+                    .unwrap_or_default()
+            };
+            let _ = writeln!(
+                out,
+                "  acl{}{}{} publish={:?} subscribe={:?}",
+                sel("user", &a.user),
+                sel("cn", &a.cn),
+                sel("client_id", &a.client_id),
+                a.publish,
+                a.subscribe
             );
         }
         let _ = writeln!(out, "sinks:");
@@ -2167,6 +2355,58 @@ mod tests {
                 "rules[1].to[0]"
             ]
         );
+    }
+
+    #[test]
+    fn auth_and_listener_security_are_checked_at_load() {
+        let e = first_error("[[auth.acl]]\nuser = \"plc-*\"\npublish = [\"a/#\"]\n");
+        assert_eq!(
+            e,
+            "auth.acl[0]: uses the username, which is only verified with auth.users_file set"
+        );
+        let e = first_error("[[auth.acl]]\npublish = [\"a/{user}/#\"]\n");
+        assert!(
+            e.starts_with("auth.acl[0].publish[0]: \"a/{user}/#\": unknown placeholder {user}"),
+            "{e}"
+        );
+        let e = first_error("[[auth.acl]]\nsubscribe = [\"a/#/b\"]\n");
+        assert!(e.starts_with("auth.acl[0].subscribe[0]:"), "{e}");
+        let e = first_error("[[auth.acl]]\nclient_id = \"x\"\n");
+        assert_eq!(
+            e,
+            "auth.acl[0]: grants nothing: give publish and/or subscribe"
+        );
+        let e = first_error("[auth]\nusers_file = \"/nonexistent/users.toml\"\n");
+        assert!(
+            e.starts_with("auth.users_file: cannot read /nonexistent/users.toml"),
+            "{e}"
+        );
+        let e = first_error(
+            "[[listeners]]\nname = \"tls\"\nbind = \"127.0.0.1:8883\"\n\
+             tls = { cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }\n",
+        );
+        assert_eq!(
+            e,
+            "listeners[0].tls.cert: file /nonexistent/c.pem not found"
+        );
+    }
+
+    #[test]
+    fn allow_anonymous_defaults_to_whether_a_users_file_is_set() {
+        let dir = tempfile::tempdir().expect("dir");
+        let users = dir.path().join("users.toml");
+        std::fs::write(&users, "").expect("write");
+        let listeners = "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n\
+                         [[listeners]]\nname = \"b\"\nbind = \"127.0.0.1:2\"\nallow_anonymous = true\n";
+        let plan = load_str(listeners, &[]).expect("valid");
+        assert!(plan.listeners.iter().all(|l| l.allow_anonymous));
+        let with_users = format!(
+            "{listeners}[auth]\nusers_file = {:?}\n",
+            users.display().to_string()
+        );
+        let plan = load_str(&with_users, &[]).expect("valid");
+        let anonymous: Vec<bool> = plan.listeners.iter().map(|l| l.allow_anonymous).collect();
+        assert_eq!(anonymous, [false, true]);
     }
 
     #[test]

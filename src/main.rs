@@ -1,4 +1,4 @@
-//! The `edgebridge` command line: `run`, `check`, `rules test`, `version`.
+//! The `edgebridge` command line: `run`, `check`, `rules test`, `passwd`, `version`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +43,13 @@ enum Command {
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
+    },
+    /// Add a device user to a users file, or change its password (argon2id hash). Without
+    /// PASSWORD it is asked for twice on the terminal, or read as one line from stdin.
+    Passwd {
+        file: PathBuf,
+        user: String,
+        password: Option<String>,
     },
     /// Print the version.
     Version,
@@ -186,9 +193,56 @@ fn run(plan: Plan, config: &std::path::Path) -> ExitCode {
     })
 }
 
+/// The password for `passwd`: asked twice on a terminal, else one line of stdin.
+fn read_password(user: &str) -> Result<String, String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("password for {user}: "))
+            .map_err(|e| format!("cannot read the password: {e}"))?;
+        let again = rpassword::prompt_password("again: ")
+            .map_err(|e| format!("cannot read the password: {e}"))?;
+        if first != again {
+            return Err("the passwords differ".into());
+        }
+        Ok(first)
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    }
+}
+
+fn passwd(file: &std::path::Path, user: &str, password: Option<String>) -> ExitCode {
+    let password = match password.map_or_else(|| read_password(user), Ok) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match edgebridge::broker::set_password(file, user, &password) {
+        Ok(replaced) => {
+            let what = if replaced { "changed" } else { "added" };
+            println!("user {user} {what} in {}", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Passwd {
+            file,
+            user,
+            password,
+        } => passwd(&file, &user, password),
         Command::Version => {
             println!("edgebridge {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

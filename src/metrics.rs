@@ -13,6 +13,8 @@ pub struct Metrics {
     pub messages_received: IntCounterVec,
     pub messages_dropped: IntCounterVec,
     pub messages_unmatched: IntCounterVec,
+    pub acl_denied: IntCounterVec,
+    pub connections_refused: IntCounterVec,
     pub connections: IntGaugeVec,
     pub rule_matches: IntCounterVec,
     pub rule_errors: IntCounterVec,
@@ -99,6 +101,18 @@ impl Metrics {
                 "PUBLISHes that matched no rule",
                 &["listener"],
             ),
+            acl_denied: counter(
+                &registry,
+                "edgebridge_acl_denied_total",
+                "PUBLISHes and subscriptions refused by the ACL",
+                &["listener"],
+            ),
+            connections_refused: counter(
+                &registry,
+                "edgebridge_connections_refused_total",
+                "Device connections refused, by reason",
+                &["listener", "reason"],
+            ),
             connections: gauge(
                 &registry,
                 "edgebridge_connections",
@@ -179,6 +193,10 @@ impl Metrics {
     }
 
     pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        let refused = |reason| {
+            self.connections_refused
+                .with_label_values(&[listener, reason])
+        };
         ListenerMetrics {
             received: self.messages_received.with_label_values(&[listener]),
             unmatched: self.messages_unmatched.with_label_values(&[listener]),
@@ -192,6 +210,14 @@ impl Metrics {
                 .messages_dropped
                 .with_label_values(&[listener, "invalid"]),
             connections: self.connections.with_label_values(&[listener]),
+            acl_denied: self.acl_denied.with_label_values(&[listener]),
+            refused: RefusedMetrics {
+                bad_credentials: refused("bad_credentials"),
+                not_authorized: refused("not_authorized"),
+                invalid_client_id: refused("invalid_client_id"),
+                max_connections: refused("max_connections"),
+                handshake: refused("handshake"),
+            },
         }
     }
 }
@@ -211,4 +237,19 @@ pub struct ListenerMetrics {
     pub intake_full: IntCounter,
     pub invalid: IntCounter,
     pub connections: IntGauge,
+    pub acl_denied: IntCounter,
+    pub refused: RefusedMetrics,
+}
+
+/// `edgebridge_connections_refused_total` of one listener, by reason.
+#[derive(Clone)]
+pub struct RefusedMetrics {
+    /// Wrong or unknown username/password.
+    pub bad_credentials: IntCounter,
+    /// No credentials where required, or a will topic the ACL does not allow.
+    pub not_authorized: IntCounter,
+    pub invalid_client_id: IntCounter,
+    pub max_connections: IntCounter,
+    /// TLS or WebSocket handshake failed or timed out (wrong CA, expired certificate…).
+    pub handshake: IntCounter,
 }

@@ -595,9 +595,9 @@ fn keys_in_arrays_are_named_with_brackets_in_every_error() {
                 [[listeners]]
                 name = "devices"
                 bind = "127.0.0.1:1883"
-                websocket = true
+                websockets = true
             "#,
-            path: "listeners[0].websocket",
+            path: "listeners[0].websockets",
             says: "unknown key",
         },
         Broken {

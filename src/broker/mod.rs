@@ -1,6 +1,8 @@
 //! The embedded broker: rumqttd's router plus one rumqttd `Server` per `[[listeners]]`
 //! entry, each running on edgebridge's multi-thread runtime with [`DeviceProtocol`] as
-//! its codec. Devices talk MQTT 3.1.1 and 5 on the same port.
+//! its codec. Devices talk MQTT 3.1.1 and 5 on the same port. TLS and WebSocket
+//! listeners are edgebridge's own accept loop in front of a loopback rumqttd listener
+//! (`front.rs`); authentication and ACLs are applied at the protocol seam (`auth.rs`).
 //!
 //! Output: every device PUBLISH becomes an [`IntakeItem`] on the intake channel (see
 //! `protocol.rs`). Local subscribers are served by rumqttd as usual.
@@ -9,12 +11,14 @@
 //! through a rumqttd local link. A local link bypasses the protocol seam, so nothing it
 //! publishes ever reaches intake, and so no rule can send it back upstream.
 
+mod auth;
+mod front;
 mod intake;
 mod protocol;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -25,10 +29,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
+pub use auth::{check_pattern, hash_password, set_password, AclEntry, Glob, Security, Users};
+pub use front::WS_PATH;
 pub use intake::{AckTicket, AckTracker, IntakeItem};
-pub use protocol::{DeviceProtocol, ListenerShared};
+pub use protocol::{BrokerShared, DeviceProtocol, ListenerShared};
 
-use crate::config::{BrokerSection, ListenerPlan};
+use crate::config::{AuthPlan, BrokerSection, ListenerPlan};
 use crate::metrics::Metrics;
 
 /// A running device listener.
@@ -125,6 +131,24 @@ impl LocalPublisher {
     }
 }
 
+/// Users and ACLs in force, shared by every listener; a reload replaces the inner `Arc`
+/// (connected devices keep the grants they got at CONNECT).
+pub type SharedSecurity = Arc<RwLock<Arc<Security>>>;
+
+impl Security {
+    /// Reads the users file of `auth`, if any.
+    pub fn load(auth: &AuthPlan) -> anyhow::Result<Security> {
+        let users = match &auth.users_file {
+            Some(path) => Some(Users::load(path).context("auth.users_file")?),
+            None => None,
+        };
+        Ok(Security {
+            users,
+            acl: auth.acl.clone(),
+        })
+    }
+}
+
 /// The embedded broker once started.
 pub struct RunningBroker {
     pub listeners: Vec<RunningListener>,
@@ -138,6 +162,7 @@ pub async fn start(
     intake: mpsc::Sender<IntakeItem>,
     metrics: &Metrics,
     stopping: Arc<AtomicBool>,
+    security: SharedSecurity,
 ) -> anyhow::Result<RunningBroker> {
     let router_tx = Router::new(0, router_config(broker, listeners)).spawn();
     // `build` waits (blocking) for the router's CONNACK.
@@ -151,15 +176,30 @@ pub async fn start(
     .context("cannot open the local link for downlinks")?;
     let local = LocalPublisher { tx, _rx: rx };
     let mut running = Vec::new();
+    let shared_by_all = BrokerShared {
+        qos0_high_water: broker.qos0_high_water,
+        intake,
+        stopping,
+        security,
+    };
     for (index, plan) in listeners.iter().enumerate() {
-        let addr = reserve(plan.bind)?;
+        let fronted = plan.tls.is_some() || plan.websocket;
+        // Behind a front, rumqttd listens on loopback and only the front connects there.
+        let (addr, token) = if fronted {
+            let mut token = [0u8; protocol::TOKEN_LEN];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut token)
+                .map_err(|_| anyhow::anyhow!("no system randomness for the listener token"))?;
+            (reserve(SocketAddr::from(([127, 0, 0, 1], 0)))?, Some(token))
+        } else {
+            (reserve(plan.bind)?, None)
+        };
+        let listener_metrics = metrics.listener(&plan.name);
         let shared = Arc::new(ListenerShared::new(
             index,
             plan,
-            broker.qos0_high_water,
-            intake.clone(),
-            metrics.listener(&plan.name),
-            stopping.clone(),
+            &shared_by_all,
+            listener_metrics.clone(),
+            token,
         ));
         let settings = ServerSettings {
             name: plan.name.clone(),
@@ -182,16 +222,33 @@ pub async fn start(
             DeviceProtocol::new(shared.clone()),
         );
         let name = plan.name.clone();
-        let task = tokio::spawn(async move {
+        let serve_rumqttd = async move {
             if let Err(e) = server.start(LinkType::Remote).await {
                 error!(listener = %name, error = %e, "device listener stopped");
             }
-        });
+        };
+        let (public_addr, task) = match token {
+            Some(token) => {
+                let socket = tokio::net::TcpListener::bind(plan.bind)
+                    .await
+                    .with_context(|| format!("cannot bind {}", plan.bind))?;
+                let public_addr = socket.local_addr()?;
+                let front = Arc::new(front::Front::new(plan, addr, token, listener_metrics)?);
+                let task = tokio::spawn(async move {
+                    tokio::select! {
+                        () = serve_rumqttd => {}
+                        () = front.serve(socket) => {}
+                    }
+                });
+                (public_addr, task)
+            }
+            None => (addr, tokio::spawn(serve_rumqttd)),
+        };
         wait_until_listening(addr, &task).await?;
-        info!(listener = %plan.name, %addr, "device listener started (MQTT 3.1.1 and 5)");
+        info!(listener = %plan.name, addr = %public_addr, scheme = plan.scheme(), "device listener started (MQTT 3.1.1 and 5)");
         running.push(RunningListener {
             name: plan.name.clone(),
-            addr,
+            addr: public_addr,
             shared,
             task,
         });

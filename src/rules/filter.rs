@@ -113,6 +113,29 @@ impl TopicFilter {
         remaining.is_none()
     }
 
+    /// Whether every topic `other` matches is matched by `self` (ACLs: may a device
+    /// subscribe to `other` when it is granted `self`).
+    pub fn covers(&self, other: &TopicFilter) -> bool {
+        if !matches!(self.levels.first(), Some(Level::Literal(_)))
+            && matches!(other.levels.first(), Some(Level::Literal(l)) if l.starts_with('$'))
+        {
+            return false;
+        }
+        let mut mine = self.levels.iter();
+        for theirs in &other.levels {
+            match (mine.next(), theirs) {
+                (Some(Level::Multi), _) => return true,
+                (_, Level::Multi) | (None, _) => return false,
+                (Some(Level::Single), _) => {}
+                (Some(Level::Literal(a)), Level::Literal(b)) if a == b => {}
+                (Some(Level::Literal(_)), _) => return false,
+            }
+        }
+        // `other` ended: the rest of `self` must match nothing more than `other` did,
+        // except that "a/#" also matches the parent "a".
+        matches!(mine.next(), None | Some(Level::Multi))
+    }
+
     pub fn matches(&self, topic: &str) -> bool {
         let mut scratch = Vec::new();
         self.captures(topic, &mut scratch)
@@ -172,6 +195,36 @@ mod tests {
         for (filter, topic, expected) in table {
             let f = TopicFilter::parse(filter).expect("valid");
             assert_eq!(f.matches(topic), expected, "{filter} vs {topic}");
+        }
+    }
+
+    #[test]
+    fn coverage_of_one_filter_by_another() {
+        let table = [
+            ("a/#", "a/b/c", true),
+            ("a/#", "a/#", true),
+            ("a/#", "a", true),
+            ("a/#", "a/+", true),
+            ("a/+", "a/b", true),
+            ("a/+", "a/+", true),
+            ("a/+", "a/#", false),
+            ("a/+", "a/b/c", false),
+            ("a/+", "a", false),
+            ("a/b", "a/+", false),
+            ("a/b", "a/b", true),
+            ("a/b/#", "a/b", true),
+            ("a/b", "a/b/c", false),
+            ("#", "x/#", true),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("+/+", "+/b", true),
+            ("+/b", "+/+", false),
+        ];
+        for (granted, requested, expected) in table {
+            let g = TopicFilter::parse(granted).expect("valid");
+            let r = TopicFilter::parse(requested).expect("valid");
+            assert_eq!(g.covers(&r), expected, "{granted} covers {requested}");
         }
     }
 

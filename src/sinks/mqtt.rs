@@ -62,6 +62,10 @@ pub fn classify(error: &ConnectionError) -> &'static str {
         ConnectionError::MqttState(StateError::AwaitPingResp) => "ping_timeout",
         ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_) => "protocol",
         ConnectionError::RequestsDone => "closed",
+        ConnectionError::Websocket(_)
+        | ConnectionError::WsConnect(_)
+        | ConnectionError::InvalidUrl(_)
+        | ConnectionError::ResponseValidation(_) => "websocket",
     }
 }
 
