@@ -1,7 +1,8 @@
 //! End-to-end forwarding benchmark: devices → target → upstream Mosquitto → receiver.
 //!
 //! Run with `cargo bench --bench forward` (add `-- S1c` to run only the named scenarios;
-//! results are written to `benches/RESULTS.md` only when every S1 scenario ran). The
+//! results are written to `benches/RESULTS.md` only when every S1/S2 scenario ran). S2
+//! publishes at a fixed total rate instead of flat out, for latency. The
 //! backlog scenario S3 (edgebridge only, a few minutes) runs only when named
 //! (`-- S3`) and replaces its own section of `benches/RESULTS.md`.
 //!
@@ -68,15 +69,18 @@ struct Scenario {
     devices: u32,
     per_device: u64,
     window: u16,
+    /// Total messages/s over all devices; 0: flat out.
+    rate: u64,
     what: &'static str,
 }
 
-const SCENARIOS: [Scenario; 3] = [
+const SCENARIOS: [Scenario; 4] = [
     Scenario {
         name: "S1",
         devices: 10,
         per_device: 20_000,
         window: 100,
+        rate: 0,
         what: "10 devices × 20,000 msgs, window 100, flat out",
     },
     Scenario {
@@ -84,6 +88,7 @@ const SCENARIOS: [Scenario; 3] = [
         devices: 100,
         per_device: 2_000,
         window: 100,
+        rate: 0,
         what: "100 devices × 2,000 msgs, window 100, flat out",
     },
     Scenario {
@@ -91,7 +96,17 @@ const SCENARIOS: [Scenario; 3] = [
         devices: 10,
         per_device: 2_000,
         window: 1,
+        rate: 0,
         what: "10 devices × 2,000 msgs, window 1 (stop-and-wait)",
+    },
+    Scenario {
+        name: "S2",
+        devices: 10,
+        per_device: 5_000,
+        window: 100,
+        rate: 5_000,
+        what: "10 devices × 5,000 msgs at a fixed 5,000 msg/s in total (10 s), window 100; \
+               latency from each message's scheduled send time",
     },
 ];
 
@@ -535,6 +550,10 @@ fn spawn_device(
 ) -> [JoinHandle<()>; 2] {
     let window = scenario.window;
     let count = scenario.per_device;
+    // Fixed rate: each device sends every `period`; the latency clock starts at the
+    // scheduled time, so a stalled window shows as latency (no coordinated omission).
+    let period = (scenario.rate > 0)
+        .then(|| Duration::from_micros(1_000_000 * scenario.devices as u64 / scenario.rate));
     let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30))
         .set_inflight(window);
@@ -547,12 +566,20 @@ fn spawn_device(
         if start.wait_for(|go| *go).await.is_err() {
             return;
         }
+        let (t0, t0_us) = (tokio::time::Instant::now(), now_us());
         for seq in 0..count {
+            let scheduled = period.map(|p| {
+                let offset = p * seq as u32;
+                (t0 + offset, t0_us + offset.as_micros() as u64)
+            });
+            if let Some((at, _)) = scheduled {
+                tokio::time::sleep_until(at).await;
+            }
             let Ok(permit) = publisher_permits.acquire().await else {
                 return;
             };
             permit.forget();
-            let sent = now_us();
+            let sent = scheduled.map_or_else(now_us, |(_, us)| us);
             publisher_stats
                 .first_publish_us
                 .fetch_min(sent, Ordering::Relaxed);
@@ -1045,6 +1072,7 @@ async fn run_backlog(binary: &Path) -> Result<BacklogResult, String> {
         devices: S3_DEVICES,
         per_device: S3_PER_DEVICE,
         window: S3_WINDOW,
+        rate: 0,
         what: S3_WHAT,
     };
     let expected = S3_DEVICES as u64 * S3_PER_DEVICE;
