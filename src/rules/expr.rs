@@ -15,16 +15,14 @@ use std::sync::{Arc, LazyLock, OnceLock};
 
 use bytes::Bytes;
 use cel::common::ast::{EntryExpr, Expr as Ast, IdedExpr};
-use cel::common::types::{
-    CelBool, CelBytes, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
-};
+use cel::common::types::{CelBool, CelBytes, CelInt, CelList, CelMap, CelMapKey, CelString};
 use cel::common::value::{CowVal, Val};
 use cel::context::VariableResolver;
 use cel::objects::Key;
 use cel::{Context, Env, ExecutionError, Program, Value};
-use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Serialize, Serializer};
 
+use super::json::{serialize_double, Json};
 use crate::message::Message;
 
 /// The variables an expression may use, with what they hold.
@@ -325,8 +323,7 @@ impl Serialize for JsonOut<'_> {
             Value::Bool(b) => s.serialize_bool(*b),
             Value::Int(i) => s.serialize_i64(*i),
             Value::UInt(u) => s.serialize_u64(*u),
-            Value::Float(f) if f.is_finite() => s.serialize_f64(*f),
-            Value::Float(f) => Err(S::Error::custom(format!("{f} cannot be written as JSON"))),
+            Value::Float(f) => serialize_double(*f, s),
             Value::String(text) => s.serialize_str(text),
             Value::Bytes(b) => s.serialize_str(&String::from_utf8_lossy(b)),
             Value::List(items) => s.collect_seq(items.iter().map(JsonOut)),
@@ -364,6 +361,9 @@ pub struct MessageVars<'m> {
     msg: &'m Message,
     client_id: &'m str,
     gateway_id: &'m str,
+    /// The payload parsed as JSON (`None`: not JSON).
+    json: OnceLock<Option<Json>>,
+    /// The payload as CEL sees it, built from `json` only when the interpreter runs.
     payload: OnceLock<Box<dyn Val + 'static>>,
     levels: OnceLock<Box<dyn Val + 'm>>,
     user_properties: OnceLock<Box<dyn Val + 'm>>,
@@ -375,6 +375,7 @@ impl<'m> MessageVars<'m> {
             msg,
             client_id,
             gateway_id,
+            json: OnceLock::new(),
             payload: OnceLock::new(),
             levels: OnceLock::new(),
             user_properties: OnceLock::new(),
@@ -385,9 +386,23 @@ impl<'m> MessageVars<'m> {
         &self.msg.topic
     }
 
+    /// The payload as JSON, parsed on first use; `None` when it is not JSON.
+    fn json(&self) -> Option<&Json> {
+        self.json
+            .get_or_init(|| Json::parse(&self.msg.payload))
+            .as_ref()
+    }
+
+    /// The payload as CEL sees it: JSON when it is JSON, else text when UTF-8, else bytes.
     fn payload(&self) -> &(dyn Val + 'static) {
         self.payload
-            .get_or_init(|| payload_val(&self.msg.payload))
+            .get_or_init(|| match self.json() {
+                Some(json) => json.to_cel(),
+                None => match std::str::from_utf8(&self.msg.payload) {
+                    Ok(text) => Box::new(CelString::from(text.to_string())),
+                    Err(_) => Box::new(CelBytes::from(self.msg.payload.to_vec())),
+                },
+            })
             .as_ref()
     }
 }
@@ -437,82 +452,6 @@ impl VariableResolver for MessageVars<'_> {
             ),
             _ => return None,
         })
-    }
-}
-
-/// The payload as CEL sees it: JSON when it parses (serde_json's nesting limit of 128
-/// applies: deeper JSON counts as not JSON), else text when UTF-8, else bytes.
-fn payload_val(payload: &[u8]) -> Box<dyn Val + 'static> {
-    let mut de = serde_json::Deserializer::from_slice(payload);
-    if let Ok(v) = JsonSeed.deserialize(&mut de) {
-        if de.end().is_ok() {
-            return v;
-        }
-    }
-    match std::str::from_utf8(payload) {
-        Ok(text) => Box::new(CelString::from(text.to_string())),
-        Err(_) => Box::new(CelBytes::from(payload.to_vec())),
-    }
-}
-
-/// Deserializes JSON straight into CEL values: integers stay `int` (or `uint` above
-/// i64), other numbers are `double`.
-struct JsonSeed;
-
-impl<'de> DeserializeSeed<'de> for JsonSeed {
-    type Value = Box<dyn Val + 'static>;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(JsonSeed)
-    }
-}
-
-impl<'de> Visitor<'de> for JsonSeed {
-    type Value = Box<dyn Val + 'static>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("JSON")
-    }
-    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(Box::new(CelBool::from(v)))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(Box::new(CelInt::from(v)))
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(match i64::try_from(v) {
-            Ok(i) => Box::new(CelInt::from(i)),
-            Err(_) => Box::new(CelUInt::from(v)),
-        })
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(Box::new(CelDouble::from(v)))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Box::new(CelString::from(v.to_string())))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-        Ok(Box::new(CelString::from(v)))
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Box::new(CelNull))
-    }
-    fn visit_none<E>(self) -> Result<Self::Value, E> {
-        Ok(Box::new(CelNull))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut items: Vec<Box<dyn Val>> = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(v) = seq.next_element_seed(JsonSeed)? {
-            items.push(v);
-        }
-        Ok(Box::new(CelList::from(items)))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out: HashMap<CelMapKey<'static>, Box<dyn Val>> = HashMap::new();
-        while let Some(k) = map.next_key::<String>()? {
-            let v = map.next_value_seed(JsonSeed)?;
-            out.insert(CelMapKey::from(k), v);
-        }
-        Ok(Box::new(CelMap::from(out)))
     }
 }
 

@@ -8,6 +8,7 @@ pub mod downlink;
 pub mod dry_run;
 mod expr;
 mod filter;
+mod json;
 pub mod router;
 mod template;
 
