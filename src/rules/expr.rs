@@ -9,6 +9,9 @@
 //! What an expression sees ([`VARIABLES`]) is built lazily per message by
 //! [`MessageVars`]: the payload is parsed as JSON only when an expression reads it, once
 //! per message however many rules do.
+//!
+//! The simplest expressions also get a native plan ([`super::native`]) that answers
+//! without the interpreter; whenever it cannot give CEL's result, CEL runs as before.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, OnceLock};
@@ -23,6 +26,7 @@ use cel::{Context, Env, ExecutionError, Program, Value};
 use serde::{Serialize, Serializer};
 
 use super::json::{serialize_double, Json};
+use super::native::Native;
 use crate::message::Message;
 
 /// The variables an expression may use, with what they hold.
@@ -85,6 +89,8 @@ pub struct Expr {
     source: String,
     /// `Program` is not `Clone`; plans are.
     program: Arc<Program>,
+    /// Answers without the interpreter when the expression is simple enough.
+    native: Option<Arc<Native>>,
 }
 
 /// Why an evaluation did not give a usable result. Formatting is left to whoever shows
@@ -154,9 +160,11 @@ impl Expr {
         }
         let dynamic =
             references.has_variable("payload") || references.has_variable("user_properties");
+        let native = Native::compile(program.expression(), kind == ExprKind::Transform);
         let expr = Expr {
             source: source.to_string(),
             program: Arc::new(program),
+            native: native.map(Arc::new),
         };
         expr.check_with_probe(kind, dynamic)?;
         Ok(expr)
@@ -195,6 +203,12 @@ impl Expr {
         &self.source
     }
 
+    /// The native plan, if the expression has one.
+    #[cfg(test)]
+    pub(super) fn native(&self) -> Option<&Native> {
+        self.native.as_deref()
+    }
+
     /// The same compiled expression (a rule's transform shared by its targets).
     pub fn same(&self, other: &Expr) -> bool {
         Arc::ptr_eq(&self.program, &other.program)
@@ -215,6 +229,14 @@ impl Expr {
 
     /// Evaluates a condition.
     pub fn matches(&self, vars: &MessageVars<'_>) -> Result<bool, EvalError> {
+        if let Some(b) = self.native.as_ref().and_then(|n| n.matches(vars)) {
+            return Ok(b);
+        }
+        self.cel_matches(vars)
+    }
+
+    /// Evaluates a condition with the CEL interpreter only.
+    pub(super) fn cel_matches(&self, vars: &MessageVars<'_>) -> Result<bool, EvalError> {
         match self.execute(vars) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(EvalError::Failed(Failure::Result(format!(
@@ -228,6 +250,14 @@ impl Expr {
     /// Evaluates a transform into the outgoing payload: a string is sent as its text,
     /// bytes as they are, anything else as JSON.
     pub fn transform(&self, vars: &MessageVars<'_>) -> Result<Bytes, EvalError> {
+        if let Some(json) = self.native.as_ref().and_then(|n| n.transform(vars)) {
+            return Ok(Bytes::from(json));
+        }
+        self.cel_transform(vars)
+    }
+
+    /// Evaluates a transform with the CEL interpreter only.
+    pub(super) fn cel_transform(&self, vars: &MessageVars<'_>) -> Result<Bytes, EvalError> {
         let value = self.execute(vars).map_err(classify)?;
         match value {
             Value::String(s) => Ok(Bytes::from(s.as_bytes().to_vec())),
@@ -361,7 +391,7 @@ pub struct MessageVars<'m> {
     msg: &'m Message,
     client_id: &'m str,
     gateway_id: &'m str,
-    /// The payload parsed as JSON (`None`: not JSON).
+    /// The payload parsed as JSON (`None`: not JSON), for native plans and CEL alike.
     json: OnceLock<Option<Json>>,
     /// The payload as CEL sees it, built from `json` only when the interpreter runs.
     payload: OnceLock<Box<dyn Val + 'static>>,
@@ -386,8 +416,32 @@ impl<'m> MessageVars<'m> {
         &self.msg.topic
     }
 
+    pub(super) fn client_id(&self) -> &'m str {
+        self.client_id
+    }
+
+    pub(super) fn gateway_id(&self) -> &'m str {
+        self.gateway_id
+    }
+
+    pub(super) fn qos(&self) -> i64 {
+        i64::from(self.msg.qos)
+    }
+
+    pub(super) fn retain(&self) -> bool {
+        self.msg.retain
+    }
+
+    pub(super) fn received_at(&self) -> i64 {
+        i64::try_from(self.msg.received_at).unwrap_or(i64::MAX)
+    }
+
+    pub(super) fn payload_bytes(&self) -> &'m [u8] {
+        &self.msg.payload
+    }
+
     /// The payload as JSON, parsed on first use; `None` when it is not JSON.
-    fn json(&self) -> Option<&Json> {
+    pub(super) fn json(&self) -> Option<&Json> {
         self.json
             .get_or_init(|| Json::parse(&self.msg.payload))
             .as_ref()
@@ -415,13 +469,11 @@ impl VariableResolver for MessageVars<'_> {
             "payload" => CowVal::Borrowed(self.payload()),
             "payload_text" => CowVal::owned(CelString::from(String::from_utf8_lossy(&msg.payload))),
             "payload_bytes" => CowVal::owned(CelBytes::from(msg.payload.as_ref())),
-            "qos" => CowVal::owned(CelInt::from(i64::from(msg.qos))),
+            "qos" => CowVal::owned(CelInt::from(self.qos())),
             "retain" => CowVal::owned(CelBool::from(msg.retain)),
             "client_id" => CowVal::owned(CelString::from(self.client_id)),
             "gateway_id" => CowVal::owned(CelString::from(self.gateway_id)),
-            "received_at" => CowVal::owned(CelInt::from(
-                i64::try_from(msg.received_at).unwrap_or(i64::MAX),
-            )),
+            "received_at" => CowVal::owned(CelInt::from(self.received_at())),
             "levels" => CowVal::Borrowed(
                 self.levels
                     .get_or_init(|| {

@@ -1,8 +1,9 @@
 //! The JSON payload of one message, parsed once and read by every rule.
 //!
-//! Input: the payload bytes ([`Json::parse`]). Output: the tree itself, the CEL value an
-//! expression sees ([`Json::to_cel`]) and JSON text ([`Json`]'s `Serialize`, the same
-//! bytes as a CEL result with these values).
+//! Input: the payload bytes ([`Json::parse`]). Output: the tree itself, read by the native
+//! plans of simple expressions ([`super::native`]), the CEL value an expression sees
+//! ([`Json::to_cel`], built only when the CEL interpreter runs) and JSON text
+//! ([`Json`]'s `Serialize`, the same bytes as a CEL result with these values).
 //!
 //! Our own tree rather than `serde_json::Value`: numbers follow CEL's rules (`int`, `uint`
 //! above i64, `double`) and every object is a plain map, whatever features of serde_json

@@ -9,6 +9,7 @@ pub mod dry_run;
 mod expr;
 mod filter;
 mod json;
+mod native;
 pub mod router;
 mod template;
 
