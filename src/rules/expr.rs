@@ -9,22 +9,24 @@
 //! What an expression sees ([`VARIABLES`]) is built lazily per message by
 //! [`MessageVars`]: the payload is parsed as JSON only when an expression reads it, once
 //! per message however many rules do.
+//!
+//! The simplest expressions also get a native plan ([`super::native`]) that answers
+//! without the interpreter; whenever it cannot give CEL's result, CEL runs as before.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, OnceLock};
 
 use bytes::Bytes;
 use cel::common::ast::{EntryExpr, Expr as Ast, IdedExpr};
-use cel::common::types::{
-    CelBool, CelBytes, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
-};
+use cel::common::types::{CelBool, CelBytes, CelInt, CelList, CelMap, CelMapKey, CelString};
 use cel::common::value::{CowVal, Val};
 use cel::context::VariableResolver;
 use cel::objects::Key;
 use cel::{Context, Env, ExecutionError, Program, Value};
-use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Serialize, Serializer};
 
+use super::json::{serialize_double, Json};
+use super::native::Native;
 use crate::message::Message;
 
 /// The variables an expression may use, with what they hold.
@@ -87,6 +89,8 @@ pub struct Expr {
     source: String,
     /// `Program` is not `Clone`; plans are.
     program: Arc<Program>,
+    /// Answers without the interpreter when the expression is simple enough.
+    native: Option<Arc<Native>>,
 }
 
 /// Why an evaluation did not give a usable result. Formatting is left to whoever shows
@@ -156,9 +160,11 @@ impl Expr {
         }
         let dynamic =
             references.has_variable("payload") || references.has_variable("user_properties");
+        let native = Native::compile(program.expression(), kind == ExprKind::Transform);
         let expr = Expr {
             source: source.to_string(),
             program: Arc::new(program),
+            native: native.map(Arc::new),
         };
         expr.check_with_probe(kind, dynamic)?;
         Ok(expr)
@@ -197,6 +203,12 @@ impl Expr {
         &self.source
     }
 
+    /// The native plan, if the expression has one.
+    #[cfg(test)]
+    pub(super) fn native(&self) -> Option<&Native> {
+        self.native.as_deref()
+    }
+
     /// The same compiled expression (a rule's transform shared by its targets).
     pub fn same(&self, other: &Expr) -> bool {
         Arc::ptr_eq(&self.program, &other.program)
@@ -217,6 +229,14 @@ impl Expr {
 
     /// Evaluates a condition.
     pub fn matches(&self, vars: &MessageVars<'_>) -> Result<bool, EvalError> {
+        if let Some(b) = self.native.as_ref().and_then(|n| n.matches(vars)) {
+            return Ok(b);
+        }
+        self.cel_matches(vars)
+    }
+
+    /// Evaluates a condition with the CEL interpreter only.
+    pub(super) fn cel_matches(&self, vars: &MessageVars<'_>) -> Result<bool, EvalError> {
         match self.execute(vars) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(EvalError::Failed(Failure::Result(format!(
@@ -230,6 +250,14 @@ impl Expr {
     /// Evaluates a transform into the outgoing payload: a string is sent as its text,
     /// bytes as they are, anything else as JSON.
     pub fn transform(&self, vars: &MessageVars<'_>) -> Result<Bytes, EvalError> {
+        if let Some(json) = self.native.as_ref().and_then(|n| n.transform(vars)) {
+            return Ok(Bytes::from(json));
+        }
+        self.cel_transform(vars)
+    }
+
+    /// Evaluates a transform with the CEL interpreter only.
+    pub(super) fn cel_transform(&self, vars: &MessageVars<'_>) -> Result<Bytes, EvalError> {
         let value = self.execute(vars).map_err(classify)?;
         match value {
             Value::String(s) => Ok(Bytes::from(s.as_bytes().to_vec())),
@@ -325,8 +353,7 @@ impl Serialize for JsonOut<'_> {
             Value::Bool(b) => s.serialize_bool(*b),
             Value::Int(i) => s.serialize_i64(*i),
             Value::UInt(u) => s.serialize_u64(*u),
-            Value::Float(f) if f.is_finite() => s.serialize_f64(*f),
-            Value::Float(f) => Err(S::Error::custom(format!("{f} cannot be written as JSON"))),
+            Value::Float(f) => serialize_double(*f, s),
             Value::String(text) => s.serialize_str(text),
             Value::Bytes(b) => s.serialize_str(&String::from_utf8_lossy(b)),
             Value::List(items) => s.collect_seq(items.iter().map(JsonOut)),
@@ -364,6 +391,9 @@ pub struct MessageVars<'m> {
     msg: &'m Message,
     client_id: &'m str,
     gateway_id: &'m str,
+    /// The payload parsed as JSON (`None`: not JSON), for native plans and CEL alike.
+    json: OnceLock<Option<Json>>,
+    /// The payload as CEL sees it, built from `json` only when the interpreter runs.
     payload: OnceLock<Box<dyn Val + 'static>>,
     levels: OnceLock<Box<dyn Val + 'm>>,
     user_properties: OnceLock<Box<dyn Val + 'm>>,
@@ -375,6 +405,7 @@ impl<'m> MessageVars<'m> {
             msg,
             client_id,
             gateway_id,
+            json: OnceLock::new(),
             payload: OnceLock::new(),
             levels: OnceLock::new(),
             user_properties: OnceLock::new(),
@@ -385,9 +416,47 @@ impl<'m> MessageVars<'m> {
         &self.msg.topic
     }
 
+    pub(super) fn client_id(&self) -> &'m str {
+        self.client_id
+    }
+
+    pub(super) fn gateway_id(&self) -> &'m str {
+        self.gateway_id
+    }
+
+    pub(super) fn qos(&self) -> i64 {
+        i64::from(self.msg.qos)
+    }
+
+    pub(super) fn retain(&self) -> bool {
+        self.msg.retain
+    }
+
+    pub(super) fn received_at(&self) -> i64 {
+        i64::try_from(self.msg.received_at).unwrap_or(i64::MAX)
+    }
+
+    pub(super) fn payload_bytes(&self) -> &'m [u8] {
+        &self.msg.payload
+    }
+
+    /// The payload as JSON, parsed on first use; `None` when it is not JSON.
+    pub(super) fn json(&self) -> Option<&Json> {
+        self.json
+            .get_or_init(|| Json::parse(&self.msg.payload))
+            .as_ref()
+    }
+
+    /// The payload as CEL sees it: JSON when it is JSON, else text when UTF-8, else bytes.
     fn payload(&self) -> &(dyn Val + 'static) {
         self.payload
-            .get_or_init(|| payload_val(&self.msg.payload))
+            .get_or_init(|| match self.json() {
+                Some(json) => json.to_cel(),
+                None => match std::str::from_utf8(&self.msg.payload) {
+                    Ok(text) => Box::new(CelString::from(text.to_string())),
+                    Err(_) => Box::new(CelBytes::from(self.msg.payload.to_vec())),
+                },
+            })
             .as_ref()
     }
 }
@@ -400,13 +469,11 @@ impl VariableResolver for MessageVars<'_> {
             "payload" => CowVal::Borrowed(self.payload()),
             "payload_text" => CowVal::owned(CelString::from(String::from_utf8_lossy(&msg.payload))),
             "payload_bytes" => CowVal::owned(CelBytes::from(msg.payload.as_ref())),
-            "qos" => CowVal::owned(CelInt::from(i64::from(msg.qos))),
+            "qos" => CowVal::owned(CelInt::from(self.qos())),
             "retain" => CowVal::owned(CelBool::from(msg.retain)),
             "client_id" => CowVal::owned(CelString::from(self.client_id)),
             "gateway_id" => CowVal::owned(CelString::from(self.gateway_id)),
-            "received_at" => CowVal::owned(CelInt::from(
-                i64::try_from(msg.received_at).unwrap_or(i64::MAX),
-            )),
+            "received_at" => CowVal::owned(CelInt::from(self.received_at())),
             "levels" => CowVal::Borrowed(
                 self.levels
                     .get_or_init(|| {
@@ -437,82 +504,6 @@ impl VariableResolver for MessageVars<'_> {
             ),
             _ => return None,
         })
-    }
-}
-
-/// The payload as CEL sees it: JSON when it parses (serde_json's nesting limit of 128
-/// applies: deeper JSON counts as not JSON), else text when UTF-8, else bytes.
-fn payload_val(payload: &[u8]) -> Box<dyn Val + 'static> {
-    let mut de = serde_json::Deserializer::from_slice(payload);
-    if let Ok(v) = JsonSeed.deserialize(&mut de) {
-        if de.end().is_ok() {
-            return v;
-        }
-    }
-    match std::str::from_utf8(payload) {
-        Ok(text) => Box::new(CelString::from(text.to_string())),
-        Err(_) => Box::new(CelBytes::from(payload.to_vec())),
-    }
-}
-
-/// Deserializes JSON straight into CEL values: integers stay `int` (or `uint` above
-/// i64), other numbers are `double`.
-struct JsonSeed;
-
-impl<'de> DeserializeSeed<'de> for JsonSeed {
-    type Value = Box<dyn Val + 'static>;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(JsonSeed)
-    }
-}
-
-impl<'de> Visitor<'de> for JsonSeed {
-    type Value = Box<dyn Val + 'static>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("JSON")
-    }
-    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(Box::new(CelBool::from(v)))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(Box::new(CelInt::from(v)))
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(match i64::try_from(v) {
-            Ok(i) => Box::new(CelInt::from(i)),
-            Err(_) => Box::new(CelUInt::from(v)),
-        })
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(Box::new(CelDouble::from(v)))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Box::new(CelString::from(v.to_string())))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-        Ok(Box::new(CelString::from(v)))
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Box::new(CelNull))
-    }
-    fn visit_none<E>(self) -> Result<Self::Value, E> {
-        Ok(Box::new(CelNull))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut items: Vec<Box<dyn Val>> = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(v) = seq.next_element_seed(JsonSeed)? {
-            items.push(v);
-        }
-        Ok(Box::new(CelList::from(items)))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out: HashMap<CelMapKey<'static>, Box<dyn Val>> = HashMap::new();
-        while let Some(k) = map.next_key::<String>()? {
-            let v = map.next_value_seed(JsonSeed)?;
-            out.insert(CelMapKey::from(k), v);
-        }
-        Ok(Box::new(CelMap::from(out)))
     }
 }
 

@@ -8,6 +8,8 @@ pub mod downlink;
 pub mod dry_run;
 mod expr;
 mod filter;
+mod json;
+mod native;
 pub mod router;
 mod template;
 
