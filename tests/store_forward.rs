@@ -15,25 +15,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    check_sequences, client_options, free_port, publish_seq, seq_payload, Collector, Mode,
-    Mosquitto, Msg,
+    check_sequences, client_options, free_port, publish_seq, seq_payload, stopped_upstream,
+    Collector, Mode, Mosquitto, Msg, Tmpfs,
 };
 use gateway::TestGateway;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// An upstream with a persistent session for the collector, currently stopped.
-async fn stopped_upstream() -> (Mosquitto, Collector) {
-    let mut upstream = Mosquitto::start_with(Mode::Plain, true);
-    let collector = Collector::start(
-        client_options("collector", upstream.port(), Mode::Plain),
-        "up/#",
-    )
-    .await;
-    upstream.terminate();
-    (upstream, collector)
-}
 
 fn sink_body(upstream_port: u16, buffer: &str) -> String {
     format!(
@@ -574,24 +562,8 @@ async fn flapping_upstream_loses_nothing_and_keeps_order() {
 async fn low_disk_margin_applies_the_policy_without_crashing() {
     // data_dir on a 16 MiB tmpfs with a 12 MiB free-space margin: after ~4 MiB the buffer
     // behaves as full and drops the newest; space returns once the upstream drains it.
-    let mount = tempfile::tempdir().expect("mount point");
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(mount.path())
-        .status()
-        .expect("run mount");
-    assert!(
-        status.success(),
-        "mounting a tmpfs needs root (the test command runs as root in CI)"
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mount.path().to_path_buf());
-
+    let tmpfs = Tmpfs::mount("16m");
+    let mount = &tmpfs.dir;
     let (mut upstream, collector) = stopped_upstream().await;
     let body = sink_body(
         upstream.port(),
