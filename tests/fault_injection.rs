@@ -8,12 +8,16 @@
 //!   [`FaultProxy`], a TCP proxy in front of a real Mosquitto that misbehaves on demand.
 //! - device faults: garbage, oversized packets, a flood of connects and a subscriber that
 //!   never reads, all while other devices publish: their messages must all arrive.
+//! - a full disk (a small tmpfs) during appends and at segment roll-over: no panic, no ack
+//!   for a message the disk refused (the device resends it), every acked message
+//!   delivered in order, and storing again once space is back.
 
 mod common;
 #[path = "common/gateway.rs"]
 mod gateway;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -559,4 +563,185 @@ async fn misbehaving_devices_do_not_stop_the_others() {
     assert_eq!(code, 200, "{body}");
     drop((slow, slow_events, idle_sockets, kept));
     gw.shutdown().await;
+}
+
+/// Free bytes on the file system holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let s = rustix::fs::statvfs(path).expect("statvfs");
+    s.f_bavail * s.f_frsize
+}
+
+/// A device with an outbox: publishes seqs `0..count` of `device` at QoS 1 (100 in
+/// flight) and, after a connection error, reconnects and resends every seq not acked yet,
+/// oldest first (rumqttc itself forgets unacked publishes on a new session). Returns how
+/// many seqs were acked (120 s limit).
+async fn publish_with_outbox(port: u16, device: u32, count: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut acked: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    while (acked.len() as u64) < count && tokio::time::Instant::now() < deadline {
+        let todo: std::collections::VecDeque<u64> =
+            (0..count).filter(|s| !acked.contains(s)).collect();
+        let mut opts = MqttOptions::new(format!("outbox-{device}"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5))
+            .set_inflight(100);
+        let (client, mut events) = AsyncClient::new(opts, 200);
+        let seqs = todo.clone();
+        let producer = tokio::spawn(async move {
+            for seq in seqs {
+                let payload = common::seq_payload(device, seq);
+                if client
+                    .publish(format!("dev/{device}"), QoS::AtLeastOnce, false, payload)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        // rumqttc reports `Outgoing::Publish(pkid)` in the order of the publishes.
+        let mut unsent = todo;
+        let mut by_pkid = std::collections::HashMap::new();
+        while (acked.len() as u64) < count {
+            match tokio::time::timeout_at(deadline, events.poll()).await {
+                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
+                    if let Some(seq) = unsent.pop_front() {
+                        by_pkid.insert(pkid, seq);
+                    }
+                }
+                Ok(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
+                    if let Some(seq) = by_pkid.remove(&ack.pkid) {
+                        acked.insert(seq);
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        producer.abort();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    acked.len() as u64
+}
+
+/// The data_dir on a 4 MiB tmpfs, no free-disk margin (`min_free_disk = "0"`), so the
+/// disk itself refuses writes (`free`: a filler file leaves only that much). A device
+/// with an outbox publishes 80,000 messages (more than the disk holds) while the upstream
+/// is down.
+/// Expected: no panic, the gateway keeps serving; once the disk is full the device's acks
+/// are withheld (its connection is closed and it resends) instead of acking messages that
+/// were not stored; when the upstream is back the drain frees the disk, the device gets
+/// through, and every one of its messages arrives, in order. Afterwards new messages are
+/// stored with no further drops.
+async fn disk_full_case(segment_size: &str, free: Option<u64>) {
+    let tmpfs = common::Tmpfs::mount("4m");
+    let data_dir = tmpfs.path().join("data");
+    let (mut upstream, collector) = common::stopped_upstream().await;
+    let buffer = format!("buffer = {{ segment_size = \"{segment_size}\", min_free_disk = \"0\" }}");
+    let body = sink_body(&format!("mqtt://127.0.0.1:{}", upstream.port()), &buffer);
+    let mut gw = TestGateway::start_with_data_dir(&body, &data_dir).await;
+    let mut filler: Option<PathBuf> = None;
+    if let Some(free) = free {
+        let path = tmpfs.path().join("filler");
+        let size = free_bytes(tmpfs.path()).saturating_sub(free);
+        std::fs::write(&path, vec![0u8; size as usize]).expect("write the filler");
+        filler = Some(path);
+    }
+
+    // ~60-byte records: 80,000 are more than 4 MiB.
+    let sent = 80_000u64;
+    let port = gw.port();
+    let publisher = tokio::spawn(publish_with_outbox(port, 0, sent));
+    let full = gw
+        .eventually(Duration::from_secs(60), |_| {
+            free_bytes(tmpfs.path()) < 16 * 1024
+        })
+        .await;
+    assert!(
+        full,
+        "the disk fills up: {} bytes free",
+        free_bytes(tmpfs.path())
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !publisher.is_finished(),
+        "a device is not acked for what the full disk refused"
+    );
+    let (code, _) = gateway::http_get(admin(&gw), "/healthz").await;
+    assert_eq!(code, 200, "the gateway keeps serving with a full disk");
+
+    // The upstream comes back; the drain deletes segments and frees the disk.
+    upstream.restart();
+    if let Some(path) = &filler {
+        std::fs::remove_file(path).expect("remove the filler");
+    }
+    assert_eq!(
+        publisher.await.expect("publisher"),
+        sent,
+        "every message is acked in the end"
+    );
+    let arrived = collector.wait_for_unique(sent as usize, WAIT).await;
+    let report = check_sequences(&collector.messages());
+    let dropped = |g: &TestGateway, reason: &str| {
+        g.counter(
+            "edgebridge_buffer_dropped_total",
+            &[("sink", "cloud"), ("reason", reason)],
+        )
+    };
+    println!(
+        "disk full (segment {segment_size}, free {free:?}): {sent} acked, {} arrived, \
+         duplicates {}; records lost on disk and resent: io_error {}, corrupt {}",
+        report.per_device_count.get(&0).copied().unwrap_or(0),
+        report.duplicates,
+        dropped(&gw, "io_error"),
+        dropped(&gw, "corrupt"),
+    );
+    assert!(arrived, "every acked message arrives: {report:?}");
+    assert_eq!(report.missing, 0, "{report:?}");
+    assert_eq!(report.out_of_order, 0, "{report:?}");
+    assert_eq!(
+        dropped(&gw, "full"),
+        0.0,
+        "no policy drop: the margin is off"
+    );
+
+    // Space is back: new messages are stored and delivered, with no new drops.
+    let drained = gw
+        .eventually(WAIT, |g| {
+            g.counter("edgebridge_buffer_messages", &[("sink", "cloud")]) == 0.0
+        })
+        .await;
+    assert!(drained, "the buffer drains");
+    let before = gw.counter("edgebridge_buffer_dropped_total", &[]);
+    let again = publish_seq(
+        "127.0.0.1",
+        port,
+        "dev-1",
+        "dev/1",
+        1,
+        5_000,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert_eq!(again, 5_000);
+    let arrived = collector.wait_for_unique(sent as usize + 5_000, WAIT).await;
+    let report = check_sequences(&collector.messages());
+    assert!(
+        arrived,
+        "after recovery every new message arrives: {report:?}"
+    );
+    assert_eq!(report.per_device_count.get(&1), Some(&5_000), "{report:?}");
+    assert_eq!(gw.counter("edgebridge_buffer_dropped_total", &[]), before);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disk_full_during_appends_counts_drops_and_recovers() {
+    disk_full_case("1MiB", None).await;
+}
+
+/// Ten 64 KiB segments fit exactly; the disk refuses the first write to the eleventh,
+/// right after the roll-over created it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disk_full_at_segment_roll_over_counts_drops_and_recovers() {
+    disk_full_case("64KiB", Some(10 * 64 * 1024)).await;
 }
