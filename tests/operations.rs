@@ -22,66 +22,12 @@ use edgebridge::buffer::Buffer;
 use edgebridge::config;
 use edgebridge::metrics::Metrics;
 use edgebridge::sinks::SinkMetrics;
-use gateway::{metric, TestGateway};
+use gateway::{http_get, metric, sink, status, status_until, TestGateway};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// `GET path` over a real socket; returns the status code and the body.
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(30), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("GET {path}: no answer within 30 s"))
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("GET {path}: not HTTP: {text}"));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: no status in {head}"));
-    (code, body.to_string())
-}
-
-async fn status(addr: SocketAddr) -> Value {
-    let (code, body) = http_get(addr, "/api/v1/status").await;
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("status is not JSON ({e}): {body}"))
-}
-
-/// The status entry of sink `name`.
-fn sink<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["sinks"]
-        .as_array()
-        .and_then(|sinks| sinks.iter().find(|s| s["name"] == name))
-        .unwrap_or_else(|| panic!("no sink {name} in {status:#}"))
-}
-
-/// Polls the status until `cond` holds; panics with the last status after `timeout`.
-async fn status_until(addr: SocketAddr, timeout: Duration, cond: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = status(addr).await;
-        if cond(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "status never matched:\n{s:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn admin(gw: &TestGateway) -> SocketAddr {
     gw.gw().admin_addr

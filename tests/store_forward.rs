@@ -15,25 +15,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    check_sequences, client_options, free_port, publish_seq, seq_payload, Collector, Mode,
-    Mosquitto, Msg,
+    check_sequences, client_options, free_port, publish_seq, seq_payload, stopped_upstream,
+    Collector, Mode, Mosquitto, Msg, Tmpfs,
 };
 use gateway::TestGateway;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// An upstream with a persistent session for the collector, currently stopped.
-async fn stopped_upstream() -> (Mosquitto, Collector) {
-    let mut upstream = Mosquitto::start_with(Mode::Plain, true);
-    let collector = Collector::start(
-        client_options("collector", upstream.port(), Mode::Plain),
-        "up/#",
-    )
-    .await;
-    upstream.terminate();
-    (upstream, collector)
-}
 
 fn sink_body(upstream_port: u16, buffer: &str) -> String {
     format!(
@@ -329,6 +317,135 @@ async fn sigkill_case(ack: &str, buffer: &str, extra: &str, may_lose: usize) -> 
     missing.len()
 }
 
+/// kill -9 at 20 random points of outage and drain cycles: in each cycle the upstream is
+/// up or down (at random), two new devices publish a random number of messages, and the
+/// gateway is killed at a random moment — while the devices publish, while the backlog
+/// drains, or idle. In the end every message a device got a PUBACK for arrives, in order
+/// per device. Duplicates are counted and bounded: per kill, the sink's in-flight window
+/// plus the acks of the last position save interval (200 ms at `drain_rate`), plus the
+/// collector's own in-flight window per upstream restart. `EDGEBRIDGE_FAULT_SEED=<seed>`
+/// replays a schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_20_random_points_of_outage_and_drain_cycles() {
+    use rand::{Rng, SeedableRng};
+    let seed = std::env::var("EDGEBRIDGE_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+    println!("sigkill cycles: seed {seed} (EDGEBRIDGE_FAULT_SEED={seed} replays it)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut upstream, collector) = stopped_upstream().await;
+    let mut upstream_up = false;
+    let (inflight, drain_rate) = (100u64, 5_000u64);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, admin) = (free_port(), free_port());
+    let body = sink_body(upstream.port(), &format!("drain_rate = {drain_rate}")).replace(
+        "backoff_min",
+        &format!("inflight = {inflight}\nbackoff_min"),
+    );
+    let config = write_config(dir.path(), port, admin, "durable", &body);
+    let mut acked: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    let (mut kills, mut restarts) = (0u64, 0u64);
+    for cycle in 0..20u32 {
+        let want_up = rng.random_bool(0.5);
+        if want_up != upstream_up {
+            if want_up {
+                upstream.restart();
+                restarts += 1;
+            } else {
+                upstream.terminate();
+            }
+            upstream_up = want_up;
+        }
+        let mut child = spawn_binary(&config);
+        wait_for_port(port).await;
+        // Devices publish some 10k msg/s: half the kills come within 100 ms (while they
+        // publish), the others later (during the drain, or idle).
+        let per_device = rng.random_range(500..4_000u64);
+        let kill_after = Duration::from_millis(match rng.random_bool(0.5) {
+            true => rng.random_range(5..100),
+            false => rng.random_range(100..1_000),
+        });
+        let devices: Vec<_> = (0..2)
+            .map(|d| {
+                let device = cycle * 2 + d;
+                (
+                    device,
+                    tokio::spawn(publish_until_error(port, device, per_device)),
+                )
+            })
+            .collect();
+        tokio::time::sleep(kill_after).await;
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+        kills += 1;
+        for (device, task) in devices {
+            acked.insert(device, task.await.expect("publisher"));
+        }
+        println!(
+            "cycle {cycle}: upstream {}, {per_device} per device, killed after {kill_after:?}, \
+             acked {:?}",
+            if upstream_up { "up" } else { "down" },
+            acked
+                .range(cycle * 2..)
+                .map(|(_, a)| a.len())
+                .collect::<Vec<_>>()
+        );
+    }
+    if !upstream_up {
+        upstream.restart();
+        restarts += 1;
+    }
+    let mut child = spawn_binary(&config);
+    wait_for_port(port).await;
+    let total: usize = acked.values().map(Vec::len).sum();
+    assert!(total > 0, "devices got acks");
+    let arrived = collector.wait_for_unique(total, WAIT).await;
+    let msgs = collector.messages();
+    let mut got: std::collections::HashSet<(u32, u64)> = std::collections::HashSet::new();
+    for (_, payload) in &msgs {
+        let v: serde_json::Value = serde_json::from_slice(payload).expect("json payload");
+        let (Some(d), Some(s)) = (v["device"].as_u64(), v["seq"].as_u64()) else {
+            panic!("unexpected payload {payload:?}");
+        };
+        got.insert((d as u32, s));
+    }
+    let missing: Vec<(u32, u64)> = acked
+        .iter()
+        .flat_map(|(d, seqs)| seqs.iter().map(move |s| (*d, *s)))
+        .filter(|k| !got.contains(k))
+        .collect();
+    let report = check_sequences(&msgs);
+    let bound = kills * (inflight + drain_rate / 5) + restarts * 100;
+    println!(
+        "sigkill cycles (seed {seed}): {kills} kills, {restarts} upstream restarts, acked {total}, \
+         arrived {}, duplicates {} (bound {bound}), missing {}",
+        msgs.len(),
+        report.duplicates,
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "seed {seed}: {} acked messages missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(arrived, "seed {seed}: the acked messages arrived");
+    assert_eq!(report.out_of_order, 0, "seed {seed}: {report:?}");
+    assert_eq!(report.unparsed, 0, "seed {seed}: {report:?}");
+    assert!(
+        report.duplicates <= bound,
+        "seed {seed}: {} duplicates, more than the bound {bound}",
+        report.duplicates
+    );
+    child.kill().expect("stop");
+    let _ = child.wait();
+}
+
 async fn full_buffer_case(when_full: &str) -> (f64, Vec<Msg>, u64) {
     let (mut upstream, collector) = stopped_upstream().await;
     let body = sink_body(
@@ -574,24 +691,8 @@ async fn flapping_upstream_loses_nothing_and_keeps_order() {
 async fn low_disk_margin_applies_the_policy_without_crashing() {
     // data_dir on a 16 MiB tmpfs with a 12 MiB free-space margin: after ~4 MiB the buffer
     // behaves as full and drops the newest; space returns once the upstream drains it.
-    let mount = tempfile::tempdir().expect("mount point");
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(mount.path())
-        .status()
-        .expect("run mount");
-    assert!(
-        status.success(),
-        "mounting a tmpfs needs root (the test command runs as root in CI)"
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mount.path().to_path_buf());
-
+    let tmpfs = Tmpfs::mount("16m");
+    let mount = &tmpfs.dir;
     let (mut upstream, collector) = stopped_upstream().await;
     let body = sink_body(
         upstream.port(),

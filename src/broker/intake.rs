@@ -33,29 +33,50 @@ pub struct AckTicket {
 pub struct AckTracker {
     durable_upto: Mutex<u64>,
     changed: Condvar,
+    /// Set (under the mutex) when a message of this connection could not be stored:
+    /// nothing above `durable_upto` is acked any more, so the connection closes and the
+    /// device resends.
+    failed: AtomicBool,
 }
 
 impl AckTracker {
     pub fn release(&self, seq: u64) {
         let mut done = self.durable_upto.lock().unwrap_or_else(|e| e.into_inner());
-        if seq > *done {
+        if seq > *done && !self.failed.load(Ordering::Relaxed) {
             *done = seq;
             self.changed.notify_all();
         }
+    }
+
+    /// The messages not yet released could not be stored (a buffer write failed): they
+    /// must never be acked on this connection.
+    pub fn fail(&self) {
+        let _done = self.durable_upto.lock().unwrap_or_else(|e| e.into_inner());
+        self.failed.store(true, Ordering::Relaxed);
+        self.changed.notify_all();
+    }
+
+    /// Whether [`AckTracker::fail`] was called: the device will resend everything not
+    /// yet acked, so its later messages must not be stored ahead of those.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
     }
 
     pub fn is_released(&self, seq: u64) -> bool {
         *self.durable_upto.lock().unwrap_or_else(|e| e.into_inner()) >= seq
     }
 
-    /// Blocks the calling thread until `seq` is released, `stop` is set, or `timeout`
-    /// passes. Returns whether `seq` was released.
+    /// Blocks the calling thread until `seq` is released, it [failed](AckTracker::fail),
+    /// `stop` is set, or `timeout` passes. Returns whether `seq` was released.
     pub fn wait(&self, seq: u64, timeout: Duration, stop: &AtomicBool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut done = self.durable_upto.lock().unwrap_or_else(|e| e.into_inner());
         while *done < seq {
             let now = Instant::now();
-            if now >= deadline || stop.load(Ordering::Relaxed) {
+            if now >= deadline
+                || stop.load(Ordering::Relaxed)
+                || self.failed.load(Ordering::Relaxed)
+            {
                 return false;
             }
             // Wake up now and then to notice `stop`.
@@ -88,5 +109,25 @@ mod tests {
         assert!(!tracker.wait(4, Duration::from_millis(30), &stop));
         stop.store(true, Ordering::Relaxed);
         assert!(!tracker.wait(4, Duration::from_secs(10), &stop));
+    }
+
+    #[test]
+    fn a_failed_tracker_releases_nothing_more_and_wakes_its_waiter() {
+        let tracker = Arc::new(AckTracker::default());
+        let stop = AtomicBool::new(false);
+        tracker.release(2);
+        let t = tracker.clone();
+        let failer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            t.fail();
+        });
+        // Woken by the failure long before the timeout.
+        assert!(!tracker.wait(3, Duration::from_secs(60), &stop));
+        failer.join().expect("failer thread");
+        // What was durable before stays acked; later releases are refused.
+        assert!(tracker.is_released(2));
+        tracker.release(5);
+        assert!(!tracker.is_released(3));
+        assert!(!tracker.wait(3, Duration::from_secs(60), &stop));
     }
 }

@@ -990,8 +990,17 @@ impl DiskLog {
         }
         // Position first: a crash in between leaves files below the position, which the
         // next open deletes, never a position that re-delivers deleted records' neighbours.
+        // On a full disk the position file cannot be written either, and only removing
+        // these segments frees space: remove them anyway and save the position after. A
+        // crash in between re-delivers the acked records of the first segment left
+        // (`open` starts there): duplicates, never a loss.
+        let mut retry_position = false;
         if floor != self.saved_floor {
-            self.write_position()?;
+            match self.write_position() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::StorageFull => retry_position = true,
+                Err(e) => return Err(e),
+            }
         }
         for _ in 0..removable {
             let Some(segment) = self.segments.pop_front() else {
@@ -999,6 +1008,9 @@ impl DiskLog {
             };
             self.total_bytes -= segment.bytes;
             retire(&segment)?;
+        }
+        if retry_position {
+            self.write_position()?;
         }
         Ok(())
     }

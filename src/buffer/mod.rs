@@ -431,19 +431,22 @@ impl Buffer {
     }
 
     /// Makes everything appended so far durable as the sync policy says, then readable.
-    pub async fn sync(&self) {
+    /// Returns `false` when a write or an fsync failed (a full disk): messages appended
+    /// since the last sync may be lost, so their devices must not get an ack.
+    pub async fn sync(&self) -> bool {
         // Under the lock: hand the appends to the OS. Outside it: the fsync.
-        let (handles, upto) = {
+        let (handles, upto, mut durable) = {
             let mut st = self.lock();
             match &mut st.backend {
-                Backend::Memory(m) => (None, m.next_seq - 1),
+                Backend::Memory(m) => (None, m.next_seq - 1, true),
                 Backend::Disk(d) => {
                     let upto = d.next_seq() - 1;
                     let handles = d
                         .prepare_sync()
-                        .inspect_err(|e| warn!(sink = %self.name, error = %e, "buffer write failed; recent messages may be lost"))
+                        .inspect_err(|e| warn!(sink = %self.name, error = %e, "buffer write failed; the devices of recent messages get no ack and resend"))
                         .ok();
-                    (handles, upto)
+                    let written = handles.is_some();
+                    (handles, upto, written)
                 }
             }
         };
@@ -451,12 +454,19 @@ impl Buffer {
             if !h.is_empty() {
                 match tokio::task::spawn_blocking(move || h.sync()).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(sink = %self.name, error = %e, "buffer fsync failed"),
-                    Err(e) => warn!(sink = %self.name, error = %e, "buffer fsync task failed"),
+                    Ok(Err(e)) => {
+                        durable = false;
+                        warn!(sink = %self.name, error = %e, "buffer fsync failed");
+                    }
+                    Err(e) => {
+                        durable = false;
+                        warn!(sink = %self.name, error = %e, "buffer fsync task failed");
+                    }
                 }
             }
         }
         self.make_readable(upto);
+        durable
     }
 
     fn make_readable(&self, upto: u64) {

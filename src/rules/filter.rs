@@ -151,6 +151,7 @@ impl fmt::Display for TopicFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn caps(filter: &str, topic: &str) -> Option<Vec<String>> {
         let f = TopicFilter::parse(filter).expect("valid filter");
@@ -238,5 +239,98 @@ mod tests {
         assert_eq!(caps("a/#", "a"), Some(vec!["".into()]));
         assert_eq!(caps("+/#", "x/y/z"), Some(vec!["x".into(), "y/z".into()]));
         assert_eq!(caps("a/+", "b/c"), None);
+    }
+
+    /// The MQTT matching rules written the plainest way, as the reference: levels compared
+    /// one by one; `+` takes one level, a last `#` the rest (also none: "a/#" matches "a");
+    /// a filter starting with a wildcard never matches a `$` topic. Returns the captures
+    /// as strings, or `None` for no match.
+    fn reference(filter: &str, topic: &str) -> Option<Vec<String>> {
+        let f: Vec<&str> = filter.split('/').collect();
+        let t: Vec<&str> = topic.split('/').collect();
+        if topic.starts_with('$') && (f[0] == "+" || f[0] == "#") {
+            return None;
+        }
+        let mut caps = Vec::new();
+        for (i, level) in f.iter().enumerate() {
+            match *level {
+                "#" => {
+                    caps.push(t.get(i..).map(|rest| rest.join("/")).unwrap_or_default());
+                    return Some(caps);
+                }
+                "+" => caps.push(t.get(i)?.to_string()),
+                literal if t.get(i) == Some(&literal) => {}
+                _ => return None,
+            }
+        }
+        (f.len() == t.len()).then_some(caps)
+    }
+
+    /// Topic levels from a small alphabet so that random filters and topics often match.
+    fn level() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just("$SYS".to_string()),
+            Just("ü".to_string()),
+            "[a-c$ ]{1,3}",
+        ]
+    }
+
+    /// Topics and filters are never empty (MQTT); a level may be.
+    fn topic() -> impl Strategy<Value = String> {
+        proptest::collection::vec(level(), 1..6)
+            .prop_map(|l| l.join("/"))
+            .prop_filter("not empty", |t| !t.is_empty())
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        let filter_level = prop_oneof![3 => level(), 1 => Just("+".to_string())];
+        (proptest::collection::vec(filter_level, 1..6), any::<bool>())
+            .prop_map(|(mut levels, multi)| {
+                if multi {
+                    levels.push("#".to_string());
+                }
+                levels.join("/")
+            })
+            .prop_filter("not empty", |f| !f.is_empty())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn matching_and_captures_agree_with_the_reference(f in filter(), t in topic()) {
+            let compiled = TopicFilter::parse(&f).expect("generated filters are valid");
+            let mut out = Vec::new();
+            let matched = compiled.captures(&t, &mut out);
+            let got = matched.then(|| out.iter().map(|&(s, e)| t[s..e].to_string()).collect::<Vec<_>>());
+            prop_assert_eq!(got, reference(&f, &t), "filter {:?} topic {:?}", f, t);
+            prop_assert_eq!(compiled.matches(&t), matched);
+            if matched {
+                prop_assert_eq!(out.len(), compiled.wildcard_count());
+            }
+        }
+
+        #[test]
+        fn a_topic_used_as_a_filter_matches_itself(t in topic()) {
+            // A topic with no wildcard characters is a valid filter matching exactly it.
+            let f = TopicFilter::parse(&t).expect("a topic is a valid filter");
+            prop_assert!(f.matches(&t));
+        }
+
+        #[test]
+        fn parsing_any_string_never_panics_and_keeps_its_source(s in "[a+#/$\\u{0}ü]{0,12}") {
+            if let Ok(f) = TopicFilter::parse(&s) {
+                prop_assert_eq!(f.to_string(), s.clone());
+                prop_assert!(!s.is_empty() && !s.contains('\0'));
+                for level in s.split('/') {
+                    prop_assert!(level == "+" || level == "#" || !level.contains(['+', '#']));
+                }
+                let mut scratch = Vec::new();
+                f.captures(&s, &mut scratch);
+            }
+        }
     }
 }

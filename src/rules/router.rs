@@ -2,7 +2,8 @@
 //!
 //! It takes intake items in batches, appends one record per matched sink, syncs every
 //! buffer it touched (group commit: the next batch starts as soon as the sync returns),
-//! and only then releases the withheld device acknowledgements of the batch.
+//! and only then releases the withheld device acknowledgements of the batch — or, when a
+//! buffer could not store it, fails them, so that those devices resend.
 //!
 //! Reload: the rules and the buffers they route to come as one [`Routing`] through a
 //! watch channel; the router takes a new one only between batches, so every message is
@@ -75,13 +76,20 @@ impl RouterTask {
                 )
                 .await;
             }
+            let mut durable = true;
             for (buffer, t) in routing.buffers.iter().zip(touched.iter_mut()) {
                 if std::mem::take(t) {
-                    buffer.sync().await;
+                    durable &= buffer.sync().await;
                 }
             }
             for (tracker, seq) in releases.drain(..) {
-                tracker.release(seq);
+                if durable {
+                    tracker.release(seq);
+                } else {
+                    // A buffer could not store this batch (a full disk): its devices get
+                    // no ack; their connections close and they resend.
+                    tracker.fail();
+                }
             }
         }
     }
@@ -101,6 +109,11 @@ impl RouterTask {
             client_id,
             ack,
         } = item;
+        if ack.as_ref().is_some_and(|t| t.tracker.is_failed()) {
+            // An earlier message of this connection could not be stored: the device
+            // resends from there, in order, once its connection closed.
+            return;
+        }
         if !routing.rules.route(&msg, &client_id, routes) {
             if let Some(m) = self.listeners.get(listener) {
                 m.unmatched.inc();

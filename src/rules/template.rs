@@ -166,6 +166,7 @@ impl Template {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn scope(n: usize) -> TemplateScope {
         TemplateScope {
@@ -218,5 +219,67 @@ mod tests {
             Template::parse("x/{client_id}", &no_device),
             Err(TemplateError::Unavailable("client_id".into()))
         );
+    }
+
+    /// One piece of a generated template: its source text and what it renders to with
+    /// [`vars`] and the captures `["l1", "m/7"]` of topic `"x/l1/m/7"`.
+    fn piece() -> impl Strategy<Value = (String, String)> {
+        prop_oneof![
+            // Literal text without braces (and so without placeholders).
+            "[a-z0-9/ü_.-]{1,6}".prop_map(|l| (l.clone(), l)),
+            Just(("{gateway_id}".to_string(), "edge-01".to_string())),
+            Just(("{topic}".to_string(), "x/l1/m/7".to_string())),
+            Just(("{client_id}".to_string(), "dev-7".to_string())),
+            Just(("{1}".to_string(), "l1".to_string())),
+            Just(("{2}".to_string(), "m/7".to_string())),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn known_placeholders_render_to_their_values(pieces in proptest::collection::vec(piece(), 1..8)) {
+            let source: String = pieces.iter().map(|(s, _)| s.as_str()).collect();
+            let expected: String = pieces.iter().map(|(_, r)| r.as_str()).collect();
+            let t = Template::parse_text(&source, &scope(2)).expect("generated templates are valid");
+            prop_assert_eq!(t.source(), source.as_str());
+            let topic = "x/l1/m/7";
+            prop_assert_eq!(t.render(&vars(topic), &[(2, 4), (5, 8)]), expected);
+            prop_assert_eq!(t.uses_captures(), source.contains("{1}") || source.contains("{2}"));
+            // Without topic context only literals and the gateway id remain.
+            let statics: String = pieces
+                .iter()
+                .filter(|(s, _)| !s.starts_with('{') || s == "{gateway_id}")
+                .map(|(_, r)| r.as_str())
+                .collect();
+            prop_assert_eq!(t.render_static("edge-01"), statics);
+        }
+
+        #[test]
+        fn any_text_parses_or_errs_and_renders_without_panicking(
+            source in "[a{}0-9_/+#]{0,16}|.{0,16}",
+            wildcards in 0usize..4,
+            client_id in any::<bool>(),
+            topic in "[a-c/]{0,10}",
+        ) {
+            let scope = TemplateScope { wildcards, client_id };
+            let _ = Template::parse(&source, &scope);
+            if let Ok(t) = Template::parse_text(&source, &scope) {
+                prop_assert!(!source.is_empty());
+                // Fewer captures than the template refers to render as empty strings.
+                let levels = level_ranges(&topic);
+                let caps = &levels[..levels.len().min(wildcards)];
+                let _ = t.render(&vars(&topic), caps);
+                let _ = t.render(&vars(&topic), &[]);
+                let _ = t.render_static("edge-01");
+            }
+        }
+
+        #[test]
+        fn level_ranges_cover_the_topic_levels(topic in "[a-cü/]{0,12}") {
+            let levels: Vec<&str> = level_ranges(&topic).iter().map(|&(s, e)| &topic[s..e]).collect();
+            prop_assert_eq!(levels, topic.split('/').collect::<Vec<_>>());
+        }
     }
 }

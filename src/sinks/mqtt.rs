@@ -46,7 +46,8 @@ use crate::rules::downlink::DownlinkTap;
 const PUBLISH_OVERHEAD: usize = 16;
 
 /// A cloud profile's upstream closing the connection within this time after CONNACK is
-/// reported as `reason="closed_after_connack"` with what it usually means.
+/// reported as `reason="closed_after_connack"` with what it usually means. For any
+/// upstream, such a connection does not reset the reconnect backoff.
 const CLOSED_AFTER_CONNACK: Duration = Duration::from_secs(3);
 
 /// Why a connection failed, as the `reason` label of `edgebridge_sink_errors_total`.
@@ -285,7 +286,6 @@ async fn connection(
                             connected = true;
                             connected_at = Some(Instant::now());
                             last_progress = Instant::now();
-                            backoff.reset();
                             let session = if ack.session_present { "resumed" } else { "new" };
                             ctx.up(&format!("connected to {upstream} ({session} session)"));
                             if let Some(tap) = &ctx.downlink {
@@ -294,10 +294,19 @@ async fn connection(
                         }
                         if handle_event(ctx, &mut window, event) {
                             last_progress = Instant::now();
+                            // An acknowledgement proves the upstream works; a CONNACK
+                            // alone does not (see the error branch).
+                            backoff.reset();
                             ctx.acked();
                         }
                     }
                     Some(Err(e)) => {
+                        // A connection that lasted restarts the backoff from its minimum;
+                        // one closed right after CONNACK (a duplicate client id, a policy
+                        // refusal) must not, or it is retried at `backoff_min` forever.
+                        if connected_at.is_some_and(|at| at.elapsed() >= CLOSED_AFTER_CONNACK) {
+                            backoff.reset();
+                        }
                         let mut detail = match window.len() {
                             0 => format!("{upstream}: {e}"),
                             n => format!("{upstream}: {e}; {n} unconfirmed will be resent"),

@@ -33,6 +33,9 @@ pub struct TestCerts {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// A server certificate like `server_cert` (same CA, same names) that expired in 2021.
+    pub expired_server_cert: PathBuf,
+    pub expired_server_key: PathBuf,
 }
 
 impl TestCerts {
@@ -49,24 +52,31 @@ impl TestCerts {
         p.distinguished_name.push(DnType::CommonName, "test CA");
         p.key_usages = vec![Ku::KeyCertSign, Ku::CrlSign, Ku::DigitalSignature];
         let ca = p.self_signed(&ca_key).expect("self-sign CA");
-        let leaf = |sans: Vec<String>, cn: &str, eku: Eku| {
+        let leaf = |sans: Vec<String>, cn: &str, eku: Eku, expired: bool| {
             let key = KeyPair::generate().expect("leaf key");
             let mut p = CertificateParams::new(sans).expect("leaf params");
             p.distinguished_name.push(DnType::CommonName, cn);
             p.key_usages = vec![Ku::DigitalSignature];
             p.extended_key_usages = vec![eku];
+            if expired {
+                p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
             let cert = p.signed_by(&key, &ca, &ca_key).expect("sign leaf");
             (cert.pem(), key.serialize_pem())
         };
         let sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        let (srv, srv_key) = leaf(sans, "localhost", Eku::ServerAuth);
-        let (cli, cli_key) = leaf(vec![], "edge-01", Eku::ClientAuth);
+        let (srv, srv_key) = leaf(sans.clone(), "localhost", Eku::ServerAuth, false);
+        let (old, old_key) = leaf(sans, "localhost", Eku::ServerAuth, true);
+        let (cli, cli_key) = leaf(vec![], "edge-01", Eku::ClientAuth, false);
         TestCerts {
             ca: write("ca.pem", ca.pem()),
             server_cert: write("server.pem", srv),
             server_key: write("server.key", srv_key),
             client_cert: write("client.pem", cli),
             client_key: write("client.key", cli_key),
+            expired_server_cert: write("expired-server.pem", old),
+            expired_server_key: write("expired-server.key", old_key),
             dir,
         }
     }
@@ -430,4 +440,52 @@ pub async fn publish_seq_with(
     }
     publisher.abort();
     acked
+}
+
+/// An upstream with a persistent session for a collector subscribed to `up/#`, currently
+/// stopped (SIGTERM: what is queued for the collector survives a restart).
+pub async fn stopped_upstream() -> (Mosquitto, Collector) {
+    let mut upstream = Mosquitto::start_with(Mode::Plain, true);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "up/#",
+    )
+    .await;
+    upstream.terminate();
+    (upstream, collector)
+}
+
+/// A tmpfs of `size` (as `mount -o size=`, e.g. "4m") on a temp dir; lazily unmounted on
+/// drop. Needs root (the test command runs as root in CI).
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("mount point");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (the test command runs as root in CI)"
+        );
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
 }
