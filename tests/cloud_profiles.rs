@@ -44,6 +44,10 @@ async fn publish_with_oversized(
     if big == 0 {
         return acked;
     }
+    // Its own client id: the same id reconnecting the instant the previous connection
+    // closed races rumqttd's session takeover, which may close the new connection
+    // (a device would reconnect and resend; this test is about the payload limit).
+    opts.set_client_id(format!("dev-{device}-big"));
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
     client
         .publish(topic, QoS::AtLeastOnce, false, vec![b'x'; big])
