@@ -486,6 +486,8 @@ async fn grafana_dashboard_queries_only_metrics_the_gateway_exports() {
         "edgebridge_messages_dropped_total",
         "edgebridge_messages_unmatched_total",
         "edgebridge_connections",
+        "edgebridge_connections_refused_total",
+        "edgebridge_acl_denied_total",
         "edgebridge_rule_matches_total",
         "edgebridge_sink_delivered_total",
         "edgebridge_sink_errors_total",
