@@ -70,17 +70,6 @@ impl Native {
     }
 }
 
-/// A literal of the expression.
-#[derive(Debug)]
-enum Literal {
-    Null,
-    Bool(bool),
-    Int(i64),
-    UInt(u64),
-    Double(f64),
-    Str(String),
-}
-
 /// One step down the payload: `.field` / `["field"]`, or `[index]` into a list.
 #[derive(Debug)]
 enum Step {
@@ -91,7 +80,8 @@ enum Step {
 /// Something a condition compares or a transform copies.
 #[derive(Debug)]
 enum Operand {
-    Literal(Literal),
+    /// A literal of the expression (a JSON scalar).
+    Literal(Json),
     /// `payload` and the steps below it.
     Payload(Vec<Step>),
     Topic,
@@ -152,14 +142,14 @@ enum Out {
     List(Vec<Out>),
 }
 
-fn literal(l: &LiteralValue) -> Option<Literal> {
+fn literal(l: &LiteralValue) -> Option<Json> {
     Some(match l {
-        LiteralValue::Null => Literal::Null,
-        LiteralValue::Boolean(b) => Literal::Bool(*b.inner()),
-        LiteralValue::Int(i) => Literal::Int(*i.inner()),
-        LiteralValue::UInt(u) => Literal::UInt(*u.inner()),
-        LiteralValue::Double(d) => Literal::Double(*d.inner()),
-        LiteralValue::String(s) => Literal::Str(s.inner().to_string()),
+        LiteralValue::Null => Json::Null,
+        LiteralValue::Boolean(b) => Json::Bool(*b.inner()),
+        LiteralValue::Int(i) => Json::Int(*i.inner()),
+        LiteralValue::UInt(u) => Json::UInt(*u.inner()),
+        LiteralValue::Double(d) => Json::Double(*d.inner()),
+        LiteralValue::String(s) => Json::Str(s.inner().to_string()),
         LiteralValue::Bytes(_) => return None,
     })
 }
@@ -319,17 +309,6 @@ impl<'a> Value<'a> {
         }
     }
 
-    fn of_literal(l: &'a Literal) -> Value<'a> {
-        match l {
-            Literal::Null => Value::Null,
-            Literal::Bool(b) => Value::Bool(*b),
-            Literal::Int(i) => Value::Int(*i),
-            Literal::UInt(u) => Value::UInt(*u),
-            Literal::Double(f) => Value::Double(*f),
-            Literal::Str(s) => Value::Str(Cow::Borrowed(s)),
-        }
-    }
-
     fn is_number(&self) -> bool {
         matches!(self, Value::Int(_) | Value::UInt(_) | Value::Double(_))
     }
@@ -362,7 +341,7 @@ fn payload_at<'a>(vars: &'a MessageVars<'_>, steps: &[Step]) -> Option<Value<'a>
 impl Operand {
     fn eval<'a>(&'a self, vars: &'a MessageVars<'_>) -> Option<Value<'a>> {
         Some(match self {
-            Operand::Literal(l) => Value::of_literal(l),
+            Operand::Literal(l) => Value::of_json(l),
             Operand::Payload(steps) => return payload_at(vars, steps),
             Operand::Topic => Value::Str(Cow::Borrowed(vars.topic())),
             Operand::Level(i) => Value::Str(Cow::Borrowed(vars.topic().split('/').nth(*i)?)),
