@@ -78,6 +78,11 @@ impl TopicFilter {
     /// byte ranges of `topic`. `#` captures the rest of the topic (possibly empty).
     pub fn captures(&self, topic: &str, out: &mut Vec<(usize, usize)>) -> bool {
         out.clear();
+        self.walk(topic, |range| out.push(range))
+    }
+
+    /// Matches `topic`, handing each wildcard capture to `capture`.
+    fn walk(&self, topic: &str, mut capture: impl FnMut((usize, usize))) -> bool {
         // MQTT: filters starting with a wildcard do not match `$` topics.
         if topic.starts_with('$') && !matches!(self.levels.first(), Some(Level::Literal(_))) {
             return false;
@@ -89,7 +94,7 @@ impl TopicFilter {
                 Level::Multi => {
                     // "a/#" matches "a" too (the parent level).
                     let start = remaining.map(|_| pos).unwrap_or(topic.len());
-                    out.push((start, topic.len()));
+                    capture((start, topic.len()));
                     return true;
                 }
                 _ => {
@@ -102,7 +107,7 @@ impl TopicFilter {
                     };
                     match level {
                         Level::Literal(l) if l != head => return false,
-                        Level::Single => out.push((pos, pos + head.len())),
+                        Level::Single => capture((pos, pos + head.len())),
                         _ => {}
                     }
                     pos += head.len() + 1;
@@ -136,9 +141,10 @@ impl TopicFilter {
         matches!(mine.next(), None | Some(Level::Multi))
     }
 
+    /// Matches `topic` without collecting captures (no allocation: ACL checks call this
+    /// for every device PUBLISH).
     pub fn matches(&self, topic: &str) -> bool {
-        let mut scratch = Vec::new();
-        self.captures(topic, &mut scratch)
+        self.walk(topic, |_| {})
     }
 }
 
