@@ -261,15 +261,16 @@ async fn relay_websocket(
         wr.shutdown().await
     };
     let downstream = async {
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = bytes::BytesMut::new();
         loop {
-            let n = rd.read(&mut buf).await?;
-            if n == 0 {
+            buf.reserve(16 * 1024);
+            if rd.read_buf(&mut buf).await? == 0 {
                 let _ = ws_tx.close().await;
                 return Ok::<_, io::Error>(());
             }
+            // The bytes read become the message without a copy.
             ws_tx
-                .send(Message::binary(buf[..n].to_vec()))
+                .send(Message::binary(buf.split().freeze()))
                 .await
                 .map_err(io::Error::other)?;
         }
