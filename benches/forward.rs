@@ -1,6 +1,8 @@
 //! End-to-end forwarding benchmark: devices → target → upstream Mosquitto → receiver.
 //!
-//! Run with `cargo bench --bench forward` (add `-- S1c` to run only the named scenarios;
+//! Run with `cargo bench --bench forward` (add `-- S1c` to run only the named scenarios,
+//! `-- S2 edgebridge` to run one target; `EDGEBRIDGE_BENCH_LISTENER` / `EDGEBRIDGE_BENCH_SINK`
+//! add TOML keys to the gateway's listener / sink, for experiments;
 //! results are written to `benches/RESULTS.md` only when every S1/S2 scenario ran). S2
 //! publishes at a fixed total rate instead of flat out, for latency. The
 //! backlog scenario S3 (edgebridge only, a few minutes) runs only when named
@@ -119,6 +121,15 @@ enum Target {
 
 impl Target {
     const ALL: [Target; 3] = [Target::Direct, Target::Gateway, Target::Bridge];
+
+    /// How a target is named on the command line.
+    fn word(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Gateway => "edgebridge",
+            Target::Bridge => "bridge",
+        }
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -251,12 +262,13 @@ bind = "127.0.0.1:{admin_port}"
 [[listeners]]
 name = "devices"
 bind = "127.0.0.1:{port}"
-ack = "durable"
+{listener_keys}
 
 [sinks.upstream]
 type = "mqtt"
 url = "mqtt://127.0.0.1:{upstream_port}"
 {sink_extra}
+{sink_env}
 
 [[rules]]
 name = "bench"
@@ -266,7 +278,11 @@ to = ["upstream"]
 [log]
 level = "warn"
 "#,
-            data = dir.path().join("data").display()
+            data = dir.path().join("data").display(),
+            // The experiment's keys replace the default `ack`.
+            listener_keys = std::env::var("EDGEBRIDGE_BENCH_LISTENER")
+                .unwrap_or_else(|_| "ack = \"durable\"".into()),
+            sink_env = std::env::var("EDGEBRIDGE_BENCH_SINK").unwrap_or_default(),
         );
         let config_path = dir.path().join("edgebridge.toml");
         std::fs::write(&config_path, config).map_err(|e| format!("write config: {e}"))?;
@@ -1757,13 +1773,24 @@ fn results_markdown(results: &[RunResult], table: &str, diagnostics: &str) -> St
 async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
     // S3 runs only when named; the S1 scenarios run unless only S3 was named.
     let run_s3 = filters.iter().any(|f| f.eq_ignore_ascii_case("S3"));
+    // Target names ("direct", "edgebridge", "bridge") narrow the targets.
+    let target_word = |f: &str| Target::ALL.iter().any(|t| t.word() == f);
+    let targets: Vec<Target> = Target::ALL
+        .into_iter()
+        .filter(|t| {
+            !filters.iter().any(|f| target_word(f)) || filters.iter().any(|f| *f == t.word())
+        })
+        .collect();
     let s1_filters: Vec<&String> = filters
         .iter()
-        .filter(|f| !f.eq_ignore_ascii_case("S3"))
+        .filter(|f| !f.eq_ignore_ascii_case("S3") && !target_word(f))
         .collect();
     let selected: Vec<&Scenario> = SCENARIOS
         .iter()
-        .filter(|s| filters.is_empty() || s1_filters.iter().any(|f| f.eq_ignore_ascii_case(s.name)))
+        .filter(|s| {
+            s1_filters.is_empty() && !run_s3
+                || s1_filters.iter().any(|f| f.eq_ignore_ascii_case(s.name))
+        })
         .collect();
     if selected.is_empty() && !run_s3 {
         return Err(format!("no scenario matches {filters:?}"));
@@ -1772,7 +1799,7 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
     let mut failures = Vec::new();
     let bench_started = Instant::now();
     for scenario in &selected {
-        for target in Target::ALL {
+        for &target in &targets {
             if bench_started.elapsed() > TOTAL_BUDGET {
                 failures.push(format!(
                     "{} / {}: skipped, the bench ran over {} s",
