@@ -55,7 +55,8 @@ pub struct Gateway {
     /// What the admin endpoint shows; told when shutdown begins.
     admin_state: Arc<AdminState>,
     listener_tasks: Vec<JoinHandle<()>>,
-    router: JoinHandle<()>,
+    /// Resolves when the router thread ended.
+    router: tokio::sync::oneshot::Receiver<()>,
     /// The router's rules and buffers: a reload sends the next ones.
     routing: watch::Sender<Arc<Routing>>,
     sinks: SinkSet,
@@ -242,7 +243,9 @@ impl Gateway {
                 .map(|l| metrics.listener(&l.name))
                 .collect(),
         };
-        let router = tokio::spawn(router.run(intake_rx, intake_stop.clone()));
+        let router = router
+            .spawn(intake_rx, intake_stop.clone())
+            .context("cannot start the router thread")?;
 
         let stopping = Arc::new(AtomicBool::new(false));
         let security = Arc::new(std::sync::RwLock::new(Arc::new(broker::Security::load(

@@ -350,7 +350,8 @@ impl Buffer {
     }
 
     /// Appends `msg`, applying `max_bytes`, the free-disk margin and `when_full`. Cheap
-    /// (a buffered write); never blocks. Not readable by the sink before [`Buffer::sync`].
+    /// (a buffered write); never blocks. Not readable by the sink before [`Buffer::sync`]
+    /// hands it to the OS.
     pub fn append(&self, msg: Message) -> Appended {
         let size = msg.size() as u64;
         let mut st = self.lock();
@@ -430,10 +431,19 @@ impl Buffer {
         self.metrics.dropped_full.inc();
     }
 
-    /// Makes everything appended so far durable as the sync policy says, then readable.
+    /// Makes everything appended so far readable, then durable as the sync policy says.
     /// Returns `false` when a write or an fsync failed (a full disk): messages appended
     /// since the last sync may be lost, so their devices must not get an ack.
-    pub async fn sync(&self) -> bool {
+    ///
+    /// The sink may forward a record while its fsync still runs: only the devices' acks
+    /// wait for durability, not the forwarding. A record lost to a crash after it was
+    /// forwarded costs a duplicate at most: its device got no ack and resends it, and
+    /// recovery never hands out the seqs of acked records again (`disk.rs`).
+    ///
+    /// Blocks the calling thread for the fsync: the router calls it from a thread of its
+    /// own, where waiting is all there is to do (a hop to a blocking pool and back would
+    /// cost two thread wake-ups per batch).
+    pub fn sync(&self) -> bool {
         // Under the lock: hand the appends to the OS. Outside it: the fsync.
         let (handles, upto, mut durable) = {
             let mut st = self.lock();
@@ -450,22 +460,13 @@ impl Buffer {
                 }
             }
         };
+        self.make_readable(upto);
         if let (Some(h), SyncPolicy::Batch) = (handles, self.config.sync) {
-            if !h.is_empty() {
-                match tokio::task::spawn_blocking(move || h.sync()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        durable = false;
-                        warn!(sink = %self.name, error = %e, "buffer fsync failed");
-                    }
-                    Err(e) => {
-                        durable = false;
-                        warn!(sink = %self.name, error = %e, "buffer fsync task failed");
-                    }
-                }
+            if let Err(e) = h.sync() {
+                durable = false;
+                warn!(sink = %self.name, error = %e, "buffer fsync failed");
             }
         }
-        self.make_readable(upto);
         durable
     }
 
@@ -700,7 +701,7 @@ mod tests {
         for n in 0..5 {
             b.append(msg(n));
         }
-        b.sync().await;
+        b.sync();
         let batch = b.read_batch(3).await;
         assert_eq!(payloads(&batch), ["0", "1", "2"]);
         b.ack(batch[1].seq); // out of order: nothing freed yet
@@ -717,7 +718,7 @@ mod tests {
         b.append(msg(0));
         let early = tokio::time::timeout(Duration::from_millis(50), b.read_batch(10)).await;
         assert!(early.is_err(), "read before sync");
-        b.sync().await;
+        b.sync();
         assert_eq!(payloads(&b.read_batch(10).await), ["0"]);
     }
 
@@ -744,7 +745,7 @@ mod tests {
         for n in 0..3 {
             b.append(msg(n));
         }
-        b.sync().await;
+        b.sync();
         let in_flight = b.read_batch(2).await;
         b.append(msg(3));
         b.append(msg(4)); // drops records 0 and 1, both in flight
@@ -756,7 +757,7 @@ mod tests {
         b.ack(in_flight[0].seq); // delivered after all
         b.rewind(); // record 1 was never confirmed: lost now
         assert_eq!(b.metrics.dropped_full.get(), 1);
-        b.sync().await;
+        b.sync();
         assert_eq!(payloads(&b.read_batch(10).await), ["2", "3", "4"]);
     }
 
@@ -767,7 +768,7 @@ mod tests {
         b.append(msg(0));
         b.append(msg(1));
         assert!(matches!(b.append(msg(2)), Appended::Full(_)));
-        b.sync().await;
+        b.sync();
         let batch = b.read_batch(1).await;
         b.ack(batch[0].seq);
         assert_eq!(b.append(msg(2)), Appended::Stored);
@@ -783,7 +784,7 @@ mod tests {
             for n in 0..10 {
                 b.append(msg(n));
             }
-            b.sync().await;
+            b.sync();
             let batch = b.read_batch(3).await;
             for r in &batch {
                 b.ack(r.seq);
@@ -806,7 +807,7 @@ mod tests {
         let mut old = msg(99);
         old.received_at -= 1_000;
         b.append(old);
-        b.sync().await;
+        b.sync();
         let late = tokio::time::timeout(Duration::from_millis(200), b.read_batch(100)).await;
         assert!(late.is_err(), "every record expired");
         assert_eq!(b.metrics.dropped_ttl.get(), 8);

@@ -5,6 +5,10 @@
 //! and only then releases the withheld device acknowledgements of the batch — or, when a
 //! buffer could not store it, fails them, so that those devices resend.
 //!
+//! It runs on a thread of its own ([`RouterTask::spawn`]) and fsyncs there, blocking:
+//! at low rates every batch is a message or two, and handing each fsync to a blocking
+//! pool and back costs more thread wake-ups than the message itself.
+//!
 //! Reload: the rules and the buffers they route to come as one [`Routing`] through a
 //! watch channel; the router takes a new one only between batches, so every message is
 //! routed entirely by the old rules or entirely by the new ones.
@@ -12,7 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Route, RuleSet};
@@ -36,6 +40,26 @@ pub struct RouterTask {
 }
 
 impl RouterTask {
+    /// Starts [`RouterTask::run`] on a thread of its own; the receiver resolves when it
+    /// ended (also by a panic).
+    pub fn spawn(
+        self,
+        rx: mpsc::Receiver<IntakeItem>,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<oneshot::Receiver<()>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        let (done, ended) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("router".into())
+            .spawn(move || {
+                runtime.block_on(self.run(rx, shutdown));
+                let _ = done.send(());
+            })?;
+        Ok(ended)
+    }
+
     /// Runs until `shutdown`; then takes what is still queued, appends and syncs it.
     pub async fn run(mut self, mut rx: mpsc::Receiver<IntakeItem>, shutdown: CancellationToken) {
         let mut batch = Vec::with_capacity(BATCH);
@@ -79,7 +103,7 @@ impl RouterTask {
             let mut durable = true;
             for (buffer, t) in routing.buffers.iter().zip(touched.iter_mut()) {
                 if std::mem::take(t) {
-                    durable &= buffer.sync().await;
+                    durable &= buffer.sync();
                 }
             }
             for (tracker, seq) in releases.drain(..) {
