@@ -202,3 +202,107 @@ to = ["dead"]
     assert!(shed > 0.0, "the flood crossed the high-water mark");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn devices_stay_served_while_many_connections_wait_for_stalled_durable_acks() {
+    // The only sink never delivers and its full buffer blocks intake: every QoS 1
+    // publisher soon waits for an ack that cannot come. More of them wait than the runtime
+    // has worker threads, so this fails if a waiting connection holds its worker.
+    let dead_port = common::free_port();
+    let body = format!(
+        r##"
+[sinks.dead]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{dead_port}"
+buffer = {{ max_bytes = "64KiB", when_full = "block" }}
+
+[[rules]]
+name = "stuck"
+from = "stuck/#"
+to = ["dead"]
+"##
+    );
+    let mut gw = TestGateway::start(&body).await;
+    let port = gw.port();
+    let mut stalled = Vec::new();
+    for d in 0..8 {
+        let mut opts = MqttOptions::new(format!("stuck-{d}"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(60))
+            .set_inflight(20);
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        stalled.push(tokio::spawn(async move {
+            let publisher = tokio::spawn(async move {
+                let payload = vec![b'x'; 2_000];
+                for _ in 0..200 {
+                    if client
+                        .publish("stuck/x", QoS::AtLeastOnce, false, payload.clone())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            while events.poll().await.is_ok() {}
+            publisher.abort();
+        }));
+    }
+    // 8 × 200 × 2 KB is far beyond the 64 KiB buffer: wait until it is full.
+    let full = gw
+        .eventually(Duration::from_secs(20), |g| {
+            g.counter("edgebridge_buffer_bytes", &[]) >= 48.0 * 1024.0
+        })
+        .await;
+    assert!(full, "the publishers filled the buffer");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = gw.counter("edgebridge_messages_received_total", &[]);
+    assert!(
+        received < 8.0 * 200.0,
+        "intake is stalled (received {received})"
+    );
+
+    // A new device still connects, subscribes and gets a local message from another.
+    let mut opts = MqttOptions::new("watcher", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (watcher, mut watcher_events) = AsyncClient::new(opts, 16);
+    watcher
+        .subscribe("local/news", QoS::AtMostOnce)
+        .await
+        .expect("queue subscribe");
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut subscribed = false;
+        let mut talker = None;
+        loop {
+            match watcher_events.poll().await {
+                Ok(Event::Incoming(rumqttc::Packet::SubAck(_))) if !subscribed => {
+                    subscribed = true;
+                    let mut opts = MqttOptions::new("talker", "127.0.0.1", port);
+                    opts.set_keep_alive(Duration::from_secs(5));
+                    let (client, mut events) = AsyncClient::new(opts, 16);
+                    client
+                        .publish("local/news", QoS::AtMostOnce, false, "hello")
+                        .await
+                        .expect("queue publish");
+                    talker = Some(tokio::spawn(
+                        async move { while events.poll().await.is_ok() {} },
+                    ));
+                }
+                Ok(Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    if let Some(t) = talker.take() {
+                        t.abort();
+                    }
+                    return p.payload;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("watcher failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("a new device is served while other connections wait for acks");
+    assert_eq!(&got[..], b"hello");
+    for task in stalled {
+        task.abort();
+    }
+    gw.shutdown().await;
+}

@@ -31,7 +31,7 @@ pub struct AckTicket {
 /// order, so "everything up to `seq` is durable" is a single number per connection.
 #[derive(Default)]
 pub struct AckTracker {
-    durable_upto: Mutex<u64>,
+    progress: Mutex<Progress>,
     changed: Condvar,
     /// Set (under the mutex) when a message of this connection could not be stored:
     /// nothing above `durable_upto` is acked any more, so the connection closes and the
@@ -39,19 +39,34 @@ pub struct AckTracker {
     failed: AtomicBool,
 }
 
+#[derive(Default)]
+struct Progress {
+    durable_upto: u64,
+    /// The seq the connection's writer is blocked on (0: none). A release below it wakes
+    /// nobody: batches are small at low rates, and a wake-up that finds its message still
+    /// not durable would cost a context switch for nothing.
+    waiting_for: u64,
+}
+
 impl AckTracker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn release(&self, seq: u64) {
-        let mut done = self.durable_upto.lock().unwrap_or_else(|e| e.into_inner());
-        if seq > *done && !self.failed.load(Ordering::Relaxed) {
-            *done = seq;
-            self.changed.notify_all();
+        let mut p = self.lock();
+        if seq > p.durable_upto && !self.failed.load(Ordering::Relaxed) {
+            p.durable_upto = seq;
+            if p.waiting_for != 0 && seq >= p.waiting_for {
+                self.changed.notify_all();
+            }
         }
     }
 
     /// The messages not yet released could not be stored (a buffer write failed): they
     /// must never be acked on this connection.
     pub fn fail(&self) {
-        let _done = self.durable_upto.lock().unwrap_or_else(|e| e.into_inner());
+        let _progress = self.lock();
         self.failed.store(true, Ordering::Relaxed);
         self.changed.notify_all();
     }
@@ -63,30 +78,35 @@ impl AckTracker {
     }
 
     pub fn is_released(&self, seq: u64) -> bool {
-        *self.durable_upto.lock().unwrap_or_else(|e| e.into_inner()) >= seq
+        self.lock().durable_upto >= seq
     }
 
     /// Blocks the calling thread until `seq` is released, it [failed](AckTracker::fail),
     /// `stop` is set, or `timeout` passes. Returns whether `seq` was released.
     pub fn wait(&self, seq: u64, timeout: Duration, stop: &AtomicBool) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut done = self.durable_upto.lock().unwrap_or_else(|e| e.into_inner());
-        while *done < seq {
+        let mut p = self.lock();
+        let released = loop {
+            if p.durable_upto >= seq {
+                break true;
+            }
             let now = Instant::now();
             if now >= deadline
                 || stop.load(Ordering::Relaxed)
                 || self.failed.load(Ordering::Relaxed)
             {
-                return false;
+                break false;
             }
+            p.waiting_for = seq;
             // Wake up now and then to notice `stop`.
             let slice = (deadline - now).min(Duration::from_millis(100));
-            done = match self.changed.wait_timeout(done, slice) {
+            p = match self.changed.wait_timeout(p, slice) {
                 Ok((guard, _)) => guard,
                 Err(poisoned) => poisoned.into_inner().0,
             };
-        }
-        true
+        };
+        p.waiting_for = 0;
+        released
     }
 }
 
