@@ -1581,18 +1581,37 @@ fn backlog_markdown(r: &BacklogResult, table: &str) -> String {
     md
 }
 
-/// Replaces (or appends) the S3 section of RESULTS.md, keeping everything before it.
-fn write_backlog_section(section: &str) -> Result<(), String> {
+/// Replaces (or appends) the section that starts with `heading` in RESULTS.md, keeping
+/// everything before and after it: each named run (S3) owns one section.
+fn write_section(heading: &str, section: &str) -> Result<(), String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/RESULTS.md");
     let old = std::fs::read_to_string(&path).unwrap_or_default();
-    let kept = old
-        .find(S3_HEADING)
-        .map_or(old.as_str(), |i| &old[..i])
-        .trim_end();
-    let text = format!("{kept}\n\n{section}");
+    let text = replace_section(&old, heading, section);
     std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()))?;
-    eprintln!("wrote the S3 section of {}", path.display());
+    eprintln!("wrote the `{heading}` section of {}", path.display());
     Ok(())
+}
+
+/// `old` with the section under `heading` (up to the next `## ` heading) replaced by
+/// `section`, or with `section` appended when there is none.
+fn replace_section(old: &str, heading: &str, section: &str) -> String {
+    let section = section.trim_end();
+    let Some(start) = old.find(heading) else {
+        return format!("{}\n\n{section}\n", old.trim_end());
+    };
+    let after = &old[start + heading.len()..];
+    // The sections that follow, starting with the newline before their heading.
+    let rest = after.find("\n## ").map_or("", |i| &after[i..]);
+    format!("{}\n\n{section}\n{rest}", old[..start].trim_end())
+}
+
+/// Where the sections written by named runs (S3) begin: a full run keeps them.
+fn named_sections(old: &str) -> Option<&str> {
+    [S3_HEADING]
+        .iter()
+        .filter_map(|h| old.find(h))
+        .min()
+        .map(|i| &old[i..])
 }
 
 const S3_HEADING: &str = "## Backlog drain (S3)";
@@ -1845,7 +1864,7 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
                 for n in &r.notes {
                     println!("- {n}");
                 }
-                write_backlog_section(&backlog_markdown(&r, &table))?;
+                write_section(S3_HEADING, &backlog_markdown(&r, &table))?;
             }
             Err(e) => {
                 eprintln!("  FAILED: {e}");
@@ -1864,10 +1883,10 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
             let _ = writeln!(md, "\nFAILED {f}");
         }
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/RESULTS.md");
-        // A full run replaces the S1 tables and keeps the last S3 section.
+        // A full run replaces the S1 tables and keeps the sections of named runs.
         if let Ok(old) = std::fs::read_to_string(&path) {
-            if let Some(i) = old.find(S3_HEADING) {
-                md = format!("{}\n\n{}", md.trim_end(), &old[i..]);
+            if let Some(sections) = named_sections(&old) {
+                md = format!("{}\n\n{sections}", md.trim_end());
             }
         }
         std::fs::write(&path, md).map_err(|e| format!("write {}: {e}", path.display()))?;
