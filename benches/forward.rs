@@ -6,7 +6,12 @@
 //! results are written to `benches/RESULTS.md` only when every S1/S2 scenario ran). S2
 //! publishes at a fixed total rate instead of flat out, for latency. The
 //! backlog scenario S3 (edgebridge only, a few minutes) runs only when named
-//! (`-- S3`) and replaces its own section of `benches/RESULTS.md`.
+//! (`-- S3`) and replaces its own section of `benches/RESULTS.md`. So does S3o (`-- S3o`,
+//! about 5 minutes; `-- S3o bridge` for one target): 5,000 msg/s for 100 s while the
+//! uplink between the target and the upstream is cut from 10 s to 70 s by a proxy in the
+//! bench, then drain; edgebridge and the Mosquitto bridge one after the other on the same
+//! load (time to drain, live latency during the drain, loss, CPU per message, peak RSS,
+//! load average).
 //!
 //! What one run measures. N device connections (rumqttc, MQTT 3.1.1) publish
 //! sequence-numbered 100-byte QoS 1 payloads on `bench/dev<i>`, each as fast as its
@@ -1582,7 +1587,7 @@ fn backlog_markdown(r: &BacklogResult, table: &str) -> String {
 }
 
 /// Replaces (or appends) the section that starts with `heading` in RESULTS.md, keeping
-/// everything before and after it: each named run (S3) owns one section.
+/// everything before and after it: each named run (S3, S3o) owns one section.
 fn write_section(heading: &str, section: &str) -> Result<(), String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/RESULTS.md");
     let old = std::fs::read_to_string(&path).unwrap_or_default();
@@ -1605,9 +1610,9 @@ fn replace_section(old: &str, heading: &str, section: &str) -> String {
     format!("{}\n\n{section}\n{rest}", old[..start].trim_end())
 }
 
-/// Where the sections written by named runs (S3) begin: a full run keeps them.
+/// Where the sections written by named runs (S3, S3o) begin: a full run keeps them.
 fn named_sections(old: &str) -> Option<&str> {
-    [S3_HEADING]
+    [S3_HEADING, S3O_HEADING]
         .iter()
         .filter_map(|h| old.find(h))
         .min()
@@ -1617,11 +1622,758 @@ fn named_sections(old: &str) -> Option<&str> {
 const S3_HEADING: &str = "## Backlog drain (S3)";
 
 // ---------------------------------------------------------------------------------------
+// S3o: a 60 s uplink outage under a fixed load, then drain; edgebridge beside the bridge
+// ---------------------------------------------------------------------------------------
+
+const S3O_DEVICES: u32 = 10;
+/// Total messages/s over all devices.
+const S3O_RATE: u64 = 5_000;
+const S3O_WINDOW: u16 = 100;
+/// Normal forwarding before the cut: the reference latency.
+const S3O_NORMAL: Duration = Duration::from_secs(10);
+const S3O_OUTAGE: Duration = Duration::from_secs(60);
+/// Publishing goes on this long after the restore, so the backlog drains beside live
+/// traffic and the live latency after the drain shows whether the target recovered.
+const S3O_AFTER: Duration = Duration::from_secs(30);
+/// After the load ended: how long the backlog may take to arrive.
+const S3O_DRAIN_DEADLINE: Duration = Duration::from_secs(180);
+/// Arrivals this long after the cut still count as in flight at the cut, not as leaks.
+const S3O_CUT_GRACE: Duration = Duration::from_secs(1);
+const S3O_WHAT: &str = "10 devices publish 5,000 msg/s in total (fixed schedule, window \
+                        100) for 100 s; the uplink between the target and the upstream is \
+                        cut from 10 s to 70 s, then restored; the run ends when every \
+                        message arrived";
+const S3O_HEADING: &str = "## Uplink outage (S3o)";
+
+fn s3o_scenario() -> Scenario {
+    let seconds = (S3O_NORMAL + S3O_OUTAGE + S3O_AFTER).as_secs();
+    Scenario {
+        name: "S3o",
+        devices: S3O_DEVICES,
+        per_device: S3O_RATE / S3O_DEVICES as u64 * seconds,
+        window: S3O_WINDOW,
+        rate: S3O_RATE,
+        what: S3O_WHAT,
+    }
+}
+
+/// A TCP relay on the target's uplink (target → upstream) that can be cut and restored.
+///
+/// This is fault injection a real peer cannot do: the upstream must stay up for the
+/// receiver, which connects to it directly and never sees the outage, while the target
+/// loses its uplink. While cut, every relayed connection is closed and new ones are
+/// closed as soon as they are accepted, so the target sees its connection end (EOF) and
+/// every reconnect fail, as behind a broken link that still answers TCP.
+struct Uplink {
+    port: u16,
+    /// `true` while connections are relayed; every relay watches it and closes its two
+    /// sockets when it turns `false` or when the `Uplink` is dropped.
+    up: watch::Sender<bool>,
+    counts: Arc<UplinkCounts>,
+    _accept: Tasks,
+}
+
+/// Connections the uplink saw: how often the target (re)connected.
+#[derive(Default)]
+struct UplinkCounts {
+    relayed: AtomicU64,
+    closed_while_cut: AtomicU64,
+}
+
+impl Uplink {
+    async fn start(upstream_port: u16) -> Result<Uplink, String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("uplink proxy: bind 127.0.0.1:0: {e}"))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| format!("uplink proxy: local address: {e}"))?
+            .port();
+        let (up, _) = watch::channel(true);
+        let counts = Arc::new(UplinkCounts::default());
+        let accept = tokio::spawn(accept_uplink(
+            listener,
+            upstream_port,
+            up.subscribe(),
+            counts.clone(),
+        ));
+        Ok(Uplink {
+            port,
+            up,
+            counts,
+            _accept: Tasks(vec![accept]),
+        })
+    }
+
+    fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+async fn accept_uplink(
+    listener: tokio::net::TcpListener,
+    upstream_port: u16,
+    up: watch::Receiver<bool>,
+    counts: Arc<UplinkCounts>,
+) {
+    loop {
+        let inbound = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // Out of descriptors or similar: the outage must not end because of it.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if !*up.borrow() {
+            counts.closed_while_cut.fetch_add(1, Ordering::Relaxed);
+            drop(inbound);
+            continue;
+        }
+        counts.relayed.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(relay(inbound, upstream_port, up.clone()));
+    }
+}
+
+/// Copies both ways between one target connection and the upstream until either side
+/// closes or the uplink is cut.
+async fn relay(
+    mut inbound: tokio::net::TcpStream,
+    upstream_port: u16,
+    mut up: watch::Receiver<bool>,
+) {
+    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
+    else {
+        return; // dropping `inbound` closes it: the target retries
+    };
+    // Both MQTT peers disable Nagle on their own sockets; the relay must not add it back.
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+        // Returning drops (closes) both sockets.
+        _ = up.wait_for(|up| !*up) => {}
+    }
+}
+
+/// The latency of one group of messages.
+struct Latency {
+    n: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl Latency {
+    fn of(mut latencies_us: Vec<u64>) -> Latency {
+        latencies_us.sort_unstable();
+        Latency {
+            n: latencies_us.len(),
+            p50_ms: percentile_ms(&latencies_us, 50.0),
+            p99_ms: percentile_ms(&latencies_us, 99.0),
+            max_ms: latencies_us.last().map_or(f64::NAN, |&l| l as f64 / 1000.0),
+        }
+    }
+}
+
+/// When the cut and the restore happened, on the `now_us` clock.
+#[derive(Clone, Copy)]
+struct OutageTimes {
+    cut_us: u64,
+    restore_us: u64,
+    /// The cut on the wall clock, in Unix seconds: Mosquitto's log timestamps.
+    cut_unix_s: u64,
+}
+
+/// Live messages slower than this count as still queued behind the backlog.
+const S3O_SLOW: Duration = Duration::from_secs(1);
+
+/// What the receiver's `(sent, latency)` samples say about the outage and the drain.
+struct Drain {
+    /// Latest arrival of a message sent before the restore, minus the restore.
+    seconds: Option<f64>,
+    /// Messages sent before the restore that arrived after it: the backlog that drained.
+    backlog: u64,
+    /// First arrival after the restore, minus the restore: the reconnect.
+    first_after_restore_ms: Option<f64>,
+    /// Arrivals while the uplink was cut (after `S3O_CUT_GRACE`): should be 0.
+    arrived_during_cut: u64,
+    /// Arrival of the last message sent after the restore that took `S3O_SLOW` or more,
+    /// minus the restore: when live traffic was back to normal.
+    slow_until_s: Option<f64>,
+    /// Sent before the cut.
+    normal: Latency,
+    /// Sent during the cut: the backlog's own latency.
+    backlog_latency: Latency,
+    /// Sent at or after the restore and before the drain ended.
+    live: Latency,
+    /// Sent after the drain ended.
+    after: Latency,
+}
+
+fn analyse_drain(samples: &[(u64, u64)], times: OutageTimes) -> Drain {
+    let OutageTimes {
+        cut_us, restore_us, ..
+    } = times;
+    let arrival = |&(sent, latency): &(u64, u64)| sent + latency;
+    let drain_end_us = samples
+        .iter()
+        .filter(|(sent, _)| *sent < restore_us)
+        .map(arrival)
+        .max();
+    // Without arrivals from before the restore, nothing bounds "during the drain".
+    let end_us = drain_end_us.unwrap_or(restore_us).max(restore_us);
+    let latencies = |keep: &dyn Fn(u64) -> bool| {
+        Latency::of(
+            samples
+                .iter()
+                .filter(|(sent, _)| keep(*sent))
+                .map(|&(_, l)| l)
+                .collect(),
+        )
+    };
+    let grace_us = cut_us + S3O_CUT_GRACE.as_micros() as u64;
+    Drain {
+        seconds: drain_end_us.map(|e| e.saturating_sub(restore_us) as f64 / 1e6),
+        backlog: samples
+            .iter()
+            .filter(|s| s.0 < restore_us && arrival(s) >= restore_us)
+            .count() as u64,
+        first_after_restore_ms: samples
+            .iter()
+            .map(arrival)
+            .filter(|&a| a >= restore_us)
+            .min()
+            .map(|a| (a - restore_us) as f64 / 1000.0),
+        arrived_during_cut: samples
+            .iter()
+            .map(arrival)
+            .filter(|&a| a > grace_us && a < restore_us)
+            .count() as u64,
+        slow_until_s: samples
+            .iter()
+            .filter(|&&(sent, l)| sent >= restore_us && l >= S3O_SLOW.as_micros() as u64)
+            .map(arrival)
+            .max()
+            .map(|a| a.saturating_sub(restore_us) as f64 / 1e6),
+        normal: latencies(&|sent| sent < cut_us),
+        backlog_latency: latencies(&|sent| sent >= cut_us && sent < restore_us),
+        live: latencies(&|sent| sent >= restore_us && sent < end_us),
+        after: latencies(&|sent| sent >= end_us),
+    }
+}
+
+/// One target's S3o run.
+struct OutageResult {
+    target: Target,
+    end: End,
+    expected: u64,
+    unique: u64,
+    duplicates: u64,
+    reordered: u64,
+    drain: Drain,
+    /// utime + stime of the target (gateway or edge Mosquitto) over the whole run.
+    cpu_seconds: Option<f64>,
+    cpu_us_per_msg: Option<f64>,
+    peak_rss_mib: Option<f64>,
+    load_before: String,
+    load_after: String,
+    notes: Vec<String>,
+}
+
+impl UnderTest {
+    /// The target's process and device port; `None` for `Direct`, which has no process
+    /// of its own.
+    fn process(&mut self) -> Option<(&mut ChildGuard, u16)> {
+        match self {
+            UnderTest::Direct => None,
+            UnderTest::Gateway(g) => Some((&mut g.process, g.port)),
+            UnderTest::Bridge(b) => Some((&mut b.process, b.port)),
+        }
+    }
+
+    fn log(&self) -> Option<&Path> {
+        match self {
+            UnderTest::Direct => None,
+            UnderTest::Gateway(g) => Some(&g.log),
+            UnderTest::Bridge(b) => Some(&b.log),
+        }
+    }
+}
+
+/// The machine's 1/5/15-minute load average.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+/// Runs S3o against one target: upstream, uplink proxy, target, receiver, devices; the
+/// timeline; then what the receiver saw. Any failure of the setup or of a process is an
+/// error; the guards stop every child process on the way out.
+async fn run_outage(target: Target, binary: &Path, tag: &str) -> Result<OutageResult, String> {
+    let load_before = load_average();
+    let scenario = s3o_scenario();
+    let expected = scenario.devices as u64 * scenario.per_device;
+    let mut upstream = Mosquitto::upstream().await?;
+    let uplink = Uplink::start(upstream.port).await?;
+    let mut expect = Received::new(scenario.devices, scenario.per_device);
+    // Every device keeps (sent, latency), so latencies can be split by send time.
+    expect.split_from = Some(0);
+    expect.latencies_us = Vec::new();
+    expect.split_latencies_us.reserve(expected as usize);
+    let receiver = Receiver::start(upstream.port, &format!("{tag}-rx"), expect).await?;
+    let mut under_test = match target {
+        Target::Gateway => {
+            UnderTest::Gateway(Gateway::start(binary, uplink.port, "backoff_max = \"1s\"").await?)
+        }
+        Target::Bridge => UnderTest::Bridge(Mosquitto::bridge(uplink.port).await?),
+        Target::Direct => return Err("S3o needs an uplink to cut; direct has none".into()),
+    };
+    let Some((process, port)) = under_test.process() else {
+        return Err("S3o: the target has no process".into());
+    };
+    let pid = process.pid();
+    warm_up(port, &format!("{tag}-warmup"), &receiver).await?;
+
+    let stats = Arc::new(LoadStats {
+        first_publish_us: AtomicU64::new(u64::MAX),
+        ..LoadStats::default()
+    });
+    let (start_tx, start_rx) = watch::channel(false);
+    let mut tasks = Tasks(Vec::new());
+    for device in 0..scenario.devices {
+        let id = format!("{tag}-d{device}");
+        let pair = spawn_device(port, id, device, &scenario, start_rx.clone(), stats.clone());
+        tasks.0.extend(pair);
+    }
+    wait_connected(&stats, scenario.devices).await?;
+
+    let cpu_before = cpu_seconds(Some(pid));
+    let upstream_cpu_before = cpu_seconds(Some(upstream.process.pid()));
+    start_tx.send_replace(true);
+    let (end, times, peak_buffer) = drive_outage(
+        &mut under_test,
+        &mut upstream,
+        &uplink,
+        &receiver,
+        &stats,
+        expected,
+    )
+    .await?;
+
+    let received = std::mem::take(&mut *lock(&receiver.received));
+    let cpu_after = cpu_seconds(Some(pid));
+    let upstream_cpu_after = cpu_seconds(Some(upstream.process.pid()));
+    let peak_rss = peak_rss_mib(pid);
+    drop(tasks);
+    // Let the target see the upstream's last acknowledgements before reading its counters.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if received.unique == 0 {
+        return Err("nothing reached the receiver".into());
+    }
+
+    let drain = analyse_drain(&received.split_latencies_us, times);
+    let unique = received.unique;
+    let mut notes = vec![
+        format!(
+            "devices: acked {} of {expected}, connection errors {}, abandoned {}; receiver: \
+             connection errors {}, stray {}",
+            stats.acked.load(Ordering::Relaxed),
+            stats.connection_errors.load(Ordering::Relaxed),
+            stats.abandoned.load(Ordering::Relaxed),
+            received.connection_errors,
+            received.unparsed,
+        ),
+        format!(
+            "backlog at the restore {} messages, drained at {} msg/s beside the live load; \
+             first arrival {} ms after the restore; live latency under {} s again {} s after \
+             the restore; arrivals during the cut {}",
+            drain.backlog,
+            drain
+                .seconds
+                .filter(|s| *s > 0.0)
+                .map_or("n/a".into(), |s| format!("{:.0}", drain.backlog as f64 / s)),
+            opt(drain.first_after_restore_ms, 0),
+            S3O_SLOW.as_secs(),
+            opt(drain.slow_until_s, 1),
+            drain.arrived_during_cut,
+        ),
+        format!(
+            "latency of the messages sent during the cut p50 / max {} / {} ms (n = {}); \
+             normal p50 {} ms (n = {}); upstream Mosquitto CPU {} µs/msg",
+            ms(drain.backlog_latency.p50_ms, 0),
+            ms(drain.backlog_latency.max_ms, 0),
+            drain.backlog_latency.n,
+            ms(drain.normal.p50_ms, 2),
+            drain.normal.n,
+            opt(
+                cpu_per_msg(upstream_cpu_before, upstream_cpu_after, unique),
+                1
+            ),
+        ),
+        format!(
+            "uplink connections: relayed {}, closed while cut {}",
+            uplink.counts.relayed.load(Ordering::Relaxed),
+            uplink.counts.closed_while_cut.load(Ordering::Relaxed),
+        ),
+    ];
+    notes.extend(target_notes(&under_test, peak_buffer, times));
+    Ok(OutageResult {
+        target,
+        end,
+        expected,
+        unique,
+        duplicates: received.duplicates,
+        reordered: received.reordered,
+        drain,
+        cpu_seconds: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
+        cpu_us_per_msg: cpu_per_msg(cpu_before, cpu_after, unique),
+        peak_rss_mib: peak_rss,
+        load_before,
+        load_after: load_average(),
+        notes,
+    })
+}
+
+/// The timeline: normal load, cut, restore, load until its end, then wait for the
+/// backlog. Returns why the wait ended, when the cut and restore happened, and the peak
+/// of the gateway's buffer depth. A process that dies ends the run with an error.
+async fn drive_outage(
+    under_test: &mut UnderTest,
+    upstream: &mut Mosquitto,
+    uplink: &Uplink,
+    receiver: &Receiver,
+    stats: &LoadStats,
+    expected: u64,
+) -> Result<(End, OutageTimes, Option<u64>), String> {
+    let started = Instant::now();
+    let load_end = S3O_NORMAL + S3O_OUTAGE + S3O_AFTER;
+    let (mut cut_us, mut restore_us) = (None, None);
+    let mut peak_buffer = None;
+    let mut last_scrape = Instant::now();
+    let mut last_report = Instant::now();
+    let mut last_progress = (Instant::now(), 0u64, 0u64);
+    let end = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        check_alive(under_test, upstream)?;
+        if let UnderTest::Gateway(g) = &*under_test {
+            // The backlog as the gateway counts it, twice a second.
+            if last_scrape.elapsed() >= Duration::from_millis(500) {
+                last_scrape = Instant::now();
+                if let Some(page) = scrape(g.admin_port) {
+                    let depth = metric_sum(&page, "edgebridge_buffer_messages") as u64;
+                    peak_buffer = Some(peak_buffer.unwrap_or(0).max(depth));
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        let (unique, acked) = (receiver.unique(), stats.acked.load(Ordering::Relaxed));
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            last_report = Instant::now();
+            eprintln!(
+                "  {:>3.0} s: acked {acked}, received {unique}{}",
+                elapsed.as_secs_f64(),
+                peak_buffer.map_or(String::new(), |p| format!(", buffer peak {p}"))
+            );
+        }
+        if cut_us.is_none() && elapsed >= S3O_NORMAL {
+            if unique == 0 {
+                return Err(format!(
+                    "nothing reached the receiver in the first {} s",
+                    S3O_NORMAL.as_secs()
+                ));
+            }
+            uplink.cut();
+            cut_us = Some((now_us(), unix_seconds()));
+            eprintln!("  uplink cut");
+        }
+        if cut_us.is_some() && restore_us.is_none() && elapsed >= S3O_NORMAL + S3O_OUTAGE {
+            uplink.restore();
+            restore_us = Some(now_us());
+            eprintln!("  uplink restored");
+        }
+        if (unique, acked) != (last_progress.1, last_progress.2) {
+            last_progress = (Instant::now(), unique, acked);
+        }
+        // Before the load ended the schedule decides; after it, arrivals do.
+        if elapsed < load_end {
+            continue;
+        }
+        if unique >= expected {
+            break End::Complete;
+        }
+        if last_progress.0.elapsed() > IDLE_LIMIT {
+            break End::Idle;
+        }
+        if elapsed > load_end + S3O_DRAIN_DEADLINE {
+            break End::Deadline;
+        }
+    };
+    // The loop passes the restore before it can end, so both are set.
+    let (Some((cut_us, cut_unix_s)), Some(restore_us)) = (cut_us, restore_us) else {
+        return Err("the run ended before the uplink was cut and restored".into());
+    };
+    let times = OutageTimes {
+        cut_us,
+        restore_us,
+        cut_unix_s,
+    };
+    Ok((end, times, peak_buffer))
+}
+
+/// An error with the log tail when the target or the upstream exited.
+fn check_alive(under_test: &mut UnderTest, upstream: &mut Mosquitto) -> Result<(), String> {
+    let target_exited = under_test.process().is_some_and(|(p, _)| p.has_exited());
+    if target_exited {
+        let log = under_test.log().map_or(String::new(), |l| tail(l, 10));
+        return Err(format!("the target exited during the run:\n{log}"));
+    }
+    if upstream.process.has_exited() {
+        return Err(format!(
+            "the upstream Mosquitto exited during the run:\n{}",
+            tail(&upstream.log, 10)
+        ));
+    }
+    Ok(())
+}
+
+/// What the target says about itself: the gateway's counters and warnings, or how often
+/// the bridge connected.
+fn target_notes(
+    under_test: &UnderTest,
+    peak_buffer: Option<u64>,
+    times: OutageTimes,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    match under_test {
+        UnderTest::Gateway(g) => {
+            if let Some(page) = scrape(g.admin_port) {
+                let m = |name: &str| metric_sum(&page, name) as u64;
+                notes.push(format!(
+                    "gateway: received {} delivered {} sink errors {} buffer dropped {} \
+                     messages dropped {} buffer left {} buffer peak ≥{}",
+                    m("edgebridge_messages_received_total"),
+                    m("edgebridge_sink_delivered_total"),
+                    m("edgebridge_sink_errors_total"),
+                    m("edgebridge_buffer_dropped_total"),
+                    m("edgebridge_messages_dropped_total"),
+                    m("edgebridge_buffer_messages"),
+                    peak_buffer.unwrap_or(0),
+                ));
+            }
+            let log = std::fs::read_to_string(&g.log).unwrap_or_default();
+            let problems: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            if let (Some(first), Some(last)) = (problems.first(), problems.last()) {
+                notes.push(format!(
+                    "gateway log: {} warning/error lines; first: {}; last: {}",
+                    problems.len(),
+                    strip_ansi(first),
+                    strip_ansi(last)
+                ));
+            }
+        }
+        UnderTest::Bridge(b) => {
+            let log = std::fs::read_to_string(&b.log).unwrap_or_default();
+            let attempts = bridge_connects(&log, times.cut_unix_s);
+            let after_cut: Vec<String> = attempts
+                .iter()
+                .filter_map(|a| a.map(|s| s.to_string()))
+                .collect();
+            // A bridge retrying every second would make a 60-item list; its ends suffice.
+            let shown = if after_cut.len() > 8 {
+                let (head, tail) = (&after_cut[..5], &after_cut[after_cut.len() - 2..]);
+                format!("{}, …, {}", head.join(", "), tail.join(", "))
+            } else {
+                after_cut.join(", ")
+            };
+            notes.push(format!(
+                "bridge: \"Connecting bridge\" {} times in its log, {} of them from the cut on, \
+                 at (s after the cut, 1 s resolution): {shown}",
+                attempts.len(),
+                after_cut.len(),
+            ));
+        }
+        UnderTest::Direct => {}
+    }
+    notes
+}
+
+/// Every "Connecting bridge" in a Mosquitto log, as seconds after `cut_unix_s` (`None`
+/// for attempts before the cut, or a line without a timestamp).
+fn bridge_connects(log: &str, cut_unix_s: u64) -> Vec<Option<i64>> {
+    log.lines()
+        .filter(|l| l.contains("Connecting bridge (step 1)"))
+        .map(|l| {
+            let at: u64 = l.split_once(':')?.0.trim().parse().ok()?;
+            (at >= cut_unix_s).then(|| at as i64 - cut_unix_s as i64)
+        })
+        .collect()
+}
+
+/// The wall clock in whole seconds since the Unix epoch (0 if the clock is before it).
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn outage_table(results: &[OutageResult]) -> String {
+    let mut t = String::from(
+        "| target | end | received/expected | lost | dups | reordered | drain s \
+         | live latency during the drain p50 / p99 / max ms | after the drain p50 / p99 ms \
+         | normal p99 ms | CPU s | CPU µs/msg | peak RSS MiB | load before → after |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in results {
+        let d = &r.drain;
+        let _ = writeln!(
+            t,
+            "| {} | {} | {}/{} | {} | {} | {} | {} | {} / {} / {} (n = {}) \
+             | {} / {} (n = {}) | {} | {} | {} | {} | {} → {} |",
+            r.target.name(),
+            end_word(r.end),
+            r.unique,
+            r.expected,
+            r.expected.saturating_sub(r.unique),
+            r.duplicates,
+            r.reordered,
+            opt(d.seconds, 1),
+            ms(d.live.p50_ms, 0),
+            ms(d.live.p99_ms, 0),
+            ms(d.live.max_ms, 0),
+            d.live.n,
+            ms(d.after.p50_ms, 2),
+            ms(d.after.p99_ms, 2),
+            d.after.n,
+            ms(d.normal.p99_ms, 2),
+            opt(r.cpu_seconds, 1),
+            opt(r.cpu_us_per_msg, 1),
+            opt(r.peak_rss_mib, 1),
+            r.load_before,
+            r.load_after,
+        );
+    }
+    t
+}
+
+fn end_word(end: End) -> &'static str {
+    match end {
+        End::Complete => "complete",
+        End::Idle => "stalled (idle)",
+        End::Deadline => "deadline",
+        End::Exited => "process exited",
+    }
+}
+
+fn outage_markdown(results: &[OutageResult], table: &str, failures: &[String]) -> String {
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
+        .unwrap_or_else(|| "unknown date".into());
+    let mut md = format!("{S3O_HEADING}\n\n");
+    let _ = writeln!(md, "Produced by `cargo bench --bench forward -- S3o`.\n");
+    let _ = writeln!(md, "- date: {date}");
+    let _ = writeln!(md, "- machine: {}", machine_description());
+    let _ = writeln!(md, "- revision: {}", revision());
+    let _ = writeln!(md, "- scenario: {S3O_WHAT}\n");
+    md += table;
+    let _ = writeln!(
+        md,
+        "\nBoth targets run one after the other against a fresh upstream Mosquitto (as in \
+         S1) with the same load. The outage is a TCP proxy in the bench between the target \
+         and the upstream: at the cut it closes every connection and then closes each new \
+         one at once; the receiver subscribes on the upstream directly. edgebridge: `ack = \
+         \"durable\"`, disk buffer, one mqtt sink (inflight {FORWARD_WINDOW}, backoff_max \
+         1s). Mosquitto bridge: as in S1 (cleansession false, restart_timeout 1, \
+         max_inflight_messages {FORWARD_WINDOW}, max_queued_messages 0 = unlimited). \
+         lost: expected − unique arrivals. drain s: latest arrival of a message sent \
+         before the restore − the restore. Live latency during the drain: messages sent \
+         from the restore to the end of the drain, from their scheduled send time; they \
+         queue behind the backlog, in order. After the drain: messages sent after it \
+         ended, which still wait for the live messages queued during the drain, hence \
+         the p99. normal: messages sent before the cut. CPU: utime + stime of the \
+         target (gateway or edge Mosquitto) from the first publish to the end of the run, \
+         per message received. \
+         Peak RSS: VmHWM. Load: /proc/loadavg (1/5/15 min) before and after each target's \
+         run; the machine was shared with other builds, so numbers are noisy.\n"
+    );
+    for r in results {
+        let _ = writeln!(md, "{}:\n", r.target.name());
+        for n in &r.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+        md += "\n";
+    }
+    for f in failures {
+        let _ = writeln!(md, "FAILED {f}\n");
+    }
+    md
+}
+
+/// Runs S3o for each of `targets`, prints the table and writes its RESULTS.md section.
+async fn run_outages(
+    targets: &[Target],
+    binary: &Path,
+    failures: &mut Vec<String>,
+) -> Result<(), String> {
+    let mut results = Vec::new();
+    let mut own_failures = Vec::new();
+    for (i, &target) in targets.iter().enumerate() {
+        eprintln!("S3o: {S3O_WHAT} → {} …", target.name());
+        match run_outage(target, binary, &format!("bench-s3o-{i}")).await {
+            Ok(r) => {
+                eprintln!(
+                    "  {}/{} received, drain {} s, live p99 {} ms",
+                    r.unique,
+                    r.expected,
+                    opt(r.drain.seconds, 1),
+                    ms(r.drain.live.p99_ms, 0)
+                );
+                results.push(r);
+            }
+            Err(e) => {
+                eprintln!("  FAILED: {e}");
+                own_failures.push(format!("S3o / {}: {e}", target.name()));
+            }
+        }
+    }
+    let table = outage_table(&results);
+    println!("\nUplink outage (S3o):\n\n{table}");
+    for r in &results {
+        for n in &r.notes {
+            println!("- {}: {n}", r.target.name());
+        }
+    }
+    let written = if results.is_empty() {
+        Ok(()) // keep the last good section
+    } else {
+        write_section(
+            S3O_HEADING,
+            &outage_markdown(&results, &table, &own_failures),
+        )
+    };
+    failures.extend(own_failures);
+    written
+}
+
+// ---------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------
 
 fn opt(v: Option<f64>, decimals: usize) -> String {
     v.map_or("n/a".into(), |v| format!("{v:.decimals$}"))
+}
+
+/// A latency in ms; "n/a" for the NaN of an empty group.
+fn ms(v: f64, decimals: usize) -> String {
+    opt(Some(v).filter(|v| !v.is_nan()), decimals)
 }
 
 fn results_table(results: &[RunResult]) -> String {
@@ -1656,12 +2408,7 @@ fn diagnostics_table(results: &[RunResult]) -> String {
          |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in results {
-        let end = match r.end {
-            End::Complete => "complete",
-            End::Idle => "stalled (idle)",
-            End::Deadline => "deadline",
-            End::Exited => "process exited",
-        };
+        let end = end_word(r.end);
         let _ = writeln!(
             t,
             "| {} | {} | {end} | {}/{} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
@@ -1790,8 +2537,10 @@ fn results_markdown(results: &[RunResult], table: &str, diagnostics: &str) -> St
 // ---------------------------------------------------------------------------------------
 
 async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
-    // S3 runs only when named; the S1 scenarios run unless only S3 was named.
-    let run_s3 = filters.iter().any(|f| f.eq_ignore_ascii_case("S3"));
+    // S3 and S3o run only when named; the S1 scenarios run unless only those were named.
+    let named = |name: &str| filters.iter().any(|f| f.eq_ignore_ascii_case(name));
+    let (run_s3, run_s3o) = (named("S3"), named("S3o"));
+    let long_scenario = |f: &str| f.eq_ignore_ascii_case("S3") || f.eq_ignore_ascii_case("S3o");
     // Target names ("direct", "edgebridge", "bridge") narrow the targets.
     let target_word = |f: &str| Target::ALL.iter().any(|t| t.word() == f);
     let targets: Vec<Target> = Target::ALL
@@ -1802,16 +2551,16 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
         .collect();
     let s1_filters: Vec<&String> = filters
         .iter()
-        .filter(|f| !f.eq_ignore_ascii_case("S3") && !target_word(f))
+        .filter(|f| !long_scenario(f) && !target_word(f))
         .collect();
     let selected: Vec<&Scenario> = SCENARIOS
         .iter()
         .filter(|s| {
-            s1_filters.is_empty() && !run_s3
+            s1_filters.is_empty() && !run_s3 && !run_s3o
                 || s1_filters.iter().any(|f| f.eq_ignore_ascii_case(s.name))
         })
         .collect();
-    if selected.is_empty() && !run_s3 {
+    if selected.is_empty() && !run_s3 && !run_s3o {
         return Err(format!("no scenario matches {filters:?}"));
     }
     let mut results = Vec::new();
@@ -1870,6 +2619,19 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
                 eprintln!("  FAILED: {e}");
                 failures.push(format!("S3 / edgebridge: {e}"));
             }
+        }
+    }
+    if run_s3o {
+        // Without an uplink between them, direct has nothing to cut.
+        let outage_targets: Vec<Target> = targets
+            .iter()
+            .copied()
+            .filter(|t| *t != Target::Direct)
+            .collect();
+        if outage_targets.is_empty() {
+            failures.push("S3o: runs only against edgebridge and bridge".into());
+        } else {
+            run_outages(&outage_targets, &binary, &mut failures).await?;
         }
     }
     for f in &failures {
