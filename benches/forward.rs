@@ -230,11 +230,16 @@ impl Mosquitto {
     }
 
     /// A Mosquitto that bridges `bench/#` to `upstream_port`.
+    ///
+    /// `restart_timeout 1 1` (base and cap): a single value does not turn off
+    /// Mosquitto 2.0's jittered backoff (default base 5 s, cap 30 s; seen as 6–31 s
+    /// between attempts in S3o), and the bridge should retry about every second, as the
+    /// gateway does with `backoff_max = "1s"`.
     async fn bridge(upstream_port: u16) -> Result<Mosquitto, String> {
         let bridge = format!(
             "connection upstream\naddress 127.0.0.1:{upstream_port}\n\
              topic bench/# out 1\nbridge_protocol_version mqttv311\ncleansession false\n\
-             notifications false\nrestart_timeout 1\n"
+             notifications false\nrestart_timeout 1 1\n"
         );
         Mosquitto::start(FORWARD_WINDOW, &bridge, None).await
     }
@@ -2291,7 +2296,7 @@ fn outage_markdown(results: &[OutageResult], table: &str, failures: &[String]) -
          and the upstream: at the cut it closes every connection and then closes each new \
          one at once; the receiver subscribes on the upstream directly. edgebridge: `ack = \
          \"durable\"`, disk buffer, one mqtt sink (inflight {FORWARD_WINDOW}, backoff_max \
-         1s). Mosquitto bridge: as in S1 (cleansession false, restart_timeout 1, \
+         1s). Mosquitto bridge: as in S1 (cleansession false, restart_timeout 1 1, \
          max_inflight_messages {FORWARD_WINDOW}, max_queued_messages 0 = unlimited). \
          lost: expected − unique arrivals. drain s: latest arrival of a message sent \
          before the restore − the restore. Live latency during the drain: messages sent \
