@@ -2,8 +2,9 @@
 # Runs every benchmark scenario, one after the other, and prints one markdown summary.
 #
 #   bash scripts/bench.sh            # S1, S1b, S1c, S2 (edgebridge, Mosquitto bridge, direct),
-#                                    # S3 backlog drain, S4 idle connections, S5 sinks, rules
-#   bash scripts/bench.sh quick      # everything but S3 and S4 (the long ones)
+#                                    # S3 backlog drain, S3o uplink outage (edgebridge and
+#                                    # Mosquitto bridge), S4 idle connections, S5 sinks, rules
+#   bash scripts/bench.sh quick      # everything but S3, S3o and S4 (the long ones)
 #
 # Each bench keeps its own detailed file (benches/RESULTS*.md); this script prints their
 # main tables together with the machine's load average before and after each bench, so a
@@ -32,6 +33,7 @@ run() {
 run "S1, S1b, S1c, S2" --bench forward
 if [ "$quick" != quick ]; then
     run "S3" --bench forward -- S3
+    run "S3o" --bench forward -- S3o
     run "S4" --bench idle
 fi
 run "S5" --bench sinks
@@ -55,6 +57,9 @@ if [ "$quick" != quick ]; then
     echo "## S3: backlog drain (benches/RESULTS.md)"
     echo
     section benches/RESULTS.md "| phase | measure"
+    echo "## S3o: uplink outage, edgebridge and Mosquitto bridge (benches/RESULTS.md)"
+    echo
+    section benches/RESULTS.md "| target | end"
     echo "## S4: idle connections (benches/RESULTS-idle.md)"
     echo
     section benches/RESULTS-idle.md "| target | connections"
