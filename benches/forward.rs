@@ -1,7 +1,9 @@
 //! End-to-end forwarding benchmark: devices → target → upstream Mosquitto → receiver.
 //!
 //! Run with `cargo bench --bench forward` (add `-- S1c` to run only the named scenarios,
-//! `-- S2 edgebridge` to run one target; `EDGEBRIDGE_BENCH_LISTENER` / `EDGEBRIDGE_BENCH_SINK`
+//! `-- S2 edgebridge` to run one target (`direct`, `edgebridge`, `edgebridge-received`,
+//! `bridge`); fixed-rate scenarios run 3 interleaved rounds of every target and add
+//! `edgebridge-received` (`ack = "received"`); `EDGEBRIDGE_BENCH_LISTENER` / `EDGEBRIDGE_BENCH_SINK`
 //! add TOML keys to the gateway's listener / sink, for experiments;
 //! results are written to `benches/RESULTS.md` only when every S1/S2 scenario ran). S2
 //! publishes at a fixed total rate instead of flat out, for latency. The
@@ -121,17 +123,26 @@ const SCENARIOS: [Scenario; 4] = [
 enum Target {
     Direct,
     Gateway,
+    /// edgebridge with `ack = "received"`: device PUBACKs do not wait for the fsync, as
+    /// with Mosquitto (fixed-rate scenarios only, where that is what differs).
+    GatewayAckReceived,
     Bridge,
 }
 
 impl Target {
-    const ALL: [Target; 3] = [Target::Direct, Target::Gateway, Target::Bridge];
+    const ALL: [Target; 4] = [
+        Target::Direct,
+        Target::Gateway,
+        Target::GatewayAckReceived,
+        Target::Bridge,
+    ];
 
     /// How a target is named on the command line.
     fn word(self) -> &'static str {
         match self {
             Target::Direct => "direct",
             Target::Gateway => "edgebridge",
+            Target::GatewayAckReceived => "edgebridge-received",
             Target::Bridge => "bridge",
         }
     }
@@ -140,10 +151,21 @@ impl Target {
         match self {
             Target::Direct => "direct (no gateway)",
             Target::Gateway => "edgebridge",
+            Target::GatewayAckReceived => "edgebridge, ack = received",
             Target::Bridge => "mosquitto-bridge",
         }
     }
+
+    /// Whether `scenario` runs against this target.
+    fn runs(self, scenario: &Scenario) -> bool {
+        self != Target::GatewayAckReceived || scenario.rate > 0
+    }
 }
+
+/// Fixed-rate scenarios (latency) run this many rounds of every target, interleaved, and
+/// are summarised by the median round: one run's p99 moves by a millisecond on a shared
+/// 2-core machine.
+const FIXED_RATE_ROUNDS: usize = 3;
 
 // ---------------------------------------------------------------------------------------
 // Child processes
@@ -259,6 +281,16 @@ struct Gateway {
 impl Gateway {
     /// `sink_extra`: more keys for the `[sinks.upstream]` table.
     async fn start(binary: &Path, upstream_port: u16, sink_extra: &str) -> Result<Gateway, String> {
+        Gateway::start_with(binary, upstream_port, sink_extra, None).await
+    }
+
+    /// As [`Gateway::start`]; `listener_keys` replace the listener's `ack = "durable"`.
+    async fn start_with(
+        binary: &Path,
+        upstream_port: u16,
+        sink_extra: &str,
+        listener_keys: Option<&str>,
+    ) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
         let (port, admin_port) = (free_port()?, free_port()?);
         let config = format!(
@@ -290,8 +322,11 @@ level = "warn"
 "#,
             data = dir.path().join("data").display(),
             // The experiment's keys replace the default `ack`.
-            listener_keys = std::env::var("EDGEBRIDGE_BENCH_LISTENER")
-                .unwrap_or_else(|_| "ack = \"durable\"".into()),
+            listener_keys = match listener_keys {
+                Some(keys) => keys.to_string(),
+                None => std::env::var("EDGEBRIDGE_BENCH_LISTENER")
+                    .unwrap_or_else(|_| "ack = \"durable\"".into()),
+            },
             sink_env = std::env::var("EDGEBRIDGE_BENCH_SINK").unwrap_or_default(),
         );
         let config_path = dir.path().join("edgebridge.toml");
@@ -780,6 +815,9 @@ async fn run_one(
     let mut under_test = match target {
         Target::Direct => UnderTest::Direct,
         Target::Gateway => UnderTest::Gateway(Gateway::start(binary, upstream.port, "").await?),
+        Target::GatewayAckReceived => UnderTest::Gateway(
+            Gateway::start_with(binary, upstream.port, "", Some("ack = \"received\"")).await?,
+        ),
         Target::Bridge => UnderTest::Bridge(Mosquitto::bridge(upstream.port).await?),
     };
     let (port, pid) = match &under_test {
@@ -1938,7 +1976,9 @@ async fn run_outage(target: Target, binary: &Path, tag: &str) -> Result<OutageRe
             UnderTest::Gateway(Gateway::start(binary, uplink.port, "backoff_max = \"1s\"").await?)
         }
         Target::Bridge => UnderTest::Bridge(Mosquitto::bridge(uplink.port).await?),
-        Target::Direct => return Err("S3o needs an uplink to cut; direct has none".into()),
+        Target::Direct | Target::GatewayAckReceived => {
+            return Err("S3o runs against edgebridge and bridge only".into())
+        }
     };
     let Some((process, port)) = under_test.process() else {
         return Err("S3o: the target has no process".into());
@@ -2382,7 +2422,16 @@ fn ms(v: f64, decimals: usize) -> String {
 }
 
 fn results_table(results: &[RunResult]) -> String {
-    let mut t = String::from(
+    let summary = rounds_summary(results);
+    let mut t = if summary.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Fixed-rate scenarios, {FIXED_RATE_ROUNDS} interleaved rounds per target, the \
+             median round:\n\n{summary}\nEvery run:\n\n"
+        )
+    };
+    t += &String::from(
         "| scenario | target | msg/s | loss | dups | reordered | p50 ms | p99 ms \
          | peak RSS MiB | CPU µs/msg |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
@@ -2403,6 +2452,48 @@ fn results_table(results: &[RunResult]) -> String {
         );
     }
     t
+}
+
+/// Per fixed-rate scenario and target: the round with the median p99 (rounds by p99,
+/// the middle one), with the spread of p99 over the rounds.
+fn rounds_summary(results: &[RunResult]) -> String {
+    let mut t = String::from(
+        "| scenario | target | rounds | p50 ms | p99 ms (median round) | p99 ms over the rounds \
+         | CPU µs/msg | loss |\n|---|---|---:|---:|---:|---|---:|---:|\n",
+    );
+    let mut any = false;
+    for scenario in SCENARIOS.iter().filter(|s| s.rate > 0) {
+        for target in Target::ALL {
+            let mut runs: Vec<&RunResult> = results
+                .iter()
+                .filter(|r| r.scenario == scenario.name && r.target == target)
+                .collect();
+            if runs.len() < 2 {
+                continue;
+            }
+            any = true;
+            runs.sort_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms));
+            let median = runs[runs.len() / 2];
+            let spread: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.p99_ms)).collect();
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {} |",
+                scenario.name,
+                target.name(),
+                runs.len(),
+                median.p50_ms,
+                median.p99_ms,
+                spread.join(", "),
+                opt(median.cpu_us_per_msg, 1),
+                runs.iter().map(|r| r.expected - r.unique).sum::<u64>(),
+            );
+        }
+    }
+    if any {
+        t
+    } else {
+        String::new()
+    }
 }
 
 fn diagnostics_table(results: &[RunResult]) -> String {
@@ -2518,7 +2609,10 @@ fn results_markdown(results: &[RunResult], table: &str, diagnostics: &str) -> St
          device's window has room) to arrival at the upstream receiver. Peak RSS (VmHWM) \
          and CPU (utime + stime during the load) are the target's; for `direct` they are \
          the upstream Mosquitto's. Targets: edgebridge `ack = \"durable\"` with one mqtt \
-         sink (inflight {FORWARD_WINDOW}); Mosquitto bridge `topic bench/# out 1`, \
+         sink (inflight {FORWARD_WINDOW}); in fixed-rate scenarios also \
+         `edgebridge, ack = received`, the same gateway whose device PUBACKs do not wait \
+         for the buffer's fsync (it still fsyncs every batch), as Mosquitto acks on \
+         receipt; Mosquitto bridge `topic bench/# out 1`, \
          mqttv311, cleansession false, max_inflight_messages {FORWARD_WINDOW} (same \
          upstream window as the gateway). Upstream Mosquitto: persistence false, \
          max_queued_messages 0, max_inflight_messages {RECEIVER_WINDOW} toward the \
@@ -2571,35 +2665,49 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
     let mut results = Vec::new();
     let mut failures = Vec::new();
     let bench_started = Instant::now();
+    let mut runs: Vec<(&Scenario, Target)> = Vec::new();
     for scenario in &selected {
-        for &target in &targets {
-            if bench_started.elapsed() > TOTAL_BUDGET {
-                failures.push(format!(
-                    "{} / {}: skipped, the bench ran over {} s",
-                    scenario.name,
-                    target.name(),
-                    TOTAL_BUDGET.as_secs()
-                ));
-                continue;
-            }
-            let tag = format!(
-                "bench-{}-{}",
-                scenario.name.to_lowercase(),
-                results.len() + failures.len()
+        let rounds = if scenario.rate > 0 {
+            FIXED_RATE_ROUNDS
+        } else {
+            1
+        };
+        for _ in 0..rounds {
+            runs.extend(
+                targets
+                    .iter()
+                    .filter(|t| t.runs(scenario))
+                    .map(|&t| (*scenario, t)),
             );
-            eprintln!("{} → {} …", scenario.what, target.name());
-            match run_one(scenario, target, &binary, &tag).await {
-                Ok(r) => {
-                    eprintln!(
-                        "  {:.0} msg/s, {}/{} received, {} dups, p99 {:.2} ms, {:.1} s",
-                        r.msg_per_s, r.unique, r.expected, r.duplicates, r.p99_ms, r.seconds
-                    );
-                    results.push(r);
-                }
-                Err(e) => {
-                    eprintln!("  FAILED: {e}");
-                    failures.push(format!("{} / {}: {e}", scenario.name, target.name()));
-                }
+        }
+    }
+    for (scenario, target) in runs {
+        if bench_started.elapsed() > TOTAL_BUDGET {
+            failures.push(format!(
+                "{} / {}: skipped, the bench ran over {} s",
+                scenario.name,
+                target.name(),
+                TOTAL_BUDGET.as_secs()
+            ));
+            continue;
+        }
+        let tag = format!(
+            "bench-{}-{}",
+            scenario.name.to_lowercase(),
+            results.len() + failures.len()
+        );
+        eprintln!("{} → {} …", scenario.what, target.name());
+        match run_one(scenario, target, &binary, &tag).await {
+            Ok(r) => {
+                eprintln!(
+                    "  {:.0} msg/s, {}/{} received, {} dups, p99 {:.2} ms, {:.1} s",
+                    r.msg_per_s, r.unique, r.expected, r.duplicates, r.p99_ms, r.seconds
+                );
+                results.push(r);
+            }
+            Err(e) => {
+                eprintln!("  FAILED: {e}");
+                failures.push(format!("{} / {}: {e}", scenario.name, target.name()));
             }
         }
     }
@@ -2631,7 +2739,7 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
         let outage_targets: Vec<Target> = targets
             .iter()
             .copied()
-            .filter(|t| *t != Target::Direct)
+            .filter(|t| matches!(t, Target::Gateway | Target::Bridge))
             .collect();
         if outage_targets.is_empty() {
             failures.push("S3o: runs only against edgebridge and bridge".into());
