@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every benchmark scenario, one after the other, and prints one markdown summary.
 #
-#   bash scripts/bench.sh            # S1, S1b, S1c, S2 (edgebridge, Mosquitto bridge, direct),
+#   bash scripts/bench.sh            # S1, S1b, S1c, S2 (edgebridge, Mosquitto bridge, direct;
+#                                    # S2 in 3 rounds, also edgebridge with ack = received),
 #                                    # S3 backlog drain, S3o uplink outage (edgebridge and
 #                                    # Mosquitto bridge), S4 idle connections, S5 sinks, rules
 #   bash scripts/bench.sh quick      # everything but S3, S3o and S4 (the long ones)
