@@ -832,23 +832,8 @@ async fn run_one(
         ..LoadStats::default()
     });
     let (start_tx, start_rx) = watch::channel(false);
-    let mut tasks = Tasks(Vec::new());
-    for device in 0..scenario.devices {
-        let id = format!("{run_tag}-d{device}");
-        let pair = spawn_device(port, id, device, scenario, start_rx.clone(), stats.clone());
-        tasks.0.extend(pair);
-    }
-    let connect_deadline = Instant::now() + START_LIMIT;
-    while stats.connected.load(Ordering::Relaxed) < scenario.devices as u64 {
-        if Instant::now() > connect_deadline {
-            return Err(format!(
-                "only {} of {} devices connected",
-                stats.connected.load(Ordering::Relaxed),
-                scenario.devices
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let tasks = spawn_devices(port, run_tag, scenario, &start_rx, &stats);
+    wait_connected(&stats, scenario.devices).await?;
 
     let cpu_before = cpu_seconds(Some(pid));
     let upstream_cpu_before = cpu_seconds(Some(upstream.process.pid()));
@@ -906,31 +891,10 @@ async fn run_one(
     let mut notes = Vec::new();
     match &under_test {
         UnderTest::Gateway(g) => {
-            if let Some((200, page)) = http_get(g.admin_port, "/metrics") {
-                let m = |name: &str| metric_sum(&page, name) as u64;
-                notes.push(format!(
-                    "gateway: received {} delivered {} sink errors {} buffer dropped {} \
-                     messages dropped {} buffer left {} buffer peak ≥{}",
-                    m("edgebridge_messages_received_total"),
-                    m("edgebridge_sink_delivered_total"),
-                    m("edgebridge_sink_errors_total"),
-                    m("edgebridge_buffer_dropped_total"),
-                    m("edgebridge_messages_dropped_total"),
-                    m("edgebridge_buffer_messages"),
-                    peak_buffer.unwrap_or(0),
-                ));
+            if let Some(counters) = gateway_counters(g.admin_port, Some(peak_buffer.unwrap_or(0))) {
+                notes.push(format!("gateway: {counters}"));
             }
-            let log = std::fs::read_to_string(&g.log).unwrap_or_default();
-            let problems: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-                .collect();
-            if let Some(first) = problems.first() {
-                notes.push(format!(
-                    "{} warning/error log lines, first: {first}",
-                    problems.len()
-                ));
-            }
+            notes.extend(log_problems(&g.log));
             // Which buffer the build under test has: files under data_dir mean a disk log.
             let (files, bytes) = dir_usage(&g.data_dir);
             if files > 0 {
@@ -1124,6 +1088,66 @@ fn scrape(admin_port: u16) -> Option<String> {
     }
 }
 
+/// The gateway's message counters, as one note (`peak_buffer`: the deepest buffer seen).
+fn gateway_counters(admin_port: u16, peak_buffer: Option<u64>) -> Option<String> {
+    let page = scrape(admin_port)?;
+    let m = |name: &str| metric_sum(&page, name) as u64;
+    let mut note = format!(
+        "received {} delivered {} sink errors {} buffer dropped {} messages dropped {} \
+         buffer left {}",
+        m("edgebridge_messages_received_total"),
+        m("edgebridge_sink_delivered_total"),
+        m("edgebridge_sink_errors_total"),
+        m("edgebridge_buffer_dropped_total"),
+        m("edgebridge_messages_dropped_total"),
+        m("edgebridge_buffer_messages"),
+    );
+    if let Some(peak) = peak_buffer {
+        let _ = write!(note, " buffer peak ≥{peak}");
+    }
+    Some(note)
+}
+
+/// How many warnings and errors the gateway logged, with the first and the last.
+fn log_problems(log: &Path) -> Option<String> {
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let problems: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    let (first, last) = (problems.first()?, problems.last()?);
+    Some(format!(
+        "{} warning/error log lines; first: {}; last: {}",
+        problems.len(),
+        strip_ansi(first),
+        strip_ansi(last)
+    ))
+}
+
+/// Starts `scenario.devices` devices on `port` (ids `{tag}-d<i>`), publishing once
+/// `start` turns true.
+fn spawn_devices(
+    port: u16,
+    tag: &str,
+    scenario: &Scenario,
+    start: &watch::Receiver<bool>,
+    stats: &Arc<LoadStats>,
+) -> Tasks {
+    let mut tasks = Tasks(Vec::new());
+    for device in 0..scenario.devices {
+        let id = format!("{tag}-d{device}");
+        tasks.0.extend(spawn_device(
+            port,
+            id,
+            device,
+            scenario,
+            start.clone(),
+            stats.clone(),
+        ));
+    }
+    tasks
+}
+
 async fn run_backlog(binary: &Path) -> Result<BacklogResult, String> {
     let mut r = BacklogResult::default();
     // 1. The gateway, pointing at a port where nothing listens yet.
@@ -1145,19 +1169,7 @@ async fn run_backlog(binary: &Path) -> Result<BacklogResult, String> {
         ..LoadStats::default()
     });
     let (start_tx, start_rx) = watch::channel(false);
-    let mut tasks = Tasks(Vec::new());
-    for device in 0..S3_DEVICES {
-        let id = format!("bench-s3-d{device}");
-        let pair = spawn_device(
-            gateway.port,
-            id,
-            device,
-            &scenario,
-            start_rx.clone(),
-            stats.clone(),
-        );
-        tasks.0.extend(pair);
-    }
+    let tasks = spawn_devices(gateway.port, "bench-s3", &scenario, &start_rx, &stats);
     wait_connected(&stats, S3_DEVICES).await?;
     eprintln!("  building the backlog ({expected} messages, upstream down) …");
     let build_started = Instant::now();
@@ -1382,32 +1394,10 @@ async fn run_backlog(binary: &Path) -> Result<BacklogResult, String> {
     r.stray = received.unparsed;
     r.receiver_errors = received.connection_errors;
 
-    if let Some(page) = scrape(gateway.admin_port) {
-        let m = |name: &str| metric_sum(&page, name) as u64;
-        r.notes.push(format!(
-            "gateway after the drain: received {} delivered {} sink errors {} buffer dropped {} \
-             messages dropped {} buffer left {}",
-            m("edgebridge_messages_received_total"),
-            m("edgebridge_sink_delivered_total"),
-            m("edgebridge_sink_errors_total"),
-            m("edgebridge_buffer_dropped_total"),
-            m("edgebridge_messages_dropped_total"),
-            m("edgebridge_buffer_messages"),
-        ));
+    if let Some(counters) = gateway_counters(gateway.admin_port, None) {
+        r.notes.push(format!("gateway after the drain: {counters}"));
     }
-    let log = std::fs::read_to_string(&gateway.log).unwrap_or_default();
-    let problems: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-        .collect();
-    if let (Some(first), Some(last)) = (problems.first(), problems.last()) {
-        r.notes.push(format!(
-            "{} warning/error log lines; first: {}; last: {}",
-            problems.len(),
-            strip_ansi(first),
-            strip_ansi(last)
-        ));
-    }
+    r.notes.extend(log_problems(&gateway.log));
     Ok(r)
 }
 
@@ -1991,12 +1981,7 @@ async fn run_outage(target: Target, binary: &Path, tag: &str) -> Result<OutageRe
         ..LoadStats::default()
     });
     let (start_tx, start_rx) = watch::channel(false);
-    let mut tasks = Tasks(Vec::new());
-    for device in 0..scenario.devices {
-        let id = format!("{tag}-d{device}");
-        let pair = spawn_device(port, id, device, &scenario, start_rx.clone(), stats.clone());
-        tasks.0.extend(pair);
-    }
+    let tasks = spawn_devices(port, tag, &scenario, &start_rx, &stats);
     wait_connected(&stats, scenario.devices).await?;
 
     let cpu_before = cpu_seconds(Some(pid));
@@ -2198,33 +2183,10 @@ fn target_notes(
     let mut notes = Vec::new();
     match under_test {
         UnderTest::Gateway(g) => {
-            if let Some(page) = scrape(g.admin_port) {
-                let m = |name: &str| metric_sum(&page, name) as u64;
-                notes.push(format!(
-                    "gateway: received {} delivered {} sink errors {} buffer dropped {} \
-                     messages dropped {} buffer left {} buffer peak ≥{}",
-                    m("edgebridge_messages_received_total"),
-                    m("edgebridge_sink_delivered_total"),
-                    m("edgebridge_sink_errors_total"),
-                    m("edgebridge_buffer_dropped_total"),
-                    m("edgebridge_messages_dropped_total"),
-                    m("edgebridge_buffer_messages"),
-                    peak_buffer.unwrap_or(0),
-                ));
+            if let Some(counters) = gateway_counters(g.admin_port, peak_buffer) {
+                notes.push(format!("gateway: {counters}"));
             }
-            let log = std::fs::read_to_string(&g.log).unwrap_or_default();
-            let problems: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-                .collect();
-            if let (Some(first), Some(last)) = (problems.first(), problems.last()) {
-                notes.push(format!(
-                    "gateway log: {} warning/error lines; first: {}; last: {}",
-                    problems.len(),
-                    strip_ansi(first),
-                    strip_ansi(last)
-                ));
-            }
+            notes.extend(log_problems(&g.log).map(|p| format!("gateway log: {p}")));
         }
         UnderTest::Bridge(b) => {
             let log = std::fs::read_to_string(&b.log).unwrap_or_default();
