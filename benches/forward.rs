@@ -4,7 +4,9 @@
 //! `-- S2 edgebridge` to run one target (`direct`, `edgebridge`, `edgebridge-received`,
 //! `bridge`); fixed-rate scenarios run 3 interleaved rounds of every target and add
 //! `edgebridge-received` (`ack = "received"`); `EDGEBRIDGE_BENCH_LISTENER` / `EDGEBRIDGE_BENCH_SINK`
-//! add TOML keys to the gateway's listener / sink, for experiments;
+//! add TOML keys to the gateway's listener / sink, and `EDGEBRIDGE_BENCH_BINARY` measures a
+//! given binary instead of building one (A/B runs of two builds; every bench honours it
+//! and says so in its results), for experiments;
 //! results are written to `benches/RESULTS.md` only when every S1/S2 scenario ran). S2
 //! publishes at a fixed total rate instead of flat out, for latency. The
 //! backlog scenario S3 (edgebridge only, a few minutes) runs only when named
@@ -48,7 +50,6 @@ use tokio::task::JoinHandle;
 mod support;
 use support::*;
 
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 /// Payload size of every benchmark message, as the issue asks.
 const PAYLOAD_LEN: usize = 100;
 /// First bytes of every benchmark payload, so stray messages are recognised.
@@ -1584,13 +1585,9 @@ fn backlog_table(r: &BacklogResult) -> String {
 }
 
 fn backlog_markdown(r: &BacklogResult, table: &str) -> String {
-    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
-        .unwrap_or_else(|| "unknown date".into());
     let mut md = String::from("## Backlog drain (S3)\n\n");
     let _ = writeln!(md, "Produced by `cargo bench --bench forward -- S3`.\n");
-    let _ = writeln!(md, "- date: {date}");
-    let _ = writeln!(md, "- machine: {}", machine_description());
-    let _ = writeln!(md, "- revision: {}", revision());
+    md += &run_stamp();
     let _ = writeln!(md, "- scenario: {S3_WHAT}\n");
     md += table;
     let timeline: Vec<String> = r
@@ -2282,13 +2279,9 @@ fn end_word(end: End) -> &'static str {
 }
 
 fn outage_markdown(results: &[OutageResult], table: &str, failures: &[String]) -> String {
-    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
-        .unwrap_or_else(|| "unknown date".into());
     let mut md = format!("{S3O_HEADING}\n\n");
     let _ = writeln!(md, "Produced by `cargo bench --bench forward -- S3o`.\n");
-    let _ = writeln!(md, "- date: {date}");
-    let _ = writeln!(md, "- machine: {}", machine_description());
-    let _ = writeln!(md, "- revision: {}", revision());
+    md += &run_stamp();
     let _ = writeln!(md, "- scenario: {S3O_WHAT}\n");
     md += table;
     let _ = writeln!(
@@ -2490,74 +2483,13 @@ fn diagnostics_table(results: &[RunResult]) -> String {
     t
 }
 
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn machine_description() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    // `mosquitto -h` exits non-zero, but its first line names the version.
-    let mosquitto = Command::new(MOSQUITTO)
-        .arg("-h")
-        .output()
-        .ok()
-        .and_then(|o| {
-            let text = String::from_utf8_lossy(&o.stdout).to_string();
-            text.lines().next().map(str::to_string)
-        })
-        .unwrap_or_else(|| "mosquitto (unknown version)".into());
-    format!("nproc {cpus}, {model}; {mosquitto}")
-}
-
-fn revision() -> String {
-    let rev = command_output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default();
-    // Only what goes into the gateway binary matters to its numbers.
-    let dirty = command_output(
-        "git",
-        &[
-            "status",
-            "--porcelain",
-            "--",
-            "src",
-            "Cargo.toml",
-            "Cargo.lock",
-        ],
-    )
-    .is_some_and(|s| !s.is_empty());
-    match (rev.is_empty(), dirty) {
-        (true, _) => "unknown".into(),
-        (false, true) => format!("{rev} + uncommitted changes in src/ or Cargo.*"),
-        (false, false) => rev,
-    }
-}
-
 fn results_markdown(results: &[RunResult], table: &str, diagnostics: &str) -> String {
-    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
-        .unwrap_or_else(|| "unknown date".into());
     let mut md = String::from("# Forwarding benchmark results\n\n");
     let _ = writeln!(
         md,
         "Produced by `cargo bench --bench forward` (benches/forward.rs).\n"
     );
-    let _ = writeln!(md, "- date: {date}");
-    let _ = writeln!(md, "- machine: {}", machine_description());
-    let _ = writeln!(md, "- revision: {}", revision());
+    md += &run_stamp();
     md += "\nScenarios (QoS 1, 100-byte payloads, MQTT 3.1.1 devices, loopback only):\n\n";
     for s in &SCENARIOS {
         let _ = writeln!(md, "- {}: {}", s.name, s.what);

@@ -523,23 +523,10 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(Duration::from_secs(2));
     match outcome {
         Ok(table) => {
-            let machine = Command::new("nproc")
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_default();
-            let revision = Command::new("git")
-                .args(["rev-parse", "--short", "HEAD"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_default();
-            let date = Command::new("date")
-                .args(["-u", "+%Y-%m-%d %H:%M:%S UTC"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_default();
+            let stamp = run_stamp();
             let md = format!(
                 "# Sink benchmark results\n\nProduced by `cargo bench --bench sinks` (benches/sinks.rs).\n\n\
-                 - date: {date}\n- machine: nproc {machine}\n- revision: {revision}\n\n{table}\n\
+                 {stamp}\n{table}\n\
                  10 devices, QoS 1, window 100, 100-byte JSON payloads, flat out. The ceiling rows post \
                  pre-built bodies from the bench process to the same receiver, one request at a time \
                  (as the sink sends them); their CPU column is the bench process's. The edgebridge \

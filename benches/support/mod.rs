@@ -8,6 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+/// The Mosquitto of the Debian package (`apt-get install mosquitto`).
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
 /// A child process that is killed (SIGKILL) and reaped when dropped, on every exit path.
 pub struct ChildGuard {
     pub child: Child,
@@ -126,7 +129,20 @@ pub fn proc_status_mib(pid: u32, key: &str) -> Option<f64> {
 }
 
 /// `cargo bench` does not build binaries for a `harness = false` bench: build it here.
+/// `EDGEBRIDGE_BENCH_BINARY` names a binary to measure instead, unbuilt (A/B runs of
+/// two builds).
 pub fn build_gateway() -> Result<PathBuf, String> {
+    if let Ok(binary) = std::env::var("EDGEBRIDGE_BENCH_BINARY") {
+        let binary = PathBuf::from(binary);
+        return if binary.is_file() {
+            Ok(binary)
+        } else {
+            Err(format!(
+                "EDGEBRIDGE_BENCH_BINARY: {} is not a file",
+                binary.display()
+            ))
+        };
+    }
     eprintln!("building target/release/edgebridge …");
     let status = Command::new(env!("CARGO"))
         .args(["build", "--release", "--bin", "edgebridge"])
@@ -208,4 +224,78 @@ pub async fn launch_gateway(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Err(format!("edgebridge not ready in time:\n{}", tail(log, 20)))
+}
+
+/// The lines every results file starts with: date, machine (with Mosquitto's version)
+/// and the revision measured, each a markdown list item.
+pub fn run_stamp() -> String {
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
+        .unwrap_or_else(|| "unknown date".into());
+    format!(
+        "- date: {date}\n- machine: {}\n- revision: {}\n",
+        machine_description(),
+        revision()
+    )
+}
+
+pub fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn machine_description() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    // `mosquitto -h` exits non-zero, but its first line names the version.
+    let mosquitto = Command::new(MOSQUITTO)
+        .arg("-h")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).to_string();
+            text.lines().next().map(str::to_string)
+        })
+        .unwrap_or_else(|| "mosquitto (unknown version)".into());
+    format!("nproc {cpus}, {model}; {mosquitto}")
+}
+
+fn revision() -> String {
+    if let Ok(binary) = std::env::var("EDGEBRIDGE_BENCH_BINARY") {
+        return format!(
+            "the binary {binary} (EDGEBRIDGE_BENCH_BINARY), not a build of this checkout"
+        );
+    }
+    let rev = command_output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default();
+    // Only what goes into the gateway binary matters to its numbers.
+    let dirty = command_output(
+        "git",
+        &[
+            "status",
+            "--porcelain",
+            "--",
+            "src",
+            "Cargo.toml",
+            "Cargo.lock",
+        ],
+    )
+    .is_some_and(|s| !s.is_empty());
+    match (rev.is_empty(), dirty) {
+        (true, _) => "unknown".into(),
+        (false, true) => format!("{rev} + uncommitted changes in src/ or Cargo.*"),
+        (false, false) => rev,
+    }
 }
