@@ -299,3 +299,38 @@ fn revision() -> String {
         (false, false) => rev,
     }
 }
+
+/// The machine's CPU time from `/proc/stat`, all cores: busy and total jiffies.
+#[derive(Clone, Copy)]
+pub struct MachineCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    pub fn sample() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal …; idle, iowait and steal (the
+        // hypervisor ran someone else) are not this machine's work.
+        let total: u64 = fields.iter().take(8).sum();
+        let idle = [3, 4, 7].iter().filter_map(|&i| fields.get(i)).sum::<u64>();
+        Some(Self {
+            busy: total - idle,
+            total,
+        })
+    }
+
+    /// Share of all cores busy between two samples, in percent.
+    pub fn busy_percent(before: Option<Self>, after: Option<Self>) -> Option<f64> {
+        let (b, a) = (before?, after?);
+        let total = a.total.checked_sub(b.total).filter(|&t| t > 0)?;
+        Some(a.busy.saturating_sub(b.busy) as f64 * 100.0 / total as f64)
+    }
+}
