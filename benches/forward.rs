@@ -2525,8 +2525,8 @@ fn results_markdown(results: &[RunResult], table: &str, diagnostics: &str) -> St
          upstream window as the gateway). Upstream Mosquitto: persistence false, \
          max_queued_messages 0, max_inflight_messages {RECEIVER_WINDOW} toward the \
          receiver. p99.9 is the 99.9th percentile (of 50,000 messages in S2, the 50th \
-         slowest). machine busy: the share of all cores' time spent on anything (user, \
-         system, interrupts; /proc/stat) during the load phase: the load generator, the \
+         slowest). machine busy: the CPU time of every process on the machine during the load \
+         phase (utime + stime, /proc/<pid>/stat) over the wall time and the cores: the load generator, the \
          receiver, the upstream and the target share this machine, and anything else \
          running shows up here too.\n"
     );

@@ -300,37 +300,59 @@ fn revision() -> String {
     }
 }
 
-/// The machine's CPU time from `/proc/stat`, all cores: busy and total jiffies.
-#[derive(Clone, Copy)]
+/// CPU time of every process on the machine (utime + stime from `/proc/<pid>/stat`, in
+/// clock ticks), and when it was read.
+///
+/// Not `/proc/stat`: on this VM its totals stood still for whole 10 s runs while the
+/// bench alone kept a core 20% busy; per-process accounting stays right (the CPU µs/msg
+/// columns use it too). Processes that exit between two samples are missed.
+#[derive(Clone)]
 pub struct MachineCpu {
-    busy: u64,
-    total: u64,
+    ticks: std::collections::HashMap<u32, u64>,
+    at: std::time::Instant,
 }
 
 impl MachineCpu {
     pub fn sample() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal …; idle, iowait and steal (the
-        // hypervisor ran someone else) are not this machine's work.
-        let total: u64 = fields.iter().take(8).sum();
-        let idle = [3, 4, 7].iter().filter_map(|&i| fields.get(i)).sum::<u64>();
+        let mut ticks = std::collections::HashMap::new();
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // After the command name in parentheses: state is field 3, utime 14, stime 15.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let time = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            if let (Some(utime), Some(stime)) = (time(11), time(12)) {
+                ticks.insert(pid, utime + stime);
+            }
+        }
         Some(Self {
-            busy: total - idle,
-            total,
+            ticks,
+            at: std::time::Instant::now(),
         })
     }
 
     /// Share of all cores busy between two samples, in percent.
     pub fn busy_percent(before: Option<Self>, after: Option<Self>) -> Option<f64> {
         let (b, a) = (before?, after?);
-        let total = a.total.checked_sub(b.total).filter(|&t| t > 0)?;
-        Some(a.busy.saturating_sub(b.busy) as f64 * 100.0 / total as f64)
+        let busy: u64 = a
+            .ticks
+            .iter()
+            .map(|(pid, &t)| t.saturating_sub(b.ticks.get(pid).copied().unwrap_or(0)))
+            .sum();
+        // Clock ticks are USER_HZ, 100 per second on Linux.
+        let cores = std::thread::available_parallelism().ok()?.get() as f64;
+        let capacity = a.at.duration_since(b.at).as_secs_f64() * 100.0 * cores;
+        (capacity > 0.0).then(|| busy as f64 * 100.0 / capacity)
     }
 }
