@@ -1156,11 +1156,13 @@ fn spawn_devices(
     tasks
 }
 
-async fn run_backlog(binary: &Path) -> Result<BacklogResult, String> {
+/// S3 with the sink's `buffer.drain` set to `drain` (`ordered` or `live_first`).
+async fn run_backlog(binary: &Path, drain: &str) -> Result<BacklogResult, String> {
     let mut r = BacklogResult::default();
     // 1. The gateway, pointing at a port where nothing listens yet.
     let upstream_port = free_port()?;
-    let mut gateway = Gateway::start(binary, upstream_port, "backoff_max = \"500ms\"").await?;
+    let sink = format!("backoff_max = \"500ms\"\nbuffer = {{ drain = \"{drain}\" }}");
+    let mut gateway = Gateway::start(binary, upstream_port, &sink).await?;
 
     // 2. The backlog, as fast as durable acks allow.
     let scenario = Scenario {
@@ -1591,22 +1593,64 @@ fn backlog_table(r: &BacklogResult) -> String {
     t
 }
 
-fn backlog_markdown(r: &BacklogResult, table: &str) -> String {
+/// The issue's targets for `live_first`, side by side with `ordered` from the same run.
+fn drain_comparison(runs: &[(&str, BacklogResult, String)]) -> String {
+    let mut t = String::from(
+        "| drain | drain msg/s | live p50 / p99 / max ms during the drain | live n | lost | duplicates |\n\
+         |---|---:|---|---:|---:|---:|\n",
+    );
+    for (drain, r, _) in runs {
+        let loss = r.build_acked.saturating_sub(r.backlog_received)
+            + r.live_acked.saturating_sub(r.live_received);
+        let _ = writeln!(
+            t,
+            "| {drain} | {:.0} | {:.1} / {:.1} / {:.1} | {} | {loss} | {} |",
+            r.drain_rate,
+            r.live_p50_ms,
+            r.live_p99_ms,
+            r.live_max_ms,
+            r.live_during_drain,
+            r.duplicates
+        );
+    }
+    let rate = |name: &str| {
+        runs.iter()
+            .find(|(d, _, _)| *d == name)
+            .map(|(_, r, _)| r.drain_rate)
+    };
+    if let (Some(ordered), Some(live_first)) = (rate("ordered"), rate("live_first")) {
+        let _ = writeln!(
+            t,
+            "\nlive_first drain rate / ordered drain rate: {:.2} (target ≥ 0.80); live_first live p99 target < 50 ms",
+            live_first / ordered.max(1e-9)
+        );
+    }
+    t
+}
+
+fn backlog_markdown(runs: &[(&str, BacklogResult, String)], comparison: &str) -> String {
     let mut md = String::from("## Backlog drain (S3)\n\n");
     let _ = writeln!(md, "Produced by `cargo bench --bench forward -- S3`.\n");
     md += &run_stamp();
     let _ = writeln!(md, "- scenario: {S3_WHAT}\n");
-    md += table;
-    let timeline: Vec<String> = r
-        .depth_timeline
-        .iter()
-        .map(|(s, d)| format!("{s:.0} s: {d}"))
-        .collect();
-    let _ = writeln!(
-        md,
-        "\nBacklog depth during the drain (`edgebridge_buffer_messages`): {}\n",
-        timeline.join(", ")
-    );
+    md += comparison;
+    for (drain, r, table) in runs {
+        let _ = writeln!(md, "\n### drain = \"{drain}\"\n");
+        md += table;
+        let timeline: Vec<String> = r
+            .depth_timeline
+            .iter()
+            .map(|(s, d)| format!("{s:.0} s: {d}"))
+            .collect();
+        let _ = writeln!(
+            md,
+            "\nBacklog depth during the drain (`edgebridge_buffer_messages`): {}\n",
+            timeline.join(", ")
+        );
+        for n in &r.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
     let _ = writeln!(
         md,
         "edgebridge: `ack = \"durable\"`, default buffer (disk, sync = batch, 1 GiB), one \
@@ -1615,11 +1659,9 @@ fn backlog_markdown(r: &BacklogResult, table: &str) -> String {
          the upstream Mosquitto (same settings as S1) starts on the reserved port and the \
          receiver subscribes, then resumed (SIGCONT): drain time runs from that moment to \
          the arrival of the last backlog message. Live messages carry their scheduled send \
-         time. Mosquitto's bridge is not measured here."
+         time. Mosquitto's bridge is not measured here. `live_first`: the same run with \
+         `buffer.drain = \"live_first\"` (live messages ahead of the backlog)."
     );
-    for n in &r.notes {
-        let _ = writeln!(md, "\n- {n}");
-    }
     md
 }
 
@@ -2630,20 +2672,30 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
         println!("\n{table}\n{diagnostics}");
     }
     if run_s3 {
-        eprintln!("S3: {S3_WHAT} → edgebridge …");
-        match run_backlog(&binary).await {
-            Ok(r) => {
-                let table = backlog_table(&r);
-                println!("\nBacklog drain (S3), edgebridge:\n\n{table}");
-                for n in &r.notes {
-                    println!("- {n}");
+        // Both drain orders in one run, so the live_first drain rate is a ratio to the
+        // ordered one measured on the same machine at the same time.
+        let mut runs = Vec::new();
+        for drain in ["ordered", "live_first"] {
+            eprintln!("S3 (drain = {drain}): {S3_WHAT} → edgebridge …");
+            match run_backlog(&binary, drain).await {
+                Ok(r) => {
+                    let table = backlog_table(&r);
+                    println!("\nBacklog drain (S3, drain = {drain}), edgebridge:\n\n{table}");
+                    for n in &r.notes {
+                        println!("- {n}");
+                    }
+                    runs.push((drain, r, table));
                 }
-                write_section(S3_HEADING, &backlog_markdown(&r, &table))?;
+                Err(e) => {
+                    eprintln!("  FAILED: {e}");
+                    failures.push(format!("S3 ({drain}) / edgebridge: {e}"));
+                }
             }
-            Err(e) => {
-                eprintln!("  FAILED: {e}");
-                failures.push(format!("S3 / edgebridge: {e}"));
-            }
+        }
+        if !runs.is_empty() {
+            let comparison = drain_comparison(&runs);
+            println!("\n{comparison}");
+            write_section(S3_HEADING, &backlog_markdown(&runs, &comparison))?;
         }
     }
     if run_s3o {

@@ -25,6 +25,11 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+mod history;
+
+pub use history::Sample;
+use history::{History, Reading};
+
 use crate::broker::loopback;
 use crate::buffer::Buffer;
 use crate::config::{Plan, SinkKindPlan};
@@ -82,6 +87,9 @@ pub struct AdminState {
     phase: AtomicU8,
     /// The previous sample of every counter a rate is shown for.
     rates: Mutex<HashMap<String, RateSample>>,
+    /// Each sink's recent past, sampled every `history_interval`, for the charts.
+    history: History,
+    history_interval: Duration,
 }
 
 /// The sinks and rules of the plan in force.
@@ -148,7 +156,32 @@ impl AdminState {
             started_at_ms: now_millis(),
             phase: AtomicU8::new(Phase::Starting as u8),
             rates: Mutex::new(HashMap::new()),
+            history: History::default(),
+            history_interval: plan.history_interval,
         }
+    }
+
+    /// Takes one sample of every sink for the charts (the sampler calls it every
+    /// `history_interval`).
+    pub fn sample_history(&self) {
+        let view = self.view();
+        let at = now_millis();
+        let readings: Vec<(&str, Reading)> = view
+            .sinks
+            .iter()
+            .map(|s| {
+                let delivered = self.metrics.sink_delivered.with_label_values(&[&s.name]);
+                let reading = Reading {
+                    at,
+                    stored_total: s.buffer.stored_total(),
+                    delivered_total: delivered.get(),
+                    pending: s.buffer.pending(),
+                    backlog: s.buffer.backlog_pending(),
+                };
+                (s.name.as_str(), reading)
+            })
+            .collect();
+        self.history.record(Instant::now(), &readings);
     }
 
     /// After a reload: the sinks and rules of the new `plan`.
@@ -226,6 +259,7 @@ impl AdminState {
             .map(|s| {
                 s.buffer.refresh_age();
                 let state = s.state.snapshot();
+                let samples = self.history.samples(&s.name);
                 let delivered = m.sink_delivered.with_label_values(&[&s.name]).get();
                 let errors = by_reason(&families, "edgebridge_sink_errors_total", "sink", &s.name);
                 let dropped = by_reason(
@@ -249,7 +283,10 @@ impl AdminState {
                         messages: m.buffer_messages.with_label_values(&[&s.name]).get(),
                         bytes: m.buffer_bytes.with_label_values(&[&s.name]).get(),
                         oldest_age_seconds: m.buffer_oldest_age.with_label_values(&[&s.name]).get(),
+                        backlog: s.buffer.backlog_pending(),
                     },
+                    drain_eta_seconds: history::drain_eta_seconds(&samples),
+                    history: samples,
                     delivered,
                     delivered_per_second: self.rate(&format!("sink/{}", s.name), delivered),
                     errors_total: errors.values().sum(),
@@ -370,6 +407,10 @@ pub struct SinkStatus {
     pub errors: BTreeMap<String, u64>,
     pub dropped_total: u64,
     pub dropped: BTreeMap<String, u64>,
+    /// While a backlog drains: seconds until it is gone at the pace of the last minute.
+    pub drain_eta_seconds: Option<f64>,
+    /// The last hour (360 samples at the default `history_interval`), oldest first.
+    pub history: Vec<Sample>,
 }
 
 #[derive(Debug, Serialize)]
@@ -377,6 +418,8 @@ pub struct BufferStatus {
     pub messages: i64,
     pub bytes: i64,
     pub oldest_age_seconds: f64,
+    /// Messages of the current drain's backlog not yet delivered.
+    pub backlog: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -429,6 +472,19 @@ async fn page(State(state): State<Arc<AdminState>>) -> Html<String> {
     Html(render_page(&state.status()))
 }
 
+/// Samples every sink for the charts until `shutdown`; the first sample, at once, is
+/// the base the first rates are measured from.
+async fn sample_history(state: Arc<AdminState>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(state.history_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => state.sample_history(),
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// Binds `bind` and serves until `shutdown`. Returns the bound address.
 pub async fn start(
     bind: SocketAddr,
@@ -445,7 +501,8 @@ pub async fn start(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
-        .with_state(state);
+        .with_state(state.clone());
+    tokio::spawn(sample_history(state.clone(), shutdown.clone()));
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -544,7 +601,11 @@ dt{color:#555}dd{margin:0;overflow-wrap:anywhere}\
 .error{color:#c62828}\
 table{border-collapse:collapse;width:100%;background:#fff;border-radius:8px}\
 td,th{text-align:left;padding:.4rem .5rem;border-bottom:1px solid #ddd;vertical-align:top}\
-td{overflow-wrap:break-word}th{white-space:nowrap}";
+td{overflow-wrap:break-word}th{white-space:nowrap}\
+figure.chart{display:inline-block;margin:0 .8rem .3rem 0}\
+figure.chart svg{width:180px;height:36px;background:#f4f4f4;display:block}\
+figure.chart polyline{fill:none;stroke:#1565c0;stroke-width:1.5;vector-effect:non-scaling-stroke}\
+figcaption{font-size:.8rem;color:#555}";
 
 /// The status page: listeners, sinks, rules. Every config-derived string is escaped.
 pub fn render_page(s: &Status) -> String {
@@ -593,7 +654,7 @@ pub fn render_page(s: &Status) -> String {
             ),
             None => "<dd>none</dd>".into(),
         };
-        let backlog = if k.buffer.messages > 0 {
+        let mut backlog = if k.buffer.messages > 0 {
             format!(
                 "{} messages, {}, oldest {}",
                 k.buffer.messages,
@@ -603,6 +664,13 @@ pub fn render_page(s: &Status) -> String {
         } else {
             "empty".into()
         };
+        if k.buffer.backlog > 0 {
+            let _ = write!(backlog, "; draining {} from the outage", k.buffer.backlog);
+            if let Some(eta) = k.drain_eta_seconds {
+                let _ = write!(backlog, ", about {} left", age(eta));
+            }
+        }
+        let charts = charts(&k.name, &k.history);
         let _ = write!(
             h,
             "<div class=\"card sink\" id=\"sink-{name}\"><h3><span class=\"sink-name\">{name}</span>\
@@ -612,7 +680,8 @@ pub fn render_page(s: &Status) -> String {
              <dt>delivered</dt><dd>{delivered} ({rate})</dd>\
              <dt>errors</dt><dd>{errors}</dd>\
              <dt>dropped</dt><dd>{dropped}</dd>\
-             <dt>last error</dt>{last_error}</dl></div>",
+             <dt>last error</dt>{last_error}\
+             <dt>recent</dt><dd>{charts}</dd></dl></div>",
             name = escape(&k.name),
             state = k.state,
             kind = k.kind,
@@ -640,6 +709,76 @@ pub fn render_page(s: &Status) -> String {
     }
     h.push_str("</table></body></html>\n");
     h
+}
+
+/// The received rate, delivered rate and messages waiting of one sink as three small
+/// inline SVG line charts (no script, no external resource), each labelled with its
+/// last and highest value.
+fn charts(sink: &str, samples: &[Sample]) -> String {
+    if samples.is_empty() {
+        return "no samples yet".into();
+    }
+    let series: [(&str, &str, Vec<f64>); 3] = [
+        (
+            "received",
+            "received msg/s",
+            samples.iter().map(|s| s.received_per_second).collect(),
+        ),
+        (
+            "delivered",
+            "delivered msg/s",
+            samples.iter().map(|s| s.delivered_per_second).collect(),
+        ),
+        (
+            "waiting",
+            "waiting",
+            samples.iter().map(|s| s.pending as f64).collect(),
+        ),
+    ];
+    let mut out = String::new();
+    for (id, label, values) in series {
+        out += &sparkline(&format!("chart-{}-{id}", escape(sink)), label, &values);
+    }
+    out
+}
+
+/// Chart width and height in SVG units.
+const CHART_W: f64 = 180.0;
+const CHART_H: f64 = 36.0;
+
+fn sparkline(id: &str, label: &str, values: &[f64]) -> String {
+    let max = values.iter().copied().fold(0.0_f64, f64::max);
+    let last = values.last().copied().unwrap_or(0.0);
+    let step = CHART_W / (values.len().max(2) - 1) as f64;
+    let points: Vec<String> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let y = if max > 0.0 {
+                CHART_H - v / max * CHART_H
+            } else {
+                CHART_H
+            };
+            format!("{:.1},{:.1}", i as f64 * step, y)
+        })
+        .collect();
+    format!(
+        "<figure class=\"chart\"><svg id=\"{id}\" viewBox=\"0 0 {CHART_W} {CHART_H}\" \
+         preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{label}: now {last}, highest {max}\">\
+         <polyline points=\"{}\"/></svg><figcaption>{label}: {} (max {})</figcaption></figure>",
+        points.join(" "),
+        number(last),
+        number(max),
+    )
+}
+
+/// A chart value: whole numbers without decimals, others with one.
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
 }
 
 fn phase_name(phase: Phase) -> &'static str {
@@ -704,6 +843,7 @@ mod tests {
                     messages: 7,
                     bytes: 2048,
                     oldest_age_seconds: 75.0,
+                    backlog: 4,
                 },
                 delivered: 0,
                 delivered_per_second: None,
@@ -711,6 +851,23 @@ mod tests {
                 errors: BTreeMap::from([("connection_refused".to_string(), 2)]),
                 dropped_total: 0,
                 dropped: BTreeMap::new(),
+                drain_eta_seconds: Some(90.0),
+                history: vec![
+                    Sample {
+                        at: 0,
+                        received_per_second: 2.5,
+                        delivered_per_second: 0.0,
+                        pending: 3,
+                        backlog: 0,
+                    },
+                    Sample {
+                        at: 10_000,
+                        received_per_second: 5.0,
+                        delivered_per_second: 1.0,
+                        pending: 7,
+                        backlog: 4,
+                    },
+                ],
             }],
             rules: vec![RuleStatus {
                 name: "r&d".into(),
@@ -739,6 +896,11 @@ mod tests {
             "connection_refused 2",
             "2.5/s",
             "a/&lt;b&gt;/#",
+            "draining 4 from the outage, about 1m 30s left",
+            "id=\"chart-cl&quot;oud-waiting\"",
+            "<polyline points=\"0.0,20.6 180.0,0.0\"/>",
+            "waiting: 7 (max 7)",
+            "received msg/s: 5 (max 5)",
         ] {
             assert!(page.contains(shown), "{shown} missing in:\n{page}");
         }

@@ -244,14 +244,22 @@ pub struct AdminSection {
     /// `/metrics`, `/healthz`, `/readyz`.
     #[serde(default = "default_admin_bind")]
     pub bind: String,
+    /// How often the status page's charts take a sample; they keep 360 (one hour at 10 s).
+    #[serde(default = "default_history_interval")]
+    pub history_interval: HumanDuration,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         Self {
             bind: default_admin_bind(),
+            history_interval: default_history_interval(),
         }
     }
+}
+
+fn default_history_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 
 /// Sizing of the embedded broker (rumqttd's router) and of intake.
@@ -442,6 +450,18 @@ pub enum WhenFull {
     Block,
 }
 
+/// In which order a sink's buffer hands a backlog to the sink.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Drain {
+    /// Oldest first, always: a consumer sees the device order.
+    #[default]
+    Ordered,
+    /// Messages that arrive while a backlog drains go first; the backlog follows with
+    /// the room left, oldest first.
+    LiveFirst,
+}
+
 /// Where a sink's buffer keeps its records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -491,6 +511,9 @@ pub struct BufferSection {
     /// Cap on messages per second handed to the sink (backlog drains); absent = no cap.
     #[serde(default)]
     pub drain_rate: Option<u64>,
+    /// Order of a backlog drain: `ordered` or `live_first` (disk storage only).
+    #[serde(default)]
+    pub drain: Drain,
     /// Records handed to the sink at once.
     #[serde(default = "default_batch")]
     pub batch: usize,
@@ -518,6 +541,7 @@ impl Default for BufferSection {
             sync_interval: default_sync_interval(),
             min_free_disk: default_min_free_disk(),
             drain_rate: None,
+            drain: Drain::Ordered,
             batch: default_batch(),
         }
     }
@@ -951,6 +975,8 @@ pub struct Plan {
     pub data_dir: PathBuf,
     pub shutdown_grace: Duration,
     pub admin_bind: SocketAddr,
+    /// Sampling interval of the status page's charts.
+    pub history_interval: Duration,
     pub broker: BrokerSection,
     pub listeners: Vec<ListenerPlan>,
     pub sinks: Vec<SinkPlan>,
@@ -1109,6 +1135,14 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         }
     };
 
+    let history_interval = config.admin.history_interval.0;
+    if history_interval < Duration::from_secs(1) || history_interval > Duration::from_secs(600) {
+        err(
+            "admin.history_interval".into(),
+            "must be between 1s and 10m".into(),
+        );
+    }
+
     let broker = config.broker.clone();
     if broker.intake_queue == 0 {
         err("broker.intake_queue".into(), "must be at least 1".into());
@@ -1244,6 +1278,13 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
             err(
                 format!("{path}.buffer.drain_rate"),
                 "must be above zero".into(),
+            );
+        }
+        if buffer.drain == Drain::LiveFirst && buffer.storage != Storage::Disk {
+            err(
+                format!("{path}.buffer.drain"),
+                "\"live_first\" needs storage = \"disk\" (both lanes are read from the disk log)"
+                    .into(),
             );
         }
         if buffer.sync_interval.0.is_zero() {
@@ -1413,6 +1454,7 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         shutdown_grace: config.gateway.shutdown_grace.0,
         // Some whenever no error was recorded above.
         admin_bind: admin_bind.unwrap_or_else(placeholder_addr),
+        history_interval,
         broker,
         listeners,
         sinks,
@@ -2074,7 +2116,15 @@ impl Plan {
             self.gateway_id,
             self.data_dir.display()
         );
-        let _ = writeln!(out, "admin http://{}", self.admin_bind);
+        let _ = write!(out, "admin http://{}", self.admin_bind);
+        if self.history_interval != default_history_interval().0 {
+            let _ = write!(
+                out,
+                " history_interval={}",
+                humantime::format_duration(self.history_interval)
+            );
+        }
+        let _ = writeln!(out);
         let _ = writeln!(out, "listeners:");
         for l in &self.listeners {
             let tls = match &l.tls {
@@ -2129,7 +2179,10 @@ impl Plan {
                 b.ttl
                     .map(|t| format!(" ttl={}", humantime::format_duration(t.0)))
                     .unwrap_or_default()
-            );
+            ) + match b.drain {
+                Drain::Ordered => "",
+                Drain::LiveFirst => " drain=live_first",
+            };
             match &s.kind {
                 SinkKindPlan::Mqtt(m) => {
                     let scheme = if m.tls.is_some() { "mqtts" } else { "mqtt" };
@@ -2244,6 +2297,27 @@ mod tests {
         from = "#"
         to = ["out"]
     "##;
+
+    #[test]
+    fn live_first_drain_needs_a_disk_buffer() {
+        let with = |buffer: &str| {
+            GOOD.replace(
+                "path = \"out.ndjson\"",
+                &format!("path = \"out.ndjson\"\nbuffer = {{ {buffer} }}"),
+            )
+        };
+        let plan = load_str(&with("drain = \"live_first\""), &[]).expect("valid");
+        assert_eq!(plan.sinks[0].buffer.drain, Drain::LiveFirst);
+        assert!(
+            plan.describe().contains("drain=live_first"),
+            "{}",
+            plan.describe()
+        );
+        let err = first_error(&with("drain = \"live_first\", storage = \"memory\""));
+        assert!(err.starts_with("sinks.out.buffer.drain: "), "{err}");
+        let err = first_error(&with("drain = \"newest\""));
+        assert!(err.contains("drain"), "{err}");
+    }
 
     #[test]
     fn good_config_builds_a_plan_with_defaults() {

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub sink_up: IntGaugeVec,
     pub buffer_messages: IntGaugeVec,
     pub buffer_bytes: IntGaugeVec,
+    pub buffer_backlog: IntGaugeVec,
     pub buffer_oldest_age: GaugeVec,
     pub buffer_dropped: IntCounterVec,
     pub delivery_latency: HistogramVec,
@@ -164,7 +165,13 @@ impl Metrics {
             buffer_bytes: gauge(
                 &registry,
                 "edgebridge_buffer_bytes",
-                "Bytes waiting in the sink's buffer",
+                "Bytes of the segment files holding messages waiting in the sink's buffer (0 once drained)",
+                &["sink"],
+            ),
+            buffer_backlog: gauge(
+                &registry,
+                "edgebridge_buffer_backlog_messages",
+                "Messages that waited when the gateway started or the sink last came back, not yet delivered (0 once the drain is done)",
                 &["sink"],
             ),
             buffer_oldest_age: oldest,

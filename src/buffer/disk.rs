@@ -66,8 +66,17 @@
 //! that reaches the active segment first hands its buffered appends to the OS. `rewind`
 //! goes back to the oldest unacked record: to where that record was last seen, or else to
 //! the start of its segment (skipping acked records costs a read of them, at most one
-//! segment). The `ttl` bound is applied while reading ([`DiskLog::read_unexpired`]):
+//! segment). The `ttl` bound is applied while reading ([`DiskLog::read_lanes`]):
 //! expired records are acked and counted instead of returned, so age never needs an index.
+//!
+//! `drain = "live_first"` adds a second cursor ([`DiskLog::split_lanes`]): everything
+//! appended before the split is the *backlog*; records from the split on (the *live*
+//! lane) are read first by [`DiskLog::read_lanes`], and the backlog cursor fills what room
+//! is left, oldest first, never past the split. When the backlog cursor reaches the split
+//! the lanes merge into one cursor again. Both lanes read the same segments and ack
+//! through the same [`Acks`]: the live lane's acks are out of order until the backlog is
+//! acked, so after a crash they are forgotten and those records delivered again
+//! (duplicates, never a loss). `rewind` drops the lane; the caller splits again.
 //!
 //! # Recovery and corruption
 //!
@@ -112,7 +121,7 @@ const WRITE_BUFFER: usize = 256 * 1024;
 const READ_BUFFER: usize = 64 * 1024;
 /// Window of bytes searched at a time for the next magic after a corrupt record.
 const RESYNC_CHUNK: usize = 64 * 1024;
-/// Most expired records one `read_unexpired` call drops before returning, so one call
+/// Most expired records one read call drops before returning, so one call
 /// never holds the caller's lock for a whole backlog.
 const EXPIRE_BUDGET: u64 = 10_000;
 
@@ -142,7 +151,7 @@ pub struct Recovery {
     pub renamed: Vec<PathBuf>,
 }
 
-/// One [`DiskLog::read_unexpired`] batch.
+/// One [`DiskLog::read_lanes`] batch.
 #[derive(Debug, Default)]
 pub struct ReadBatch {
     pub records: Vec<Record>,
@@ -495,6 +504,16 @@ pub struct DiskLog {
     save_on_drop: bool,
     /// Reads stop before this seq: records are handed out only once synced.
     read_limit: u64,
+    /// `drain = "live_first"` while a backlog is read behind the live records.
+    live: Option<LiveLane>,
+}
+
+/// The live lane of [`DiskLog::split_lanes`]: its own cursor over the records from
+/// `boundary` on; the log's main cursor reads the backlog below `boundary`.
+struct LiveLane {
+    boundary: u64,
+    cursor: Pos,
+    reader: Option<SegmentReader>,
 }
 
 impl DiskLog {
@@ -582,6 +601,7 @@ impl DiskLog {
             scratch: Vec::new(),
             save_on_drop: true,
             read_limit: u64::MAX,
+            live: None,
         };
         log.total_bytes = log.segments.iter().map(|s| s.bytes).sum();
         match log.segments.back() {
@@ -684,6 +704,7 @@ impl DiskLog {
     /// Up to `max` unacked records from the read cursor on, oldest first; advances the
     /// cursor past them. Records already acked are skipped; corrupt ones are skipped and
     /// counted (see the module doc). An empty result means the reader caught up.
+    #[cfg(test)]
     pub fn read(&mut self, max: usize) -> io::Result<Vec<Record>> {
         self.read_batch(max, None).map(|batch| batch.records)
     }
@@ -692,6 +713,7 @@ impl DiskLog {
     /// acked instead of returned, and counted in [`ReadBatch::expired`] (the `ttl` bound).
     /// At most 10,000 are dropped per call: an empty batch with `expired > 0` means "call
     /// again".
+    #[cfg(test)]
     pub fn read_unexpired(&mut self, max: usize, cutoff_ms: u64) -> io::Result<ReadBatch> {
         self.read_batch(max, Some(cutoff_ms))
     }
@@ -757,9 +779,97 @@ impl DiskLog {
     }
 
     /// Moves the read cursor back to the oldest unacked record: after a reconnect
-    /// everything unconfirmed is read (and sent) again.
+    /// everything unconfirmed is read (and sent) again. Ends a live lane
+    /// ([`DiskLog::split_lanes`] starts a new one).
     pub fn rewind(&mut self) {
         self.cursor = self.floor_position();
+        self.live = None;
+    }
+
+    /// `drain = "live_first"`: what is in the log now becomes the backlog, and records
+    /// appended from now on are read before it by [`DiskLog::read_lanes`]. Nothing to do
+    /// (and no lane) when nothing is pending. Call it after [`DiskLog::rewind`].
+    pub fn split_lanes(&mut self) {
+        self.live = None;
+        if self.pending() == 0 {
+            return;
+        }
+        let Some(last) = self.segments.back() else {
+            return;
+        };
+        let boundary = self.next_seq;
+        self.live = Some(LiveLane {
+            boundary,
+            cursor: Pos {
+                segment: last.first_seq,
+                offset: last.bytes,
+                next_seq: boundary,
+            },
+            reader: None,
+        });
+    }
+
+    /// The first live seq while a live lane runs (records below it are the backlog).
+    pub fn live_boundary(&self) -> Option<u64> {
+        self.live.as_ref().map(|l| l.boundary)
+    }
+
+    /// Unacked records with a seq below `seq`.
+    pub fn pending_below(&self, seq: u64) -> u64 {
+        let floor = self.acks.floor;
+        let to = seq.min(self.next_seq);
+        if to <= floor {
+            return 0;
+        }
+        (to - floor) - self.acks.acked_in(floor, to)
+    }
+
+    /// Up to `max` unacked records, oldest first, advancing the read cursor past them.
+    /// Records received before `cutoff_ms` (Unix ms; the `ttl` bound) are acked instead of
+    /// returned and counted in [`ReadBatch::expired`] — at most 10,000 per call: an empty
+    /// batch with `expired > 0` means "call again". Acked records are skipped; corrupt ones
+    /// are skipped and counted (see the module doc). With a live lane
+    /// ([`DiskLog::split_lanes`]) the live records come first and the backlog fills the
+    /// rest of the batch. An empty result means the reader caught up.
+    pub fn read_lanes(&mut self, max: usize, cutoff_ms: Option<u64>) -> io::Result<ReadBatch> {
+        let Some(mut lane) = self.live.take() else {
+            return self.read_batch(max, cutoff_ms);
+        };
+        let mut batch = ReadBatch::default();
+        let mut result = self.fill_batch(
+            &mut batch,
+            max,
+            cutoff_ms,
+            &mut lane.cursor,
+            &mut lane.reader,
+        );
+        let mut merged = false;
+        if result.is_ok() && batch.records.len() < max {
+            // The backlog cursor never reads past the boundary: those are the live lane's.
+            let limit = self.read_limit;
+            self.read_limit = limit.min(lane.boundary);
+            let mut pos = self.cursor;
+            let mut reader = self.reader.take();
+            result = self.fill_batch(&mut batch, max, cutoff_ms, &mut pos, &mut reader);
+            self.read_limit = limit;
+            self.cursor = pos;
+            self.reader = reader;
+            merged = result.is_ok() && pos.next_seq >= lane.boundary;
+        }
+        if merged {
+            // The backlog has been read: one cursor again, where the live lane stands.
+            self.cursor = lane.cursor;
+            self.reader = lane.reader;
+        } else {
+            self.live = Some(lane);
+        }
+        if let Err(e) = self.collect() {
+            warn!(dir = %self.dir.display(), error = %e, "cannot remove acked buffer segments");
+        }
+        match result {
+            Err(e) if batch.records.is_empty() && batch.expired == 0 => Err(e),
+            _ => Ok(batch),
+        }
     }
 
     /// Confirms `seq` (any order; unknown or repeated seqs are ignored). Deletes the
@@ -1074,6 +1184,8 @@ impl DiskLog {
                 self.reader = None;
                 self.floor_checkpoint = None;
                 self.cursor = self.segment_start(self.segments.len() - 1);
+                // Everything before was dropped: no backlog is left to read behind.
+                self.live = None;
                 file
             }
             _ => {
@@ -1881,8 +1993,202 @@ mod tests {
         assert_eq!(log.pending(), 0);
     }
 
+    #[test]
+    fn live_lane_is_read_before_the_backlog_and_merges_behind_it() {
+        let dir = TempDir::new().unwrap();
+        let (mut log, _) = open(dir.path(), 200);
+        append_n(&mut log, 1, 10);
+        sync(&mut log);
+        log.split_lanes();
+        assert_eq!(log.live_boundary(), Some(11));
+        append_n(&mut log, 11, 13);
+        sync(&mut log);
+        assert_eq!(seqs(&log.read_lanes(2, None).unwrap().records), [11, 12]);
+        // Live first, then the backlog fills the room left, oldest first.
+        assert_eq!(
+            seqs(&log.read_lanes(5, None).unwrap().records),
+            [13, 1, 2, 3, 4]
+        );
+        for seq in [11, 12, 13, 1, 2] {
+            log.ack(seq).unwrap();
+        }
+        assert_eq!(log.pending_below(11), 8, "the backlog left: 3..=10");
+        append_n(&mut log, 14, 14);
+        sync(&mut log);
+        assert_eq!(seqs(&log.read_lanes(3, None).unwrap().records), [14, 5, 6]);
+        assert_eq!(
+            seqs(&log.read_lanes(10, None).unwrap().records),
+            [7, 8, 9, 10]
+        );
+        assert_eq!(
+            log.live_boundary(),
+            None,
+            "the backlog was read: one lane again"
+        );
+        append_n(&mut log, 15, 16);
+        sync(&mut log);
+        assert_eq!(seqs(&log.read_lanes(10, None).unwrap().records), [15, 16]);
+        for seq in 3..=16 {
+            log.ack(seq).unwrap();
+        }
+        assert_eq!(log.pending(), 0);
+    }
+
+    #[test]
+    fn a_rewind_resends_both_lanes_and_a_crash_forgets_only_live_acks() {
+        let dir = TempDir::new().unwrap();
+        let (mut log, _) = open(dir.path(), 200);
+        append_n(&mut log, 1, 6);
+        sync(&mut log);
+        log.split_lanes();
+        append_n(&mut log, 7, 9);
+        sync(&mut log);
+        assert_eq!(
+            seqs(&log.read_lanes(4, None).unwrap().records),
+            [7, 8, 9, 1]
+        );
+        log.ack(7).unwrap();
+        log.ack(1).unwrap();
+        // Reconnect: everything unconfirmed is the backlog of the next lane.
+        log.rewind();
+        log.split_lanes();
+        assert_eq!(log.live_boundary(), Some(10));
+        let again = read_all_lanes(&mut log);
+        assert_eq!(seqs(&again), [2, 3, 4, 5, 6, 8, 9]);
+        log.ack(2).unwrap();
+        log.ack(9).unwrap();
+        log.save_position().unwrap();
+        log.crash();
+        // The contiguous point (3) survives; the out-of-order ack of 9 (and 7) does not.
+        let (mut log, _) = open(dir.path(), 200);
+        log.split_lanes();
+        assert_eq!(seqs(&read_all_lanes(&mut log)), [3, 4, 5, 6, 7, 8, 9]);
+    }
+
+    fn read_all_lanes(log: &mut DiskLog) -> Vec<Record> {
+        let mut all = Vec::new();
+        loop {
+            let batch = log.read_lanes(3, None).unwrap().records;
+            if batch.is_empty() {
+                return all;
+            }
+            all.extend(batch);
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum LaneOp {
+        Append(u8),
+        Read(usize),
+        Ack(prop::sample::Index),
+        /// A reconnect: rewind, then a new lane.
+        Reconnect,
+        Reopen,
+    }
+
+    fn lane_op() -> impl Strategy<Value = LaneOp> {
+        prop_oneof![
+            6 => any::<u8>().prop_map(LaneOp::Append),
+            4 => (1usize..8).prop_map(LaneOp::Read),
+            4 => any::<prop::sample::Index>().prop_map(LaneOp::Ack),
+            1 => Just(LaneOp::Reconnect),
+            1 => Just(LaneOp::Reopen),
+        ]
+    }
+
+    /// Live first, model-checked: each lane reads in order, live records before backlog
+    /// ones in a batch, nothing acked is read again, nothing unacked is skipped.
+    fn run_lanes(ops: Vec<LaneOp>) -> Result<(), TestCaseError> {
+        let dir = TempDir::new().unwrap();
+        let (mut log, _) = open(dir.path(), 300);
+        let mut acked = BTreeSet::new();
+        let mut in_flight = BTreeSet::new();
+        // Seqs read since the last rewind: none may come twice.
+        let mut read = BTreeSet::new();
+        let (mut last_live, mut last_backlog) = (0, 0);
+        let mut boundary = None;
+        for op in ops {
+            match op {
+                LaneOp::Append(n) => {
+                    let seq = log.next_seq();
+                    log.append(&Message {
+                        payload: Bytes::from("x".repeat(usize::from(n % 50))),
+                        ..msg(seq)
+                    })
+                    .unwrap();
+                    sync(&mut log);
+                }
+                LaneOp::Read(max) => {
+                    let batch = log.read_lanes(max, None).unwrap().records;
+                    let mut seen_backlog = false;
+                    for r in &batch {
+                        prop_assert!(!acked.contains(&r.seq), "acked {} read again", r.seq);
+                        prop_assert!(read.insert(r.seq), "{} read twice", r.seq);
+                        let live = boundary.is_some_and(|b| r.seq >= b);
+                        if live {
+                            prop_assert!(!seen_backlog, "live {} after backlog", r.seq);
+                            prop_assert!(r.seq > last_live, "live lane out of order");
+                            last_live = r.seq;
+                        } else {
+                            seen_backlog = true;
+                            prop_assert!(r.seq > last_backlog, "backlog out of order");
+                            last_backlog = r.seq;
+                        }
+                        in_flight.insert(r.seq);
+                    }
+                    if log.live_boundary().is_none() && boundary.is_some() {
+                        // Merged: one lane on from the live lane's place.
+                        boundary = None;
+                        last_backlog = last_live;
+                    }
+                }
+                LaneOp::Ack(index) => {
+                    if !in_flight.is_empty() {
+                        let i = index.index(in_flight.len());
+                        let Some(&seq) = in_flight.iter().nth(i) else {
+                            unreachable!()
+                        };
+                        in_flight.remove(&seq);
+                        log.ack(seq).unwrap();
+                        acked.insert(seq);
+                    }
+                }
+                LaneOp::Reconnect | LaneOp::Reopen => {
+                    if matches!(op, LaneOp::Reopen) {
+                        drop(log);
+                        log = open(dir.path(), 300).0;
+                        // Only the contiguous ack point survives a reopen.
+                        let floor = log.next_seq() - log.pending();
+                        acked.retain(|&seq| seq < floor);
+                    } else {
+                        log.rewind();
+                    }
+                    log.split_lanes();
+                    boundary = log.live_boundary();
+                    in_flight.clear();
+                    read.clear();
+                    (last_live, last_backlog) = (boundary.map_or(0, |b| b - 1), 0);
+                    prop_assert_eq!(
+                        log.pending_below(boundary.unwrap_or(0)),
+                        boundary.map_or(0, |_| log.pending())
+                    );
+                }
+            }
+        }
+        log.rewind();
+        let rest = read_all(&mut log);
+        let expected: Vec<u64> = (1..log.next_seq()).filter(|s| !acked.contains(s)).collect();
+        prop_assert_eq!(seqs(&rest), expected);
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn live_first_lanes_keep_order_and_lose_nothing(ops in prop::collection::vec(lane_op(), 1..120)) {
+            run_lanes(ops)?;
+        }
 
         /// Garbage segment files: opening and reading terminate and never panic.
         #[test]

@@ -20,6 +20,13 @@
 //!   `interval` up to `sync_interval` of messages, `none` what the OS had not written
 //!   back (typically up to 30 s).
 //! - `memory`: records in memory; survives upstream outages, not a restart.
+//!
+//! Drains (`drain`): the *backlog* is what waited when the gateway started or the sink last
+//! came back ([`Buffer::start_drain`], [`Buffer::rewind`]); `edgebridge_buffer_backlog_messages`
+//! counts what of it is still unconfirmed. `ordered` (default) hands everything over oldest
+//! first. `live_first` (disk only) hands over messages that arrived after that moment
+//! first and fills the room left with the backlog, oldest first (`disk.rs`, "Reading"):
+//! a consumer sees each lane in device order, live messages overtaking older ones.
 
 mod codec;
 mod disk;
@@ -27,6 +34,7 @@ mod disk;
 use std::collections::{BTreeSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -35,7 +43,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{BufferSection, Storage, SyncPolicy, WhenFull};
+use crate::config::{BufferSection, Drain, Storage, SyncPolicy, WhenFull};
 use crate::message::{now_millis, Message};
 use crate::metrics::Metrics;
 use disk::{DiskLog, DiskLogOptions};
@@ -171,6 +179,15 @@ impl MemoryLog {
         self.slots.iter().filter(|s| !s.acked).count() as u64
     }
 
+    /// Unacked records below `seq`; counts out-of-order acks in that range as pending
+    /// (at most a sink's window), so the cost stays O(1) per call.
+    fn pending_below(&self, seq: u64) -> u64 {
+        let Some(front) = self.slots.front().map(|s| s.record.seq) else {
+            return 0;
+        };
+        seq.saturating_sub(front).min(self.pending())
+    }
+
     fn oldest_received_at(&self) -> Option<u64> {
         self.slots
             .iter()
@@ -200,11 +217,26 @@ impl Backend {
             Backend::Disk(d) => d.pending(),
         }
     }
+
+    fn next_seq(&self) -> u64 {
+        match self {
+            Backend::Memory(m) => m.next_seq,
+            Backend::Disk(d) => d.next_seq(),
+        }
+    }
+
+    fn pending_below(&self, seq: u64) -> u64 {
+        match self {
+            Backend::Memory(m) => m.pending_below(seq),
+            Backend::Disk(d) => d.pending_below(seq),
+        }
+    }
 }
 
 struct BufferMetrics {
     messages: IntGauge,
     bytes: IntGauge,
+    backlog: IntGauge,
     oldest_age: Gauge,
     dropped_full: IntCounter,
     dropped_ttl: IntCounter,
@@ -228,6 +260,8 @@ struct State {
     /// In-flight seqs whose records `drop_oldest` removed: counted as dropped only if
     /// the sink never confirms them (at the next rewind), so the drop counter is exact.
     dropped_in_flight: BTreeSet<u64>,
+    /// Records below this seq are the backlog of the current drain (see the module doc).
+    backlog_until: u64,
 }
 
 pub struct Buffer {
@@ -240,6 +274,8 @@ pub struct Buffer {
     /// Wakes a router blocked on a full buffer (`when_full = "block"`).
     space: Notify,
     metrics: BufferMetrics,
+    /// Messages stored since start: the status page's received rate of this sink.
+    stored: AtomicU64,
 }
 
 impl Buffer {
@@ -254,6 +290,7 @@ impl Buffer {
         let buffer_metrics = BufferMetrics {
             messages: metrics.buffer_messages.with_label_values(&[name]),
             bytes: metrics.buffer_bytes.with_label_values(&[name]),
+            backlog: metrics.buffer_backlog.with_label_values(&[name]),
             oldest_age: metrics.buffer_oldest_age.with_label_values(&[name]),
             dropped_full: metrics.buffer_dropped.with_label_values(&[name, "full"]),
             dropped_ttl: metrics.buffer_dropped.with_label_values(&[name, "ttl"]),
@@ -299,16 +336,20 @@ impl Buffer {
                 since_disk_check: 0,
                 in_flight: BTreeSet::new(),
                 dropped_in_flight: BTreeSet::new(),
+                backlog_until: appended_upto + 1,
             }),
             readable: Notify::new(),
             space: Notify::new(),
             metrics: buffer_metrics,
+            stored: AtomicU64::new(0),
         };
         {
             let mut st = buffer.lock();
             if let Backend::Disk(d) = &mut st.backend {
                 d.set_read_limit(appended_upto + 1);
             }
+            // A backlog from the last run is drained like one after an outage.
+            buffer.split(&mut st);
             buffer.publish_gauges(&st);
         }
         Ok(buffer)
@@ -423,7 +464,13 @@ impl Buffer {
             return Appended::Dropped;
         }
         self.publish_gauges(&st);
+        self.stored.fetch_add(1, Ordering::Relaxed);
         Appended::Stored
+    }
+
+    /// Messages stored since start (counted once per append, not per read).
+    pub fn stored_total(&self) -> u64 {
+        self.stored.load(Ordering::Relaxed)
     }
 
     /// Counts a message the router had to give up on while this buffer was full.
@@ -565,13 +612,10 @@ impl Buffer {
         let batch = match &mut st.backend {
             Backend::Memory(m) => m.read(max, st.appended_upto, cutoff, &mut expired),
             Backend::Disk(d) => {
-                let result = match cutoff {
-                    Some(c) => d.read_unexpired(max, c).map(|b| {
-                        expired = b.expired;
-                        b.records
-                    }),
-                    None => d.read(max),
-                };
+                let result = d.read_lanes(max, cutoff).map(|b| {
+                    expired = b.expired;
+                    b.records
+                });
                 self.metrics.dropped_corrupt.inc_by(d.take_corrupt_count());
                 match result {
                     Ok(records) => records,
@@ -626,8 +670,43 @@ impl Buffer {
             Backend::Memory(m) => m.read_pos = 0,
             Backend::Disk(d) => d.rewind(),
         }
+        // Everything unconfirmed is sent again, as the backlog of a new drain.
+        self.split(&mut st);
         drop(st);
         self.readable.notify_one();
+    }
+
+    /// The sink came back (connected, or a delivery succeeded after failures): what
+    /// waits now is the backlog of a drain. With `live_first` a drain already split at
+    /// the last [`Buffer::rewind`] keeps its lanes (splitting again would re-read the
+    /// live records in flight); otherwise the lanes split here. Returns the backlog.
+    pub fn start_drain(&self) -> u64 {
+        let mut st = self.lock();
+        let split_already = matches!(&st.backend, Backend::Disk(d) if d.live_boundary().is_some());
+        if !split_already {
+            self.split(&mut st);
+        }
+        self.backlog(&st)
+    }
+
+    /// Starts a drain: the backlog is what is in the buffer now; `live_first` reads
+    /// records appended from now on first.
+    fn split(&self, st: &mut State) {
+        st.backlog_until = st.backend.next_seq();
+        if let (Backend::Disk(d), Drain::LiveFirst) = (&mut st.backend, self.config.drain) {
+            d.split_lanes();
+        }
+        self.publish_gauges(st);
+    }
+
+    fn backlog(&self, st: &State) -> u64 {
+        st.backend.pending_below(st.backlog_until)
+    }
+
+    /// Unconfirmed messages of the current drain's backlog (0 once drained).
+    pub fn backlog_pending(&self) -> u64 {
+        let st = self.lock();
+        self.backlog(&st)
     }
 
     /// Whether records survive a restart (disk storage), so their sequence numbers are
@@ -655,8 +734,13 @@ impl Buffer {
     }
 
     fn publish_gauges(&self, st: &State) {
-        self.metrics.messages.set(st.backend.pending() as i64);
-        self.metrics.bytes.set(st.backend.bytes() as i64);
+        let pending = st.backend.pending();
+        self.metrics.messages.set(pending as i64);
+        // The active segment is kept (and reused) when everything in it was delivered: a
+        // drained buffer holds nothing for the sink, and reads as empty.
+        let bytes = if pending == 0 { 0 } else { st.backend.bytes() };
+        self.metrics.bytes.set(bytes as i64);
+        self.metrics.backlog.set(self.backlog(st) as i64);
     }
 }
 

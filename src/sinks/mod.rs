@@ -70,14 +70,15 @@ impl SinkContext {
     /// waiting, logs that it starts draining.
     pub fn up(&self, detail: &str) {
         if self.metrics.mark_up(detail) {
-            self.metrics.draining(self.buffer.pending());
+            self.metrics.draining(self.buffer.start_drain());
         }
     }
 
-    /// Called after acks: logs "drained" once a backlog being drained is gone.
+    /// Called after acks: logs "drained" once a backlog being drained is gone (live
+    /// messages still flowing do not keep a drain open).
     pub fn acked(&self) {
         if self.metrics.is_draining() {
-            self.metrics.check_drained(self.buffer.pending());
+            self.metrics.check_drained(self.buffer.backlog_pending());
         }
     }
 
