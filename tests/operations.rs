@@ -460,11 +460,6 @@ topic = "up/img/{{1}}"
 /// named like an HTML element stays text), no password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_page_renders_sink_states_in_chromium() {
-    let chromium = Path::new("/usr/bin/chromium");
-    assert!(
-        chromium.exists(),
-        "no /usr/bin/chromium: scripts/test.sh installs it"
-    );
     let rule = "[[rules]]\nname = \"<img src=x onerror=alert(1)>\"\nfrom = \"plant/<b>&co/+\"\nto = [\"archive\"]\n";
     let mut gw = TestGateway::start(&two_sinks(free_port(), rule)).await;
     let addr = admin(&gw);
@@ -485,32 +480,10 @@ async fn status_page_renders_sink_states_in_chromium() {
     .await;
     assert_eq!(sent, 20);
 
-    let profile = tempfile::tempdir().expect("chromium profile dir");
-    let url = format!("http://{addr}/");
-    let mut cmd = tokio::process::Command::new(chromium);
-    cmd.args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(&url)
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
-        .await
-        .expect("chromium finished within 90 s")
-        .expect("chromium runs");
-    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dom = render_in_chromium(addr).await;
 
     // Each sink's card, as rendered: its name and its state badge.
-    let card = |name: &str| -> String {
-        let start = dom
-            .find(&format!("id=\"sink-{name}\""))
-            .unwrap_or_else(|| panic!("no card for sink {name} in:\n{dom}"));
-        let rest = &dom[start..];
-        rest[..rest.find("</dl>").unwrap_or(rest.len())].to_string()
-    };
+    let card = |name: &str| sink_card(&dom, name);
     let archive = card("archive");
     assert!(
         archive.contains("<span class=\"sink-name\">archive</span>"),
@@ -539,6 +512,140 @@ async fn status_page_renders_sink_states_in_chromium() {
     assert!(dom.contains("&lt;img src=x onerror=alert(1)&gt;"), "{dom}");
     assert!(dom.contains("plant/&lt;b&gt;&amp;co/+"), "{dom}");
     assert!(!dom.contains("s3cret-pass-word"));
+    gw.shutdown().await;
+}
+
+/// The status page at `addr` as headless Chromium renders it (its DOM).
+async fn render_in_chromium(addr: SocketAddr) -> String {
+    let chromium = Path::new("/usr/bin/chromium");
+    assert!(
+        chromium.exists(),
+        "no /usr/bin/chromium: scripts/test.sh installs it"
+    );
+    let profile = tempfile::tempdir().expect("chromium profile dir");
+    let url = format!("http://{addr}/");
+    let mut cmd = tokio::process::Command::new(chromium);
+    cmd.args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .args([
+            "--disable-background-networking",
+            "--disable-component-update",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(&url)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
+        .await
+        .expect("chromium finished within 90 s")
+        .expect("chromium runs");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The card of sink `name` in a rendered status page, up to the end of its details.
+fn sink_card(dom: &str, name: &str) -> String {
+    let start = dom
+        .find(&format!("id=\"sink-{name}\""))
+        .unwrap_or_else(|| panic!("no card for sink {name} in:\n{dom}"));
+    let rest = &dom[start..];
+    rest[..rest.find("</dl>").unwrap_or(rest.len())].to_string()
+}
+
+/// A drain as an operator sees it: the status API carries each sink's recent samples
+/// (sampled every second here) and, while the backlog shrinks, an estimate of the time
+/// left; the page in Chromium draws the three charts and says what is left to drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_page_charts_a_drain_in_chromium() {
+    let mut upstream = Mosquitto::start(Mode::Plain);
+    let upstream_port = upstream.port();
+    upstream.stop();
+    let body = format!(
+        r#"
+[admin]
+bind = "127.0.0.1:0"
+history_interval = "1s"
+
+[sinks.cloud]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{upstream_port}"
+backoff_min = "50ms"
+backoff_max = "200ms"
+buffer = {{ drain_rate = 50 }}
+
+[[rules]]
+name = "telemetry"
+from = "factory/+/t"
+to = ["cloud"]
+"#
+    );
+    let mut gw = TestGateway::start(&body).await;
+    let addr = admin(&gw);
+    let sent = publish_seq(
+        "127.0.0.1",
+        gw.port(),
+        "dev-0",
+        "factory/d0/t",
+        0,
+        3_000,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert_eq!(sent, 3_000);
+    // The samples show what came in and waits.
+    status_until(addr, WAIT, |s| {
+        let history = sink(s, "cloud")["history"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        history
+            .iter()
+            .any(|h| h["received_per_second"].as_f64() > Some(0.0))
+            && history.last().is_some_and(|h| h["pending"] == 3_000)
+    })
+    .await;
+    upstream.restart();
+    // 50 msg/s: a minute to drain 3,000, so the page below still sees the drain.
+    let s = status_until(addr, WAIT, |s| {
+        let cloud = sink(s, "cloud");
+        cloud["drain_eta_seconds"]
+            .as_f64()
+            .is_some_and(|eta| eta > 0.0)
+            && cloud["buffer"]["backlog"].as_u64().is_some_and(|b| b > 0)
+    })
+    .await;
+    let history = sink(&s, "cloud")["history"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        history
+            .iter()
+            .any(|h| h["delivered_per_second"].as_f64() > Some(0.0)),
+        "{history:?}"
+    );
+
+    let dom = render_in_chromium(addr).await;
+    let cloud = sink_card(&dom, "cloud");
+    assert!(cloud.contains("from the outage, about "), "{cloud}");
+    for chart in ["received", "delivered", "waiting"] {
+        let id = format!("id=\"chart-cloud-{chart}\"");
+        let at = cloud
+            .find(&id)
+            .unwrap_or_else(|| panic!("no {chart} chart in {cloud}"));
+        let svg = &cloud[at..];
+        let points = svg
+            .split("points=\"")
+            .nth(1)
+            .and_then(|p| p.split('"').next())
+            .unwrap_or_default();
+        assert!(
+            points.split(' ').count() >= 2,
+            "the {chart} chart draws a line: {svg}"
+        );
+    }
     gw.shutdown().await;
 }
 

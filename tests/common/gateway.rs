@@ -30,8 +30,8 @@ pub struct TestGateway {
 }
 
 impl TestGateway {
-    /// `body` holds the sinks and rules (and may add `[[listeners]]` of its own);
-    /// `{dir}` in it is replaced by the temp dir.
+    /// `body` holds the sinks and rules (and may add `[[listeners]]` or `[admin]` of its
+    /// own); `{dir}` in it is replaced by the temp dir.
     pub async fn start(body: &str) -> TestGateway {
         Self::start_in(body, tempfile::tempdir().expect("tempdir for the gateway")).await
     }
@@ -60,9 +60,15 @@ impl TestGateway {
         } else {
             "[[listeners]]\nname = \"devices\"\nbind = \"127.0.0.1:0\"\n".to_string()
         };
+        // A body with an `[admin]` table of its own binds it to port 0 itself.
+        let admin = if body.contains("[admin]") {
+            ""
+        } else {
+            "[admin]\nbind = \"127.0.0.1:0\"\n"
+        };
         let toml = format!(
             "[gateway]\nid = \"edge-01\"\ndata_dir = \"{}\"\nshutdown_grace = \"2s\"\n\
-             [admin]\nbind = \"127.0.0.1:0\"\n{listeners}{body}",
+             {admin}{listeners}{body}",
             data_dir.display()
         );
         let path = dir.path().join("edgebridge.toml");
