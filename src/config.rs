@@ -414,9 +414,27 @@ pub struct MqttSinkSection {
     pub backoff_min: HumanDuration,
     #[serde(default = "default_backoff_max")]
     pub backoff_max: HumanDuration,
+    /// Upstream connections sharing the sink's messages: a count (client ids
+    /// `{client_id}-1`, `-2`, …) or the list of client ids.
+    #[serde(default)]
+    pub connections: Option<Connections>,
     #[serde(default)]
     pub buffer: BufferSection,
 }
+
+/// `connections = 3` or `connections = ["plant-a-1", "plant-a-2"]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(
+    untagged,
+    expecting = "a number of connections, or a list of client ids"
+)]
+pub enum Connections {
+    Count(u16),
+    ClientIds(Vec<String>),
+}
+
+/// Most upstream connections one MQTT sink may open.
+const MAX_CONNECTIONS: usize = 64;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -1042,6 +1060,8 @@ pub struct MqttPlan {
     pub port: u16,
     pub tls: Option<TlsPlan>,
     pub client_id: String,
+    /// One per upstream connection (`connections`); `[client_id]` for one.
+    pub client_ids: Vec<String>,
     pub username: Option<String>,
     pub password: Option<String>,
     pub qos: u8,
@@ -2060,6 +2080,31 @@ fn validate_mqtt(
             String::new()
         }
     };
+    let client_ids = match &m.connections {
+        None | Some(Connections::Count(1)) => vec![client_id.clone()],
+        Some(Connections::Count(n)) => (1..=*n).map(|i| format!("{client_id}-{i}")).collect(),
+        Some(Connections::ClientIds(ids)) => ids.clone(),
+    };
+    let connections_problem = if client_ids.is_empty() || client_ids.len() > MAX_CONNECTIONS {
+        Some(format!(
+            "must be between 1 and {MAX_CONNECTIONS} connections"
+        ))
+    } else if client_ids.len() > 1 && azure {
+        Some("Azure IoT Hub allows one connection per device identity".to_string())
+    } else if client_ids.iter().any(|c| c.is_empty()) {
+        Some("a client id must not be empty".to_string())
+    } else if client_ids.iter().collect::<HashSet<_>>().len() != client_ids.len() {
+        Some(
+            "client ids must differ: an upstream closes one of two connections with the same id"
+                .to_string(),
+        )
+    } else {
+        None
+    };
+    if let Some(problem) = connections_problem {
+        err(format!("{path}.connections"), problem);
+        ok = false;
+    }
     if !ok {
         return None;
     }
@@ -2068,6 +2113,7 @@ fn validate_mqtt(
         port,
         tls,
         client_id,
+        client_ids,
         username,
         password: m.password.clone(),
         qos: m.qos,
@@ -2213,7 +2259,10 @@ impl Plan {
                     let _ = writeln!(
                         out,
                         "  {} mqtt {scheme}://{}:{}{profile} client_id={} qos={}{auth}{tls}; {buffer}",
-                        s.name, m.host, m.port, m.client_id, m.qos
+                        s.name, m.host, m.port, match m.client_ids.as_slice() {
+                            [one] => one.clone(),
+                            ids => format!("{} (connections={}, by topic)", ids.join(","), ids.len()),
+                        }, m.qos
                     );
                     for note in &m.notes {
                         let _ = writeln!(out, "    {}: {note}", m.profile.map_or("", |p| p.name()));
@@ -2297,6 +2346,36 @@ mod tests {
         from = "#"
         to = ["out"]
     "##;
+
+    #[test]
+    fn connections_name_distinct_client_ids() {
+        let mqtt = |extra: &str| {
+            format!(
+                "[gateway]\nid = \"gw\"\n[sinks.up]\ntype = \"mqtt\"\nurl = \"mqtt://h:1883\"\n{extra}\n\
+                 [[rules]]\nname = \"r\"\nfrom = \"#\"\nto = [\"up\"]\n"
+            )
+        };
+        let ids = |extra: &str| match load_str(&mqtt(extra), &[]).expect("valid").sinks[0].kind {
+            SinkKindPlan::Mqtt(ref m) => m.client_ids.clone(),
+            _ => unreachable!("an mqtt sink"),
+        };
+        assert_eq!(ids(""), ["gw"]);
+        assert_eq!(ids("connections = 3"), ["gw-1", "gw-2", "gw-3"]);
+        assert_eq!(ids("connections = [\"a\", \"b\"]"), ["a", "b"]);
+        let plan = load_str(&mqtt("connections = 2"), &[]).expect("valid");
+        assert!(plan
+            .describe()
+            .contains("client_id=gw-1,gw-2 (connections=2, by topic)"));
+        for bad in [
+            "connections = 0",
+            "connections = 65",
+            "connections = [\"a\", \"a\"]",
+            "connections = []",
+        ] {
+            let e = first_error(&mqtt(bad));
+            assert!(e.starts_with("sinks.up.connections: "), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn live_first_drain_needs_a_disk_buffer() {

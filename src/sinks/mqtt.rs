@@ -16,12 +16,18 @@
 //! PINGREQ going unanswered for a keep-alive period does the same
 //! (`reason="ping_timeout"`).
 //!
+//! `connections = N` (`connections.rs`): N such connections, each message routed to one
+//! by a hash of its upstream topic, so order per topic holds; they fail and reconnect
+//! together.
+//!
 //! Cloud profiles (`sinks::cloud`) add limits and credentials: a payload over the cloud's
 //! limit or a topic AWS refuses is dead-lettered before it is sent; with an Azure shared
 //! access key every connection gets a fresh SAS token as its password, and when the token
 //! is due the connection stops taking new records, waits briefly for the acks of those in
 //! flight, says DISCONNECT and reconnects at once with a new token (`Outcome::Renew`; not
 //! an error, the sink stays up); anything unconfirmed is resent after the rewind.
+
+mod connections;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
@@ -34,10 +40,12 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::cloud::{self, CloudProfile};
 use super::{Backoff, SinkContext};
+use crate::buffer::{Buffer, Record};
 use crate::config::MqttPlan;
 use crate::rules::downlink::DownlinkTap;
 
@@ -154,30 +162,13 @@ enum Outcome {
 }
 
 pub async fn run(plan: MqttPlan, ctx: SinkContext) {
+    if plan.client_ids.len() > 1 {
+        return connections::run(plan, ctx).await;
+    }
     let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
     loop {
-        let (opts, renew_in) = match options(&plan) {
-            Ok(o) => o,
-            Err(e) => {
-                ctx.metrics.mark_down("config", &e);
-                if ctx.sleep_or_stop(backoff.next_delay()).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        let capacity = plan.inflight as usize * 2 + 16;
-        let (client, mut eventloop) = AsyncClient::new(opts, capacity);
-        // rumqttc leaves Nagle's algorithm on: a publish written while the previous one is
-        // unacknowledged at the TCP level then waits for that ACK, which a peer delaying
-        // its ACKs holds for up to 40 ms (a WAN round trip, at best). Measured with one
-        // message in flight per device (S1c): p99 42 ms with Nagle, 5 ms without.
-        let mut network = eventloop.network_options();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
         ctx.buffer.rewind();
-        let renew_at = renew_in.map(|d| Instant::now() + d);
-        match connection(&plan, &ctx, &client, eventloop, &mut backoff, renew_at).await {
+        match session(&plan, &ctx, &mut backoff, &mut Source::Buffer).await {
             Outcome::Stopped => return,
             Outcome::Renew => {}
             Outcome::Reconnect => {
@@ -186,6 +177,83 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
                 }
             }
         }
+    }
+}
+
+/// Where one connection's records come from.
+enum Source {
+    /// The sink's buffer itself: the only connection.
+    Buffer,
+    /// This connection's share of the buffer's records (`connections > 1`); `stop` ends
+    /// the connection when another one of its group failed.
+    Routed {
+        records: mpsc::Receiver<Record>,
+        stop: CancellationToken,
+    },
+}
+
+impl Source {
+    /// Up to `max` records; waits for at least one.
+    async fn read_batch(&mut self, buffer: &Buffer, max: usize) -> Vec<Record> {
+        match self {
+            Source::Buffer => buffer.read_batch(max).await,
+            Source::Routed { records, .. } => {
+                // Closed: the group is stopping, and `stop` ends this connection.
+                let Some(first) = records.recv().await else {
+                    return std::future::pending().await;
+                };
+                let mut batch = vec![first];
+                while batch.len() < max {
+                    match records.try_recv() {
+                        Ok(record) => batch.push(record),
+                        Err(_) => break,
+                    }
+                }
+                batch
+            }
+        }
+    }
+
+    fn stop(&self) -> Option<CancellationToken> {
+        match self {
+            Source::Buffer => None,
+            Source::Routed { stop, .. } => Some(stop.clone()),
+        }
+    }
+}
+
+/// One connection attempt and, once connected, its session until it ends.
+async fn session(
+    plan: &MqttPlan,
+    ctx: &SinkContext,
+    backoff: &mut Backoff,
+    source: &mut Source,
+) -> Outcome {
+    let (opts, renew_in) = match options(plan) {
+        Ok(o) => o,
+        Err(e) => {
+            ctx.metrics.mark_down("config", &e);
+            return Outcome::Reconnect;
+        }
+    };
+    let capacity = plan.inflight as usize * 2 + 16;
+    let (client, mut eventloop) = AsyncClient::new(opts, capacity);
+    // rumqttc leaves Nagle's algorithm on: a publish written while the previous one is
+    // unacknowledged at the TCP level then waits for that ACK, which a peer delaying
+    // its ACKs holds for up to 40 ms (a WAN round trip, at best). Measured with one
+    // message in flight per device (S1c): p99 42 ms with Nagle, 5 ms without.
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    let renew_at = renew_in.map(|d| Instant::now() + d);
+    connection(plan, ctx, &client, eventloop, backoff, renew_at, source).await
+}
+
+/// Resolves when `stop` is cancelled; never for `None`.
+async fn stopped(stop: &Option<CancellationToken>) {
+    match stop {
+        Some(stop) => stop.cancelled().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -250,7 +318,9 @@ async fn connection(
     eventloop: EventLoop,
     backoff: &mut Backoff,
     renew_at: Option<Instant>,
+    source: &mut Source,
 ) -> Outcome {
+    let stop = source.stop();
     let qos = qos_of(plan.qos);
     let window_size = plan.inflight as usize;
     let refill_at = (window_size / 4).max(1);
@@ -286,6 +356,9 @@ async fn connection(
             _ = ctx.shutdown.cancelled() => {
                 break drain_and_disconnect(ctx, client, &mut events, &mut window).await;
             }
+            // Another connection of the group failed: all reconnect, and what is
+            // unconfirmed here is resent after the rewind.
+            _ = stopped(&stop) => break Outcome::Reconnect,
             event = events.recv() => {
                 match event {
                     Some(Ok(event)) => {
@@ -361,7 +434,7 @@ async fn connection(
                     break Outcome::Reconnect;
                 }
             }
-            batch = ctx.buffer.read_batch(room.min(ctx.batch)), if connected && refill => {
+            batch = source.read_batch(&ctx.buffer, room.min(ctx.batch)), if connected && refill => {
                 if window.len() == 0 {
                     last_progress = Instant::now();
                 }

@@ -1,0 +1,128 @@
+//! `connections = N`: one MQTT sink over N upstream connections (AWS IoT Core limits
+//! each connection to 100 PUBLISH/s and 512 KiB/s, so a gateway that forwards more opens
+//! more of them).
+//!
+//! Input: the sink's buffer, read by one dispatcher task that routes each record to one
+//! connection by a hash of its upstream topic, so the messages of one topic always take
+//! the same connection and keep their order. Output: N connections, each the same session
+//! as a single-connection sink (`super::connection`: its own client id from
+//! `client_ids`, in-flight window, acks straight to the buffer).
+//!
+//! The connections live and fail together: when one ends, the others close too (their
+//! unconfirmed records are resent, as after any reconnect), the buffer is rewound and the
+//! group reconnects after the backoff. Splitting failure handling per connection would
+//! need a read cursor per connection; one shared rewind keeps the buffer's single reader
+//! and costs, on a failure, duplicates within the other connections' windows.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{session, Outcome, Source};
+use crate::buffer::Record;
+use crate::config::MqttPlan;
+use crate::sinks::SinkContext;
+
+pub(super) async fn run(plan: MqttPlan, ctx: SinkContext) {
+    let ctx = Arc::new(ctx);
+    let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
+    loop {
+        ctx.buffer.rewind();
+        let stop = CancellationToken::new();
+        let mut routes = Vec::with_capacity(plan.client_ids.len());
+        let mut members = JoinSet::new();
+        for client_id in &plan.client_ids {
+            // A window's worth queued per connection: the dispatcher stays ahead of it.
+            let (tx, records) = mpsc::channel(usize::from(plan.inflight).max(16));
+            routes.push(tx);
+            let member = MqttPlan {
+                client_id: client_id.clone(),
+                ..plan.clone()
+            };
+            let mut source = Source::Routed {
+                records,
+                stop: stop.clone(),
+            };
+            let (ctx, mut member_backoff) = (ctx.clone(), backoff.clone());
+            members.spawn(async move {
+                let outcome = session(&member, &ctx, &mut member_backoff, &mut source).await;
+                (outcome, member_backoff)
+            });
+        }
+        let dispatcher = tokio::spawn(dispatch(ctx.clone(), routes, stop.clone()));
+        // The first connection to end ends the group.
+        let first = members.join_next().await;
+        stop.cancel();
+        while members.join_next().await.is_some() {}
+        let _ = dispatcher.await;
+        let outcome = match first {
+            Some(Ok((outcome, member_backoff))) => {
+                // The connection that ended knows whether acks arrived (a reset backoff).
+                backoff = member_backoff;
+                outcome
+            }
+            // A connection task panicked: treat it like a failed connection.
+            _ => Outcome::Reconnect,
+        };
+        match outcome {
+            Outcome::Stopped => return,
+            Outcome::Renew => {}
+            Outcome::Reconnect => {
+                if ctx.sleep_or_stop(backoff.next_delay()).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Reads the buffer and hands each record to the connection of its topic, until `stop`.
+async fn dispatch(
+    ctx: Arc<SinkContext>,
+    routes: Vec<mpsc::Sender<Record>>,
+    stop: CancellationToken,
+) {
+    let route = async {
+        loop {
+            for record in ctx.buffer.read_batch(ctx.batch).await {
+                let n = connection_of(&record.msg.topic, routes.len());
+                if routes[n].send(record).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = route => {}
+    }
+}
+
+/// The connection (index below `count`) that carries `topic`. `DefaultHasher::new()` is
+/// keyed with constants, so the choice is the same for the whole run.
+fn connection_of(topic: &str, count: usize) -> usize {
+    let mut hasher = DefaultHasher::new();
+    topic.hash(&mut hasher);
+    (hasher.finish() % count.max(1) as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_always_takes_the_same_connection_and_topics_spread() {
+        let mut used = [0u32; 4];
+        for i in 0..400 {
+            let topic = format!("dt/edge-01/line{}/press{}", i % 7, i);
+            let n = connection_of(&topic, 4);
+            assert_eq!(n, connection_of(&topic, 4));
+            used[n] += 1;
+        }
+        assert!(used.iter().all(|&u| u > 50), "{used:?}");
+        assert_eq!(connection_of("any", 1), 0);
+    }
+}
