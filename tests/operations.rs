@@ -341,6 +341,16 @@ topic = "up/img/{{1}}"
         "upstream got {}",
         collector.len()
     );
+    // The publisher has disconnected; its connection task sees that after it left.
+    let connections = gw
+        .counter_until(
+            "edgebridge_connections",
+            &[("listener", "devices")],
+            0.0,
+            WAIT,
+        )
+        .await;
+    assert_eq!(connections, 0.0, "the device's connection is closed");
     // Anything late (a duplicate delivery, a stray count) would show up by now.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, text) = http_get(admin(&gw), "/metrics").await;
@@ -764,6 +774,8 @@ async fn idle_paused_upstream_is_detected_by_unanswered_pings() {
 struct Binary {
     child: std::process::Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// The stdout and stderr readers: they end when the process has exited.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Binary {
@@ -782,18 +794,23 @@ impl Binary {
             Box::new(child.stdout.take().expect("stdout")),
             Box::new(child.stderr.take().expect("stderr")),
         ];
+        let mut readers = Vec::new();
         for stream in streams {
             let lines = lines.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     if std::env::var_os("EDGEBRIDGE_TEST_LOG").is_some() {
                         eprintln!("{line}");
                     }
                     lines.lock().expect("lines").push(line);
                 }
-            });
+            }));
         }
-        Binary { child, lines }
+        Binary {
+            child,
+            lines,
+            readers,
+        }
     }
 
     fn lines(&self) -> Vec<String> {
@@ -818,8 +835,10 @@ impl Binary {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let ok = self.child.wait().is_ok_and(|s| s.success());
-        // Let the reader threads take the last lines.
-        std::thread::sleep(Duration::from_millis(200));
+        // Every line is taken once the readers reached the end of the closed pipes.
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
         ok
     }
 }
