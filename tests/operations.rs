@@ -785,6 +785,8 @@ impl Binary {
             .arg(config)
             .args(args)
             .env_remove("RUST_LOG")
+            // Colour-free logs on a pipe must be the gateway's own doing.
+            .env_remove("NO_COLOR")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -982,4 +984,23 @@ async fn log_format_flag_overrides_the_config() {
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(v["fields"]["message"].is_string(), "{line}");
     }
+}
+
+/// With stdout a pipe (systemd's journal, Docker, a file), text logs carry no ANSI escape
+/// codes; colour is for a terminal only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = gateway::FILE_SINK.replace("{dir}", &dir.path().display().to_string());
+    let config = binary_config(dir.path(), free_port(), &body);
+    let mut bin = Binary::start(&config, &["--log-format", "text"]);
+    bin.wait_for_line("edgebridge started").await;
+    assert!(bin.terminate());
+    let lines = bin.lines();
+    assert!(
+        lines.iter().any(|l| l.contains("INFO")),
+        "levels are logged: {lines:#?}"
+    );
+    let coloured: Vec<&String> = lines.iter().filter(|l| l.contains("\x1b[")).collect();
+    assert!(coloured.is_empty(), "ANSI escape codes in {coloured:#?}");
 }
