@@ -189,6 +189,9 @@ fn run(plan: Plan, config: &std::path::Path) -> ExitCode {
             Ok(g) => g,
             Err(e) => {
                 error!(error = %format!("{e:#}"), "start-up failed");
+                // Also on stderr, like a config error: logs go to stdout, and whoever
+                // started the process looks for why it would not start here.
+                eprintln!("edgebridge: start-up failed: {e:#}");
                 return ExitCode::FAILURE;
             }
         };
