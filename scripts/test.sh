@@ -42,7 +42,18 @@ if [ -n "$tansu_pid" ]; then
   echo "tansu installed"
 fi
 # Unit and integration tests (benches are run by `cargo bench`, not here).
+# --no-fail-fast: every test binary runs even when an earlier one failed, so one failure
+# does not hide others. Under pipefail the pipeline's status is cargo's (tee succeeds);
+# `||` keeps `set -e` from exiting before the summary is printed.
 log=$(mktemp)
 trap 'rm -f "$log" "$tansu_log"' EXIT
-cargo test --lib --bins --tests 2>&1 | tee "$log"
+status=0
+cargo test --no-fail-fast --lib --bins --tests 2>&1 | tee "$log" || status=$?
+# One "test result:" line per test binary that ran to its end.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+if [ "$status" -ne 0 ]; then
+  # Also when no test failed: a build error, or a test binary that crashed before its
+  # result line (cargo lists those targets above).
+  echo "cargo test failed (exit status $status)" >&2
+fi
+exit "$status"

@@ -1,8 +1,10 @@
 //! Wires broker → rules → buffers → sink workers, and owns start-up, reload and shutdown
 //! order.
 //!
-//! Start: buffers, sink workers, the router task, then the device listeners (so nothing
-//! is accepted before it can be stored), then the admin endpoint.
+//! Start: the lock on `data_dir` ([`crate::lock`]; another process holding it stops the
+//! start before anything is opened or bound), buffers, sink workers, the router task,
+//! then the device listeners (so nothing is accepted before it can be stored), then the
+//! admin endpoint. The lock is released last on shutdown.
 //! Reload (SIGHUP, [`Gateway::reload`]): the new plan is validated first; a broken one
 //! changes nothing. Then new sinks get their buffer and worker, changed sinks a new worker
 //! on the same buffer, the router switches to the new rules and buffers between two
@@ -30,6 +32,7 @@ use crate::admin::{self, AdminState, Phase};
 use crate::broker;
 use crate::buffer::Buffer;
 use crate::config::{self, Plan, SinkPlan};
+use crate::lock::DataDirLock;
 use crate::metrics::Metrics;
 use crate::rules::downlink::{self, DownlinkMetrics, DownlinkTable, UpstreamMessage};
 use crate::rules::router::{RouterTask, Routing};
@@ -65,6 +68,8 @@ pub struct Gateway {
     /// The downlink task's mappings: a reload sends the next ones.
     downlink_table: watch::Sender<Arc<DownlinkTable>>,
     admin: JoinHandle<()>,
+    /// Held until shutdown is done: no other process opens these buffers meanwhile.
+    data_dir_lock: DataDirLock,
 }
 
 /// What a reload did, for the log and for tests.
@@ -206,6 +211,9 @@ impl Gateway {
         let _ = rustls::crypto::ring::default_provider().install_default();
         std::fs::create_dir_all(&plan.data_dir)
             .with_context(|| format!("cannot create data_dir {}", plan.data_dir.display()))?;
+        // First: a second process on this data_dir is refused before it opens a buffer
+        // or binds a port.
+        let data_dir_lock = DataDirLock::acquire(&plan.data_dir)?;
 
         let metrics = Arc::new(Metrics::new());
         // Upstream → downlink task; the sinks' taps hold the sender.
@@ -300,6 +308,7 @@ impl Gateway {
             downlinks,
             downlink_table,
             admin,
+            data_dir_lock,
         })
     }
 
@@ -458,6 +467,8 @@ impl Gateway {
         }
         self.admin_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.admin).await;
+        // Last: every buffer is synced and no task of this gateway writes any more.
+        drop(self.data_dir_lock);
         info!("edgebridge stopped");
     }
 }

@@ -25,6 +25,7 @@
 //!   [`sinks::file`].
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/v1/status` and the status page.
 //! - [`app`]: start-up, reload (SIGHUP) and shutdown order.
+//! - [`lock`]: the exclusive lock on `data_dir`, taken first and held for the process's life.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ pub mod app;
 pub mod broker;
 pub mod buffer;
 pub mod config;
+pub mod lock;
 pub mod message;
 pub mod metrics;
 pub mod rules;

@@ -1,5 +1,6 @@
 //! The `edgebridge` command line: `run`, `check`, `rules test`, `passwd`, `version`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -101,7 +102,14 @@ fn init_logging(plan: &Plan, format: Option<LogFormatArg>) {
         Some(LogFormatArg::Text) => false,
         None => plan.log.format == LogFormat::Json,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour only for a person at a terminal: the journal, Docker and log files keep the
+    // escape codes as literal bytes. `with_ansi` overrides tracing-subscriber's own
+    // NO_COLOR check, so that is kept here (https://no-color.org).
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = std::io::stdout().is_terminal() && !no_color;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     if json {
         builder.json().init();
     } else {
@@ -181,6 +189,9 @@ fn run(plan: Plan, config: &std::path::Path) -> ExitCode {
             Ok(g) => g,
             Err(e) => {
                 error!(error = %format!("{e:#}"), "start-up failed");
+                // Also on stderr, like a config error: logs go to stdout, and whoever
+                // started the process looks for why it would not start here.
+                eprintln!("edgebridge: start-up failed: {e:#}");
                 return ExitCode::FAILURE;
             }
         };
@@ -195,7 +206,6 @@ fn run(plan: Plan, config: &std::path::Path) -> ExitCode {
 
 /// The password for `passwd`: asked twice on a terminal, else one line of stdin.
 fn read_password(user: &str) -> Result<String, String> {
-    use std::io::IsTerminal;
     if std::io::stdin().is_terminal() {
         let first = rpassword::prompt_password(format!("password for {user}: "))
             .map_err(|e| format!("cannot read the password: {e}"))?;

@@ -70,25 +70,6 @@ async fn publish_with_oversized(
     acked + 1
 }
 
-/// `GET /api/v1/status` over a plain HTTP/1.0 connection.
-async fn http_get_status(addr: SocketAddr) -> serde_json::Value {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the admin endpoint");
-    stream
-        .write_all(b"GET /api/v1/status HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("read the response");
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("status is not JSON ({e}): {response}"))
-}
-
 fn aws_sink(port: u16, certs: &TestCerts, extra: &str) -> String {
     format!(
         r#"
@@ -261,13 +242,20 @@ async fn aws_profile_names_a_close_right_after_connack() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let status = http_get_status(gw.gw().admin_addr).await;
-    let cloud = status["sinks"]
-        .as_array()
-        .and_then(|sinks| sinks.iter().find(|s| s["name"] == "cloud"))
-        .cloned()
-        .unwrap_or_default();
-    let detail = cloud["last_error"]["detail"].as_str().unwrap_or_default();
+    // The error is counted before it is recorded as the last one.
+    let detail_of = |s: &serde_json::Value| {
+        let cloud = gateway::sink(s, "cloud");
+        cloud["last_error"]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let status = gateway::status_until(gw.gw().admin_addr, WAIT, |s| {
+        detail_of(s).contains("same client id")
+    })
+    .await;
+    let cloud = gateway::sink(&status, "cloud");
+    let detail = detail_of(&status);
     assert!(
         detail.contains("same client id") && detail.contains("client id edge-01"),
         "{cloud:#}"

@@ -214,13 +214,16 @@ async fn bad_request_is_dead_lettered_and_the_stream_goes_on() {
     assert_eq!(dead["reason"], "http_400");
     assert_eq!(dead["topic"], "plant/m1/temp");
     assert_eq!(dead["payload"], "{\"device\":1,\"seq\":3}");
-    assert_eq!(
-        gw.counter(
+    // Counted once the dead-letter file is written.
+    let dropped = gw
+        .counter_until(
             "edgebridge_buffer_dropped_total",
-            &[("sink", "hook"), ("reason", "http_400")]
-        ),
-        1.0
-    );
+            &[("sink", "hook"), ("reason", "http_400")],
+            1.0,
+            WAIT,
+        )
+        .await;
+    assert_eq!(dropped, 1.0);
     assert_eq!(gw.counter("edgebridge_sink_up", &[("sink", "hook")]), 1.0);
     gw.shutdown().await;
 }
@@ -240,13 +243,16 @@ batch = { max_messages = 10, max_delay = "2s" }"#;
             .await
     );
     assert_eq!(gw.dead_letters("hook")[0]["reason"], "http_422");
-    assert_eq!(
-        gw.counter(
+    // Counted once the dead-letter file is written.
+    let dropped = gw
+        .counter_until(
             "edgebridge_buffer_dropped_total",
-            &[("sink", "hook"), ("reason", "http_422")]
-        ),
-        1.0
-    );
+            &[("sink", "hook"), ("reason", "http_422")],
+            1.0,
+            WAIT,
+        )
+        .await;
+    assert_eq!(dropped, 1.0);
     gw.shutdown().await;
 }
 

@@ -341,6 +341,16 @@ topic = "up/img/{{1}}"
         "upstream got {}",
         collector.len()
     );
+    // The publisher has disconnected; its connection task sees that after it left.
+    let connections = gw
+        .counter_until(
+            "edgebridge_connections",
+            &[("listener", "devices")],
+            0.0,
+            WAIT,
+        )
+        .await;
+    assert_eq!(connections, 0.0, "the device's connection is closed");
     // Anything late (a duplicate delivery, a stray count) would show up by now.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, text) = http_get(admin(&gw), "/metrics").await;
@@ -871,6 +881,8 @@ async fn idle_paused_upstream_is_detected_by_unanswered_pings() {
 struct Binary {
     child: std::process::Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// The stdout and stderr readers: they end when the process has exited.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Binary {
@@ -880,6 +892,8 @@ impl Binary {
             .arg(config)
             .args(args)
             .env_remove("RUST_LOG")
+            // Colour-free logs on a pipe must be the gateway's own doing.
+            .env_remove("NO_COLOR")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -889,18 +903,23 @@ impl Binary {
             Box::new(child.stdout.take().expect("stdout")),
             Box::new(child.stderr.take().expect("stderr")),
         ];
+        let mut readers = Vec::new();
         for stream in streams {
             let lines = lines.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     if std::env::var_os("EDGEBRIDGE_TEST_LOG").is_some() {
                         eprintln!("{line}");
                     }
                     lines.lock().expect("lines").push(line);
                 }
-            });
+            }));
         }
-        Binary { child, lines }
+        Binary {
+            child,
+            lines,
+            readers,
+        }
     }
 
     fn lines(&self) -> Vec<String> {
@@ -925,8 +944,10 @@ impl Binary {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let ok = self.child.wait().is_ok_and(|s| s.success());
-        // Let the reader threads take the last lines.
-        std::thread::sleep(Duration::from_millis(200));
+        // Every line is taken once the readers reached the end of the closed pipes.
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
         ok
     }
 }
@@ -1070,4 +1091,23 @@ async fn log_format_flag_overrides_the_config() {
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(v["fields"]["message"].is_string(), "{line}");
     }
+}
+
+/// With stdout a pipe (systemd's journal, Docker, a file), text logs carry no ANSI escape
+/// codes; colour is for a terminal only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = gateway::FILE_SINK.replace("{dir}", &dir.path().display().to_string());
+    let config = binary_config(dir.path(), free_port(), &body);
+    let mut bin = Binary::start(&config, &["--log-format", "text"]);
+    bin.wait_for_line("edgebridge started").await;
+    assert!(bin.terminate());
+    let lines = bin.lines();
+    assert!(
+        lines.iter().any(|l| l.contains("INFO")),
+        "levels are logged: {lines:#?}"
+    );
+    let coloured: Vec<&String> = lines.iter().filter(|l| l.contains("\x1b[")).collect();
+    assert!(coloured.is_empty(), "ANSI escape codes in {coloured:#?}");
 }

@@ -117,6 +117,27 @@ impl TestGateway {
         }
     }
 
+    /// Polls sample `name{labels}` every 50 ms until it reads `want` or `timeout` passes,
+    /// and returns the last value read, for an `assert_eq!` with `want` that shows what
+    /// was there. For a metric another task updates after the effect a test can see (a
+    /// socket closes before its refusal is counted): a single read right after races it.
+    pub async fn counter_until(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+        timeout: Duration,
+    ) -> f64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let value = self.counter(name, labels);
+            if value == want || tokio::time::Instant::now() >= deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Polls `cond` every 50 ms until it holds or `timeout` passes.
     pub async fn eventually(&self, timeout: Duration, mut cond: impl FnMut(&Self) -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
