@@ -143,6 +143,7 @@ impl SinkSet {
             metrics: SinkMetrics::new(&self.metrics, &s.name),
             dead_letter: DeadLetter::new(&plan.data_dir, &s.name),
             downlink,
+            rate: s.rate,
         };
         let state = ctx.metrics.state();
         let task = sinks::spawn(s, ctx);

@@ -25,6 +25,7 @@ use crate::rules::{Expr, ExprKind, Template, TemplateScope, TopicFilter};
 use crate::sinks::cloud::{self, AzureEvents, AzureSas, CloudProfile, SharedAccessKey};
 use crate::sinks::http::{HttpPlan, HttpSinkSection};
 use crate::sinks::kafka::{KafkaPlan, KafkaSinkSection};
+use crate::sinks::pacing::Rate;
 
 /// One problem with the configuration, named by its key path (`sinks.cloud.url`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -349,6 +350,30 @@ impl SinkSection {
             SinkSection::File(s) => &s.buffer,
         }
     }
+
+    /// `rate`, as written (every kind has it).
+    pub fn rate(&self) -> Option<&RateSection> {
+        match self {
+            SinkSection::Mqtt(s) => s.rate.as_ref(),
+            SinkSection::Http(s) => s.rate.as_ref(),
+            SinkSection::Kafka(s) => s.rate.as_ref(),
+            SinkSection::File(s) => s.rate.as_ref(),
+        }
+    }
+}
+
+/// `rate = { messages = 100, bytes = "512KiB" }`: the most a sink puts on the wire per
+/// second (see `sinks::pacing`). At least one of the two; each above zero.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateSection {
+    /// Upstream messages per second (MQTT PUBLISHes, HTTP requests, Kafka records,
+    /// file lines). Signed so that a negative value gets a message with its key path.
+    #[serde(default)]
+    pub messages: Option<i64>,
+    /// Bytes per second of those messages.
+    #[serde(default)]
+    pub bytes: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -418,6 +443,9 @@ pub struct MqttSinkSection {
     /// `{client_id}-1`, `-2`, …) or the list of client ids.
     #[serde(default)]
     pub connections: Option<Connections>,
+    /// Pacing per connection; the `aws-iot` profile defaults it to AWS's limits.
+    #[serde(default)]
+    pub rate: Option<RateSection>,
     #[serde(default)]
     pub buffer: BufferSection,
 }
@@ -455,6 +483,9 @@ pub struct TlsSection {
 #[serde(deny_unknown_fields)]
 pub struct FileSinkSection {
     pub path: PathBuf,
+    /// Pacing: lines (and their bytes) written per second.
+    #[serde(default)]
+    pub rate: Option<RateSection>,
     #[serde(default)]
     pub buffer: BufferSection,
 }
@@ -1042,6 +1073,8 @@ impl ListenerPlan {
 pub struct SinkPlan {
     pub name: String,
     pub buffer: BufferSection,
+    /// Pacing of what goes on the wire; `None`: as fast as the upstream confirms.
+    pub rate: Option<Rate>,
     pub kind: SinkKindPlan,
 }
 
@@ -1319,10 +1352,22 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
                 "must be between 1 and 100000".into(),
             );
         }
+        let mut rate = sink
+            .rate()
+            .and_then(|r| validate_rate(&format!("{path}.rate"), r, &mut err));
         let kind = match sink {
-            SinkSection::Mqtt(m) => {
-                validate_mqtt(&path, m, &gateway_id, &mut err).map(SinkKindPlan::Mqtt)
-            }
+            SinkSection::Mqtt(m) => validate_mqtt(&path, m, &gateway_id, &mut err).map(|mut m| {
+                if let (None, Some(default)) = (&rate, m.profile.and_then(|p| p.default_rate())) {
+                    if sink.rate().is_none() {
+                        rate = Some(default);
+                        m.notes.push(format!(
+                            "rate {} per connection (the cloud's limits; set rate to change)",
+                            default.describe()
+                        ));
+                    }
+                }
+                SinkKindPlan::Mqtt(m)
+            }),
             SinkSection::Http(h) => {
                 crate::sinks::http::config::validate(&path, h, &gateway_id, &mut err)
                     .map(SinkKindPlan::Http)
@@ -1346,6 +1391,7 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
             sinks.push(SinkPlan {
                 name: name.clone(),
                 buffer,
+                rate,
                 kind,
             });
         }
@@ -1483,6 +1529,44 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         downlinks,
         log: config.log.clone(),
         auth,
+    })
+}
+
+/// `rate` at key path `path`; `None` (with the problems reported) when it is invalid.
+fn validate_rate(
+    path: &str,
+    rate: &RateSection,
+    err: &mut impl FnMut(String, String),
+) -> Option<Rate> {
+    let mut ok = true;
+    if rate.messages.is_none() && rate.bytes.is_none() {
+        err(
+            path.to_string(),
+            "set messages (per second), bytes (per second, e.g. \"512KiB\") or both".into(),
+        );
+        ok = false;
+    }
+    let messages = match rate.messages {
+        Some(n) if n <= 0 || n > i64::from(u32::MAX) => {
+            err(
+                format!("{path}.messages"),
+                format!("must be between 1 and {} (per second)", u32::MAX),
+            );
+            ok = false;
+            None
+        }
+        n => n.and_then(|n| u32::try_from(n).ok()),
+    };
+    if rate.bytes.is_some_and(|b| b.0 == 0) {
+        err(
+            format!("{path}.bytes"),
+            "must be above zero (per second)".into(),
+        );
+        ok = false;
+    }
+    ok.then_some(Rate {
+        messages,
+        bytes: rate.bytes.map(|b| b.0),
     })
 }
 
@@ -2228,6 +2312,10 @@ impl Plan {
             ) + match b.drain {
                 Drain::Ordered => "",
                 Drain::LiveFirst => " drain=live_first",
+            };
+            let buffer = match &s.rate {
+                Some(rate) => format!("{buffer}; rate {}", rate.describe()),
+                None => buffer,
             };
             match &s.kind {
                 SinkKindPlan::Mqtt(m) => {
@@ -3126,5 +3214,134 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("not base64!"), "{e}");
+    }
+
+    #[test]
+    fn rate_is_read_for_every_sink_kind_and_shown_by_check() {
+        let plan = load_str(
+            r#"[sinks.out]
+            type = "file"
+            path = "out.ndjson"
+            rate = { messages = 100, bytes = "512KiB" }
+            [sinks.hook]
+            type = "http"
+            url = "http://127.0.0.1:9/in"
+            rate = { bytes = "20KiB" }
+            [sinks.lake]
+            type = "kafka"
+            brokers = ["a:9092"]
+            topic = "t"
+            rate = { messages = 5 }
+            "#,
+            &[],
+        )
+        .expect("valid");
+        let rate = |name: &str| {
+            plan.sinks
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| s.rate)
+        };
+        assert_eq!(
+            rate("out"),
+            Some(Rate {
+                messages: Some(100),
+                bytes: Some(512 * 1024)
+            })
+        );
+        assert_eq!(
+            rate("hook"),
+            Some(Rate {
+                messages: None,
+                bytes: Some(20 * 1024)
+            })
+        );
+        assert_eq!(
+            rate("lake"),
+            Some(Rate {
+                messages: Some(5),
+                bytes: None
+            })
+        );
+        let text = plan.describe();
+        for line in [
+            "rate 100 msg/s, 512.0 KiB/s",
+            "rate 20.0 KiB/s",
+            "rate 5 msg/s",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        let plan = load_str(GOOD, &[]).expect("valid");
+        assert_eq!(plan.sinks[0].rate, None);
+        assert!(!plan.describe().contains("rate"));
+    }
+
+    #[test]
+    fn bad_rates_are_named_by_their_key_path() {
+        let cases = [
+            (
+                "rate = { messages = 0 }",
+                "sinks.out.rate.messages: must be between 1",
+            ),
+            (
+                "rate = { messages = -5 }",
+                "sinks.out.rate.messages: must be between 1",
+            ),
+            (
+                "rate = { bytes = 0 }",
+                "sinks.out.rate.bytes: must be above zero",
+            ),
+            (
+                "rate = { bytes = \"-1KiB\" }",
+                "sinks.out.rate.bytes: invalid size",
+            ),
+            (
+                "rate = { bytes = -1 }",
+                "sinks.out.rate.bytes: a byte size cannot be negative",
+            ),
+            ("rate = {}", "sinks.out.rate: set messages"),
+            (
+                "rate = { messages = 10, burst = 5 }",
+                "sinks.out.rate.burst: unknown key \"burst\"",
+            ),
+            ("rate = 100", "sinks.out.rate: expected"),
+        ];
+        for (line, expected) in cases {
+            let toml = format!("[sinks.out]\ntype = \"file\"\npath = \"out.ndjson\"\n{line}\n");
+            let e = first_error(&toml);
+            assert!(e.starts_with(expected), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn aws_profile_paces_at_aws_limits_unless_rate_is_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = "mqtts://x-ats.iot.eu-west-1.amazonaws.com";
+        let plan = load_str(&aws_sink(dir.path(), url, ""), &[]).expect("valid");
+        assert_eq!(
+            plan.sinks[0].rate,
+            Some(Rate {
+                messages: Some(100),
+                bytes: Some(512 * 1024)
+            })
+        );
+        let text = plan.describe();
+        assert!(
+            text.contains("aws-iot: rate 100 msg/s, 512.0 KiB/s per connection"),
+            "{text}"
+        );
+        let plan =
+            load_str(&aws_sink(dir.path(), url, "rate = { messages = 20 }"), &[]).expect("valid");
+        assert_eq!(
+            plan.sinks[0].rate,
+            Some(Rate {
+                messages: Some(20),
+                bytes: None
+            })
+        );
+        assert!(!plan.describe().contains("aws-iot: rate"));
+        // A bad rate is reported, not replaced by the profile's.
+        let e = first_error(&aws_sink(dir.path(), url, "rate = { messages = 0 }"));
+        assert!(e.starts_with("sinks.aws.rate.messages:"), "{e}");
     }
 }

@@ -5,7 +5,8 @@
 //! checks here and records every decision it takes as a note for `edgebridge check`.
 //! Output: the limits and credentials the MQTT sink applies when it connects and sends:
 //! the payload limit (a larger message is dead-lettered instead of making the cloud close
-//! the connection again and again), AWS's topic rules, Azure's SAS token (generated per
+//! the connection again and again), AWS's topic rules and per-connection rate (the
+//! default `rate` of an `aws-iot` sink), Azure's SAS token (generated per
 //! connection, renewed before it expires) and Azure's fixed device-to-cloud topic with the
 //! MQTT topic carried as a message property.
 
@@ -15,6 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
+
+use super::pacing::Rate;
 
 /// A hyperscaler's MQTT endpoint with fixed rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -40,6 +43,18 @@ impl CloudProfile {
         }
     }
 
+    /// The pacing a sink gets when it sets no `rate`: the cloud's per-connection limits,
+    /// above which it throttles or closes the connection.
+    pub fn default_rate(self) -> Option<Rate> {
+        match self {
+            CloudProfile::AwsIot => Some(Rate {
+                messages: Some(AWS_MAX_PUBLISH_PER_SECOND),
+                bytes: Some(AWS_MAX_BYTES_PER_SECOND),
+            }),
+            CloudProfile::AzureIotHub => None,
+        }
+    }
+
     /// What it usually means when the cloud closes the connection right after CONNACK.
     pub fn closed_after_connack_hint(self) -> &'static str {
         match self {
@@ -58,6 +73,10 @@ impl CloudProfile {
 
 /// AWS IoT Core: largest message payload.
 pub const AWS_MAX_PAYLOAD: usize = 128 * 1024;
+/// AWS IoT Core: PUBLISH requests per second per connection (not adjustable).
+pub const AWS_MAX_PUBLISH_PER_SECOND: u32 = 100;
+/// AWS IoT Core: inbound bytes per second per connection (not adjustable).
+pub const AWS_MAX_BYTES_PER_SECOND: u64 = 512 * 1024;
 /// AWS IoT Core: largest topic name, in bytes.
 pub const AWS_MAX_TOPIC_BYTES: usize = 256;
 /// AWS IoT Core: most forward slashes in a topic name.

@@ -1,4 +1,5 @@
-//! File sink: one NDJSON line per message, appended and flushed per batch.
+//! File sink: one NDJSON line per message, appended and flushed per batch (with a
+//! `rate`: per run of lines the pacer lets go at once).
 //!
 //! Line format: `{"topic":…,"payload":…,"qos":…,"retain":…,"received_at":…}` where the
 //! payload is UTF-8 text when it is valid UTF-8, else base64 with `"encoding":"base64"`.
@@ -10,8 +11,10 @@ use base64::Engine;
 use serde_json::json;
 use tokio::fs::{File, OpenOptions};
 use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 
-use super::{Backoff, SinkContext};
+use super::{Backoff, Pacer, SinkContext};
+use crate::buffer::Record;
 use crate::config::FilePlan;
 use crate::message::Message;
 
@@ -44,10 +47,40 @@ async fn open(path: &Path) -> std::io::Result<File> {
         .await
 }
 
+/// Encodes into `lines` the first of `records` once the pacer lets it go (waiting for
+/// that), then the following ones it lets go at once. Returns how many were taken, or
+/// `None` when shutdown began during the wait.
+async fn paced_lines(
+    ctx: &SinkContext,
+    pacer: &mut Pacer,
+    records: &[Record],
+    lines: &mut Vec<u8>,
+) -> Option<usize> {
+    lines.clear();
+    let mut taken = 0;
+    for record in records {
+        let before = lines.len();
+        encode_line(&record.msg, lines);
+        let bytes = lines.len() - before;
+        if taken == 0 {
+            tokio::select! {
+                _ = pacer.acquire(bytes) => {}
+                _ = ctx.shutdown.cancelled() => return None,
+            }
+        } else if !pacer.try_acquire(bytes, Instant::now()) {
+            lines.truncate(before);
+            break;
+        }
+        taken += 1;
+    }
+    Some(taken)
+}
+
 pub async fn run(plan: FilePlan, ctx: SinkContext) {
     let mut backoff = Backoff::try_new(Duration::from_millis(100), Duration::from_secs(10))
         .unwrap_or_else(|_| unreachable!("constant bounds are valid"));
     let mut lines = Vec::new();
+    let mut pacer = ctx.pacer();
     'reopen: loop {
         let mut file = match open(&plan.path).await {
             Ok(f) => f,
@@ -70,28 +103,47 @@ pub async fn run(plan: FilePlan, ctx: SinkContext) {
                     return;
                 }
             };
-            lines.clear();
-            for record in &batch {
-                encode_line(&record.msg, &mut lines);
-            }
-            let written = async {
-                file.write_all(&lines).await?;
-                file.flush().await
-            };
-            if let Err(e) = written.await {
-                let detail = format!("cannot write {}: {e}", plan.path.display());
-                ctx.metrics.mark_down("io", &detail);
-                ctx.buffer.rewind();
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff.next_delay()) => continue 'reopen,
-                    _ = ctx.shutdown.cancelled() => return,
+            // Without a rate the whole batch is one write; with one, each write holds the
+            // lines the pacer lets go at that moment.
+            let mut rest = batch.as_slice();
+            while !rest.is_empty() {
+                let taken = match pacer.as_mut() {
+                    None => {
+                        lines.clear();
+                        for record in rest {
+                            encode_line(&record.msg, &mut lines);
+                        }
+                        rest.len()
+                    }
+                    Some(pacer) => match paced_lines(&ctx, pacer, rest, &mut lines).await {
+                        Some(n) => n,
+                        None => {
+                            // Shutdown: what was not written stays in the buffer.
+                            ctx.metrics.mark_stopped();
+                            return;
+                        }
+                    },
+                };
+                let written = async {
+                    file.write_all(&lines).await?;
+                    file.flush().await
+                };
+                if let Err(e) = written.await {
+                    let detail = format!("cannot write {}: {e}", plan.path.display());
+                    ctx.metrics.mark_down("io", &detail);
+                    ctx.buffer.rewind();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => continue 'reopen,
+                        _ = ctx.shutdown.cancelled() => return,
+                    }
                 }
+                for record in &rest[..taken] {
+                    ctx.buffer.ack(record.seq);
+                    ctx.metrics.delivered(record.msg.received_at);
+                }
+                ctx.acked();
+                rest = &rest[taken..];
             }
-            for record in &batch {
-                ctx.buffer.ack(record.seq);
-                ctx.metrics.delivered(record.msg.received_at);
-            }
-            ctx.acked();
         }
     }
 }

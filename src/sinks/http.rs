@@ -4,7 +4,9 @@
 //! Input: batches from the buffer. A request holds one message (`json`, `raw`) or up to
 //! `batch.max_messages` / `batch.max_bytes` consecutive messages that render to the same
 //! URL and headers (`ndjson`, `json_array`), waiting at most `batch.max_delay` for a
-//! partly filled batch. Output: a buffer ack per message once the server answered 2xx.
+//! partly filled batch. With a `rate`, each request (a retry too) waits for the pacer; it
+//! counts as one message of its body's size. Output: a buffer ack per message once the
+//! server answered 2xx.
 //!
 //! What a response means is decided in one place, [`verdict`]: 2xx delivered; 408, 429,
 //! 5xx and transport errors retried with backoff (honouring `Retry-After`); 401/403
@@ -31,7 +33,7 @@ use tracing::{info, warn};
 
 pub use config::{HttpPlan, HttpSinkSection};
 
-use super::{Backoff, SinkContext};
+use super::{Backoff, Pacer, SinkContext};
 use crate::buffer::Record;
 use crate::rules::{level_ranges, TemplateVars};
 use config::{redact_url, HttpAuth, HttpMethod};
@@ -355,6 +357,7 @@ async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
     info!(sink = %ctx.name, url = %redact_url(plan.url.source()), format = ?plan.format, "HTTP sink started");
 
     let mut pending: VecDeque<Record> = VecDeque::new();
+    let mut pacer = ctx.pacer();
     // After a batch was refused as permanent, its records go one per request.
     let mut alone_upto = 0u64;
     loop {
@@ -378,7 +381,7 @@ async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
             }
             None => continue,
         };
-        match deliver(plan, ctx, &client, &mut backoff, request).await {
+        match deliver(plan, ctx, &client, &mut backoff, pacer.as_mut(), request).await {
             Delivery::Done => {}
             Delivery::Split(records) => {
                 alone_upto = records.last().map_or(alone_upto, |r| r.seq);
@@ -429,9 +432,17 @@ async fn deliver(
     ctx: &SinkContext,
     client: &reqwest::Client,
     backoff: &mut Backoff,
+    mut pacer: Option<&mut Pacer>,
     req: Request,
 ) -> Delivery {
     loop {
+        // Every attempt is a request on the wire, a retry too.
+        if let Some(pacer) = pacer.as_deref_mut() {
+            tokio::select! {
+                _ = pacer.acquire(req.body.len()) => {}
+                _ = ctx.shutdown.cancelled() => return Delivery::Stopped,
+            }
+        }
         let attempt = {
             let attempt = send(client, plan, &req);
             tokio::pin!(attempt);

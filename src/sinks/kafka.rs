@@ -3,7 +3,8 @@
 //! report.
 //!
 //! Input: batches from the sink's buffer, at most `inflight` records awaiting their
-//! delivery report. Each record: topic and key rendered from templates (`{1}`.. are the
+//! delivery report (or, with a `rate`, waiting for the pacer: one record is one paced
+//! message, its key and value its bytes). Each record: topic and key rendered from templates (`{1}`.. are the
 //! levels of the MQTT topic; the key defaults to the MQTT topic, so one device topic
 //! stays in one partition), value = the payload (or the JSON envelope), headers
 //! `mqtt_topic`, `qos`, `gateway_id` and the MQTT 5 user properties.
@@ -24,6 +25,7 @@
 
 pub mod config;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use rdkafka::client::ClientContext;
@@ -32,11 +34,12 @@ use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 pub use config::{KafkaPlan, KafkaSinkSection};
 
-use super::{Backoff, SinkContext};
+use super::{sleep_until_some, Backoff, Pacer, SinkContext};
 use crate::buffer::Record;
 use crate::message::Message;
 use crate::rules::{level_ranges, TemplateVars};
@@ -200,7 +203,7 @@ fn headers(plan: &KafkaPlan, msg: &Message) -> OwnedHeaders {
     h
 }
 
-/// What became of one record handed to [`produce`].
+/// What became of one record handed to [`send`].
 enum Produced {
     /// Queued in librdkafka; its report will come.
     Queued,
@@ -210,12 +213,28 @@ enum Produced {
     Failed(String, String),
 }
 
-fn produce(
-    plan: &KafkaPlan,
-    ctx: &SinkContext,
-    producer: &KafkaProducer,
+/// A buffer record rendered as a Kafka record, waiting for the pacer.
+struct Prepared<'a> {
     record: Record,
-) -> Produced {
+    topic: std::borrow::Cow<'a, str>,
+    key: String,
+    value: bytes::Bytes,
+}
+
+impl Prepared<'_> {
+    /// What the pacer counts: key and value (headers are small and fixed).
+    fn wire_bytes(&self) -> usize {
+        self.key.len() + self.value.len()
+    }
+}
+
+/// Renders `record`'s topic, key and value; a record that cannot have a topic comes back
+/// with the reason and detail for its dead letter.
+fn prepare<'a>(
+    plan: &'a KafkaPlan,
+    ctx: &SinkContext,
+    record: Record,
+) -> Result<Prepared<'a>, (Record, String, String)> {
     let msg = &record.msg;
     // Only templates with `{1}`.. read the levels; the defaults (a fixed topic, the MQTT
     // topic as key) do not, and skip the allocation.
@@ -226,7 +245,7 @@ fn produce(
     };
     let topic = match kafka_topic(plan, msg, &levels) {
         Ok(t) => t,
-        Err(problem) => return Produced::Refused(record, "invalid_topic".into(), problem),
+        Err(problem) => return Err((record, "invalid_topic".into(), problem)),
     };
     let key = plan.key.render(&vars(plan, msg), &levels);
     let value: bytes::Bytes = match plan.format {
@@ -238,10 +257,26 @@ fn produce(
             serde_json::to_vec(&obj).unwrap_or_default().into()
         }
     };
-    let headers = headers(plan, msg);
+    Ok(Prepared {
+        record,
+        topic,
+        key,
+        value,
+    })
+}
+
+/// Hands one prepared record to librdkafka.
+fn send(plan: &KafkaPlan, producer: &KafkaProducer, prepared: Prepared<'_>) -> Produced {
+    let Prepared {
+        record,
+        topic,
+        key,
+        value,
+    } = prepared;
+    let headers = headers(plan, &record.msg);
     let pending = Box::new(Pending {
         seq: record.seq,
-        msg: record.msg.clone(),
+        msg: record.msg,
     });
     let base = BaseRecord::with_opaque_to(&topic, pending)
         .key(key.as_bytes())
@@ -259,6 +294,40 @@ fn produce(
                 Produced::Refused(record, reason(code), e.to_string())
             } else {
                 Produced::Failed(reason(code), e.to_string())
+            }
+        }
+    }
+}
+
+/// Sends the prepared records the pacer lets go now (all of them without a pacer). On a
+/// failure the rest are dropped: the rewind reads them again.
+async fn send_ready(
+    plan: &KafkaPlan,
+    ctx: &SinkContext,
+    producer: &KafkaProducer,
+    ready: &mut VecDeque<Prepared<'_>>,
+    mut pacer: Option<&mut Pacer>,
+    in_flight: &mut usize,
+    failure: &mut Option<(String, String)>,
+) {
+    while let Some(next) = ready.front() {
+        if let Some(p) = pacer.as_deref_mut() {
+            if !p.try_acquire(next.wire_bytes(), Instant::now()) {
+                return;
+            }
+        }
+        let Some(next) = ready.pop_front() else {
+            return;
+        };
+        match send(plan, producer, next) {
+            Produced::Queued => *in_flight += 1,
+            Produced::Refused(record, reason, detail) => {
+                dead_letter(ctx, record, &reason, &detail, failure).await;
+            }
+            Produced::Failed(reason, detail) => {
+                failure.get_or_insert((reason, detail));
+                ready.clear();
+                return;
             }
         }
     }
@@ -320,6 +389,9 @@ async fn session(
     let mut in_flight = 0usize;
     // Set by the first failure; producing stops until every report is in.
     let mut failure: Option<(String, String)> = None;
+    // Rendered, waiting for the pacer; cleared on a failure (the rewind reads them again).
+    let mut ready: VecDeque<Prepared<'_>> = VecDeque::new();
+    let mut pacer = ctx.pacer();
     loop {
         if in_flight == 0 {
             if let Some((reason, detail)) = failure.take() {
@@ -334,22 +406,31 @@ async fn session(
                 ctx.buffer.rewind();
             }
         }
-        let room = plan.inflight.saturating_sub(in_flight).min(ctx.batch);
+        let room = plan
+            .inflight
+            .saturating_sub(in_flight + ready.len())
+            .min(ctx.batch);
+        // When the pacer lets the next ready record go (`None`: nothing waits).
+        let paced_until = match (ready.front(), pacer.as_mut()) {
+            (Some(next), Some(p)) => Some(p.ready_at(next.wire_bytes(), Instant::now())),
+            (Some(_), None) => Some(Instant::now()),
+            (None, _) => None,
+        };
         tokio::select! {
             batch = ctx.buffer.read_batch(room), if room > 0 && failure.is_none() => {
                 for record in batch {
-                    match produce(plan, ctx, producer, record) {
-                        Produced::Queued => in_flight += 1,
-                        Produced::Refused(record, reason, detail) => {
+                    match prepare(plan, ctx, record) {
+                        Ok(prepared) => ready.push_back(prepared),
+                        Err((record, reason, detail)) => {
                             dead_letter(ctx, record, &reason, &detail, &mut failure).await;
-                        }
-                        Produced::Failed(reason, detail) => {
-                            // The rest of the batch is read again after the rewind.
-                            failure.get_or_insert((reason, detail));
-                            break;
                         }
                     }
                 }
+                send_ready(plan, ctx, producer, &mut ready, pacer.as_mut(), &mut in_flight, &mut failure).await;
+            }
+            // A branch of its own: reports and shutdown are handled while the pacer waits.
+            _ = sleep_until_some(paced_until), if failure.is_none() && paced_until.is_some() => {
+                send_ready(plan, ctx, producer, &mut ready, pacer.as_mut(), &mut in_flight, &mut failure).await;
             }
             Some(event) = events.recv() => {
                 // Every report already waiting is taken in this wake-up, and the sink's

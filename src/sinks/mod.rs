@@ -3,7 +3,8 @@
 //! Each kind lives in its own file with its delivery loop and unit tests. A worker acks a
 //! buffer record only after the destination confirmed it (MQTT PUBACK, file write +
 //! flush); on any connection failure it rewinds the buffer so every unconfirmed record
-//! is sent again, and backs off exponentially with jitter.
+//! is sent again, and backs off exponentially with jitter. With a `rate`, every worker
+//! waits for its [`Pacer`] before each upstream message goes on the wire.
 
 mod backoff;
 pub mod cloud;
@@ -12,6 +13,7 @@ pub mod file;
 pub mod http;
 pub mod kafka;
 pub mod mqtt;
+pub mod pacing;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -25,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use backoff::{Backoff, BackoffError};
+pub use pacing::{Pacer, Rate};
 
 use crate::buffer::Buffer;
 use crate::config::{SinkKindPlan, SinkPlan};
@@ -45,9 +48,16 @@ pub struct SinkContext {
     pub dead_letter: DeadLetter,
     /// MQTT sinks with `[[downlinks]]`: what to subscribe to upstream, where to hand it.
     pub downlink: Option<DownlinkTap>,
+    /// The sink's `rate`: each worker paces what it puts on the wire with a [`Pacer`].
+    pub rate: Option<Rate>,
 }
 
 impl SinkContext {
+    /// A fresh pacer for the sink's `rate` (MQTT: one per connection); `None` without one.
+    pub fn pacer(&self) -> Option<Pacer> {
+        self.rate.map(Pacer::new)
+    }
+
     /// The retry backoff of a sink between `min` and `max`. Validation refuses bad
     /// bounds; should some reach here anyway, 1s..30s is used rather than stopping.
     pub fn backoff(&self, min: Duration, max: Duration) -> Backoff {
@@ -107,6 +117,14 @@ impl SinkContext {
         }
         warn!(sink = %self.name, reason, count = records.len(), path = %self.dead_letter.path.display(), "undeliverable, moved to the dead-letter file: {detail}");
         Ok(())
+    }
+}
+
+/// Sleeps until `at`; never returns for `None` (guard the select branch instead).
+pub(crate) async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -9,6 +9,13 @@
 //! re-established after an exponential backoff with jitter. Duplicates are possible after
 //! a reconnect; losses are not.
 //!
+//! Pacing (`rate`): records read from the buffer wait in a ready queue until the
+//! connection's pacer lets them go, one PUBLISH at a time; the wait is a branch of the
+//! delivery loop, so acks, shutdown and the half-open check carry on meanwhile, and the
+//! ack timeout only runs while publishes are outstanding. A new connection gets a new
+//! pacer (AWS counts its limits per connection); what was ready is read again after the
+//! rewind.
+//!
 //! Half-open connections: an upstream that stops answering while the TCP connection
 //! stays open (a hung broker, a dead NAT entry) is caught two ways. With publishes
 //! awaiting their acknowledgement, no PUBACK for `ack_timeout` marks the sink down
@@ -44,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::cloud::{self, CloudProfile};
-use super::{Backoff, SinkContext};
+use super::{sleep_until_some, Backoff, SinkContext};
 use crate::buffer::{Buffer, Record};
 use crate::config::MqttPlan;
 use crate::rules::downlink::DownlinkTap;
@@ -148,6 +155,23 @@ struct Window {
 impl Window {
     fn len(&self) -> usize {
         self.queued.len() + self.by_pkid.len()
+    }
+}
+
+/// A record read from the buffer, checked deliverable, waiting for the pacer before it
+/// is handed to rumqttc. Not in the window: a paced wait is not a missing ack.
+struct Ready {
+    seq: u64,
+    received_at: u64,
+    topic: String,
+    payload: bytes::Bytes,
+    retain: bool,
+}
+
+impl Ready {
+    /// What the PUBLISH puts on the wire, as paced: topic, payload and framing.
+    fn wire_bytes(&self) -> usize {
+        self.topic.len() + self.payload.len() + PUBLISH_OVERHEAD
     }
 }
 
@@ -257,14 +281,6 @@ async fn stopped(stop: &Option<CancellationToken>) {
     }
 }
 
-/// Sleeps until `at`; never returns for `None` (guard the select branch instead).
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Events the delivery loop acts on; everything else stays in the driver task.
 fn relevant(event: &Event) -> bool {
     matches!(
@@ -325,6 +341,11 @@ async fn connection(
     let window_size = plan.inflight as usize;
     let refill_at = (window_size / 4).max(1);
     let mut window = Window::default();
+    // Read and checked, not yet handed to rumqttc: held back by the pacer. Dropped with
+    // the connection; the rewind before the next one reads them again.
+    let mut ready: VecDeque<Ready> = VecDeque::new();
+    // AWS counts its limits per connection: a new connection starts a new pacer.
+    let mut pacer = ctx.pacer();
     let mut connected = false;
     // When CONNACK arrived: a cloud that closes the connection right after it usually
     // refuses the client id or its policy (see `CloudProfile::closed_after_connack_hint`).
@@ -347,10 +368,18 @@ async fn connection(
                 break Outcome::Renew;
             }
         }
-        let room = window_size.saturating_sub(window.len());
+        let room = window_size.saturating_sub(window.len() + ready.len());
         // Refill the window in chunks, not one record per PUBACK: each read takes the
         // buffer's lock and a read call.
-        let refill = renewing.is_none() && room > 0 && (room >= refill_at || window.len() == 0);
+        let refill = renewing.is_none()
+            && room > 0
+            && (room >= refill_at || window.len() + ready.len() == 0);
+        // When the pacer lets the next ready record go (`None`: nothing waits).
+        let paced_until = match (ready.front(), pacer.as_mut()) {
+            (Some(next), Some(p)) => Some(p.ready_at(next.wire_bytes(), Instant::now())),
+            (Some(_), None) => Some(Instant::now()),
+            (None, _) => None,
+        };
         tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => {
@@ -435,12 +464,20 @@ async fn connection(
                 }
             }
             batch = source.read_batch(&ctx.buffer, room.min(ctx.batch)), if connected && refill => {
-                if window.len() == 0 {
-                    last_progress = Instant::now();
-                }
-                if publish_batch(plan, ctx, client, qos, batch, &mut window).await.is_err() {
+                stage(plan, ctx, batch, &mut ready).await;
+                let sent = publish_ready(client, qos, &mut ready, &mut window, pacer.as_mut(), &mut last_progress).await;
+                if sent.is_err() {
                     // The event loop is gone: its error is next in `events` (or it was
                     // aborted); nothing of this batch was acked, the rewind resends it.
+                    ctx.metrics.mark_down("closed", &format!("{upstream}: the connection closed"));
+                    break Outcome::Reconnect;
+                }
+            }
+            // The pacer's wait is a branch of its own, so acks, shutdown and the half-open
+            // check go on while it holds records back.
+            _ = sleep_until_some(paced_until), if connected && renewing.is_none() && paced_until.is_some() => {
+                let sent = publish_ready(client, qos, &mut ready, &mut window, pacer.as_mut(), &mut last_progress).await;
+                if sent.is_err() {
                     ctx.metrics.mark_down("closed", &format!("{upstream}: the connection closed"));
                     break Outcome::Reconnect;
                 }
@@ -451,17 +488,15 @@ async fn connection(
     outcome
 }
 
-/// Hands a batch to rumqttc. Messages that can never be delivered (too large for the
-/// upstream, an invalid topic) are dropped, counted and acked; an `Err` means the
-/// connection is gone.
-async fn publish_batch(
+/// Checks a batch read from the buffer and queues it in `ready`. Messages that can never
+/// be delivered (too large for the upstream, an invalid topic) are dead-lettered, counted
+/// and acked instead.
+async fn stage(
     plan: &MqttPlan,
     ctx: &SinkContext,
-    client: &AsyncClient,
-    qos: QoS,
     batch: Vec<crate::buffer::Record>,
-    window: &mut Window,
-) -> Result<(), rumqttc::ClientError> {
+    ready: &mut VecDeque<Ready>,
+) {
     for record in batch {
         let msg = &record.msg;
         let topic = match &plan.azure_events {
@@ -482,15 +517,44 @@ async fn publish_batch(
             continue;
         }
         let msg = record.msg;
-        let retain = msg.retain && plan.forward_retain;
-        let entry = InFlight {
+        ready.push_back(Ready {
             seq: record.seq,
             received_at: msg.received_at,
-        };
+            topic,
+            payload: msg.payload,
+            retain: msg.retain && plan.forward_retain,
+        });
+    }
+}
+
+/// Hands rumqttc the ready records the pacer lets go now (all of them without a pacer).
+/// The window becoming non-empty starts the ack timeout (`last_progress`). An `Err` means
+/// the connection is gone.
+async fn publish_ready(
+    client: &AsyncClient,
+    qos: QoS,
+    ready: &mut VecDeque<Ready>,
+    window: &mut Window,
+    mut pacer: Option<&mut super::Pacer>,
+    last_progress: &mut Instant,
+) -> Result<(), rumqttc::ClientError> {
+    while let Some(next) = ready.front() {
+        if let Some(p) = pacer.as_deref_mut() {
+            if !p.try_acquire(next.wire_bytes(), Instant::now()) {
+                break;
+            }
+        }
+        let Some(next) = ready.pop_front() else { break };
+        if window.len() == 0 {
+            *last_progress = Instant::now();
+        }
         client
-            .publish_bytes(topic, qos, retain, msg.payload)
+            .publish_bytes(next.topic, qos, next.retain, next.payload)
             .await?;
-        window.queued.push_back(entry);
+        window.queued.push_back(InFlight {
+            seq: next.seq,
+            received_at: next.received_at,
+        });
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BufferSection, ByteSize, HumanDuration};
+use crate::config::{BufferSection, ByteSize, HumanDuration, RateSection};
 use crate::rules::{Template, TemplateScope};
 
 /// `[sinks.NAME]` with `type = "http"`.
@@ -57,6 +57,9 @@ pub struct HttpSinkSection {
     pub backoff_min: HumanDuration,
     #[serde(default = "default_backoff_max")]
     pub backoff_max: HumanDuration,
+    /// Pacing of what goes on the wire (see `sinks::pacing`).
+    #[serde(default)]
+    pub rate: Option<RateSection>,
     #[serde(default)]
     pub buffer: BufferSection,
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BufferSection, HumanDuration};
+use crate::config::{BufferSection, HumanDuration, RateSection};
 use crate::rules::{Template, TemplateScope};
 
 /// `[sinks.NAME]` with `type = "kafka"`.
@@ -33,6 +33,9 @@ pub struct KafkaSinkSection {
     pub backoff_min: HumanDuration,
     #[serde(default = "default_backoff_max")]
     pub backoff_max: HumanDuration,
+    /// Pacing of what goes on the wire (see `sinks::pacing`).
+    #[serde(default)]
+    pub rate: Option<RateSection>,
     #[serde(default)]
     pub buffer: BufferSection,
 }

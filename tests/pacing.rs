@@ -1,0 +1,181 @@
+//! Pacing (`rate`) against a real Mosquitto upstream: a backlog published faster than the
+//! rate drains at the rate, measured at an upstream subscriber over 10 s (±10%, what the
+//! issue asks), and every message still arrives once, in order. The strict per-window
+//! guarantee (never over N in any 1 s) is proved in `sinks::pacing`'s unit tests on a
+//! simulated clock; timings seen by a subscriber jitter too much to assert it here.
+
+mod common;
+#[path = "common/gateway.rs"]
+mod gateway;
+
+use std::time::Duration;
+
+use common::{check_sequences, client_options, publish_seq, Collector, Mode, Mosquitto};
+use gateway::TestGateway;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::time::Instant;
+
+const WAIT: Duration = Duration::from_secs(60);
+/// How long the delivered rate is measured, from the first arrival.
+const MEASURE: Duration = Duration::from_secs(10);
+
+fn paced_sink(port: u16, rate: &str) -> String {
+    format!(
+        r#"
+[sinks.cloud]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{port}"
+rate = {rate}
+backoff_min = "50ms"
+backoff_max = "500ms"
+
+[[rules]]
+name = "telemetry"
+from = "factory/+/telemetry"
+to = ["cloud"]
+topic = "dt/{{gateway_id}}/{{1}}"
+"#
+    )
+}
+
+/// Messages that reached `collector` in the [`MEASURE`] after the first one (whose
+/// arrival is seen by polling every 5 ms).
+async fn delivered_in_measure(collector: &Collector) -> usize {
+    let deadline = Instant::now() + WAIT;
+    while collector.len() == 0 {
+        assert!(Instant::now() < deadline, "nothing reached the upstream");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let start = Instant::now();
+    let at_start = collector.len();
+    tokio::time::sleep_until(start + MEASURE).await;
+    // The first message, and those after the moment it was seen.
+    collector.len() - at_start + 1
+}
+
+/// Publishes `count` QoS 1 messages of exactly `size` bytes (`{"device":..,"seq":..,
+/// "pad":"xx.."}`) through the gateway; returns the number of PUBACKs.
+async fn publish_padded(port: u16, topic: &str, device: u32, count: u64, size: usize) -> u64 {
+    let mut opts = MqttOptions::new(format!("dev-{device}"), "127.0.0.1", port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    opts.set_inflight(100);
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    let topic = topic.to_string();
+    let publisher = tokio::spawn(async move {
+        for seq in 0..count {
+            let head = format!("{{\"device\":{device},\"seq\":{seq},\"pad\":\"");
+            let pad = size - head.len() - 2;
+            let payload = format!("{head}{}\"}}", "x".repeat(pad));
+            assert_eq!(payload.len(), size);
+            if client
+                .publish(&topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut acked = 0;
+    let deadline = Instant::now() + WAIT;
+    while acked < count {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Err(_) => break,
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("device connection failed: {e}"),
+        }
+    }
+    publisher.abort();
+    acked
+}
+
+/// Asserts `measured` is within ±10% of `expected`.
+fn assert_within_10_percent(what: &str, measured: usize, expected: f64) {
+    let low = expected * 0.9;
+    let high = expected * 1.1;
+    assert!(
+        (low..=high).contains(&(measured as f64)),
+        "{what}: {measured} delivered in {MEASURE:?}, expected {expected:.0} ±10% ({low:.0}..{high:.0})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn message_rate_holds_a_backlog_to_100_per_second() {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "dt/#",
+    )
+    .await;
+    let mut gw = TestGateway::start(&paced_sink(upstream.port(), "{ messages = 100 }")).await;
+
+    // Devices publish 1,500 messages in well under a second: a backlog of 15 s at 100/s.
+    let total = 1_500u64;
+    let acked = publish_seq(
+        "127.0.0.1",
+        gw.port(),
+        "dev-1",
+        "factory/d1/telemetry",
+        1,
+        total,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert_eq!(acked, total, "the gateway acks every message");
+
+    let delivered = delivered_in_measure(&collector).await;
+    eprintln!("rate.messages = 100: {delivered} delivered in {MEASURE:?}");
+    assert_within_10_percent("rate.messages = 100", delivered, 1_000.0);
+
+    // Paced, not lost: the rest arrives too, in order.
+    assert!(
+        collector.wait_for_unique(total as usize, WAIT).await,
+        "upstream got {} of {total}",
+        collector.len()
+    );
+    let report = check_sequences(&collector.messages());
+    assert_eq!(report.per_device_count.get(&1), Some(&total), "{report:?}");
+    assert_eq!((report.missing, report.out_of_order), (0, 0), "{report:?}");
+    // A paced wait is not a missing acknowledgement: no reconnects, no errors.
+    assert_eq!(
+        gw.counter("edgebridge_sink_errors_total", &[("sink", "cloud")]),
+        0.0
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn byte_rate_holds_a_backlog_of_1kib_messages_to_20kib_per_second() {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "dt/#",
+    )
+    .await;
+    let mut gw = TestGateway::start(&paced_sink(upstream.port(), "{ bytes = \"20KiB\" }")).await;
+
+    let (total, size) = (300u64, 1024usize);
+    let acked = publish_padded(gw.port(), "factory/d2/telemetry", 2, total, size).await;
+    assert_eq!(acked, total, "the gateway acks every message");
+
+    let delivered = delivered_in_measure(&collector).await;
+    // The byte rate counts each PUBLISH as it goes on the wire: topic, payload and 16
+    // bytes of framing (README, `rate`).
+    let wire = (size + "dt/edge-01/d2".len() + 16) as f64;
+    let expected = 10.0 * 20.0 * 1024.0 / wire;
+    eprintln!("rate.bytes = 20KiB: {delivered} delivered in {MEASURE:?} (expected {expected:.1})");
+    assert_within_10_percent("rate.bytes = 20KiB", delivered, expected);
+
+    assert!(
+        collector.wait_for_unique(total as usize, WAIT).await,
+        "upstream got {} of {total}",
+        collector.len()
+    );
+    let msgs = collector.messages();
+    assert!(msgs.iter().all(|(_, payload)| payload.len() == size));
+    let report = check_sequences(&msgs);
+    assert_eq!(report.per_device_count.get(&2), Some(&total), "{report:?}");
+    assert_eq!((report.missing, report.out_of_order), (0, 0), "{report:?}");
+    gw.shutdown().await;
+}
