@@ -8,6 +8,7 @@
 mod backoff;
 pub mod cloud;
 pub mod envelope;
+pub mod failover;
 pub mod file;
 pub mod http;
 pub mod kafka;
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -116,6 +117,8 @@ pub struct SinkMetrics {
     errors: IntCounterVec,
     dropped: IntCounterVec,
     latency: Histogram,
+    /// `edgebridge_sink_endpoint{sink,endpoint}` (MQTT sinks).
+    endpoint: IntGaugeVec,
     name: String,
     state: Arc<SinkState>,
 }
@@ -128,6 +131,7 @@ impl SinkMetrics {
             errors: metrics.sink_errors.clone(),
             dropped: metrics.buffer_dropped.clone(),
             latency: metrics.delivery_latency.with_label_values(&[sink]),
+            endpoint: metrics.sink_endpoint.clone(),
             name: sink.to_string(),
             state: Arc::new(SinkState::default()),
         }
@@ -157,6 +161,18 @@ impl SinkMetrics {
         drop(state);
         info!(sink = %self.name, "sink up: {detail}");
         true
+    }
+
+    /// The endpoint in use of a sink with `count` endpoints (its `url` list): sets
+    /// `edgebridge_sink_endpoint` to 1 for `index`, 0 for the others, and shows it in the
+    /// status.
+    pub fn endpoint_in_use(&self, index: usize, count: usize) {
+        for i in 0..count {
+            self.endpoint
+                .with_label_values(&[&self.name, &i.to_string()])
+                .set(i64::from(i == index));
+        }
+        self.state.lock().endpoint = Some(index);
     }
 
     /// The worker stopped on shutdown: down, but not an error.
@@ -271,6 +287,8 @@ pub struct SinkStateSnapshot {
     pub last_error: Option<LastError>,
     /// Set from the moment the sink came up with a backlog until the buffer is empty.
     pub draining: Option<Draining>,
+    /// MQTT sinks: the index in the `url` list of the endpoint in use.
+    pub endpoint: Option<usize>,
 }
 
 /// A backlog being drained after the sink came up.

@@ -22,6 +22,11 @@
 //! is due the connection stops taking new records, waits briefly for the acks of those in
 //! flight, says DISCONNECT and reconnects at once with a new token (`Outcome::Renew`; not
 //! an error, the sink stays up); anything unconfirmed is resent after the rewind.
+//!
+//! Failover (`url` as a list, `sinks::failover`): `run` picks the endpoint of each
+//! connection. After `failover_after` failed attempts in a row it moves to the next one;
+//! while not on the first, a background probe checks the first, and once it answers the
+//! connection closes the way a SAS renewal does and the next one goes to the first.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
@@ -34,9 +39,11 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use super::cloud::{self, CloudProfile};
+use super::failover::{self, Endpoints, Probe, Switch};
 use super::{Backoff, SinkContext};
 use crate::config::MqttPlan;
 use crate::rules::downlink::DownlinkTap;
@@ -146,8 +153,9 @@ impl Window {
 enum Outcome {
     /// The connection failed: back off and reconnect.
     Reconnect,
-    /// The SAS token is about to expire: the connection was closed cleanly; reconnect at
-    /// once with a fresh one.
+    /// The SAS token is about to expire, or the primary endpoint answers again after a
+    /// failover: the connection was closed cleanly; reconnect at once (with a fresh
+    /// token, to the primary).
     Renew,
     /// Shutdown finished.
     Stopped,
@@ -155,8 +163,23 @@ enum Outcome {
 
 pub async fn run(plan: MqttPlan, ctx: SinkContext) {
     let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
+    let mut endpoints = Endpoints::new(plan.endpoints.len(), plan.failover_after);
+    ctx.metrics
+        .endpoint_in_use(endpoints.current(), plan.endpoints.len());
+    // Checks the primary while another endpoint is in use; cancels its token once the
+    // primary accepts a connection.
+    let mut probe: Option<Probe> = None;
+    // Never cancelled: what a connection watches for a failback while on the primary.
+    let on_primary = CancellationToken::new();
     loop {
-        let (opts, renew_in) = match options(&plan) {
+        if probe.as_ref().is_some_and(|p| p.answered().is_cancelled()) {
+            probe = None;
+            if let Some(switch) = endpoints.primary_answered() {
+                failed_over(&plan, &ctx, switch);
+            }
+        }
+        let target = plan.at_endpoint(endpoints.current());
+        let (opts, renew_in) = match options(&target) {
             Ok(o) => o,
             Err(e) => {
                 ctx.metrics.mark_down("config", &e);
@@ -177,16 +200,85 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
         eventloop.set_network_options(network);
         ctx.buffer.rewind();
         let renew_at = renew_in.map(|d| Instant::now() + d);
-        match connection(&plan, &ctx, &client, eventloop, &mut backoff, renew_at).await {
+        let failback = probe.as_ref().map_or(&on_primary, |p| p.answered());
+        // The backoff restarts exactly when a connection proves the endpoint works.
+        let resets = backoff.resets();
+        let outcome = connection(
+            &target,
+            &ctx,
+            &client,
+            eventloop,
+            &mut backoff,
+            renew_at,
+            failback,
+        )
+        .await;
+        match outcome {
             Outcome::Stopped => return,
             Outcome::Renew => {}
             Outcome::Reconnect => {
-                if ctx.sleep_or_stop(backoff.next_delay()).await {
-                    return;
+                let worked = backoff.resets() != resets;
+                if let Some(switch) = endpoints.connection_ended(worked) {
+                    failed_over(&plan, &ctx, switch);
+                    probe = endpoints
+                        .needs_probe()
+                        .then(|| primary_probe(&plan, &ctx.name));
+                    // A different endpoint: try it at once.
+                    continue;
+                }
+                let delay = backoff.next_delay();
+                let primary_answered = async {
+                    match &probe {
+                        Some(p) => p.answered().cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    stop = ctx.sleep_or_stop(delay) => if stop {
+                        return;
+                    },
+                    _ = primary_answered => {}
                 }
             }
         }
     }
+}
+
+/// Logs a change of endpoint and shows it in the metric and the status.
+fn failed_over(plan: &MqttPlan, ctx: &SinkContext, switch: Switch) {
+    let name = |i: usize| plan.endpoints.get(i).map(ToString::to_string);
+    let to = name(switch.to()).unwrap_or_default();
+    match switch {
+        Switch::Failover { from, failures, .. } => warn!(
+            sink = %ctx.name,
+            from = %name(from).unwrap_or_default(),
+            to = %to,
+            failures,
+            "endpoint failed; failing over to the next one"
+        ),
+        Switch::Failback { from } => info!(
+            sink = %ctx.name,
+            from = %name(from).unwrap_or_default(),
+            to = %to,
+            "primary endpoint answers again; failing back to it"
+        ),
+    }
+    ctx.metrics
+        .endpoint_in_use(switch.to(), plan.endpoints.len());
+}
+
+/// Starts the background check of the primary endpoint: an MQTT connect with the sink's
+/// TLS and credentials, as `{client_id}-probe` with a clean session, so that it never
+/// takes over the session (or, on a cluster behind both endpoints, the connection) of
+/// the sink itself.
+fn primary_probe(plan: &MqttPlan, sink: &str) -> Probe {
+    let mut primary = plan.at_endpoint(0);
+    primary.client_id = format!("{}-probe", plan.client_id);
+    primary.clean_session = true;
+    let interval = plan.failback_check;
+    Probe::spawn(sink.to_string(), interval, move || {
+        options(&primary).map(|(opts, _)| opts)
+    })
 }
 
 /// Sleeps until `at`; never returns for `None` (guard the select branch instead).
@@ -250,6 +342,7 @@ async fn connection(
     eventloop: EventLoop,
     backoff: &mut Backoff,
     renew_at: Option<Instant>,
+    failback: &CancellationToken,
 ) -> Outcome {
     let qos = qos_of(plan.qos);
     let window_size = plan.inflight as usize;
@@ -348,6 +441,11 @@ async fn connection(
                     .as_ref()
                     .map_or(Duration::ZERO, |s| cloud::renewal_margin(s.ttl));
                 renewing = Some(Instant::now() + (plan.ack_timeout / 2).min(margin / 2));
+            }
+            _ = failback.cancelled(), if renewing.is_none() => {
+                // The primary answers again (`sinks::failover`): leave this endpoint the
+                // way a SAS renewal does.
+                renewing = Some(Instant::now() + (plan.ack_timeout / 2).min(failover::FAILBACK_GRACE));
             }
             _ = sleep_until_some(renewing), if renewing.is_some() => {}
             _ = ack_check.tick(), if connected && window.len() > 0 => {
