@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 /// Failed connection attempts in a row before moving to the next endpoint. With the
-/// default backoff (200 ms doubling) a refused primary is left after about 1.5 s; an
+/// default backoff (200 ms doubling) a refused primary is left in under a second; an
 /// unreachable one after three connect timeouts.
 pub const DEFAULT_FAILOVER_AFTER: u32 = 3;
 

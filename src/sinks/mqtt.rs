@@ -169,8 +169,6 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
     // Checks the primary while another endpoint is in use; cancels its token once the
     // primary accepts a connection.
     let mut probe: Option<Probe> = None;
-    // Never cancelled: what a connection watches for a failback while on the primary.
-    let on_primary = CancellationToken::new();
     loop {
         if probe.as_ref().is_some_and(|p| p.answered().is_cancelled()) {
             probe = None;
@@ -200,7 +198,7 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
         eventloop.set_network_options(network);
         ctx.buffer.rewind();
         let renew_at = renew_in.map(|d| Instant::now() + d);
-        let failback = probe.as_ref().map_or(&on_primary, |p| p.answered());
+        let failback = probe.as_ref().map(Probe::answered);
         // The backoff restarts exactly when a connection proves the endpoint works.
         let resets = backoff.resets();
         let outcome = connection(
@@ -289,6 +287,15 @@ async fn sleep_until_some(at: Option<Instant>) {
     }
 }
 
+/// Waits until `token` is cancelled; never returns for `None` (guard the select branch
+/// instead).
+async fn cancelled_some(token: Option<&CancellationToken>) {
+    match token {
+        Some(token) => token.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Events the delivery loop acts on; everything else stays in the driver task.
 fn relevant(event: &Event) -> bool {
     matches!(
@@ -342,7 +349,7 @@ async fn connection(
     eventloop: EventLoop,
     backoff: &mut Backoff,
     renew_at: Option<Instant>,
-    failback: &CancellationToken,
+    failback: Option<&CancellationToken>,
 ) -> Outcome {
     let qos = qos_of(plan.qos);
     let window_size = plan.inflight as usize;
@@ -442,7 +449,7 @@ async fn connection(
                     .map_or(Duration::ZERO, |s| cloud::renewal_margin(s.ttl));
                 renewing = Some(Instant::now() + (plan.ack_timeout / 2).min(margin / 2));
             }
-            _ = failback.cancelled(), if renewing.is_none() => {
+            _ = cancelled_some(failback), if renewing.is_none() && failback.is_some() => {
                 // The primary answers again (`sinks::failover`): leave this endpoint the
                 // way a SAS renewal does.
                 renewing = Some(Instant::now() + (plan.ack_timeout / 2).min(failover::FAILBACK_GRACE));
