@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{check_sequences, client_options, publish_seq_with, Collector, Mode, Mosquitto};
+use common::{
+    check_sequences, client_options, publish_seq_with, Collector, Mode, Mosquitto, TestCerts,
+};
 use gateway::{sink, status_until, TestGateway};
 use rumqttc::{MqttOptions, QoS};
 
@@ -20,12 +22,14 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Publishes awaiting their PUBACK at once; bounds the duplicates of one switch.
 const INFLIGHT: u64 = 50;
 
-fn failover_sink(primary: u16, backup: u16) -> String {
+/// `scheme` for both urls; `tls`: the sink's `tls = {...}` line, if any.
+fn failover_sink(scheme: &str, primary: u16, backup: u16, tls: &str) -> String {
     format!(
         r#"
 [sinks.cloud]
 type = "mqtt"
-url = ["mqtt://127.0.0.1:{primary}", "mqtt://127.0.0.1:{backup}"]
+url = ["{scheme}://localhost:{primary}", "{scheme}://127.0.0.1:{backup}"]
+{tls}
 failover_after = 3
 failback_check = "300ms"
 backoff_min = "50ms"
@@ -119,23 +123,42 @@ fn max_seq(msgs: &[common::Msg]) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fails_over_to_the_backup_and_back_with_nothing_lost() {
+    failover_and_back(Mode::Plain, "mqtt", "").await;
+}
+
+/// The same over mutual TLS: the sink and its probe of the primary both present the
+/// client certificate (Mosquitto requires it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_and_back_over_mutual_tls() {
+    let certs = TestCerts::generate();
+    let tls = format!(
+        "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
+        certs.ca.display(),
+        certs.client_cert.display(),
+        certs.client_key.display()
+    );
+    failover_and_back(Mode::MutualTls(&certs), "mqtts", &tls).await;
+}
+
+async fn failover_and_back(mode: Mode<'_>, scheme: &str, tls: &str) {
     // Persistent: what the primary accepted for its collector before it stopped is
     // delivered after its restart, and the collector's subscription survives.
-    let mut primary = Mosquitto::start_with(Mode::Plain, true);
-    let backup = Mosquitto::start_with(Mode::Plain, true);
+    let mut primary = Mosquitto::start_with(mode, true);
+    let backup = Mosquitto::start_with(mode, true);
     let at_primary = Collector::start(
-        client_options("collector-primary", primary.port(), Mode::Plain),
+        client_options("collector-primary", primary.port(), mode),
         "dt/#",
     )
     .await;
     let at_backup = Collector::start(
-        client_options("collector-backup", backup.port(), Mode::Plain),
+        client_options("collector-backup", backup.port(), mode),
         "dt/#",
     )
     .await;
-    let primary_addr = format!("127.0.0.1:{}", primary.port());
+    let primary_addr = format!("localhost:{}", primary.port());
     let backup_addr = format!("127.0.0.1:{}", backup.port());
-    let mut gw = TestGateway::start(&failover_sink(primary.port(), backup.port())).await;
+    let sink_config = failover_sink(scheme, primary.port(), backup.port(), tls);
+    let mut gw = TestGateway::start(&sink_config).await;
 
     // On the primary.
     wait_for_endpoint(&gw, 0, &primary_addr).await;
