@@ -173,7 +173,7 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
         if probe.as_ref().is_some_and(|p| p.answered().is_cancelled()) {
             probe = None;
             if let Some(switch) = endpoints.primary_answered() {
-                failed_over(&plan, &ctx, switch);
+                switch_endpoint(&plan, &ctx, switch);
             }
         }
         let target = plan.at_endpoint(endpoints.current());
@@ -217,25 +217,19 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
             Outcome::Reconnect => {
                 let worked = backoff.resets() != resets;
                 if let Some(switch) = endpoints.connection_ended(worked) {
-                    failed_over(&plan, &ctx, switch);
+                    switch_endpoint(&plan, &ctx, switch);
                     probe = endpoints
                         .needs_probe()
                         .then(|| primary_probe(&plan, &ctx.name));
                     // A different endpoint: try it at once.
                     continue;
                 }
-                let delay = backoff.next_delay();
-                let primary_answered = async {
-                    match &probe {
-                        Some(p) => p.answered().cancelled().await,
-                        None => std::future::pending().await,
-                    }
-                };
+                // Cut short when the primary answers: no point waiting to retry a backup.
                 tokio::select! {
-                    stop = ctx.sleep_or_stop(delay) => if stop {
+                    stop = ctx.sleep_or_stop(backoff.next_delay()) => if stop {
                         return;
                     },
-                    _ = primary_answered => {}
+                    _ = cancelled_some(probe.as_ref().map(Probe::answered)) => {}
                 }
             }
         }
@@ -243,7 +237,7 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
 }
 
 /// Logs a change of endpoint and shows it in the metric and the status.
-fn failed_over(plan: &MqttPlan, ctx: &SinkContext, switch: Switch) {
+fn switch_endpoint(plan: &MqttPlan, ctx: &SinkContext, switch: Switch) {
     let name = |i: usize| plan.endpoints.get(i).map(ToString::to_string);
     let to = name(switch.to()).unwrap_or_default();
     match switch {
@@ -452,7 +446,8 @@ async fn connection(
             _ = cancelled_some(failback), if renewing.is_none() && failback.is_some() => {
                 // The primary answers again (`sinks::failover`): leave this endpoint the
                 // way a SAS renewal does.
-                renewing = Some(Instant::now() + (plan.ack_timeout / 2).min(failover::FAILBACK_GRACE));
+                let grace = (plan.ack_timeout / 2).min(failover::FAILBACK_GRACE);
+                renewing = Some(Instant::now() + grace);
             }
             _ = sleep_until_some(renewing), if renewing.is_some() => {}
             _ = ack_check.tick(), if connected && window.len() > 0 => {
