@@ -234,3 +234,54 @@ async fn failover_and_back(mode: Mode<'_>, scheme: &str, tls: &str) {
     );
     gw.shutdown().await;
 }
+
+/// A primary that is down from the start: the sink's first attempts fail, it moves to the
+/// backup and delivers everything there, and it stays there while every check of the
+/// primary goes unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_on_the_backup_while_the_primary_is_down() {
+    let dead_primary = common::free_port();
+    let backup = Mosquitto::start(Mode::Plain);
+    let at_backup = Collector::start(
+        client_options("collector-backup", backup.port(), Mode::Plain),
+        "dt/#",
+    )
+    .await;
+    let backup_addr = format!("127.0.0.1:{}", backup.port());
+    let sink_config = failover_sink("mqtt", dead_primary, backup.port(), "");
+    let mut gw = TestGateway::start(&sink_config).await;
+
+    let count = 500;
+    let acked = common::publish_seq(
+        "127.0.0.1",
+        gw.port(),
+        "dev-0",
+        "factory/d0/telemetry",
+        0,
+        count,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert_eq!(acked, count);
+    assert!(
+        at_backup.wait_for_unique(count as usize, WAIT).await,
+        "the backup got {} of {count}",
+        at_backup.len()
+    );
+    let report = check_sequences(&at_backup.messages());
+    assert_eq!(report.missing, 0, "{report:?}");
+    assert_eq!(report.out_of_order, 0, "{report:?}");
+    wait_for_endpoint(&gw, 1, &backup_addr).await;
+    assert!(
+        gw.counter(
+            "edgebridge_sink_errors_total",
+            &[("sink", "cloud"), ("reason", "connection_refused")]
+        ) >= 3.0,
+        "three refused attempts on the primary before the failover"
+    );
+    // Several checks of the primary (every 300 ms) find nothing: the sink stays.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(endpoint_gauge(&gw, "1"), 1.0);
+    assert_eq!(endpoint_gauge(&gw, "0"), 0.0);
+    gw.shutdown().await;
+}
