@@ -62,6 +62,8 @@ pub struct SinkInfo {
     pub kind: &'static str,
     /// Where it delivers, without credentials: `mqtt://host:port`, a file path.
     pub target: String,
+    /// MQTT sinks: every endpoint of the `url` list as `host:port`, the primary first.
+    pub endpoints: Vec<String>,
     pub state: Arc<SinkState>,
     pub buffer: Arc<Buffer>,
 }
@@ -105,10 +107,15 @@ impl View {
             .filter_map(|(name, state, buffer)| {
                 let s = plan.sinks.iter().find(|s| s.name == name)?;
                 let (kind, target) = describe_target(&s.kind);
+                let endpoints = match &s.kind {
+                    SinkKindPlan::Mqtt(m) => m.endpoints.iter().map(ToString::to_string).collect(),
+                    _ => Vec::new(),
+                };
                 Some(SinkInfo {
                     name,
                     kind,
                     target,
+                    endpoints,
                     state,
                     buffer,
                 })
@@ -268,10 +275,19 @@ impl AdminState {
                     "sink",
                     &s.name,
                 );
+                let endpoint = (!s.endpoints.is_empty()).then(|| {
+                    let index = state.endpoint.unwrap_or(0);
+                    EndpointStatus {
+                        in_use: s.endpoints.get(index).cloned().unwrap_or_default(),
+                        index,
+                        list: s.endpoints.clone(),
+                    }
+                });
                 SinkStatus {
                     name: s.name.clone(),
                     kind: s.kind,
                     target: s.target.clone(),
+                    endpoint,
                     up: state.up,
                     state: match (state.up, state.draining.is_some()) {
                         (false, _) => "down",
@@ -396,6 +412,9 @@ pub struct SinkStatus {
     pub name: String,
     pub kind: &'static str,
     pub target: String,
+    /// MQTT sinks: the endpoint in use and the list it is taken from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<EndpointStatus>,
     pub up: bool,
     /// `up`, `draining` (up, with a backlog from an outage still being sent) or `down`.
     pub state: &'static str,
@@ -411,6 +430,17 @@ pub struct SinkStatus {
     pub drain_eta_seconds: Option<f64>,
     /// The last hour (360 samples at the default `history_interval`), oldest first.
     pub history: Vec<Sample>,
+}
+
+/// The endpoint an MQTT sink uses (`url` may list several: failover).
+#[derive(Debug, Serialize)]
+pub struct EndpointStatus {
+    /// `host:port` of the endpoint in use; never credentials.
+    pub in_use: String,
+    /// Its index in `list`; 0 is the primary.
+    pub index: usize,
+    /// Every endpoint as `host:port`, the primary first.
+    pub list: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -671,11 +701,25 @@ pub fn render_page(s: &Status) -> String {
             }
         }
         let charts = charts(&k.name, &k.history);
+        // Shown only with failover (more than one endpoint): otherwise it is the target.
+        let endpoint = match &k.endpoint {
+            Some(e) if e.list.len() > 1 => {
+                let role = if e.index == 0 { "primary" } else { "failover" };
+                format!(
+                    "<dt>endpoint</dt><dd class=\"endpoint\">{} ({role}; {} of {}: {})</dd>",
+                    escape(&e.in_use),
+                    e.index + 1,
+                    e.list.len(),
+                    escape(&e.list.join(", "))
+                )
+            }
+            _ => String::new(),
+        };
         let _ = write!(
             h,
             "<div class=\"card sink\" id=\"sink-{name}\"><h3><span class=\"sink-name\">{name}</span>\
              <span class=\"badge {state}\">{state}</span></h3><dl>\
-             <dt>target</dt><dd>{kind} {target}</dd>\
+             <dt>target</dt><dd>{kind} {target}</dd>{endpoint}\
              <dt>backlog</dt><dd>{backlog}</dd>\
              <dt>delivered</dt><dd>{delivered} ({rate})</dd>\
              <dt>errors</dt><dd>{errors}</dd>\
@@ -832,6 +876,11 @@ mod tests {
                 name: "cl\"oud".into(),
                 kind: "mqtt",
                 target: "mqtt://<host>:1883".into(),
+                endpoint: Some(EndpointStatus {
+                    in_use: "<backup>:1883".into(),
+                    index: 1,
+                    list: vec!["<host>:1883".into(), "<backup>:1883".into()],
+                }),
                 up: false,
                 state: "down",
                 last_error: Some(LastError {
@@ -883,6 +932,7 @@ mod tests {
             "cl\"oud",
             "<host>",
             "<b>refused",
+            "<backup>",
             "r&d",
             "a/<b>",
         ] {
@@ -892,6 +942,7 @@ mod tests {
             "gw&lt;1&gt;",
             "cl&quot;oud",
             "mqtt://&lt;host&gt;:1883",
+            "&lt;backup&gt;:1883 (failover; 2 of 2: &lt;host&gt;:1883, &lt;backup&gt;:1883)",
             "7 messages, 2.0 KiB, oldest 1m 15s",
             "connection_refused 2",
             "2.5/s",

@@ -23,6 +23,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::rules::{Expr, ExprKind, Template, TemplateScope, TopicFilter};
 use crate::sinks::cloud::{self, AzureEvents, AzureSas, CloudProfile, SharedAccessKey};
+use crate::sinks::failover::{self, Endpoint};
 use crate::sinks::http::{HttpPlan, HttpSinkSection};
 use crate::sinks::kafka::{KafkaPlan, KafkaSinkSection};
 use crate::sinks::pacing::Rate;
@@ -135,6 +136,48 @@ impl<'de> Deserialize<'de> for HumanDuration {
 impl Serialize for HumanDuration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// An MQTT sink's `url`: one URL as a string, or a list of them for failover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UrlList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for UrlList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UrlList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a URL or a list of URLs")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<UrlList, E> {
+                Ok(UrlList::One(s.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<UrlList, A::Error> {
+                let mut urls = Vec::new();
+                while let Some(url) = seq.next_element::<String>()? {
+                    urls.push(url);
+                }
+                Ok(UrlList::Many(urls))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl Serialize for UrlList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            UrlList::One(url) => s.serialize_str(url),
+            UrlList::Many(urls) => urls.serialize(s),
+        }
     }
 }
 
@@ -379,10 +422,19 @@ pub struct RateSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSinkSection {
-    /// `mqtt://host:port` or `mqtts://host:port`. Required, except with the
-    /// `azure-iot-hub` profile, where it defaults to `mqtts://{hub}:8883`.
+    /// `mqtt://host:port` or `mqtts://host:port`, or a list of them: the first is the
+    /// primary, the others are failed over to in turn (see `sinks::failover`). Required,
+    /// except with the `azure-iot-hub` profile, where it defaults to `mqtts://{hub}:8883`.
     #[serde(default)]
-    pub url: Option<String>,
+    pub url: Option<UrlList>,
+    /// With a list of urls: connection attempts in a row that fail before the sink moves
+    /// to the next endpoint (default 3).
+    #[serde(default)]
+    pub failover_after: Option<u32>,
+    /// With a list of urls: how often the first endpoint is checked while the sink uses
+    /// another one (an MQTT connect with the sink's TLS and credentials; default 30s).
+    #[serde(default)]
+    pub failback_check: Option<HumanDuration>,
     /// `aws-iot` or `azure-iot-hub`: applies that cloud's rules (see `sinks::cloud`).
     #[serde(default)]
     pub profile: Option<CloudProfile>,
@@ -928,7 +980,7 @@ fn figment_errors(error: figment::Error) -> ConfigErrors {
 /// `["listeners", "0", "bind"]` → `listeners[0].bind`; only after the keys that hold
 /// arrays, since a sink may well be called `0`.
 fn render_path(segments: &[String]) -> String {
-    const ARRAYS: [&str; 5] = ["listeners", "rules", "to", "alpn", "downlinks"];
+    const ARRAYS: [&str; 6] = ["listeners", "rules", "to", "alpn", "downlinks", "url"];
     let mut out = String::new();
     let mut previous: Option<&str> = None;
     for segment in segments.iter().filter(|s| !s.is_empty()) {
@@ -1089,8 +1141,17 @@ pub enum SinkKindPlan {
 
 #[derive(Debug, Clone)]
 pub struct MqttPlan {
+    /// The endpoint a connection goes to: as validated, the first of `endpoints` (the
+    /// primary); the worker connects with a copy set to the endpoint in use
+    /// ([`MqttPlan::at_endpoint`]).
     pub host: String,
     pub port: u16,
+    /// Every endpoint of the `url` list, the primary first (one for a plain `url`).
+    pub endpoints: Vec<Endpoint>,
+    /// Failed connection attempts in a row before moving to the next endpoint.
+    pub failover_after: u32,
+    /// How often the primary is checked while another endpoint is in use.
+    pub failback_check: Duration,
     pub tls: Option<TlsPlan>,
     pub client_id: String,
     /// One per upstream connection (`connections`); `[client_id]` for one.
@@ -1118,6 +1179,19 @@ pub struct MqttPlan {
     pub azure_events: Option<AzureEvents>,
     /// One line per profile decision, printed by `edgebridge check`.
     pub notes: Vec<String>,
+}
+
+impl MqttPlan {
+    /// This plan with `host` and `port` set to endpoint `index` (the primary when out of
+    /// range).
+    pub fn at_endpoint(&self, index: usize) -> MqttPlan {
+        let mut plan = self.clone();
+        if let Some(e) = self.endpoints.get(index) {
+            plan.host = e.host.clone();
+            plan.port = e.port;
+        }
+        plan
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -1783,6 +1857,43 @@ fn placeholder_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// Host, port and whether it takes TLS, of one MQTT URL at `key`. Problems are reported
+/// (clearing `ok`); `None` when it does not parse at all.
+fn parse_mqtt_url(
+    key: &str,
+    url: &str,
+    ok: &mut bool,
+    err: &mut impl FnMut(String, String),
+) -> Option<(String, u16, bool)> {
+    let u = match url::Url::parse(url) {
+        Ok(u) => u,
+        Err(e) => {
+            err(key.to_string(), format!("invalid URL ({e})"));
+            *ok = false;
+            return None;
+        }
+    };
+    let secure = match u.scheme() {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" | "tls" => true,
+        other => {
+            err(
+                key.to_string(),
+                format!("scheme {other:?} is not supported; use mqtt:// or mqtts://"),
+            );
+            *ok = false;
+            false
+        }
+    };
+    let host = u.host_str().unwrap_or_default().to_string();
+    if host.is_empty() {
+        err(key.to_string(), "has no host".into());
+        *ok = false;
+    }
+    let port = u.port().unwrap_or(if secure { 8883 } else { 1883 });
+    Some((host, port, secure))
+}
+
 fn validate_mqtt(
     path: &str,
     m: &MqttSinkSection,
@@ -1808,9 +1919,22 @@ fn validate_mqtt(
             }
         }
     }
-    let url = match (&m.url, &m.hub) {
-        (Some(url), _) => url.clone(),
-        (None, Some(hub)) if azure => format!("mqtts://{hub}:8883"),
+    // (key path, URL) of every endpoint: `url` for a single one, `url[i]` in a list.
+    let urls: Vec<(String, String)> = match (&m.url, &m.hub) {
+        (Some(UrlList::One(url)), _) => vec![(format!("{path}.url"), url.clone())],
+        (Some(UrlList::Many(urls)), _) if urls.is_empty() => {
+            err(
+                format!("{path}.url"),
+                "empty list; give at least one mqtt:// or mqtts:// URL".into(),
+            );
+            return None;
+        }
+        (Some(UrlList::Many(urls)), _) => urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| (format!("{path}.url[{i}]"), url.clone()))
+            .collect(),
+        (None, Some(hub)) if azure => vec![(format!("{path}.url"), format!("mqtts://{hub}:8883"))],
         (None, None) if azure => {
             err(
                 format!("{path}.hub"),
@@ -1823,33 +1947,83 @@ fn validate_mqtt(
             return None;
         }
     };
-    let (host, port, secure) = match url::Url::parse(&url) {
-        Ok(u) => {
-            let secure = match u.scheme() {
-                "mqtt" | "tcp" => false,
-                "mqtts" | "ssl" | "tls" => true,
-                other => {
-                    err(
-                        format!("{path}.url"),
-                        format!("scheme {other:?} is not supported; use mqtt:// or mqtts://"),
-                    );
-                    ok = false;
-                    false
-                }
-            };
-            let host = u.host_str().unwrap_or_default().to_string();
-            if host.is_empty() {
-                err(format!("{path}.url"), "has no host".into());
+    let mut endpoints: Vec<Endpoint> = Vec::new();
+    // Whether the endpoints take TLS, from the first URL that parses; every other one must
+    // agree, since they share the sink's `tls` settings.
+    let mut first_secure: Option<(bool, String)> = None;
+    let mut unparsed = false;
+    for (key, url) in &urls {
+        let Some((host, port, secure)) = parse_mqtt_url(key, url, &mut ok, err) else {
+            unparsed = true;
+            continue;
+        };
+        let family = |secure: bool| if secure { "mqtts://" } else { "mqtt://" };
+        match &first_secure {
+            None => first_secure = Some((secure, key.clone())),
+            Some((first, first_key)) if *first != secure => {
+                let first_key = first_key.rsplit('.').next().unwrap_or_default();
+                err(
+                    key.clone(),
+                    format!(
+                        "{} while {first_key} is {}; every endpoint shares the sink's tls \
+                         settings, so use one scheme family",
+                        family(secure),
+                        family(*first)
+                    ),
+                );
                 ok = false;
             }
-            let port = u.port().unwrap_or(if secure { 8883 } else { 1883 });
-            (host, port, secure)
+            Some(_) => {}
         }
-        Err(e) => {
-            err(format!("{path}.url"), format!("invalid URL ({e})"));
-            return None;
+        let endpoint = Endpoint { host, port };
+        if endpoints.contains(&endpoint) {
+            err(key.clone(), format!("{endpoint} is listed twice"));
+            ok = false;
+            continue;
         }
-    };
+        endpoints.push(endpoint);
+    }
+    if unparsed || endpoints.is_empty() {
+        return None;
+    }
+    let secure = first_secure.is_some_and(|(secure, _)| secure);
+    let (host, port) = (endpoints[0].host.clone(), endpoints[0].port);
+    let failover_keys = [
+        ("failover_after", m.failover_after.is_some()),
+        ("failback_check", m.failback_check.is_some()),
+    ];
+    if endpoints.len() == 1 {
+        for (key, set) in failover_keys {
+            if set {
+                err(
+                    format!("{path}.{key}"),
+                    "only used when url is a list of endpoints".into(),
+                );
+                ok = false;
+            }
+        }
+    }
+    let failover_after = m.failover_after.unwrap_or(failover::DEFAULT_FAILOVER_AFTER);
+    if failover_after == 0 {
+        err(
+            format!("{path}.failover_after"),
+            "must be at least 1".into(),
+        );
+        ok = false;
+    }
+    let failback_check = m
+        .failback_check
+        .map_or(failover::DEFAULT_FAILBACK_CHECK, |d| d.0);
+    if failback_check < failover::MIN_FAILBACK_CHECK {
+        err(
+            format!("{path}.failback_check"),
+            format!(
+                "must be at least {}",
+                humantime::format_duration(failover::MIN_FAILBACK_CHECK)
+            ),
+        );
+        ok = false;
+    }
 
     let mut tls = match (&m.tls, secure) {
         (Some(_), false) => {
@@ -2175,6 +2349,8 @@ fn validate_mqtt(
         ))
     } else if client_ids.len() > 1 && azure {
         Some("Azure IoT Hub allows one connection per device identity".to_string())
+    } else if client_ids.len() > 1 && endpoints.len() > 1 {
+        Some("several connections with a url list (failover) are not supported: use one of them".to_string())
     } else if client_ids.iter().any(|c| c.is_empty()) {
         Some("a client id must not be empty".to_string())
     } else if client_ids.iter().collect::<HashSet<_>>().len() != client_ids.len() {
@@ -2195,6 +2371,9 @@ fn validate_mqtt(
     Some(MqttPlan {
         host,
         port,
+        endpoints,
+        failover_after,
+        failback_check,
         tls,
         client_id,
         client_ids,
@@ -2344,16 +2523,39 @@ impl Plan {
                         .profile
                         .map(|p| format!(" profile={}", p.name()))
                         .unwrap_or_default();
+                    let urls: Vec<String> = m
+                        .endpoints
+                        .iter()
+                        .map(|e| format!("{scheme}://{e}"))
+                        .collect();
+                    let url = match urls.as_slice() {
+                        [one] => one.clone(),
+                        many => format!("[{}]", many.join(", ")),
+                    };
                     let _ = writeln!(
                         out,
-                        "  {} mqtt {scheme}://{}:{}{profile} client_id={} qos={}{auth}{tls}; {buffer}",
-                        s.name, m.host, m.port, match m.client_ids.as_slice() {
+                        "  {} mqtt {url}{profile} client_id={} qos={}{auth}{tls}; {buffer}",
+                        s.name,
+                        match m.client_ids.as_slice() {
                             [one] => one.clone(),
-                            ids => format!("{} (connections={}, by topic)", ids.join(","), ids.len()),
-                        }, m.qos
+                            ids =>
+                                format!("{} (connections={}, by topic)", ids.join(","), ids.len()),
+                        },
+                        m.qos
                     );
                     for note in &m.notes {
                         let _ = writeln!(out, "    {}: {note}", m.profile.map_or("", |p| p.name()));
+                    }
+                    if urls.len() > 1 {
+                        let _ = writeln!(
+                            out,
+                            "    failover: to the next url after {} failed connection attempts in a \
+                             row; back to {} once a check every {} connects (client id {}-probe)",
+                            m.failover_after,
+                            urls[0],
+                            humantime::format_duration(m.failback_check),
+                            m.client_id
+                        );
                     }
                 }
                 SinkKindPlan::Http(h) => {
@@ -2665,6 +2867,104 @@ mod tests {
             tls = { ca = "/nonexistent/ca.pem" }"#,
         );
         assert_eq!(e, "sinks.cloud.tls.ca: file /nonexistent/ca.pem not found");
+    }
+
+    #[test]
+    fn mqtt_url_list_builds_endpoints_with_failover_defaults() {
+        let plan = load_str(
+            r#"[sinks.cloud]
+            type = "mqtt"
+            url = ["mqtt://primary:1883", "tcp://backup"]
+            username = "u"
+            password = "pw-secret""#,
+            &[],
+        )
+        .expect("valid");
+        let m = mqtt_plan(&plan);
+        let endpoints: Vec<String> = m.endpoints.iter().map(ToString::to_string).collect();
+        assert_eq!(endpoints, ["primary:1883", "backup:1883"]);
+        assert_eq!((m.host.as_str(), m.port), ("primary", 1883));
+        assert_eq!(m.failover_after, 3);
+        assert_eq!(m.failback_check, Duration::from_secs(30));
+        let backup = m.at_endpoint(1);
+        assert_eq!((backup.host.as_str(), backup.port), ("backup", 1883));
+        let text = plan.describe();
+        assert!(
+            text.contains("cloud mqtt [mqtt://primary:1883, mqtt://backup:1883] client_id="),
+            "{text}"
+        );
+        assert!(
+            text.contains("failover: to the next url after 3 failed connection attempts"),
+            "{text}"
+        );
+        assert!(!text.contains("pw-secret"), "{text}");
+
+        // A single string keeps working as before: one endpoint, printed as one URL.
+        let plan = load_str(
+            "[sinks.cloud]\ntype = \"mqtt\"\nurl = \"mqtt://b:1884\"\n",
+            &[],
+        )
+        .expect("valid");
+        let m = mqtt_plan(&plan);
+        assert_eq!(m.endpoints.len(), 1);
+        assert!(plan
+            .describe()
+            .contains("cloud mqtt mqtt://b:1884 client_id="));
+        assert!(!plan.describe().contains("failover"));
+    }
+
+    #[test]
+    fn mqtt_url_list_errors_name_the_entry() {
+        let sink = |url: &str, extra: &str| {
+            format!("[sinks.cloud]\ntype = \"mqtt\"\nurl = {url}\n{extra}")
+        };
+        let cases = [
+            (
+                sink(r#"["mqtt://a", "http://b"]"#, ""),
+                "sinks.cloud.url[1]: scheme \"http\" is not supported; use mqtt:// or mqtts://",
+            ),
+            (
+                sink(r#"["mqtt://a", "not a url"]"#, ""),
+                "sinks.cloud.url[1]: invalid URL (relative URL without a base)",
+            ),
+            (
+                sink(r#"["mqtt://a", "mqtts://b"]"#, ""),
+                "sinks.cloud.url[1]: mqtts:// while url[0] is mqtt://; every endpoint shares \
+                 the sink's tls settings, so use one scheme family",
+            ),
+            (
+                sink(r#"["mqtt://a:1883", "mqtt://a"]"#, ""),
+                "sinks.cloud.url[1]: a:1883 is listed twice",
+            ),
+            (
+                sink("[]", ""),
+                "sinks.cloud.url: empty list; give at least one mqtt:// or mqtts:// URL",
+            ),
+            (
+                sink(r#""mqtt://a""#, "failover_after = 2"),
+                "sinks.cloud.failover_after: only used when url is a list of endpoints",
+            ),
+            (
+                sink(r#"["mqtt://a", "mqtt://b"]"#, "failover_after = 0"),
+                "sinks.cloud.failover_after: must be at least 1",
+            ),
+            (
+                sink(r#"["mqtt://a", "mqtt://b"]"#, "failback_check = \"10ms\""),
+                "sinks.cloud.failback_check: must be at least 100ms",
+            ),
+            (
+                sink("42", ""),
+                "sinks.cloud.url: expected a URL or a list of URLs, found an integer",
+            ),
+        ];
+        for (toml, expected) in cases {
+            assert_eq!(first_error(&toml), expected, "{toml}");
+        }
+        // Every bad entry is reported, not just the first.
+        let errors =
+            load_str(&sink(r#"["ftp://a", "mqtt://b", "ftp://c"]"#, ""), &[]).expect_err("invalid");
+        let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["sinks.cloud.url[0]", "sinks.cloud.url[2]"]);
     }
 
     #[test]

@@ -21,8 +21,8 @@
 //! - [`rules`]: compiled topic filters, templates and CEL expressions; the router task;
 //!   downlinks ([`rules::downlink`]) and the dry run ([`rules::dry_run`]).
 //! - [`buffer`]: the per-sink buffer (append / read batch / ack / rewind).
-//! - [`sinks`]: one worker per sink: [`sinks::mqtt`], [`sinks::http`], [`sinks::kafka`],
-//!   [`sinks::file`].
+//! - [`sinks`]: one worker per sink: [`sinks::mqtt`] (with [`sinks::failover`] between
+//!   its endpoints), [`sinks::http`], [`sinks::kafka`], [`sinks::file`].
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/v1/status` and the status page.
 //! - [`app`]: start-up, reload (SIGHUP) and shutdown order.
 //! - [`lock`]: the exclusive lock on `data_dir`, taken first and held for the process's life.

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub sink_delivered: IntCounterVec,
     pub sink_errors: IntCounterVec,
     pub sink_up: IntGaugeVec,
+    pub sink_endpoint: IntGaugeVec,
     pub buffer_messages: IntGaugeVec,
     pub buffer_bytes: IntGaugeVec,
     pub buffer_backlog: IntGaugeVec,
@@ -155,6 +156,12 @@ impl Metrics {
                 "edgebridge_sink_up",
                 "1 while the upstream is connected and healthy",
                 &["sink"],
+            ),
+            sink_endpoint: gauge(
+                &registry,
+                "edgebridge_sink_endpoint",
+                "MQTT sinks: 1 for the endpoint in use, 0 for the others (endpoint: index in the url list, 0 is the primary)",
+                &["sink", "endpoint"],
             ),
             buffer_messages: gauge(
                 &registry,

@@ -9,6 +9,8 @@ pub struct Backoff {
     min: Duration,
     max: Duration,
     attempt: u32,
+    /// Times [`Backoff::reset`] was called.
+    resets: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,6 +29,7 @@ impl Backoff {
             min,
             max,
             attempt: 0,
+            resets: 0,
         })
     }
 
@@ -42,6 +45,14 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.attempt = 0;
+        self.resets = self.resets.wrapping_add(1);
+    }
+
+    /// How many times [`Backoff::reset`] was called. A worker that resets its backoff
+    /// exactly when a connection proves the upstream works compares this before and after
+    /// a connection to learn whether it did (MQTT failover counts the ones that did not).
+    pub fn resets(&self) -> u64 {
+        self.resets
     }
 }
 

@@ -9,6 +9,7 @@
 mod backoff;
 pub mod cloud;
 pub mod envelope;
+pub mod failover;
 pub mod file;
 pub mod http;
 pub mod kafka;
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -135,6 +136,8 @@ pub struct SinkMetrics {
     errors: IntCounterVec,
     dropped: IntCounterVec,
     latency: Histogram,
+    /// `edgebridge_sink_endpoint{sink,endpoint}` (MQTT sinks).
+    endpoint: IntGaugeVec,
     name: String,
     state: Arc<SinkState>,
 }
@@ -147,6 +150,7 @@ impl SinkMetrics {
             errors: metrics.sink_errors.clone(),
             dropped: metrics.buffer_dropped.clone(),
             latency: metrics.delivery_latency.with_label_values(&[sink]),
+            endpoint: metrics.sink_endpoint.clone(),
             name: sink.to_string(),
             state: Arc::new(SinkState::default()),
         }
@@ -176,6 +180,42 @@ impl SinkMetrics {
         drop(state);
         info!(sink = %self.name, "sink up: {detail}");
         true
+    }
+
+    /// The endpoint in use of a sink with `count` endpoints (its `url` list): sets
+    /// `edgebridge_sink_endpoint` to 1 for `index`, 0 for the others, and shows it in the
+    /// status.
+    pub fn endpoint_in_use(&self, index: usize, count: usize) {
+        // A reload may have shortened the list: a series of an index no longer listed
+        // (possibly still at 1) would contradict the new ones.
+        use prometheus::core::Collector;
+        let stale: Vec<String> = self
+            .endpoint
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter_map(|metric| {
+                let labels = metric.get_label();
+                let ours = labels
+                    .iter()
+                    .any(|l| l.name() == "sink" && l.value() == self.name);
+                let endpoint = labels.iter().find(|l| l.name() == "endpoint")?;
+                let beyond = endpoint
+                    .value()
+                    .parse::<usize>()
+                    .map_or(true, |i| i >= count);
+                (ours && beyond).then(|| endpoint.value().to_string())
+            })
+            .collect();
+        for endpoint in stale {
+            let _ = self.endpoint.remove_label_values(&[&self.name, &endpoint]);
+        }
+        for i in 0..count {
+            self.endpoint
+                .with_label_values(&[&self.name, &i.to_string()])
+                .set(i64::from(i == index));
+        }
+        self.state.lock().endpoint = Some(index);
     }
 
     /// The worker stopped on shutdown: down, but not an error.
@@ -290,6 +330,8 @@ pub struct SinkStateSnapshot {
     pub last_error: Option<LastError>,
     /// Set from the moment the sink came up with a backlog until the buffer is empty.
     pub draining: Option<Draining>,
+    /// MQTT sinks: the index in the `url` list of the endpoint in use.
+    pub endpoint: Option<usize>,
 }
 
 /// A backlog being drained after the sink came up.
@@ -429,6 +471,38 @@ mod tests {
         assert_eq!(lines[1]["encoding"], "base64");
         assert_eq!(lines[1]["payload"], "//4=");
         assert_eq!(lines[1]["received_at"], 7);
+    }
+
+    #[test]
+    fn the_endpoint_in_use_is_the_only_one_at_1() {
+        let metrics = Metrics::new();
+        let gauge = |sink: &str, endpoint: &str| metric_value(&metrics.render(), sink, endpoint);
+        let m = SinkMetrics::new(&metrics, "s");
+        m.endpoint_in_use(2, 3);
+        assert_eq!(
+            [gauge("s", "0"), gauge("s", "1"), gauge("s", "2")],
+            [Some(0), Some(0), Some(1)]
+        );
+        assert_eq!(m.state().snapshot().endpoint, Some(2));
+        // A reload shortened the list while endpoint 2 was in use.
+        let m = SinkMetrics::new(&metrics, "s");
+        let other = SinkMetrics::new(&metrics, "other");
+        other.endpoint_in_use(1, 3);
+        m.endpoint_in_use(0, 2);
+        assert_eq!(
+            [gauge("s", "0"), gauge("s", "1"), gauge("s", "2")],
+            [Some(1), Some(0), None]
+        );
+        assert_eq!(gauge("other", "2"), Some(0), "another sink's series stay");
+    }
+
+    /// `edgebridge_sink_endpoint{sink,endpoint}` in Prometheus text, if present.
+    fn metric_value(text: &str, sink: &str, endpoint: &str) -> Option<i64> {
+        let series =
+            format!("edgebridge_sink_endpoint{{endpoint=\"{endpoint}\",sink=\"{sink}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     #[test]

@@ -33,6 +33,11 @@
 //! is due the connection stops taking new records, waits briefly for the acks of those in
 //! flight, says DISCONNECT and reconnects at once with a new token (`Outcome::Renew`; not
 //! an error, the sink stays up); anything unconfirmed is resent after the rewind.
+//!
+//! Failover (`url` as a list, `sinks::failover`): `run` picks the endpoint of each
+//! connection. After `failover_after` failed attempts in a row it moves to the next one;
+//! while not on the first, a background probe checks the first, and once it answers the
+//! connection closes the way a SAS renewal does and the next one goes to the first.
 
 mod connections;
 
@@ -48,9 +53,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::cloud::{self, CloudProfile};
+use super::failover::{self, Endpoints, Probe, Switch};
 use super::{sleep_until_some, Backoff, SinkContext};
 use crate::buffer::{Buffer, Record};
 use crate::config::MqttPlan;
@@ -178,8 +184,9 @@ impl Ready {
 enum Outcome {
     /// The connection failed: back off and reconnect.
     Reconnect,
-    /// The SAS token is about to expire: the connection was closed cleanly; reconnect at
-    /// once with a fresh one.
+    /// The SAS token is about to expire, or the primary endpoint answers again after a
+    /// failover: the connection was closed cleanly; reconnect at once (with a fresh
+    /// token, to the primary).
     Renew,
     /// Shutdown finished.
     Stopped,
@@ -190,18 +197,97 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
         return connections::run(plan, ctx).await;
     }
     let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
+    let mut endpoints = Endpoints::new(plan.endpoints.len(), plan.failover_after);
+    ctx.metrics
+        .endpoint_in_use(endpoints.current(), plan.endpoints.len());
+    // Checks the primary while another endpoint is in use; cancels its token once the
+    // primary accepts a connection.
+    let mut probe: Option<Probe> = None;
     loop {
+        if probe.as_ref().is_some_and(|p| p.answered().is_cancelled()) {
+            probe = None;
+            if let Some(switch) = endpoints.primary_answered() {
+                switch_endpoint(&plan, &ctx, switch);
+            }
+        }
+        let target = plan.at_endpoint(endpoints.current());
         ctx.buffer.rewind();
-        match session(&plan, &ctx, &mut backoff, &mut Source::Buffer).await {
+        let mut feed = Feed {
+            source: Source::Buffer,
+            failback: probe.as_ref().map(Probe::answered),
+        };
+        // The backoff restarts exactly when a connection proves the endpoint works.
+        let resets = backoff.resets();
+        match session(&target, &ctx, &mut backoff, &mut feed).await {
             Outcome::Stopped => return,
             Outcome::Renew => {}
             Outcome::Reconnect => {
-                if ctx.sleep_or_stop(backoff.next_delay()).await {
-                    return;
+                let worked = backoff.resets() != resets;
+                if let Some(switch) = endpoints.connection_ended(worked) {
+                    switch_endpoint(&plan, &ctx, switch);
+                    probe = endpoints
+                        .needs_probe()
+                        .then(|| primary_probe(&plan, &ctx.name));
+                    // A different endpoint: try it at once.
+                    continue;
+                }
+                // Cut short when the primary answers: no point waiting to retry a backup.
+                tokio::select! {
+                    stop = ctx.sleep_or_stop(backoff.next_delay()) => if stop {
+                        return;
+                    },
+                    _ = cancelled_some(probe.as_ref().map(Probe::answered)) => {}
                 }
             }
         }
     }
+}
+
+/// Logs a change of endpoint and shows it in the metric and the status.
+fn switch_endpoint(plan: &MqttPlan, ctx: &SinkContext, switch: Switch) {
+    let name = |i: usize| plan.endpoints.get(i).map(ToString::to_string);
+    let to = name(switch.to()).unwrap_or_default();
+    match switch {
+        Switch::Failover { from, failures, .. } => warn!(
+            sink = %ctx.name,
+            from = %name(from).unwrap_or_default(),
+            to = %to,
+            failures,
+            "endpoint failed; failing over to the next one"
+        ),
+        Switch::Failback { from } => info!(
+            sink = %ctx.name,
+            from = %name(from).unwrap_or_default(),
+            to = %to,
+            "primary endpoint answers again; failing back to it"
+        ),
+    }
+    ctx.metrics
+        .endpoint_in_use(switch.to(), plan.endpoints.len());
+}
+
+/// Starts the background check of the primary endpoint: an MQTT connect with the sink's
+/// TLS and credentials, as `{client_id}-probe` with a clean session, so that it never
+/// takes over the session (or, on a cluster behind both endpoints, the connection) of
+/// the sink itself.
+fn primary_probe(plan: &MqttPlan, sink: &str) -> Probe {
+    let mut primary = plan.at_endpoint(0);
+    primary.client_id = format!("{}-probe", plan.client_id);
+    primary.clean_session = true;
+    let interval = plan.failback_check;
+    Probe::spawn(sink.to_string(), interval, move || {
+        options(&primary).map(|(opts, _)| opts)
+    })
+}
+
+/// What drives one connection besides its upstream.
+struct Feed<'a> {
+    /// Where its records come from.
+    source: Source,
+    /// Failover (`sinks::failover`): cancelled once the primary answers again; the
+    /// connection then closes the way a SAS renewal does, and the next one goes to the
+    /// primary.
+    failback: Option<&'a CancellationToken>,
 }
 
 /// Where one connection's records come from.
@@ -251,7 +337,7 @@ async fn session(
     plan: &MqttPlan,
     ctx: &SinkContext,
     backoff: &mut Backoff,
-    source: &mut Source,
+    feed: &mut Feed<'_>,
 ) -> Outcome {
     let (opts, renew_in) = match options(plan) {
         Ok(o) => o,
@@ -270,13 +356,14 @@ async fn session(
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
     let renew_at = renew_in.map(|d| Instant::now() + d);
-    connection(plan, ctx, &client, eventloop, backoff, renew_at, source).await
+    connection(plan, ctx, &client, eventloop, backoff, renew_at, feed).await
 }
 
-/// Resolves when `stop` is cancelled; never for `None`.
-async fn stopped(stop: &Option<CancellationToken>) {
-    match stop {
-        Some(stop) => stop.cancelled().await,
+/// Waits until `token` is cancelled; never returns for `None` (guard the select branch
+/// instead).
+async fn cancelled_some(token: Option<&CancellationToken>) {
+    match token {
+        Some(token) => token.cancelled().await,
         None => std::future::pending().await,
     }
 }
@@ -334,9 +421,10 @@ async fn connection(
     eventloop: EventLoop,
     backoff: &mut Backoff,
     renew_at: Option<Instant>,
-    source: &mut Source,
+    feed: &mut Feed<'_>,
 ) -> Outcome {
-    let stop = source.stop();
+    let stop = feed.source.stop();
+    let failback = feed.failback;
     let qos = qos_of(plan.qos);
     let window_size = plan.inflight as usize;
     let refill_at = (window_size / 4).max(1);
@@ -387,7 +475,7 @@ async fn connection(
             }
             // Another connection of the group failed: all reconnect, and what is
             // unconfirmed here is resent after the rewind.
-            _ = stopped(&stop) => break Outcome::Reconnect,
+            _ = cancelled_some(stop.as_ref()) => break Outcome::Reconnect,
             event = events.recv() => {
                 match event {
                     Some(Ok(event)) => {
@@ -451,6 +539,12 @@ async fn connection(
                     .map_or(Duration::ZERO, |s| cloud::renewal_margin(s.ttl));
                 renewing = Some(Instant::now() + (plan.ack_timeout / 2).min(margin / 2));
             }
+            _ = cancelled_some(failback), if renewing.is_none() && failback.is_some() => {
+                // The primary answers again (`sinks::failover`): leave this endpoint the
+                // way a SAS renewal does.
+                let grace = (plan.ack_timeout / 2).min(failover::FAILBACK_GRACE);
+                renewing = Some(Instant::now() + grace);
+            }
             _ = sleep_until_some(renewing), if renewing.is_some() => {}
             _ = ack_check.tick(), if connected && window.len() > 0 => {
                 if last_progress.elapsed() >= plan.ack_timeout {
@@ -463,7 +557,7 @@ async fn connection(
                     break Outcome::Reconnect;
                 }
             }
-            batch = source.read_batch(&ctx.buffer, room.min(ctx.batch)), if connected && refill => {
+            batch = feed.source.read_batch(&ctx.buffer, room.min(ctx.batch)), if connected && refill => {
                 stage(plan, ctx, batch, &mut ready).await;
                 let sent = publish_ready(client, qos, &mut ready, &mut window, pacer.as_mut(), &mut last_progress).await;
                 if sent.is_err() {

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{session, Outcome, Source};
+use super::{session, Feed, Outcome, Source};
 use crate::buffer::Record;
 use crate::config::MqttPlan;
 use crate::sinks::SinkContext;
@@ -42,13 +42,16 @@ pub(super) async fn run(plan: MqttPlan, ctx: SinkContext) {
                 client_id: client_id.clone(),
                 ..plan.clone()
             };
-            let mut source = Source::Routed {
-                records,
-                stop: stop.clone(),
+            let mut feed = Feed {
+                source: Source::Routed {
+                    records,
+                    stop: stop.clone(),
+                },
+                failback: None,
             };
             let (ctx, mut member_backoff) = (ctx.clone(), backoff.clone());
             members.spawn(async move {
-                let outcome = session(&member, &ctx, &mut member_backoff, &mut source).await;
+                let outcome = session(&member, &ctx, &mut member_backoff, &mut feed).await;
                 (outcome, member_backoff)
             });
         }
