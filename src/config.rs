@@ -25,6 +25,7 @@ use crate::rules::{Expr, ExprKind, Template, TemplateScope, TopicFilter};
 use crate::sinks::cloud::{self, AzureEvents, AzureSas, CloudProfile, SharedAccessKey};
 use crate::sinks::http::{HttpPlan, HttpSinkSection};
 use crate::sinks::kafka::{KafkaPlan, KafkaSinkSection};
+use crate::sinks::pack::{PackPlan, PackSection, PayloadLimit};
 
 /// One problem with the configuration, named by its key path (`sinks.cloud.url`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,6 +407,9 @@ pub struct MqttSinkSection {
     pub backoff_min: HumanDuration,
     #[serde(default = "default_backoff_max")]
     pub backoff_max: HumanDuration,
+    /// Combine messages of one upstream topic into one publish (`sinks::pack`).
+    #[serde(default)]
+    pub pack: Option<PackSection>,
     #[serde(default)]
     pub buffer: BufferSection,
 }
@@ -855,7 +859,7 @@ fn figment_errors(error: figment::Error) -> ConfigErrors {
 /// `["listeners", "0", "bind"]` → `listeners[0].bind`; only after the keys that hold
 /// arrays, since a sink may well be called `0`.
 fn render_path(segments: &[String]) -> String {
-    const ARRAYS: [&str; 5] = ["listeners", "rules", "to", "alpn", "downlinks"];
+    const ARRAYS: [&str; 6] = ["listeners", "rules", "to", "alpn", "downlinks", "fields"];
     let mut out = String::new();
     let mut previous: Option<&str> = None;
     for segment in segments.iter().filter(|s| !s.is_empty()) {
@@ -1010,6 +1014,17 @@ pub enum SinkKindPlan {
     File(FilePlan),
 }
 
+impl SinkKindPlan {
+    /// How the sink packs messages, if it does (`pack = { ... }`).
+    pub fn pack(&self) -> Option<&PackPlan> {
+        match self {
+            SinkKindPlan::Mqtt(m) => m.pack.as_ref(),
+            SinkKindPlan::Http(h) => h.pack.as_ref(),
+            SinkKindPlan::Kafka(_) | SinkKindPlan::File(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MqttPlan {
     pub host: String,
@@ -1039,6 +1054,8 @@ pub struct MqttPlan {
     pub azure_events: Option<AzureEvents>,
     /// One line per profile decision, printed by `edgebridge check`.
     pub notes: Vec<String>,
+    /// Messages of one upstream topic combined into one publish.
+    pub pack: Option<PackPlan>,
 }
 
 #[derive(Debug, Clone)]
@@ -1990,6 +2007,34 @@ fn validate_mqtt(
         // Room for the topic (with Azure's properties) and the framing.
         max_packet_size = max_packet_size.max(limit + 16 * 1024);
     }
+    let pack = match &m.pack {
+        Some(section) => {
+            // The pack is the payload: it must fit the profile's payload limit and the
+            // packet next to the MQTT framing (the topic's length is left to the sink).
+            let framing = crate::sinks::mqtt::PUBLISH_OVERHEAD;
+            let packet = max_packet_size.saturating_sub(framing);
+            let limit = match max_payload {
+                Some(l) if l <= packet => PayloadLimit {
+                    bytes: l,
+                    why: format!(
+                        "profile {}'s payload limit",
+                        m.profile.map_or("", |p| p.name())
+                    ),
+                },
+                _ => PayloadLimit {
+                    bytes: packet,
+                    why: format!(
+                        "max_packet_size {max_packet_size} minus {framing} bytes of MQTT framing"
+                    ),
+                },
+            };
+            let plan =
+                crate::sinks::pack::validate(&format!("{path}.pack"), section, Some(&limit), err);
+            ok &= plan.is_some();
+            plan
+        }
+        None => None,
+    };
     if m.keep_alive.0 < Duration::from_secs(5) || m.keep_alive.0 > Duration::from_secs(65535) {
         err(
             format!("{path}.keep_alive"),
@@ -2042,6 +2087,7 @@ fn validate_mqtt(
         sas,
         azure_events,
         notes,
+        pack,
     })
 }
 
@@ -2157,9 +2203,14 @@ impl Plan {
                         .profile
                         .map(|p| format!(" profile={}", p.name()))
                         .unwrap_or_default();
+                    let pack = m
+                        .pack
+                        .as_ref()
+                        .map(|p| format!(" {}", p.describe()))
+                        .unwrap_or_default();
                     let _ = writeln!(
                         out,
-                        "  {} mqtt {scheme}://{}:{}{profile} client_id={} qos={}{auth}{tls}; {buffer}",
+                        "  {} mqtt {scheme}://{}:{}{profile} client_id={} qos={}{auth}{tls}{pack}; {buffer}",
                         s.name, m.host, m.port, m.client_id, m.qos
                     );
                     for note in &m.notes {

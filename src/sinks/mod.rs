@@ -12,6 +12,7 @@ pub mod file;
 pub mod http;
 pub mod kafka;
 pub mod mqtt;
+pub mod pack;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

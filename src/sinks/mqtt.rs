@@ -22,6 +22,10 @@
 //! is due the connection stops taking new records, waits briefly for the acks of those in
 //! flight, says DISCONNECT and reconnects at once with a new token (`Outcome::Renew`; not
 //! an error, the sink stays up); anything unconfirmed is resent after the rewind.
+//!
+//! Packing (`pack = { ... }`, `sinks::pack`): records go through a [`Packer`] and each
+//! closed pack is one publish; its PUBACK acks every record in it. Open packs belong to
+//! the connection: after a reconnect the rewind reads their records again.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
@@ -37,13 +41,14 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::info;
 
 use super::cloud::{self, CloudProfile};
+use super::pack::{self, Pack, Packer};
 use super::{Backoff, SinkContext};
 use crate::config::MqttPlan;
 use crate::rules::downlink::DownlinkTap;
 
 /// Bytes of MQTT framing around topic and payload in a PUBLISH (fixed header, lengths,
 /// packet id), rounded up.
-const PUBLISH_OVERHEAD: usize = 16;
+pub const PUBLISH_OVERHEAD: usize = 16;
 
 /// A cloud profile's upstream closing the connection within this time after CONNACK is
 /// reported as `reason="closed_after_connack"` with what it usually means. For any
@@ -121,11 +126,34 @@ fn options(plan: &MqttPlan) -> Result<(MqttOptions, Option<Duration>), String> {
     Ok((opts, renew_in))
 }
 
-/// A record handed to rumqttc, waiting for its packet id or its acknowledgement.
-#[derive(Clone, Copy)]
-struct InFlight {
-    seq: u64,
-    received_at: u64,
+/// A publish handed to rumqttc, waiting for its packet id or its acknowledgement: one
+/// record, or the records of a pack, acked together.
+#[derive(Clone)]
+enum InFlight {
+    One {
+        seq: u64,
+        received_at: u64,
+    },
+    /// `(seq, received_at)` of each record in the pack.
+    Pack(Vec<(u64, u64)>),
+}
+
+impl InFlight {
+    /// The upstream confirmed it: acks its records and counts each as delivered.
+    fn confirm(&self, ctx: &SinkContext) {
+        match self {
+            InFlight::One { seq, received_at } => {
+                ctx.buffer.ack(*seq);
+                ctx.metrics.delivered(*received_at);
+            }
+            InFlight::Pack(records) => {
+                for &(seq, received_at) in records {
+                    ctx.buffer.ack(seq);
+                    ctx.metrics.delivered(received_at);
+                }
+            }
+        }
+    }
 }
 
 /// One connection's bookkeeping; dropped with the connection.
@@ -269,8 +297,24 @@ async fn connection(
         tokio::time::interval((plan.ack_timeout / 4).max(Duration::from_millis(100)));
     ack_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let upstream = format!("{}:{}", plan.host, plan.port);
+    // With `pack`: open packs, and closed ones waiting for room in the window.
+    let mut packer = plan.pack.clone().map(|p| Packer::new(p, window_size));
+    let mut packed: VecDeque<Pack> = VecDeque::new();
     let (mut events, driver) = drive(eventloop, ctx.downlink.clone());
     let outcome = loop {
+        if !packed.is_empty() && renewing.is_none() {
+            if window.len() == 0 {
+                last_progress = Instant::now();
+            }
+            if publish_packs(plan, ctx, client, qos, &mut packed, &mut window)
+                .await
+                .is_err()
+            {
+                ctx.metrics
+                    .mark_down("closed", &format!("{upstream}: the connection closed"));
+                break Outcome::Reconnect;
+            }
+        }
         if let Some(deadline) = renewing {
             if window.len() == 0 || Instant::now() >= deadline {
                 disconnect(client, &mut events).await;
@@ -280,7 +324,17 @@ async fn connection(
         let room = window_size.saturating_sub(window.len());
         // Refill the window in chunks, not one record per PUBACK: each read takes the
         // buffer's lock and a read call.
-        let refill = renewing.is_none() && room > 0 && (room >= refill_at || window.len() == 0);
+        let refill = renewing.is_none()
+            && packed.is_empty()
+            && room > 0
+            && (room >= refill_at || window.len() == 0);
+        // Packing reads whole batches: many records make one publish.
+        let read = if packer.is_some() {
+            ctx.batch
+        } else {
+            room.min(ctx.batch)
+        };
+        let linger = packer.as_ref().and_then(|p| p.next_deadline());
         tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => {
@@ -361,7 +415,16 @@ async fn connection(
                     break Outcome::Reconnect;
                 }
             }
-            batch = ctx.buffer.read_batch(room.min(ctx.batch)), if connected && refill => {
+            _ = pack::linger_until(linger), if linger.is_some() && renewing.is_none() => {
+                if let Some(packer) = &mut packer {
+                    packer.close_due(Instant::now(), &mut packed);
+                }
+            }
+            batch = ctx.buffer.read_batch(read), if connected && refill => {
+                if let Some(packer) = &mut packer {
+                    pack_batch(plan, ctx, packer, batch, &mut packed).await;
+                    continue;
+                }
                 if window.len() == 0 {
                     last_progress = Instant::now();
                 }
@@ -410,7 +473,7 @@ async fn publish_batch(
         }
         let msg = record.msg;
         let retain = msg.retain && plan.forward_retain;
-        let entry = InFlight {
+        let entry = InFlight::One {
             seq: record.seq,
             received_at: msg.received_at,
         };
@@ -420,6 +483,93 @@ async fn publish_batch(
         window.queued.push_back(entry);
     }
     Ok(())
+}
+
+/// The upstream topic of a message (or pack) whose topic in the buffer is `topic`.
+fn upstream_topic(plan: &MqttPlan, topic: &str) -> String {
+    match &plan.azure_events {
+        Some(events) => events.topic_for(topic),
+        None => topic.to_string(),
+    }
+}
+
+/// Adds a batch to the open packs; closed ones go to `packed`. A record whose topic can
+/// never be published is dead-lettered here, before it joins a pack.
+async fn pack_batch(
+    plan: &MqttPlan,
+    ctx: &SinkContext,
+    packer: &mut Packer,
+    batch: Vec<crate::buffer::Record>,
+    packed: &mut VecDeque<Pack>,
+) {
+    let now = Instant::now();
+    for record in batch {
+        let topic = upstream_topic(plan, &record.msg.topic);
+        if let Some((reason, detail)) = undeliverable(plan, &topic, 0) {
+            dead_letter_one(ctx, record, reason, &detail).await;
+            continue;
+        }
+        // What the packet limit leaves for the payload next to this topic.
+        let cap = plan
+            .max_packet_size
+            .saturating_sub(topic.len() + PUBLISH_OVERHEAD);
+        packer.push(record, cap, now, packed);
+    }
+}
+
+/// Publishes closed packs while the window has room. A pack of one message that is too
+/// large for the upstream is dead-lettered; an `Err` means the connection is gone.
+async fn publish_packs(
+    plan: &MqttPlan,
+    ctx: &SinkContext,
+    client: &AsyncClient,
+    qos: QoS,
+    packed: &mut VecDeque<Pack>,
+    window: &mut Window,
+) -> Result<(), rumqttc::ClientError> {
+    while window.len() < plan.inflight as usize {
+        let Some(pack) = packed.pop_front() else {
+            break;
+        };
+        let topic = upstream_topic(plan, &pack.key);
+        if let Some((reason, detail)) = undeliverable(plan, &topic, pack.body.len()) {
+            // Only a pack of one can be over the limit (see `Packer::push`'s `cap`).
+            for record in pack.records {
+                dead_letter_one(ctx, record, reason, &detail).await;
+            }
+            continue;
+        }
+        let entry = InFlight::Pack(
+            pack.records
+                .iter()
+                .map(|r| (r.seq, r.msg.received_at))
+                .collect(),
+        );
+        // A pack is never published retained: its parts say whether they were.
+        client
+            .publish_bytes(topic, qos, false, bytes::Bytes::from(pack.body))
+            .await?;
+        window.queued.push_back(entry);
+    }
+    Ok(())
+}
+
+/// Dead-letters a record that can never be delivered; if the file cannot be written it
+/// is counted and logged as lost, since retrying cannot make it deliverable.
+async fn dead_letter_one(
+    ctx: &SinkContext,
+    record: crate::buffer::Record,
+    reason: &'static str,
+    detail: &str,
+) {
+    if ctx
+        .dead_letter(std::slice::from_ref(&record), reason, detail)
+        .await
+        .is_err()
+    {
+        ctx.metrics.undeliverable(reason);
+        ctx.buffer.ack(record.seq);
+    }
 }
 
 /// Why a message with `topic` (as it goes upstream) and a payload of `payload_len` bytes
@@ -468,8 +618,7 @@ fn handle_event(ctx: &SinkContext, window: &mut Window, event: Event) -> bool {
             };
             if pkid == 0 {
                 // QoS 0: written is all the confirmation there will be.
-                ctx.buffer.ack(entry.seq);
-                ctx.metrics.delivered(entry.received_at);
+                entry.confirm(ctx);
                 true
             } else {
                 window.by_pkid.insert(pkid, entry);
@@ -486,8 +635,7 @@ fn confirm(ctx: &SinkContext, window: &mut Window, pkid: u16) -> bool {
     let Some(entry) = window.by_pkid.remove(&pkid) else {
         return false;
     };
-    ctx.buffer.ack(entry.seq);
-    ctx.metrics.delivered(entry.received_at);
+    entry.confirm(ctx);
     true
 }
 
