@@ -305,10 +305,9 @@ topic = "up/{{1}}"
         }
     }
     assert!(
-        gw.eventually(WAIT, |g| g.counter(
-            "edgebridge_buffer_messages",
-            &[("sink", "cloud")]
-        ) == 0.0)
+        gw.eventually(WAIT, |g| g
+            .counter("edgebridge_buffer_messages", &[("sink", "cloud")])
+            == 0.0)
             .await,
         "the buffer empties once the packs are acked"
     );
