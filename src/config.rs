@@ -2805,6 +2805,54 @@ mod tests {
     }
 
     #[test]
+    fn pack_fits_the_profile_payload_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = "mqtts://x-ats.iot.eu-west-1.amazonaws.com";
+        let plan = load_str(&aws_sink(dir.path(), url, "pack = {}"), &[]).expect("valid");
+        let pack = mqtt_plan(&plan).pack.clone().expect("a pack");
+        assert_eq!(pack.max_bytes, 120 * 1024);
+        assert!(plan
+            .describe()
+            .contains("pack=json_array by topic max_bytes=122880"));
+        let e = first_error(&aws_sink(
+            dir.path(),
+            url,
+            "pack = { max_bytes = \"200KiB\" }",
+        ));
+        assert_eq!(
+            e,
+            "sinks.aws.pack.max_bytes: 204800 bytes is over what the upstream takes in one \
+             message (131072 bytes: profile aws-iot's payload limit)"
+        );
+        // Without a profile: max_packet_size less the MQTT framing.
+        let e = first_error(
+            "[sinks.up]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\nmax_packet_size = \"8KiB\"\n\
+             pack = { max_bytes = 8192, fields = [\"topic\", \"colour\"] }\n",
+        );
+        assert!(
+            e.starts_with("sinks.up.pack.fields[1]: unknown variant: found `colour`"),
+            "{e}"
+        );
+        let e = first_error(
+            "[sinks.up]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\nmax_packet_size = \"8KiB\"\n\
+             pack = { max_bytes = 8192 }\n",
+        );
+        assert_eq!(
+            e,
+            "sinks.up.pack.max_bytes: 8192 bytes is over what the upstream takes in one \
+             message (8176 bytes: max_packet_size 8192 minus 16 bytes of MQTT framing)"
+        );
+        let e = first_error(
+            "[sinks.hook]\ntype = \"http\"\nurl = \"http://h/in\"\n\
+             batch = { max_delay = \"1s\" }\npack = { linger = \"1s\" }\n",
+        );
+        assert_eq!(
+            e,
+            "sinks.hook.batch: not used with pack: pack.max_bytes and pack.linger bound a request"
+        );
+    }
+
+    #[test]
     fn kafka_defaults_and_secret_properties() {
         let plan = load_str(
             r#"[sinks.lake]

@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{client_options, publish_seq, stopped_upstream, Collector, Mode, Mosquitto};
+use common::{
+    client_options, publish_seq, publish_seq_with, stopped_upstream, Collector, Mode, Mosquitto,
+};
 use gateway::TestGateway;
 use http::HttpServer;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
@@ -71,11 +73,17 @@ fn payload(part: &Value) -> Payload {
 
 /// Publishes one binary payload to `topic`, QoS 1, and waits for its PUBACK.
 async fn publish_binary(port: u16, topic: &str) {
-    let mut opts = MqttOptions::new("dev-binary", "127.0.0.1", port);
+    publish_one(port, topic, BINARY.to_vec()).await;
+}
+
+/// Publishes `payload` to `topic`, QoS 1, and waits for its PUBACK.
+async fn publish_one(port: u16, topic: &str, payload: Vec<u8>) {
+    let mut opts = MqttOptions::new("dev-one", "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
     client
-        .publish(topic, QoS::AtLeastOnce, false, BINARY.to_vec())
+        .publish(topic, QoS::AtLeastOnce, false, payload)
         .await
         .expect("queue publish");
     let acked = tokio::time::timeout(WAIT, async {
@@ -90,7 +98,7 @@ async fn publish_binary(port: u16, topic: &str) {
         }
     })
     .await;
-    assert!(acked.is_ok(), "the binary message was acked by the gateway");
+    assert!(acked.is_ok(), "the message was acked by the gateway");
 }
 
 /// Devices 0..3 publish their seqs on `{prefix}/d{n}/telemetry`, then one binary payload
@@ -311,6 +319,146 @@ topic = "up/{{1}}"
             .await,
         "the buffer empties once the packs are acked"
     );
+    gw.shutdown().await;
+}
+
+/// Seqs of device 1 in `parts`' JSON payloads, in order.
+fn seqs_of(parts: &[Value]) -> Vec<u64> {
+    parts
+        .iter()
+        .filter_map(|p| p["payload"]["seq"].as_u64())
+        .collect()
+}
+
+/// A message too large for the upstream even alone goes as a pack of one, which is
+/// dead-lettered; the messages around it are packed and delivered in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_too_large_even_alone_is_dead_lettered_and_the_rest_goes_on() {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "dt/#",
+    )
+    .await;
+    let mut gw = TestGateway::start(&format!(
+        r#"
+[sinks.cloud]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{}"
+max_packet_size = "2KiB"
+backoff_min = "50ms"
+backoff_max = "500ms"
+pack = {{ max_bytes = "1KiB", linger = "100ms" }}
+
+[[rules]]
+name = "telemetry"
+from = "factory/+/telemetry"
+to = ["cloud"]
+topic = "dt/{{1}}"
+"#,
+        upstream.port()
+    ))
+    .await;
+    let device = |seqs: std::ops::Range<u64>| {
+        let mut opts = MqttOptions::new("dev-1", "127.0.0.1", gw.port());
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        publish_seq_with(opts, "factory/m1/telemetry", 1, seqs, QoS::AtLeastOnce)
+    };
+    assert_eq!(device(0..50).await, 50);
+    publish_one(gw.port(), "factory/m1/telemetry", vec![b'x'; 3000]).await;
+    assert_eq!(device(50..100).await, 50);
+
+    let delivered = |c: &Collector| -> Vec<u64> {
+        c.messages()
+            .iter()
+            .flat_map(|(_, body)| seqs_of(&parts(body, "json_array")))
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while delivered(&collector).len() < 100 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(delivered(&collector), (0..100).collect::<Vec<u64>>());
+    assert!(
+        collector.len() > 1 && collector.len() < 100,
+        "{} packs",
+        collector.len()
+    );
+    let dead = gw.dead_letters("cloud");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["reason"], "too_large");
+    assert_eq!(dead[0]["topic"], "dt/m1");
+    assert_eq!(dead[0]["payload"].as_str().map(str::len), Some(3000));
+    assert_eq!(
+        gw.counter(
+            "edgebridge_buffer_dropped_total",
+            &[("sink", "cloud"), ("reason", "too_large")]
+        ),
+        1.0
+    );
+    gw.shutdown().await;
+}
+
+/// A pack the HTTP server refuses as the messages' fault (422) is sent again one message
+/// per request: only the message at fault is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http_pack_refused_as_permanent_is_split_to_find_the_message_at_fault() {
+    let server = HttpServer::start().await;
+    // Only seq 7's payload ends in `"seq":7}`.
+    server.refuse_containing("\"seq\":7}", 422);
+    let mut gw = TestGateway::start(&format!(
+        r##"
+[sinks.hook]
+type = "http"
+url = "{}"
+backoff_min = "50ms"
+backoff_max = "500ms"
+pack = {{ linger = "100ms", format = "ndjson" }}
+
+[[rules]]
+name = "all"
+from = "plant/#"
+to = ["hook"]
+"##,
+        server.url("/in")
+    ))
+    .await;
+    let acked = publish_seq(
+        "127.0.0.1",
+        gw.port(),
+        "dev-1",
+        "plant/m1/temp",
+        1,
+        100,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert_eq!(acked, 100);
+    let accepted = |reqs: &[http::Received]| -> Vec<u64> {
+        reqs.iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .flat_map(|r| seqs_of(&parts(&r.body, "ndjson")))
+            .collect()
+    };
+    assert!(
+        server
+            .wait_for(WAIT, |reqs| accepted(reqs).len() >= 99)
+            .await,
+        "accepted {:?}",
+        accepted(&server.received())
+    );
+    let expected: Vec<u64> = (0..100).filter(|s| *s != 7).collect();
+    assert_eq!(accepted(&server.received()), expected);
+    assert!(
+        gw.eventually(WAIT, |g| g.dead_letters("hook").len() == 1)
+            .await,
+        "seq 7 is dead-lettered"
+    );
+    let dead = gw.dead_letters("hook");
+    assert_eq!(dead[0]["reason"], "http_422");
+    assert_eq!(dead[0]["payload"], "{\"device\":1,\"seq\":7}");
+    let refused = server.received().iter().filter(|r| r.status == 422).count();
+    assert_eq!(refused, 2, "the pack, then seq 7 alone");
     gw.shutdown().await;
 }
 

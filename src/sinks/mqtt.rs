@@ -324,15 +324,15 @@ async fn connection(
         let room = window_size.saturating_sub(window.len());
         // Refill the window in chunks, not one record per PUBACK: each read takes the
         // buffer's lock and a read call.
-        let refill = renewing.is_none()
-            && packed.is_empty()
-            && room > 0
-            && (room >= refill_at || window.len() == 0);
-        // Packing reads whole batches: many records make one publish.
-        let read = if packer.is_some() {
-            ctx.batch
-        } else {
-            room.min(ctx.batch)
+        // Packing reads whole batches (many records make one publish), and reads on while
+        // the window is full, so that open packs fill up instead of lingering out half
+        // empty; a full pack waiting in `packed` stops the reading.
+        let (refill, read) = match packer {
+            Some(_) => (renewing.is_none() && packed.is_empty(), ctx.batch),
+            None => (
+                renewing.is_none() && room > 0 && (room >= refill_at || window.len() == 0),
+                room.min(ctx.batch),
+            ),
         };
         let linger = packer.as_ref().and_then(|p| p.next_deadline());
         tokio::select! {

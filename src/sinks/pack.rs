@@ -16,7 +16,9 @@
 //!   or less where the upstream's packet limit leaves less room next to the topic);
 //! - `linger` has passed since its first message was read from the buffer. The worker
 //!   reads on while the buffer has more to give, so during a drain packs fill up to
-//!   `max_bytes` long before; linger only waits for more while the buffer is empty;
+//!   `max_bytes` long before: in effect linger waits for more only while the buffer has
+//!   nothing more to give. It stays a hard bound: an unsent message keeps its segment on
+//!   disk, and after a crash is resent with everything behind it;
 //! - a new topic needs a pack while `max_open` are open: the oldest closes (this bounds
 //!   the memory held in open packs to `max_open × max_bytes`).
 //!
