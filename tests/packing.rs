@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::{
-    client_options, publish_seq, publish_seq_with, stopped_upstream, Collector, Mode, Mosquitto,
+    check_sequences, client_options, publish_seq, publish_seq_with, stopped_upstream, Collector,
+    Mode, Mosquitto, Msg,
 };
 use gateway::TestGateway;
 use http::HttpServer;
@@ -319,6 +320,107 @@ topic = "up/{{1}}"
             .await,
         "the buffer empties once the packs are acked"
     );
+    gw.shutdown().await;
+}
+
+/// The upstream stops and starts again while a device publishes a steady stream: packs
+/// that were not confirmed are read again from the buffer and packed anew; every message
+/// arrives, in order (a duplicate only as a resent tail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_restart_resends_unconfirmed_packs_without_loss() {
+    let mut upstream = Mosquitto::start_with(Mode::Plain, true);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "dt/#",
+    )
+    .await;
+    let mut gw = TestGateway::start(&format!(
+        r#"
+[sinks.cloud]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{}"
+backoff_min = "50ms"
+backoff_max = "500ms"
+pack = {{ max_bytes = "2KiB", linger = "50ms" }}
+
+[[rules]]
+name = "telemetry"
+from = "factory/+/telemetry"
+to = ["cloud"]
+topic = "dt/{{1}}"
+"#,
+        upstream.port()
+    ))
+    .await;
+    let port = gw.port();
+    let total = 3_000u64;
+    let stream = tokio::spawn(async move {
+        let mut opts = client_options("steady", port, Mode::Plain);
+        opts.set_clean_session(false);
+        // ~500 msg/s for 6 s, in chunks, so the outage falls in the middle of the stream.
+        let mut acked = 0;
+        for chunk in 0..30u64 {
+            let seqs = chunk * 100..(chunk + 1) * 100;
+            acked += publish_seq_with(
+                opts.clone(),
+                "factory/steady/telemetry",
+                7,
+                seqs,
+                QoS::AtLeastOnce,
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    upstream.terminate();
+    assert!(
+        gw.eventually(WAIT, |g| g
+            .counter("edgebridge_sink_up", &[("sink", "cloud")])
+            == 0.0)
+            .await,
+        "the sink goes down with its upstream"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    upstream.restart();
+    assert_eq!(stream.await.expect("publisher"), total);
+
+    // Each part as the device message it stands for.
+    let unpacked = |c: &Collector| -> Vec<Msg> {
+        c.messages()
+            .iter()
+            .flat_map(|(topic, body)| {
+                parts(body, "json_array")
+                    .into_iter()
+                    .map(|p| (topic.clone(), serde_json::to_vec(&p["payload"]).unwrap()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let unique = |c: &Collector| {
+        check_sequences(&unpacked(c))
+            .per_device_count
+            .get(&7)
+            .copied()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while unique(&collector) != Some(total) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = check_sequences(&unpacked(&collector));
+    assert_eq!(report.per_device_count.get(&7), Some(&total), "{report:?}");
+    assert_eq!(
+        (report.missing, report.out_of_order, report.unparsed),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert!(
+        collector.len() < total as usize / 5,
+        "{} packs",
+        collector.len()
+    );
+    println!("restart with packing: {} duplicates", report.duplicates);
     gw.shutdown().await;
 }
 
