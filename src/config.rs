@@ -27,6 +27,7 @@ use crate::sinks::failover::{self, Endpoint};
 use crate::sinks::http::{HttpPlan, HttpSinkSection};
 use crate::sinks::kafka::{KafkaPlan, KafkaSinkSection};
 use crate::sinks::pacing::Rate;
+use crate::sinks::pack::{PackPlan, PackSection, PayloadLimit};
 
 /// One problem with the configuration, named by its key path (`sinks.cloud.url`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -498,6 +499,9 @@ pub struct MqttSinkSection {
     /// Pacing per connection; the `aws-iot` profile defaults it to AWS's limits.
     #[serde(default)]
     pub rate: Option<RateSection>,
+    /// Combine messages of one upstream topic into one publish (`sinks::pack`).
+    #[serde(default)]
+    pub pack: Option<PackSection>,
     #[serde(default)]
     pub buffer: BufferSection,
 }
@@ -980,7 +984,15 @@ fn figment_errors(error: figment::Error) -> ConfigErrors {
 /// `["listeners", "0", "bind"]` → `listeners[0].bind`; only after the keys that hold
 /// arrays, since a sink may well be called `0`.
 fn render_path(segments: &[String]) -> String {
-    const ARRAYS: [&str; 6] = ["listeners", "rules", "to", "alpn", "downlinks", "url"];
+    const ARRAYS: [&str; 7] = [
+        "listeners",
+        "rules",
+        "to",
+        "alpn",
+        "downlinks",
+        "url",
+        "fields",
+    ];
     let mut out = String::new();
     let mut previous: Option<&str> = None;
     for segment in segments.iter().filter(|s| !s.is_empty()) {
@@ -1139,6 +1151,17 @@ pub enum SinkKindPlan {
     File(FilePlan),
 }
 
+impl SinkKindPlan {
+    /// How the sink packs messages, if it does (`pack = { ... }`).
+    pub fn pack(&self) -> Option<&PackPlan> {
+        match self {
+            SinkKindPlan::Mqtt(m) => m.pack.as_ref(),
+            SinkKindPlan::Http(h) => h.pack.as_ref(),
+            SinkKindPlan::Kafka(_) | SinkKindPlan::File(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MqttPlan {
     /// The endpoint a connection goes to: as validated, the first of `endpoints` (the
@@ -1179,6 +1202,8 @@ pub struct MqttPlan {
     pub azure_events: Option<AzureEvents>,
     /// One line per profile decision, printed by `edgebridge check`.
     pub notes: Vec<String>,
+    /// Messages of one upstream topic combined into one publish.
+    pub pack: Option<PackPlan>,
 }
 
 impl MqttPlan {
@@ -2310,6 +2335,34 @@ fn validate_mqtt(
         // Room for the topic (with Azure's properties) and the framing.
         max_packet_size = max_packet_size.max(limit + 16 * 1024);
     }
+    let pack = match &m.pack {
+        Some(section) => {
+            // The pack is the payload: it must fit the profile's payload limit and the
+            // packet next to the MQTT framing (the topic's length is left to the sink).
+            let framing = crate::sinks::mqtt::PUBLISH_OVERHEAD;
+            let packet = max_packet_size.saturating_sub(framing);
+            let limit = match max_payload {
+                Some(l) if l <= packet => PayloadLimit {
+                    bytes: l,
+                    why: format!(
+                        "profile {}'s payload limit",
+                        m.profile.map_or("", |p| p.name())
+                    ),
+                },
+                _ => PayloadLimit {
+                    bytes: packet,
+                    why: format!(
+                        "max_packet_size {max_packet_size} minus {framing} bytes of MQTT framing"
+                    ),
+                },
+            };
+            let plan =
+                crate::sinks::pack::validate(&format!("{path}.pack"), section, Some(&limit), err);
+            ok &= plan.is_some();
+            plan
+        }
+        None => None,
+    };
     if m.keep_alive.0 < Duration::from_secs(5) || m.keep_alive.0 > Duration::from_secs(65535) {
         err(
             format!("{path}.keep_alive"),
@@ -2350,7 +2403,10 @@ fn validate_mqtt(
     } else if client_ids.len() > 1 && azure {
         Some("Azure IoT Hub allows one connection per device identity".to_string())
     } else if client_ids.len() > 1 && endpoints.len() > 1 {
-        Some("several connections with a url list (failover) are not supported: use one of them".to_string())
+        Some(
+            "several connections with a url list (failover) are not supported: use one of them"
+                .to_string(),
+        )
     } else if client_ids.iter().any(|c| c.is_empty()) {
         Some("a client id must not be empty".to_string())
     } else if client_ids.iter().collect::<HashSet<_>>().len() != client_ids.len() {
@@ -2393,6 +2449,7 @@ fn validate_mqtt(
         sas,
         azure_events,
         notes,
+        pack,
     })
 }
 
@@ -2532,9 +2589,14 @@ impl Plan {
                         [one] => one.clone(),
                         many => format!("[{}]", many.join(", ")),
                     };
+                    let pack = m
+                        .pack
+                        .as_ref()
+                        .map(|p| format!(" {}", p.describe()))
+                        .unwrap_or_default();
                     let _ = writeln!(
                         out,
-                        "  {} mqtt {url}{profile} client_id={} qos={}{auth}{tls}; {buffer}",
+                        "  {} mqtt {url}{profile} client_id={} qos={}{auth}{tls}{pack}; {buffer}",
                         s.name,
                         match m.client_ids.as_slice() {
                             [one] => one.clone(),
@@ -3292,6 +3354,54 @@ mod tests {
             SinkKindPlan::Mqtt(m) => m,
             _ => panic!("not an mqtt sink"),
         }
+    }
+
+    #[test]
+    fn pack_fits_the_profile_payload_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = "mqtts://x-ats.iot.eu-west-1.amazonaws.com";
+        let plan = load_str(&aws_sink(dir.path(), url, "pack = {}"), &[]).expect("valid");
+        let pack = mqtt_plan(&plan).pack.clone().expect("a pack");
+        assert_eq!(pack.max_bytes, 120 * 1024);
+        assert!(plan
+            .describe()
+            .contains("pack=json_array by topic max_bytes=122880"));
+        let e = first_error(&aws_sink(
+            dir.path(),
+            url,
+            "pack = { max_bytes = \"200KiB\" }",
+        ));
+        assert_eq!(
+            e,
+            "sinks.aws.pack.max_bytes: 204800 bytes is over what the upstream takes in one \
+             message (131072 bytes: profile aws-iot's payload limit)"
+        );
+        // Without a profile: max_packet_size less the MQTT framing.
+        let e = first_error(
+            "[sinks.up]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\nmax_packet_size = \"8KiB\"\n\
+             pack = { max_bytes = 8192, fields = [\"topic\", \"colour\"] }\n",
+        );
+        assert!(
+            e.starts_with("sinks.up.pack.fields[1]: unknown variant: found `colour`"),
+            "{e}"
+        );
+        let e = first_error(
+            "[sinks.up]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\nmax_packet_size = \"8KiB\"\n\
+             pack = { max_bytes = 8192 }\n",
+        );
+        assert_eq!(
+            e,
+            "sinks.up.pack.max_bytes: 8192 bytes is over what the upstream takes in one \
+             message (8176 bytes: max_packet_size 8192 minus 16 bytes of MQTT framing)"
+        );
+        let e = first_error(
+            "[sinks.hook]\ntype = \"http\"\nurl = \"http://h/in\"\n\
+             batch = { max_delay = \"1s\" }\npack = { linger = \"1s\" }\n",
+        );
+        assert_eq!(
+            e,
+            "sinks.hook.batch: not used with pack: pack.max_bytes and pack.linger bound a request"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `edgebridge rules test`: runs one made-up message through the rules of a plan and
-//! says what each rule made of it and what each sink would get. Touches no buffer, no
-//! network and no metric of a running gateway.
+//! says what each rule made of it and what each sink would get (and, for a sink with
+//! `pack`, the pack it would join and its part there). Touches no buffer, no network and
+//! no metric of a running gateway.
 
 use std::fmt::Write;
 
@@ -92,9 +93,23 @@ fn describe_route(out: &mut String, plan: &Plan, msg: &Message, route: &Route) {
             base64::engine::general_purpose::STANDARD.encode(payload)
         ),
     };
-    let _ = writeln!(
-        out,
-        "sink {}: topic {topic:?} {shown}",
-        plan.sinks[route.sink].name
-    );
+    let sink = &plan.sinks[route.sink];
+    let _ = writeln!(out, "sink {}: topic {topic:?} {shown}", sink.name);
+    if let Some(pack) = sink.kind.pack() {
+        let mut part = Vec::new();
+        let routed = Message {
+            topic: topic.to_string(),
+            payload: payload.clone(),
+            ..msg.clone()
+        };
+        pack.encode_part(&routed, &mut part);
+        let _ = writeln!(
+            out,
+            "  packed: with the other messages for topic {topic:?} into one {} message of at most {} bytes (linger {}); its part: {}",
+            pack.format.name(),
+            pack.max_bytes,
+            humantime::format_duration(pack.linger),
+            String::from_utf8_lossy(&part).trim_end()
+        );
+    }
 }

@@ -18,6 +18,10 @@
 //! Every request carries `Idempotency-Key`: `<gateway>-<sink>-<seq>` for one message,
 //! `<gateway>-<sink>-<first>-<last>` for a batch (a memory buffer adds a per-start
 //! token, as its sequence numbers restart). The same id is each message's `id` field.
+//!
+//! With `pack` (`sinks::pack`) a request is one pack instead: messages of one topic,
+//! closed by size, linger or the open-pack limit, sent in the order packs close (so in
+//! buffer order per topic); its URL and headers are rendered from that topic.
 
 mod body;
 pub mod config;
@@ -33,6 +37,7 @@ use tracing::{info, warn};
 
 pub use config::{HttpPlan, HttpSinkSection};
 
+use super::pack::{self, Pack, PackPlan, Packer};
 use super::{Backoff, Pacer, SinkContext};
 use crate::buffer::Record;
 use crate::rules::{level_ranges, TemplateVars};
@@ -355,6 +360,9 @@ async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
         )
     };
     info!(sink = %ctx.name, url = %redact_url(plan.url.source()), format = ?plan.format, "HTTP sink started");
+    if let Some(pack) = &plan.pack {
+        return serve_packed(plan, ctx, &client, &mut backoff, &key_prefix, pack).await;
+    }
 
     let mut pending: VecDeque<Record> = VecDeque::new();
     let mut pacer = ctx.pacer();
@@ -392,6 +400,118 @@ async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
             Delivery::Stopped => return,
         }
     }
+}
+
+/// Open packs at once: bounds what waits in memory to this many × `pack.max_bytes`.
+const MAX_OPEN_PACKS: usize = 64;
+
+/// Delivers packs until shutdown: one request per pack, one request at a time.
+async fn serve_packed(
+    plan: &HttpPlan,
+    ctx: &SinkContext,
+    client: &reqwest::Client,
+    backoff: &mut Backoff,
+    key_prefix: &str,
+    pack_plan: &PackPlan,
+) {
+    let mut packer = Packer::new(pack_plan.clone(), MAX_OPEN_PACKS);
+    let mut ready: VecDeque<Pack> = VecDeque::new();
+    // Pacing counts requests: one per pack.
+    let mut pacer = ctx.pacer();
+    loop {
+        while ready.is_empty() {
+            let linger = packer.next_deadline();
+            tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => return,
+                _ = pack::linger_until(linger), if linger.is_some() => {
+                    packer.close_due(Instant::now(), &mut ready);
+                }
+                batch = ctx.buffer.read_batch(ctx.batch) => {
+                    let now = Instant::now();
+                    for record in batch {
+                        packer.push(record, usize::MAX, now, &mut ready);
+                    }
+                }
+            }
+        }
+        let Some(pack) = ready.pop_front() else {
+            continue;
+        };
+        let records = match deliver_pack(
+            plan,
+            ctx,
+            client,
+            backoff,
+            key_prefix,
+            pack,
+            pacer.as_mut(),
+        )
+        .await
+        {
+            Delivery::Done => continue,
+            Delivery::Stopped => return,
+            Delivery::Split(records) => records,
+        };
+        // Refused as the messages' fault: send them one by one so that only the one at
+        // fault is dead-lettered; the rest of this topic waits behind them.
+        for record in records {
+            let single = pack_plan.single(record);
+            match deliver_pack(
+                plan,
+                ctx,
+                client,
+                backoff,
+                key_prefix,
+                single,
+                pacer.as_mut(),
+            )
+            .await
+            {
+                Delivery::Stopped => return,
+                Delivery::Done | Delivery::Split(_) => {}
+            }
+        }
+    }
+}
+
+/// Sends one pack as a request until it is delivered or dead-lettered.
+async fn deliver_pack(
+    plan: &HttpPlan,
+    ctx: &SinkContext,
+    client: &reqwest::Client,
+    backoff: &mut Backoff,
+    key_prefix: &str,
+    pack: Pack,
+    pacer: Option<&mut Pacer>,
+) -> Delivery {
+    let target = match render_target(plan, &pack.key) {
+        Ok(t) => t,
+        Err(problem) => {
+            while ctx
+                .dead_letter(&pack.records, "invalid_request", &problem)
+                .await
+                .is_err()
+            {
+                if ctx.sleep_or_stop(backoff.next_delay()).await {
+                    return Delivery::Stopped;
+                }
+            }
+            return Delivery::Done;
+        }
+    };
+    let key = match pack.records.as_slice() {
+        [one] => format!("{key_prefix}-{}", one.seq),
+        [first, .., last] => format!("{key_prefix}-{}-{}", first.seq, last.seq),
+        [] => return Delivery::Done,
+    };
+    let request = Request {
+        records: pack.records,
+        target,
+        body: pack.body,
+        key,
+    };
+    deliver(plan, ctx, client, backoff, pacer, request).await
 }
 
 /// Reads from the buffer into `pending`: waits for at least one record, then (batch

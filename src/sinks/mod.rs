@@ -15,6 +15,7 @@ pub mod http;
 pub mod kafka;
 pub mod mqtt;
 pub mod pacing;
+pub mod pack;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

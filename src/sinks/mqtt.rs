@@ -38,6 +38,11 @@
 //! connection. After `failover_after` failed attempts in a row it moves to the next one;
 //! while not on the first, a background probe checks the first, and once it answers the
 //! connection closes the way a SAS renewal does and the next one goes to the first.
+//!
+//! Packing (`pack = { ... }`, `sinks::pack`): records go through a [`Packer`] and each
+//! closed pack is one publish; its PUBACK acks every record in it. Open packs belong to
+//! the connection: after a reconnect the rewind reads their records again. Pacing applies
+//! to what goes on the wire: a pack is one paced publish.
 
 mod connections;
 
@@ -57,6 +62,7 @@ use tracing::{info, warn};
 
 use super::cloud::{self, CloudProfile};
 use super::failover::{self, Endpoints, Probe, Switch};
+use super::pack::{self, Pack, Packer};
 use super::{sleep_until_some, Backoff, SinkContext};
 use crate::buffer::{Buffer, Record};
 use crate::config::MqttPlan;
@@ -64,7 +70,7 @@ use crate::rules::downlink::DownlinkTap;
 
 /// Bytes of MQTT framing around topic and payload in a PUBLISH (fixed header, lengths,
 /// packet id), rounded up.
-const PUBLISH_OVERHEAD: usize = 16;
+pub const PUBLISH_OVERHEAD: usize = 16;
 
 /// A cloud profile's upstream closing the connection within this time after CONNACK is
 /// reported as `reason="closed_after_connack"` with what it usually means. For any
@@ -142,11 +148,34 @@ fn options(plan: &MqttPlan) -> Result<(MqttOptions, Option<Duration>), String> {
     Ok((opts, renew_in))
 }
 
-/// A record handed to rumqttc, waiting for its packet id or its acknowledgement.
-#[derive(Clone, Copy)]
-struct InFlight {
-    seq: u64,
-    received_at: u64,
+/// A publish handed to rumqttc, waiting for its packet id or its acknowledgement: one
+/// record, or the records of a pack, acked together.
+#[derive(Clone)]
+enum InFlight {
+    One {
+        seq: u64,
+        received_at: u64,
+    },
+    /// `(seq, received_at)` of each record in the pack.
+    Pack(Vec<(u64, u64)>),
+}
+
+impl InFlight {
+    /// The upstream confirmed it: acks its records and counts each as delivered.
+    fn confirm(&self, ctx: &SinkContext) {
+        match self {
+            InFlight::One { seq, received_at } => {
+                ctx.buffer.ack(*seq);
+                ctx.metrics.delivered(*received_at);
+            }
+            InFlight::Pack(records) => {
+                for &(seq, received_at) in records {
+                    ctx.buffer.ack(seq);
+                    ctx.metrics.delivered(received_at);
+                }
+            }
+        }
+    }
 }
 
 /// One connection's bookkeeping; dropped with the connection.
@@ -164,11 +193,11 @@ impl Window {
     }
 }
 
-/// A record read from the buffer, checked deliverable, waiting for the pacer before it
-/// is handed to rumqttc. Not in the window: a paced wait is not a missing ack.
+/// A record (or a closed pack) read from the buffer, checked deliverable, waiting for the
+/// pacer and for room in the window before it is handed to rumqttc. Not in the window: a
+/// paced wait is not a missing ack.
 struct Ready {
-    seq: u64,
-    received_at: u64,
+    entry: InFlight,
     topic: String,
     payload: bytes::Bytes,
     retain: bool,
@@ -448,6 +477,9 @@ async fn connection(
         tokio::time::interval((plan.ack_timeout / 4).max(Duration::from_millis(100)));
     ack_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let upstream = format!("{}:{}", plan.host, plan.port);
+    // With `pack`: open packs, and closed ones on their way to `ready`.
+    let mut packer = plan.pack.clone().map(|p| Packer::new(p, window_size));
+    let mut packed: VecDeque<Pack> = VecDeque::new();
     let (mut events, driver) = drive(eventloop, ctx.downlink.clone());
     let outcome = loop {
         if let Some(deadline) = renewing {
@@ -459,11 +491,23 @@ async fn connection(
         let room = window_size.saturating_sub(window.len() + ready.len());
         // Refill the window in chunks, not one record per PUBACK: each read takes the
         // buffer's lock and a read call.
-        let refill = renewing.is_none()
-            && room > 0
-            && (room >= refill_at || window.len() + ready.len() == 0);
-        // When the pacer lets the next ready record go (`None`: nothing waits).
+        // Packing reads whole batches (many records make one publish), and reads on while
+        // the window is full, so that open packs fill up instead of lingering out half
+        // empty; a closed pack waiting in `ready` stops the reading.
+        let (refill, read) = match packer {
+            Some(_) => (renewing.is_none() && ready.is_empty(), ctx.batch),
+            None => (
+                renewing.is_none()
+                    && room > 0
+                    && (room >= refill_at || window.len() + ready.len() == 0),
+                room.min(ctx.batch),
+            ),
+        };
+        let linger = packer.as_ref().and_then(|p| p.next_deadline());
+        // When the pacer lets the next ready publish go (`None`: nothing waits, or the
+        // window is full and an ack comes first).
         let paced_until = match (ready.front(), pacer.as_mut()) {
+            _ if window.len() >= window_size => None,
             (Some(next), Some(p)) => Some(p.ready_at(next.wire_bytes(), Instant::now())),
             (Some(_), None) => Some(Instant::now()),
             (None, _) => None,
@@ -557,9 +601,21 @@ async fn connection(
                     break Outcome::Reconnect;
                 }
             }
-            batch = feed.source.read_batch(&ctx.buffer, room.min(ctx.batch)), if connected && refill => {
-                stage(plan, ctx, batch, &mut ready).await;
-                let sent = publish_ready(client, qos, &mut ready, &mut window, pacer.as_mut(), &mut last_progress).await;
+            _ = pack::linger_until(linger), if linger.is_some() && renewing.is_none() => {
+                if let Some(packer) = &mut packer {
+                    packer.close_due(Instant::now(), &mut packed);
+                }
+                stage_packs(plan, ctx, &mut packed, &mut ready).await;
+            }
+            batch = feed.source.read_batch(&ctx.buffer, read), if connected && refill => {
+                match &mut packer {
+                    Some(packer) => {
+                        pack_batch(plan, ctx, packer, batch, &mut packed).await;
+                        stage_packs(plan, ctx, &mut packed, &mut ready).await;
+                    }
+                    None => stage(plan, ctx, batch, &mut ready).await,
+                }
+                let sent = publish_ready(client, qos, &mut ready, &mut window, window_size, pacer.as_mut(), &mut last_progress).await;
                 if sent.is_err() {
                     // The event loop is gone: its error is next in `events` (or it was
                     // aborted); nothing of this batch was acked, the rewind resends it.
@@ -570,7 +626,7 @@ async fn connection(
             // The pacer's wait is a branch of its own, so acks, shutdown and the half-open
             // check go on while it holds records back.
             _ = sleep_until_some(paced_until), if connected && renewing.is_none() && paced_until.is_some() => {
-                let sent = publish_ready(client, qos, &mut ready, &mut window, pacer.as_mut(), &mut last_progress).await;
+                let sent = publish_ready(client, qos, &mut ready, &mut window, window_size, pacer.as_mut(), &mut last_progress).await;
                 if sent.is_err() {
                     ctx.metrics.mark_down("closed", &format!("{upstream}: the connection closed"));
                     break Outcome::Reconnect;
@@ -592,28 +648,17 @@ async fn stage(
     ready: &mut VecDeque<Ready>,
 ) {
     for record in batch {
-        let msg = &record.msg;
-        let topic = match &plan.azure_events {
-            Some(events) => events.topic_for(&msg.topic),
-            None => msg.topic.clone(),
-        };
-        let undeliverable = undeliverable(plan, &topic, msg.payload.len());
-        if let Some((reason, detail)) = undeliverable {
-            if ctx
-                .dead_letter(std::slice::from_ref(&record), reason, &detail)
-                .await
-                .is_err()
-            {
-                // Retrying cannot make it deliverable; it is counted and logged as lost.
-                ctx.metrics.undeliverable(reason);
-                ctx.buffer.ack(record.seq);
-            }
+        let topic = upstream_topic(plan, &record.msg.topic);
+        if let Some((reason, detail)) = undeliverable(plan, &topic, record.msg.payload.len()) {
+            dead_letter_one(ctx, record, reason, &detail).await;
             continue;
         }
         let msg = record.msg;
         ready.push_back(Ready {
-            seq: record.seq,
-            received_at: msg.received_at,
+            entry: InFlight::One {
+                seq: record.seq,
+                received_at: msg.received_at,
+            },
             topic,
             payload: msg.payload,
             retain: msg.retain && plan.forward_retain,
@@ -621,18 +666,54 @@ async fn stage(
     }
 }
 
-/// Hands rumqttc the ready records the pacer lets go now (all of them without a pacer).
-/// The window becoming non-empty starts the ack timeout (`last_progress`). An `Err` means
-/// the connection is gone.
+/// Queues closed packs in `ready`. A pack of one message that is too large for the
+/// upstream is dead-lettered instead (only a pack of one can be: see `Packer::push`).
+async fn stage_packs(
+    plan: &MqttPlan,
+    ctx: &SinkContext,
+    packed: &mut VecDeque<Pack>,
+    ready: &mut VecDeque<Ready>,
+) {
+    while let Some(pack) = packed.pop_front() {
+        let topic = upstream_topic(plan, &pack.key);
+        if let Some((reason, detail)) = undeliverable(plan, &topic, pack.body.len()) {
+            for record in pack.records {
+                dead_letter_one(ctx, record, reason, &detail).await;
+            }
+            continue;
+        }
+        let entry = InFlight::Pack(
+            pack.records
+                .iter()
+                .map(|r| (r.seq, r.msg.received_at))
+                .collect(),
+        );
+        // A pack is never published retained: its parts say whether they were.
+        ready.push_back(Ready {
+            entry,
+            topic,
+            payload: bytes::Bytes::from(pack.body),
+            retain: false,
+        });
+    }
+}
+
+/// Hands rumqttc the ready publishes the pacer lets go now (all of them without a pacer)
+/// while the window has room. The window becoming non-empty starts the ack timeout
+/// (`last_progress`). An `Err` means the connection is gone.
 async fn publish_ready(
     client: &AsyncClient,
     qos: QoS,
     ready: &mut VecDeque<Ready>,
     window: &mut Window,
+    window_size: usize,
     mut pacer: Option<&mut super::Pacer>,
     last_progress: &mut Instant,
 ) -> Result<(), rumqttc::ClientError> {
     while let Some(next) = ready.front() {
+        if window.len() >= window_size {
+            break;
+        }
         if let Some(p) = pacer.as_deref_mut() {
             if !p.try_acquire(next.wire_bytes(), Instant::now()) {
                 break;
@@ -645,12 +726,59 @@ async fn publish_ready(
         client
             .publish_bytes(next.topic, qos, next.retain, next.payload)
             .await?;
-        window.queued.push_back(InFlight {
-            seq: next.seq,
-            received_at: next.received_at,
-        });
+        window.queued.push_back(next.entry);
     }
     Ok(())
+}
+
+/// The upstream topic of a message (or pack) whose topic in the buffer is `topic`.
+fn upstream_topic(plan: &MqttPlan, topic: &str) -> String {
+    match &plan.azure_events {
+        Some(events) => events.topic_for(topic),
+        None => topic.to_string(),
+    }
+}
+
+/// Adds a batch to the open packs; closed ones go to `packed`. A record whose topic can
+/// never be published is dead-lettered here, before it joins a pack.
+async fn pack_batch(
+    plan: &MqttPlan,
+    ctx: &SinkContext,
+    packer: &mut Packer,
+    batch: Vec<crate::buffer::Record>,
+    packed: &mut VecDeque<Pack>,
+) {
+    let now = Instant::now();
+    for record in batch {
+        let topic = upstream_topic(plan, &record.msg.topic);
+        if let Some((reason, detail)) = undeliverable(plan, &topic, 0) {
+            dead_letter_one(ctx, record, reason, &detail).await;
+            continue;
+        }
+        // What the packet limit leaves for the payload next to this topic.
+        let cap = plan
+            .max_packet_size
+            .saturating_sub(topic.len() + PUBLISH_OVERHEAD);
+        packer.push(record, cap, now, packed);
+    }
+}
+
+/// Dead-letters a record that can never be delivered; if the file cannot be written it
+/// is counted and logged as lost, since retrying cannot make it deliverable.
+async fn dead_letter_one(
+    ctx: &SinkContext,
+    record: crate::buffer::Record,
+    reason: &'static str,
+    detail: &str,
+) {
+    if ctx
+        .dead_letter(std::slice::from_ref(&record), reason, detail)
+        .await
+        .is_err()
+    {
+        ctx.metrics.undeliverable(reason);
+        ctx.buffer.ack(record.seq);
+    }
 }
 
 /// Why a message with `topic` (as it goes upstream) and a payload of `payload_len` bytes
@@ -699,8 +827,7 @@ fn handle_event(ctx: &SinkContext, window: &mut Window, event: Event) -> bool {
             };
             if pkid == 0 {
                 // QoS 0: written is all the confirmation there will be.
-                ctx.buffer.ack(entry.seq);
-                ctx.metrics.delivered(entry.received_at);
+                entry.confirm(ctx);
                 true
             } else {
                 window.by_pkid.insert(pkid, entry);
@@ -717,8 +844,7 @@ fn confirm(ctx: &SinkContext, window: &mut Window, pkid: u16) -> bool {
     let Some(entry) = window.by_pkid.remove(&pkid) else {
         return false;
     };
-    ctx.buffer.ack(entry.seq);
-    ctx.metrics.delivered(entry.received_at);
+    entry.confirm(ctx);
     true
 }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{BufferSection, ByteSize, HumanDuration, RateSection};
 use crate::rules::{Template, TemplateScope};
+use crate::sinks::pack::{PackPlan, PackSection};
 
 /// `[sinks.NAME]` with `type = "http"`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -60,6 +61,10 @@ pub struct HttpSinkSection {
     /// Pacing of what goes on the wire (see `sinks::pacing`).
     #[serde(default)]
     pub rate: Option<RateSection>,
+    /// Combine messages of one topic into one request body (`sinks::pack`); replaces
+    /// `format` and `batch`.
+    #[serde(default)]
+    pub pack: Option<PackSection>,
     #[serde(default)]
     pub buffer: BufferSection,
 }
@@ -157,6 +162,8 @@ pub struct HttpPlan {
     pub idempotency_key: bool,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Each request is one pack of messages of one topic.
+    pub pack: Option<PackPlan>,
 }
 
 #[derive(Debug, Clone)]
@@ -396,6 +403,35 @@ pub fn validate(
         ok = false;
     }
     ok &= crate::config::check_backoff(path, s.backoff_min, s.backoff_max, err);
+    let pack = match &s.pack {
+        Some(section) => {
+            // A pack is the whole body: the batch keys and the body format would only
+            // mislead, so they are refused rather than ignored.
+            if s.format != BodyFormat::Json {
+                err(
+                    format!("{path}.format"),
+                    "not used with pack: pack.format decides the body".into(),
+                );
+                ok = false;
+            }
+            let b = &s.batch;
+            if b.max_messages.is_some() || b.max_bytes.is_some() || b.max_delay.is_some() {
+                err(
+                    format!("{path}.batch"),
+                    "not used with pack: pack.max_bytes and pack.linger bound a request".into(),
+                );
+                ok = false;
+            }
+            let plan = crate::sinks::pack::validate(&format!("{path}.pack"), section, None, err);
+            ok &= plan.is_some();
+            plan
+        }
+        None => None,
+    };
+    let content_type = match &pack {
+        Some(p) => p.format.content_type().to_string(),
+        None => content_type,
+    };
 
     if !ok {
         return None;
@@ -419,6 +455,7 @@ pub fn validate(
         idempotency_key: s.idempotency_key,
         backoff_min: s.backoff_min.0,
         backoff_max: s.backoff_max.0,
+        pack,
     })
 }
 
@@ -456,14 +493,20 @@ impl HttpPlan {
             ),
             None => String::new(),
         };
+        let body = match &self.pack {
+            Some(p) => p.describe(),
+            None => format!(
+                "format={:?} batch={}/{}B/{}",
+                self.format,
+                self.max_messages,
+                self.max_bytes,
+                humantime::format_duration(self.max_delay),
+            ),
+        };
         format!(
-            "{:?} {} format={:?} batch={}/{}B/{}{auth}{headers}{tls} timeout={}",
+            "{:?} {} {body}{auth}{headers}{tls} timeout={}",
             self.method,
             redact_url(self.url.source()),
-            self.format,
-            self.max_messages,
-            self.max_bytes,
-            humantime::format_duration(self.max_delay),
             humantime::format_duration(self.timeout),
         )
     }
