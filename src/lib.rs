@@ -22,7 +22,7 @@
 //!   downlinks ([`rules::downlink`]) and the dry run ([`rules::dry_run`]).
 //! - [`buffer`]: the per-sink buffer (append / read batch / ack / rewind).
 //! - [`sinks`]: one worker per sink: [`sinks::mqtt`], [`sinks::http`], [`sinks::kafka`],
-//!   [`sinks::file`].
+//!   [`sinks::file`]; each paces what it sends with [`sinks::pacing`] when it has a `rate`.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/v1/status` and the status page.
 //! - [`app`]: start-up, reload (SIGHUP) and shutdown order.
 
