@@ -317,3 +317,63 @@ async fn file_sink_writes_50_lines_per_second() {
     assert_eq!(seqs, (0..total).collect::<Vec<_>>(), "once each, in order");
     gw.shutdown().await;
 }
+
+/// A paced wait is neither a missing acknowledgement nor something shutdown waits for:
+/// with `ack_timeout = "1s"` and 5 messages/s nothing times out, shutdown ends while a
+/// backlog is held back, and what was held back is delivered after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paced_wait_is_not_a_missing_ack_and_shutdown_does_not_wait_for_it() {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "dt/#",
+    )
+    .await;
+    let paced = paced_sink(upstream.port(), "{ messages = 5 }")
+        .replace("rate = {", "ack_timeout = \"1s\"\nrate = {");
+    let mut gw = TestGateway::start(&paced).await;
+    let total = 100u64;
+    let acked = publish_seq(
+        "127.0.0.1",
+        gw.port(),
+        "dev-3",
+        "factory/d3/telemetry",
+        3,
+        total,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert_eq!(acked, total);
+    assert!(collector.wait_for(15, WAIT).await, "paced delivery began");
+    assert_eq!(
+        gw.counter("edgebridge_sink_errors_total", &[("sink", "cloud")]),
+        0.0,
+        "no ack_timeout while the pacer holds messages back"
+    );
+    assert_eq!(gw.counter("edgebridge_sink_up", &[("sink", "cloud")]), 1.0);
+    let stopped = tokio::time::timeout(WAIT, gw.shutdown()).await;
+    assert!(
+        stopped.is_ok(),
+        "shutdown ends while messages are held back"
+    );
+    assert!(
+        collector.len() < total as usize,
+        "the backlog was still being paced"
+    );
+
+    // Restarted without a rate, the rest goes at once: nothing held back was lost.
+    let dir = gw.dir;
+    let unpaced =
+        paced_sink(upstream.port(), "{ messages = 5 }").replace("rate = { messages = 5 }\n", "");
+    assert!(!unpaced.contains("rate"));
+    let mut gw = TestGateway::start_in(&unpaced, dir).await;
+    assert!(
+        collector.wait_for_unique(total as usize, WAIT).await,
+        "upstream got {} of {total}",
+        collector.len()
+    );
+    let report = check_sequences(&collector.messages());
+    assert_eq!(report.per_device_count.get(&3), Some(&total), "{report:?}");
+    assert_eq!(report.missing, 0, "{report:?}");
+    gw.shutdown().await;
+}
