@@ -7,7 +7,7 @@
 //!                          intake ──▶ rules (filter · CEL condition · transform)
 //!                                        │ one record per matched sink
 //!                                        ▼
-//!                          buffer[sink] ─▶ sink worker ──▶ mqtt │ file
+//!                          buffer[sink] ─▶ sink worker ──▶ mqtt │ http │ kafka │ file
 //! cloud ──MQTT subscription──▶ [[downlinks]] ──▶ broker ──▶ devices (never into intake)
 //! ```
 //!
@@ -22,7 +22,9 @@
 //!   downlinks ([`rules::downlink`]) and the dry run ([`rules::dry_run`]).
 //! - [`buffer`]: the per-sink buffer (append / read batch / ack / rewind).
 //! - [`sinks`]: one worker per sink: [`sinks::mqtt`] (with [`sinks::failover`] between
-//!   its endpoints), [`sinks::http`], [`sinks::kafka`], [`sinks::file`].
+//!   its endpoints, several connections in `connections`), [`sinks::http`],
+//!   [`sinks::kafka`], [`sinks::file`]; each paces what it sends with [`sinks::pacing`]
+//!   when it has a `rate`, and MQTT and HTTP combine messages with [`sinks::pack`].
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/v1/status` and the status page.
 //! - [`app`]: start-up, reload (SIGHUP) and shutdown order.
 //! - [`lock`]: the exclusive lock on `data_dir`, taken first and held for the process's life.

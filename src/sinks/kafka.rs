@@ -228,13 +228,17 @@ impl Prepared<'_> {
     }
 }
 
+/// A record that cannot be sent, with the reason and detail for its dead letter. Boxed:
+/// it is rare, and the `Ok` path should not carry its size.
+type Refusal = Box<(Record, String, String)>;
+
 /// Renders `record`'s topic, key and value; a record that cannot have a topic comes back
-/// with the reason and detail for its dead letter.
+/// refused.
 fn prepare<'a>(
     plan: &'a KafkaPlan,
     ctx: &SinkContext,
     record: Record,
-) -> Result<Prepared<'a>, (Record, String, String)> {
+) -> Result<Prepared<'a>, Refusal> {
     let msg = &record.msg;
     // Only templates with `{1}`.. read the levels; the defaults (a fixed topic, the MQTT
     // topic as key) do not, and skip the allocation.
@@ -245,7 +249,7 @@ fn prepare<'a>(
     };
     let topic = match kafka_topic(plan, msg, &levels) {
         Ok(t) => t,
-        Err(problem) => return Err((record, "invalid_topic".into(), problem)),
+        Err(problem) => return Err(Box::new((record, "invalid_topic".into(), problem))),
     };
     let key = plan.key.render(&vars(plan, msg), &levels);
     let value: bytes::Bytes = match plan.format {
@@ -421,7 +425,8 @@ async fn session(
                 for record in batch {
                     match prepare(plan, ctx, record) {
                         Ok(prepared) => ready.push_back(prepared),
-                        Err((record, reason, detail)) => {
+                        Err(refusal) => {
+                            let (record, reason, detail) = *refusal;
                             dead_letter(ctx, record, &reason, &detail, &mut failure).await;
                         }
                     }

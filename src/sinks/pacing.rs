@@ -8,9 +8,10 @@
 //! - Even spacing (GCRA): each message moves a theoretical arrival time on by `1/N`
 //!   seconds (and `size/B` seconds for bytes); the next one may go once that time has
 //!   come. It moves on from the *scheduled* time, not from when the timer actually fired,
-//!   so timer lateness (a tokio timer fires up to ~1 ms late) does not lower the average
-//!   rate; after a pause longer than [`CATCH_UP`] (nothing to send, or the sink waiting
-//!   for acks) it restarts from now, so a pause is never made up for with a burst.
+//!   so timer lateness (a tokio timer fires up to ~1 ms late) and the window's holding
+//!   back (below; made up for by at most [`MAX_LAG`]) do not lower the average rate. A
+//!   sender that comes more than [`CATCH_UP`] late (it had nothing to send, or waited for
+//!   acks) restarts the schedule from now, so a pause is never made up for with a burst.
 //! - A strict sliding window: no closed 1 s interval ever holds more than N messages or
 //!   more than B bytes, which is what a strict upstream (AWS IoT Core disconnects above
 //!   its limits) checks. Counts are kept in [`BUCKETS`] ring buckets of [`BUCKET`]; the
@@ -47,7 +48,7 @@ pub struct Rate {
 }
 
 impl Rate {
-    /// `100 msg/s, 512KiB/s` as `check` prints it.
+    /// `100 msg/s, 512.0 KiB/s`, as `check` prints it.
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         if let Some(n) = self.messages {
@@ -107,10 +108,6 @@ impl Pacer {
             in_window: Bucket::default(),
             promised: None,
         }
-    }
-
-    pub fn rate(&self) -> Rate {
-        self.rate
     }
 
     /// Waits until a message of `bytes` may go, and counts it. Cancel-safe: dropped before
