@@ -1,5 +1,8 @@
 //! Cloud profiles against brokers standing in for each cloud.
 //!
+//! AWS IoT Core's per-connection limits (100 PUBLISH/s, 512 KiB/s): `common/aws_limits.rs`,
+//! a mutual-TLS proxy in front of a plain Mosquitto that closes a connection going over.
+//!
 //! AWS IoT Core: Mosquitto with TLS and `require_certificate true` (mutual TLS, as AWS);
 //! the sink offers ALPN `x-amzn-mqtt-ca`, which Mosquitto ignores.
 //! Azure IoT Hub: rumqttd running in the test, whose auth handler checks the username,
@@ -8,6 +11,8 @@
 //! plain TCP (Azure takes TLS only; TLS itself is covered by the AWS and upstream tests).
 
 mod common;
+#[path = "common/aws_limits.rs"]
+mod aws_limits;
 #[path = "common/gateway.rs"]
 mod gateway;
 
@@ -614,5 +619,124 @@ async fn azure_cloud_to_device_messages_reach_local_devices_through_downlinks() 
     .expect("the C2D message reaches the local device");
     assert_eq!(received, ("cmd/edge-01".to_string(), b"reboot".to_vec()));
     service_driver.abort();
+    gw.shutdown().await;
+}
+
+/// A 100-byte reading `{"device":D,"seq":S,"pad":"…"}`.
+fn reading(device: u32, seq: u64) -> Vec<u8> {
+    let head = format!("{{\"device\":{device},\"seq\":{seq},\"pad\":\"");
+    let mut r = head.into_bytes();
+    r.resize(98, b'x');
+    r.extend_from_slice(b"\"}");
+    r
+}
+
+/// Publishes `count` readings of `device` at `per_second`, QoS 1, and returns how many
+/// were acknowledged (all within `WAIT` after the last one was sent).
+async fn publish_readings(port: u16, device: u32, count: u64, per_second: u32) -> u64 {
+    let mut opts = MqttOptions::new(format!("meter-{device}"), "127.0.0.1", port);
+    opts.set_inflight(200);
+    let (client, mut eventloop) = AsyncClient::new(opts, 200);
+    let topic = format!("factory/m{device}/telemetry");
+    let sender = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
+        for seq in 0..count {
+            tick.tick().await;
+            if client
+                .publish(&topic, QoS::AtLeastOnce, false, reading(device, seq))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut acked = 0;
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    while acked < count {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("device {device}: {e}"),
+            Err(_) => break,
+        }
+    }
+    sender.abort();
+    acked
+}
+
+/// AWS's per-connection limits, enforced by a stand-in that closes a connection going
+/// over 100 PUBLISH or 512 KiB in any second: under the aws-iot profile (which paces to
+/// those limits) with packing on, 2,000 readings/s of 100 bytes for 10 s pass without one
+/// throttled connection, and every reading arrives, once, in order per device, when the
+/// packs are unpacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aws_limits_hold_at_2000_readings_per_second_with_packing() {
+    let certs = TestCerts::generate();
+    let upstream = Mosquitto::start(Mode::Plain);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "dt/#",
+    )
+    .await;
+    let aws = aws_limits::AwsLimits::start(&certs, upstream.port()).await;
+    let pack = r#"pack = { max_bytes = "120KiB", linger = "200ms", format = "json_array" }"#;
+    let mut gw = TestGateway::start(&aws_sink(aws.port(), &certs, pack)).await;
+
+    let (devices, per_device, rate) = (4u32, 5_000u64, 500u32);
+    let port = gw.port();
+    let meters: Vec<_> = (0..devices)
+        .map(|d| tokio::spawn(publish_readings(port, d, per_device, rate)))
+        .collect();
+    let mut acked = 0;
+    for m in meters {
+        acked += m.await.expect("meter");
+    }
+    let total = u64::from(devices) * per_device;
+    assert_eq!(acked, total, "the gateway acked every reading");
+
+    let unpacked = |packs: &[common::Msg]| -> Vec<common::Msg> {
+        packs
+            .iter()
+            .flat_map(|(topic, payload)| {
+                let parts: Vec<serde_json::Value> =
+                    serde_json::from_slice(payload).expect("a pack is a JSON array");
+                parts
+                    .into_iter()
+                    .map(|part| (topic.clone(), part["payload"].to_string().into_bytes()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut readings = unpacked(&collector.messages());
+    while (check_sequences(&readings).per_device_count.values().sum::<u64>()) < total
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        readings = unpacked(&collector.messages());
+    }
+    let report = check_sequences(&readings);
+    for d in 0..devices {
+        assert_eq!(report.per_device_count.get(&d), Some(&per_device), "{report:?}");
+    }
+    assert_eq!(report.missing, 0, "{report:?}");
+    assert_eq!(report.out_of_order, 0, "{report:?}");
+    assert_eq!(report.duplicates, 0, "{report:?}");
+    let c = &aws.counters;
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(c.throttled.load(Relaxed), 0, "a connection went over AWS's limits");
+    assert_eq!(c.connections.load(Relaxed), 1, "the sink stayed on its first connection");
+    assert_eq!(
+        gw.counter("edgebridge_sink_errors_total", &[("sink", "cloud")]),
+        0.0
+    );
+    println!(
+        "aws limits: {} readings in {} packs; peak {} PUBLISH and {} bytes in one second",
+        readings.len(),
+        collector.len(),
+        c.peak_publishes.load(Relaxed),
+        c.peak_bytes.load(Relaxed)
+    );
     gw.shutdown().await;
 }
