@@ -64,6 +64,8 @@ pub struct SinkInfo {
     pub target: String,
     /// MQTT sinks: every endpoint of the `url` list as `host:port`, the primary first.
     pub endpoints: Vec<String>,
+    /// The pacing in force (`rate`), as `check` prints it.
+    pub pacing: Option<String>,
     pub state: Arc<SinkState>,
     pub buffer: Arc<Buffer>,
 }
@@ -111,11 +113,16 @@ impl View {
                     SinkKindPlan::Mqtt(m) => m.endpoints.iter().map(ToString::to_string).collect(),
                     _ => Vec::new(),
                 };
+                let mut pacing = s.rate.map(|r| r.describe());
+                if let (Some(p), SinkKindPlan::Mqtt(m)) = (&mut pacing, &s.kind) {
+                    p.push_str(&format!(" per connection ({})", m.client_ids.len()));
+                }
                 Some(SinkInfo {
                     name,
                     kind,
                     target,
                     endpoints,
+                    pacing,
                     state,
                     buffer,
                 })
@@ -288,6 +295,7 @@ impl AdminState {
                     kind: s.kind,
                     target: s.target.clone(),
                     endpoint,
+                    pacing: s.pacing.clone(),
                     up: state.up,
                     state: match (state.up, state.draining.is_some()) {
                         (false, _) => "down",
@@ -415,6 +423,8 @@ pub struct SinkStatus {
     /// MQTT sinks: the endpoint in use and the list it is taken from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<EndpointStatus>,
+    /// The pacing in force (`rate`): `100 msg/s, 512.0 KiB/s per connection (1)`.
+    pub pacing: Option<String>,
     pub up: bool,
     /// `up`, `draining` (up, with a backlog from an outage still being sent) or `down`.
     pub state: &'static str,
@@ -720,6 +730,7 @@ pub fn render_page(s: &Status) -> String {
             "<div class=\"card sink\" id=\"sink-{name}\"><h3><span class=\"sink-name\">{name}</span>\
              <span class=\"badge {state}\">{state}</span></h3><dl>\
              <dt>target</dt><dd>{kind} {target}</dd>{endpoint}\
+             <dt>pacing</dt><dd>{pacing}</dd>\
              <dt>backlog</dt><dd>{backlog}</dd>\
              <dt>delivered</dt><dd>{delivered} ({rate})</dd>\
              <dt>errors</dt><dd>{errors}</dd>\
@@ -730,6 +741,7 @@ pub fn render_page(s: &Status) -> String {
             state = k.state,
             kind = k.kind,
             target = escape(&k.target),
+            pacing = k.pacing.as_deref().map_or("none".into(), escape),
             delivered = k.delivered,
             rate = rate(k.delivered_per_second),
             errors = reasons(&k.errors),
@@ -881,6 +893,7 @@ mod tests {
                     index: 1,
                     list: vec!["<host>:1883".into(), "<backup>:1883".into()],
                 }),
+                pacing: Some("100 msg/s per connection (1)".into()),
                 up: false,
                 state: "down",
                 last_error: Some(LastError {
@@ -948,6 +961,7 @@ mod tests {
             "2.5/s",
             "a/&lt;b&gt;/#",
             "draining 4 from the outage, about 1m 30s left",
+            "<dt>pacing</dt><dd>100 msg/s per connection (1)</dd>",
             "id=\"chart-cl&quot;oud-waiting\"",
             "<polyline points=\"0.0,20.6 180.0,0.0\"/>",
             "waiting: 7 (max 7)",

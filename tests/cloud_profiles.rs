@@ -10,9 +10,9 @@
 //! future) of every CONNECT and records when each token expires. The stand-in listens on
 //! plain TCP (Azure takes TLS only; TLS itself is covered by the AWS and upstream tests).
 
-mod common;
 #[path = "common/aws_limits.rs"]
 mod aws_limits;
+mod common;
 #[path = "common/gateway.rs"]
 mod gateway;
 
@@ -710,7 +710,11 @@ async fn aws_limits_hold_at_2000_readings_per_second_with_packing() {
     };
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut readings = unpacked(&collector.messages());
-    while (check_sequences(&readings).per_device_count.values().sum::<u64>()) < total
+    while (check_sequences(&readings)
+        .per_device_count
+        .values()
+        .sum::<u64>())
+        < total
         && tokio::time::Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -718,15 +722,27 @@ async fn aws_limits_hold_at_2000_readings_per_second_with_packing() {
     }
     let report = check_sequences(&readings);
     for d in 0..devices {
-        assert_eq!(report.per_device_count.get(&d), Some(&per_device), "{report:?}");
+        assert_eq!(
+            report.per_device_count.get(&d),
+            Some(&per_device),
+            "{report:?}"
+        );
     }
     assert_eq!(report.missing, 0, "{report:?}");
     assert_eq!(report.out_of_order, 0, "{report:?}");
     assert_eq!(report.duplicates, 0, "{report:?}");
     let c = &aws.counters;
     use std::sync::atomic::Ordering::Relaxed;
-    assert_eq!(c.throttled.load(Relaxed), 0, "a connection went over AWS's limits");
-    assert_eq!(c.connections.load(Relaxed), 1, "the sink stayed on its first connection");
+    assert_eq!(
+        c.throttled.load(Relaxed),
+        0,
+        "a connection went over AWS's limits"
+    );
+    assert_eq!(
+        c.connections.load(Relaxed),
+        1,
+        "the sink stayed on its first connection"
+    );
     assert_eq!(
         gw.counter("edgebridge_sink_errors_total", &[("sink", "cloud")]),
         0.0

@@ -584,6 +584,7 @@ url = "mqtt://127.0.0.1:{upstream_port}"
 backoff_min = "50ms"
 backoff_max = "200ms"
 buffer = {{ drain_rate = 50 }}
+rate = {{ messages = 1000, bytes = "1MiB" }}
 
 [[rules]]
 name = "telemetry"
@@ -640,6 +641,10 @@ to = ["cloud"]
     let dom = render_in_chromium(addr).await;
     let cloud = sink_card(&dom, "cloud");
     assert!(cloud.contains("from the outage, about "), "{cloud}");
+    assert!(
+        cloud.contains("<dd>1000 msg/s, 1.0 MiB/s per connection (1)</dd>"),
+        "the pacing in force: {cloud}"
+    );
     for chart in ["received", "delivered", "waiting"] {
         let id = format!("id=\"chart-cloud-{chart}\"");
         let at = cloud
