@@ -194,7 +194,9 @@ async fn device(port: u16, d: u32, n: u64) -> u64 {
         for s in 0..n {
             if client
                 .publish(
-                    format!("bench/dev{d}"),
+                    // Ten machines behind each device: 100 topics in all, as a plant has
+                    // (the MQTT sink's connections are chosen by topic).
+                    format!("bench/dev{d}/m{}", s % 10),
                     QoS::AtLeastOnce,
                     false,
                     payload(d, s),
@@ -387,7 +389,9 @@ fn mqtt_sink(upstream_port: u16, extra: &str) -> String {
 }
 
 /// A Mosquitto upstream on a free port that takes everything (no subscriber needed: the
-/// sink's PUBACKs are what counts).
+/// sink's PUBACKs are what counts). `set_tcp_nodelay`: with Nagle on, Mosquitto held
+/// back PUBACKs written behind unacknowledged ones, and one unpaced connection carried
+/// 4,219 msg/s; with it off, 48,052 (the same binary, one run each).
 fn start_mosquitto() -> Result<(ChildGuard, u16), String> {
     let port = free_port()?;
     let dir = std::env::temp_dir().join(format!("edgebridge-bench-mosquitto-{port}"));
@@ -397,7 +401,7 @@ fn start_mosquitto() -> Result<(ChildGuard, u16), String> {
         &conf,
         format!(
             "user root\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n\
-             max_inflight_messages 0\nmessage_size_limit 0\nlistener {port} 127.0.0.1\n"
+             max_inflight_messages 0\nset_tcp_nodelay true\nlistener {port} 127.0.0.1\n"
         ),
     )
     .map_err(|e| format!("write mosquitto.conf: {e}"))?;
@@ -534,15 +538,18 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
     }
     if run_aws {
         let (_mosquitto, port) = start_mosquitto()?;
-        const AWS: &str = "rate = { messages = 100, bytes = \"512KiB\" }\n\
-                           pack = { max_bytes = \"120KiB\", linger = \"200ms\" }";
-        const AWS_10: &str = "rate = { messages = 100, bytes = \"512KiB\" }\n\
-                              pack = { max_bytes = \"120KiB\", linger = \"200ms\" }\n\
-                              connections = 10";
+        const AWS_120: &str = "rate = { messages = 100, bytes = \"512KiB\" }\n\
+                               pack = { max_bytes = \"120KiB\", linger = \"200ms\" }";
+        const AWS_100: &str = "rate = { messages = 100, bytes = \"512KiB\" }\n\
+                               pack = { max_bytes = \"100KiB\", linger = \"200ms\" }";
+        const AWS_100_10: &str = "rate = { messages = 100, bytes = \"512KiB\" }\n\
+                                  pack = { max_bytes = \"100KiB\", linger = \"200ms\" }\n\
+                                  connections = 10";
         let runs = [
             ("S6-aws unpaced, unpacked, 1 connection", "", 30_000),
-            ("S6-aws paced + packed, 1 connection", AWS, 6_000),
-            ("S6-aws paced + packed, 10 connections", AWS_10, 50_000),
+            ("S6-aws paced + packed 120KiB, 1 connection", AWS_120, 6_000),
+            ("S6-aws paced + packed 100KiB, 1 connection", AWS_100, 6_000),
+            ("S6-aws paced + packed 100KiB, 10 connections", AWS_100_10, 40_000),
         ];
         for (scenario, extra, per_device) in runs {
             rows.push(
