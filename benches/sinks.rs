@@ -549,7 +549,11 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
             ("S6-aws unpaced, unpacked, 1 connection", "", 30_000),
             ("S6-aws paced + packed 120KiB, 1 connection", AWS_120, 6_000),
             ("S6-aws paced + packed 100KiB, 1 connection", AWS_100, 6_000),
-            ("S6-aws paced + packed 100KiB, 10 connections", AWS_100_10, 40_000),
+            (
+                "S6-aws paced + packed 100KiB, 10 connections",
+                AWS_100_10,
+                40_000,
+            ),
         ];
         for (scenario, extra, per_device) in runs {
             rows.push(

@@ -786,25 +786,49 @@ impl DiskLog {
         self.live = None;
     }
 
-    /// `drain = "live_first"`: what is in the log now becomes the backlog, and records
-    /// appended from now on are read before it by [`DiskLog::read_lanes`]. Nothing to do
-    /// (and no lane) when nothing is pending. Call it after [`DiskLog::rewind`].
-    pub fn split_lanes(&mut self) {
+    /// `drain = "live_first"`: records below `boundary` (at most the next seq) become the
+    /// backlog, and records from `boundary` on are read before it by
+    /// [`DiskLog::read_lanes`]. Nothing to do (and no lane) when nothing below `boundary`
+    /// is pending. Call it after [`DiskLog::rewind`]. Placing the live cursor inside the
+    /// log reads the records of one segment at most.
+    pub fn split_lanes(&mut self, boundary: u64) {
         self.live = None;
-        if self.pending() == 0 {
+        let boundary = boundary.clamp(self.acks.floor, self.next_seq);
+        if self.pending_below(boundary) == 0 {
             return;
         }
         let Some(last) = self.segments.back() else {
             return;
         };
-        let boundary = self.next_seq;
+        let mut cursor = Pos {
+            segment: last.first_seq,
+            offset: last.bytes,
+            next_seq: self.next_seq,
+        };
+        if boundary < self.next_seq {
+            // Walk the segment that holds `boundary` up to it.
+            let idx = self
+                .segments
+                .partition_point(|s| s.first_seq <= boundary)
+                .saturating_sub(1);
+            let mut pos = self.segment_start(idx);
+            let mut reader = None;
+            while pos.next_seq < boundary {
+                match self.step(&mut pos, &mut reader) {
+                    Ok(Step::Record { .. } | Step::Lost { .. }) => {}
+                    Ok(Step::End) | Err(_) => break,
+                }
+            }
+            if pos.next_seq != boundary {
+                // Not readable that far (unsynced, or unreadable): the lane starts at the
+                // end, so no record is in both lanes.
+                return self.split_lanes(self.next_seq);
+            }
+            cursor = pos;
+        }
         self.live = Some(LiveLane {
             boundary,
-            cursor: Pos {
-                segment: last.first_seq,
-                offset: last.bytes,
-                next_seq: boundary,
-            },
+            cursor,
             reader: None,
         });
     }
@@ -1999,7 +2023,7 @@ mod tests {
         let (mut log, _) = open(dir.path(), 200);
         append_n(&mut log, 1, 10);
         sync(&mut log);
-        log.split_lanes();
+        log.split_lanes(log.next_seq());
         assert_eq!(log.live_boundary(), Some(11));
         append_n(&mut log, 11, 13);
         sync(&mut log);
@@ -2040,7 +2064,7 @@ mod tests {
         let (mut log, _) = open(dir.path(), 200);
         append_n(&mut log, 1, 6);
         sync(&mut log);
-        log.split_lanes();
+        log.split_lanes(log.next_seq());
         append_n(&mut log, 7, 9);
         sync(&mut log);
         assert_eq!(
@@ -2051,7 +2075,7 @@ mod tests {
         log.ack(1).unwrap();
         // Reconnect: everything unconfirmed is the backlog of the next lane.
         log.rewind();
-        log.split_lanes();
+        log.split_lanes(log.next_seq());
         assert_eq!(log.live_boundary(), Some(10));
         let again = read_all_lanes(&mut log);
         assert_eq!(seqs(&again), [2, 3, 4, 5, 6, 8, 9]);
@@ -2061,8 +2085,30 @@ mod tests {
         log.crash();
         // The contiguous point (3) survives; the out-of-order ack of 9 (and 7) does not.
         let (mut log, _) = open(dir.path(), 200);
-        log.split_lanes();
+        log.split_lanes(log.next_seq());
         assert_eq!(seqs(&read_all_lanes(&mut log)), [3, 4, 5, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn a_lane_may_start_inside_the_log() {
+        let dir = TempDir::new().unwrap();
+        let (mut log, _) = open(dir.path(), 200);
+        append_n(&mut log, 1, 12);
+        sync(&mut log);
+        // Records from 9 on arrived after the sink's previous attempt: live.
+        log.split_lanes(9);
+        assert_eq!(log.live_boundary(), Some(9));
+        assert_eq!(
+            seqs(&read_all_lanes(&mut log)),
+            [9, 10, 11, 12, 1, 2, 3, 4, 5, 6, 7, 8]
+        );
+        // Everything below the boundary acked already: no backlog, no lane.
+        log.rewind();
+        for seq in 1..=8 {
+            log.ack(seq).unwrap();
+        }
+        log.split_lanes(9);
+        assert_eq!(log.live_boundary(), None);
     }
 
     fn read_all_lanes(log: &mut DiskLog) -> Vec<Record> {
@@ -2107,6 +2153,7 @@ mod tests {
         let mut read = BTreeSet::new();
         let (mut last_live, mut last_backlog) = (0, 0);
         let mut boundary = None;
+        let mut previous_split = 1;
         for op in ops {
             match op {
                 LaneOp::Append(n) => {
@@ -2163,15 +2210,22 @@ mod tests {
                     } else {
                         log.rewind();
                     }
-                    log.split_lanes();
+                    // As the buffer does: the lane starts where the previous attempt did.
+                    let split_at = std::mem::replace(&mut previous_split, log.next_seq());
+                    log.split_lanes(split_at);
                     boundary = log.live_boundary();
                     in_flight.clear();
                     read.clear();
                     (last_live, last_backlog) = (boundary.map_or(0, |b| b - 1), 0);
-                    prop_assert_eq!(
-                        log.pending_below(boundary.unwrap_or(0)),
-                        boundary.map_or(0, |_| log.pending())
-                    );
+                    let floor = (1..log.next_seq())
+                        .find(|seq| !acked.contains(seq))
+                        .unwrap_or(log.next_seq());
+                    let expected = split_at.clamp(floor, log.next_seq());
+                    if log.pending_below(expected) > 0 {
+                        prop_assert_eq!(boundary, Some(expected));
+                    } else {
+                        prop_assert_eq!(boundary, None);
+                    }
                 }
             }
         }

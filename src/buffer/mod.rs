@@ -22,8 +22,10 @@
 //! - `memory`: records in memory; survives upstream outages, not a restart.
 //!
 //! Drains (`drain`): the *backlog* is what waited when the gateway started or the sink last
-//! came back ([`Buffer::start_drain`], [`Buffer::rewind`]); `edgebridge_buffer_backlog_messages`
-//! counts what of it is still unconfirmed. `ordered` (default) hands everything over oldest
+//! came back ([`Buffer::start_drain`], [`Buffer::rewind`]; a sink rewinds before every
+//! connection attempt, and since the upstream came back at some moment after the previous
+//! attempt, what arrived after that one counts as live); `edgebridge_buffer_backlog_messages`
+//! counts what of the backlog is still unconfirmed. `ordered` (default) hands everything over oldest
 //! first. `live_first` (disk only) hands over messages that arrived after that moment
 //! first and fills the room left with the backlog, oldest first (`disk.rs`, "Reading"):
 //! a consumer sees each lane in device order, live messages overtaking older ones.
@@ -262,6 +264,8 @@ struct State {
     dropped_in_flight: BTreeSet<u64>,
     /// Records below this seq are the backlog of the current drain (see the module doc).
     backlog_until: u64,
+    /// The next seq when the sink last rewound: where the next rewind's live lane starts.
+    last_rewind: u64,
 }
 
 pub struct Buffer {
@@ -337,6 +341,7 @@ impl Buffer {
                 in_flight: BTreeSet::new(),
                 dropped_in_flight: BTreeSet::new(),
                 backlog_until: appended_upto + 1,
+                last_rewind: appended_upto + 1,
             }),
             readable: Notify::new(),
             space: Notify::new(),
@@ -349,7 +354,8 @@ impl Buffer {
                 d.set_read_limit(appended_upto + 1);
             }
             // A backlog from the last run is drained like one after an outage.
-            buffer.split(&mut st);
+            let next = st.backend.next_seq();
+            buffer.split(&mut st, next);
             buffer.publish_gauges(&st);
         }
         Ok(buffer)
@@ -670,8 +676,12 @@ impl Buffer {
             Backend::Memory(m) => m.read_pos = 0,
             Backend::Disk(d) => d.rewind(),
         }
-        // Everything unconfirmed is sent again, as the backlog of a new drain.
-        self.split(&mut st);
+        // Everything unconfirmed is sent again, as the backlog of a new drain. A sink
+        // rewinds before every connection attempt, and the upstream came back at some
+        // point after the previous one: what arrived since then is live.
+        let next = st.backend.next_seq();
+        let since = std::mem::replace(&mut st.last_rewind, next);
+        self.split(&mut st, since);
         drop(st);
         self.readable.notify_one();
     }
@@ -684,17 +694,22 @@ impl Buffer {
         let mut st = self.lock();
         let split_already = matches!(&st.backend, Backend::Disk(d) if d.live_boundary().is_some());
         if !split_already {
-            self.split(&mut st);
+            let next = st.backend.next_seq();
+            self.split(&mut st, next);
         }
         self.backlog(&st)
     }
 
-    /// Starts a drain: the backlog is what is in the buffer now; `live_first` reads
-    /// records appended from now on first.
-    fn split(&self, st: &mut State) {
-        st.backlog_until = st.backend.next_seq();
+    /// Starts a drain: the backlog is what is in the buffer below `boundary`;
+    /// `live_first` reads records from `boundary` on first.
+    fn split(&self, st: &mut State, boundary: u64) {
+        st.backlog_until = boundary;
         if let (Backend::Disk(d), Drain::LiveFirst) = (&mut st.backend, self.config.drain) {
-            d.split_lanes();
+            d.split_lanes(boundary);
+            // The log may have placed the lane elsewhere (at the end: see `split_lanes`).
+            if let Some(b) = d.live_boundary() {
+                st.backlog_until = b;
+            }
         }
         self.publish_gauges(st);
     }
