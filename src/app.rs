@@ -468,7 +468,7 @@ impl Gateway {
         }
         self.admin_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.admin).await;
-        // Last: every buffer is synced and no task of this gateway writes any more.
+        // Last, after the buffers are synced: the next process may open them now.
         drop(self.data_dir_lock);
         info!("edgebridge stopped");
     }

@@ -27,7 +27,7 @@ use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use auth::{check_pattern, hash_password, set_password, AclEntry, Glob, Security, Users};
 pub use front::WS_PATH;
@@ -81,6 +81,9 @@ pub fn loopback(addr: SocketAddr) -> SocketAddr {
         other => other,
     }
 }
+
+/// How many free ports a listener started on a picked port tries (see [`start`]).
+const BIND_ATTEMPTS: u32 = 5;
 
 /// Waits until rumqttd's accept loop for `addr` is bound (it binds inside its task).
 async fn wait_until_listening(addr: SocketAddr, task: &JoinHandle<()>) -> anyhow::Result<()> {
@@ -185,66 +188,91 @@ pub async fn start(
     for (index, plan) in listeners.iter().enumerate() {
         let fronted = plan.tls.is_some() || plan.websocket;
         // Behind a front, rumqttd listens on loopback and only the front connects there.
-        let (addr, token) = if fronted {
+        let token = if fronted {
             let mut token = [0u8; protocol::TOKEN_LEN];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut token)
                 .map_err(|_| anyhow::anyhow!("no system randomness for the listener token"))?;
-            (reserve(SocketAddr::from(([127, 0, 0, 1], 0)))?, Some(token))
+            Some(token)
         } else {
-            (reserve(plan.bind)?, None)
+            None
         };
         let listener_metrics = metrics.listener(&plan.name);
-        let shared = Arc::new(ListenerShared::new(
-            index,
-            plan,
-            &shared_by_all,
-            listener_metrics.clone(),
-            token,
-        ));
-        let settings = ServerSettings {
-            name: plan.name.clone(),
-            listen: addr,
-            tls: None,
-            next_connection_delay_ms: 0,
-            connections: ConnectionSettings {
-                connection_timeout_ms: plan.connect_timeout.as_millis().min(u16::MAX as u128)
-                    as u16,
-                max_payload_size: plan.max_packet_size,
-                max_inflight_count: 100,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: true,
-            },
-        };
-        let mut server = Server::new(
-            settings,
-            router_tx.clone(),
-            DeviceProtocol::new(shared.clone()),
-        );
-        let name = plan.name.clone();
-        let serve_rumqttd = async move {
-            if let Err(e) = server.start(LinkType::Remote).await {
-                error!(listener = %name, error = %e, "device listener stopped");
+        // rumqttd binds by itself, so a free port picked for it (port 0) can be taken by
+        // another socket before it binds: an outgoing connection's ephemeral port comes
+        // from the same range (seen in the test suite on a loaded machine). Such a start
+        // is retried on a newly picked port; a configured port is not.
+        let picked_port = fronted || plan.bind.port() == 0;
+        let mut attempt = 1;
+        let (shared, public_addr, task) = loop {
+            let addr = if fronted {
+                reserve(SocketAddr::from(([127, 0, 0, 1], 0)))?
+            } else {
+                reserve(plan.bind)?
+            };
+            let shared = Arc::new(ListenerShared::new(
+                index,
+                plan,
+                &shared_by_all,
+                listener_metrics.clone(),
+                token,
+            ));
+            let settings = ServerSettings {
+                name: plan.name.clone(),
+                listen: addr,
+                tls: None,
+                next_connection_delay_ms: 0,
+                connections: ConnectionSettings {
+                    connection_timeout_ms: plan.connect_timeout.as_millis().min(u16::MAX as u128)
+                        as u16,
+                    max_payload_size: plan.max_packet_size,
+                    max_inflight_count: 100,
+                    auth: None,
+                    external_auth: None,
+                    dynamic_filters: true,
+                },
+            };
+            let mut server = Server::new(
+                settings,
+                router_tx.clone(),
+                DeviceProtocol::new(shared.clone()),
+            );
+            let name = plan.name.clone();
+            let serve_rumqttd = async move {
+                if let Err(e) = server.start(LinkType::Remote).await {
+                    error!(listener = %name, error = %e, "device listener stopped");
+                }
+            };
+            let (public_addr, task) = match token {
+                Some(token) => {
+                    let socket = tokio::net::TcpListener::bind(plan.bind)
+                        .await
+                        .with_context(|| format!("cannot bind {}", plan.bind))?;
+                    let public_addr = socket.local_addr()?;
+                    let front = Arc::new(front::Front::new(
+                        plan,
+                        addr,
+                        token,
+                        listener_metrics.clone(),
+                    )?);
+                    let task = tokio::spawn(async move {
+                        tokio::select! {
+                            () = serve_rumqttd => {}
+                            () = front.serve(socket) => {}
+                        }
+                    });
+                    (public_addr, task)
+                }
+                None => (addr, tokio::spawn(serve_rumqttd)),
+            };
+            match wait_until_listening(addr, &task).await {
+                Ok(()) => break (shared, public_addr, task),
+                Err(e) if picked_port && task.is_finished() && attempt < BIND_ATTEMPTS => {
+                    warn!(listener = %plan.name, %addr, attempt, error = %e, "the port picked for the listener was taken before it bound; picking another");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
             }
         };
-        let (public_addr, task) = match token {
-            Some(token) => {
-                let socket = tokio::net::TcpListener::bind(plan.bind)
-                    .await
-                    .with_context(|| format!("cannot bind {}", plan.bind))?;
-                let public_addr = socket.local_addr()?;
-                let front = Arc::new(front::Front::new(plan, addr, token, listener_metrics)?);
-                let task = tokio::spawn(async move {
-                    tokio::select! {
-                        () = serve_rumqttd => {}
-                        () = front.serve(socket) => {}
-                    }
-                });
-                (public_addr, task)
-            }
-            None => (addr, tokio::spawn(serve_rumqttd)),
-        };
-        wait_until_listening(addr, &task).await?;
         info!(listener = %plan.name, addr = %public_addr, scheme = plan.scheme(), "device listener started (MQTT 3.1.1 and 5)");
         running.push(RunningListener {
             name: plan.name.clone(),

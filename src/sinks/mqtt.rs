@@ -870,20 +870,21 @@ async fn drain_and_disconnect(
     Outcome::Stopped
 }
 
-/// Says DISCONNECT and waits (up to 1 s) until it is written.
+/// Says DISCONNECT and waits (up to 1 s) until the upstream has closed the connection.
+/// Waiting for the close, not only for the DISCONNECT to be written, matters on a SAS
+/// renewal, where the next connection uses the same client id at once: a broker still
+/// tearing down the old one can take that down with the new one. rumqttd (the Azure
+/// stand-in in tests/cloud_profiles.rs) did, on a loaded machine: the new connection was
+/// closed right after its CONNACK. rumqttd queues the old connection's end to its router
+/// before it closes the socket, so after the close the two cannot cross.
 async fn disconnect(
     client: &AsyncClient,
     events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
 ) {
     if client.try_disconnect().is_ok() {
-        let flush = async {
-            while let Some(Ok(event)) = events.recv().await {
-                if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+        // The driver forwards the connection's end as an error, then stops.
+        let closed = async { while let Some(Ok(_)) = events.recv().await {} };
+        let _ = tokio::time::timeout(Duration::from_secs(1), closed).await;
     }
 }
 
