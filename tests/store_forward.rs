@@ -189,14 +189,40 @@ fn write_config(dir: &Path, port: u16, admin: u16, ack: &str, body: &str) -> Pat
     path
 }
 
-fn spawn_binary(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_edgebridge"))
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start edgebridge")
+/// The real binary, killed when dropped: a test that fails half way must not leave it
+/// running, holding the test runner's stderr (and `scripts/test.sh`'s `tee`) open.
+struct Spawned(Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_binary(config: &Path) -> Spawned {
+    Spawned(
+        Command::new(env!("CARGO_BIN_EXE_edgebridge"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start edgebridge"),
+    )
 }
 
 async fn wait_for_port(port: u16) {
@@ -850,6 +876,16 @@ async fn live_first_delivers_live_messages_while_a_100k_backlog_drains() {
     );
     let mut gw = TestGateway::start(&body).await;
     assert_eq!(publish_devices(gw.port(), 5, 20_000).await, 100_000);
+    // Two more failed attempts: the backlog is older than the sink's last attempt before
+    // the upstream comes back, so it is all backlog (what arrives after that attempt
+    // counts as live).
+    let errors = gw.counter("edgebridge_sink_errors_total", &[("sink", "cloud")]);
+    let tried = gw
+        .eventually(WAIT, |g| {
+            g.counter("edgebridge_sink_errors_total", &[("sink", "cloud")]) >= errors + 2.0
+        })
+        .await;
+    assert!(tried, "the sink keeps trying while the upstream is down");
     upstream.restart();
     let up = gw
         .eventually(WAIT, |g| {
@@ -924,6 +960,20 @@ async fn kill_9_during_a_live_first_drain_loses_nothing() {
     let mut child = spawn_binary(&config);
     wait_for_port(port).await;
     assert_eq!(publish_devices(port, 5, 10_000).await, 50_000);
+    // As above: the backlog is older than the sink's last failed attempt.
+    let errors = || async {
+        let (_, page) = gateway::http_get(([127, 0, 0, 1], admin).into(), "/metrics").await;
+        gateway::metric(&page, "edgebridge_sink_errors_total", &[("sink", "cloud")])
+    };
+    let before = errors().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while errors().await < before + 2.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sink keeps trying"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     upstream.restart();
     assert!(
         collector.wait_for(1, WAIT).await,

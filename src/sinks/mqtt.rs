@@ -23,8 +23,8 @@
 //! PINGREQ going unanswered for a keep-alive period does the same
 //! (`reason="ping_timeout"`).
 //!
-//! `connections = N` (`connections.rs`): N such connections, each message routed to one
-//! by a hash of its upstream topic, so order per topic holds; they fail and reconnect
+//! `connections = N` (`connections.rs`): N such connections, each message routed to the
+//! one its upstream topic was given, so order per topic holds; they fail and reconnect
 //! together.
 //!
 //! Cloud profiles (`sinks::cloud`) add limits and credentials: a payload over the cloud's

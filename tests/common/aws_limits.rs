@@ -46,25 +46,7 @@ pub struct AwsLimits {
 impl AwsLimits {
     /// Listens on a free port and forwards to Mosquitto on `upstream_port`.
     pub async fn start(certs: &TestCerts, upstream_port: u16) -> AwsLimits {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let read = |p: &std::path::Path| std::fs::read(p).expect("read pem");
-        let chain: Vec<_> = rustls_pemfile::certs(&mut read(&certs.server_cert).as_slice())
-            .collect::<Result<_, _>>()
-            .expect("server cert");
-        let key = rustls_pemfile::private_key(&mut read(&certs.server_key).as_slice())
-            .expect("server key")
-            .expect("a key");
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in rustls_pemfile::certs(&mut read(&certs.ca).as_slice()) {
-            roots.add(ca.expect("ca cert")).expect("add ca");
-        }
-        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
-            .build()
-            .expect("client verifier");
-        let config = rustls::ServerConfig::builder()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .expect("server TLS config");
+        let config = crate::common::tls_server_config(certs, true);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");

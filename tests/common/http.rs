@@ -108,30 +108,7 @@ impl HttpServer {
 
     /// HTTPS with the test CA's server certificate; `require_client_cert` = mTLS.
     pub async fn start_tls(certs: &TestCerts, require_client_cert: bool) -> HttpServer {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let read = |p: &std::path::Path| std::fs::read(p).expect("read pem");
-        let chain: Vec<_> = rustls_pemfile::certs(&mut read(&certs.server_cert).as_slice())
-            .collect::<Result<_, _>>()
-            .expect("server cert");
-        let key = rustls_pemfile::private_key(&mut read(&certs.server_key).as_slice())
-            .expect("server key")
-            .expect("a key");
-        let builder = rustls::ServerConfig::builder();
-        let builder = if require_client_cert {
-            let mut roots = rustls::RootCertStore::empty();
-            for ca in rustls_pemfile::certs(&mut read(&certs.ca).as_slice()) {
-                roots.add(ca.expect("ca cert")).expect("add ca");
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
-                .build()
-                .expect("client verifier");
-            builder.with_client_cert_verifier(verifier)
-        } else {
-            builder.with_no_client_auth()
-        };
-        let mut config = builder
-            .with_single_cert(chain, key)
-            .expect("server TLS config");
+        let mut config = crate::common::tls_server_config(certs, require_client_cert);
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Self::bind(
             "127.0.0.1:0".parse().expect("addr"),

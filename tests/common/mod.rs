@@ -82,6 +82,35 @@ impl TestCerts {
     }
 }
 
+/// A TLS server config with the test CA's server certificate for the test servers that
+/// stand in for an upstream (HTTP, AWS's limits); `require_client_cert` = mutual TLS.
+pub fn tls_server_config(certs: &TestCerts, require_client_cert: bool) -> rustls::ServerConfig {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |p: &Path| fs::read(p).expect("read pem");
+    let chain: Vec<_> = rustls_pemfile::certs(&mut read(&certs.server_cert).as_slice())
+        .collect::<Result<_, _>>()
+        .expect("server cert");
+    let key = rustls_pemfile::private_key(&mut read(&certs.server_key).as_slice())
+        .expect("server key")
+        .expect("a key");
+    let builder = rustls::ServerConfig::builder();
+    let builder = if require_client_cert {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in rustls_pemfile::certs(&mut read(&certs.ca).as_slice()) {
+            roots.add(ca.expect("ca cert")).expect("add ca");
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+            .build()
+            .expect("client verifier");
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    builder
+        .with_single_cert(chain, key)
+        .expect("server TLS config")
+}
+
 /// Broker listener mode; also used by [`client_options`] to build a matching client.
 #[derive(Clone, Copy)]
 pub enum Mode<'a> {

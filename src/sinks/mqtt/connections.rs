@@ -3,8 +3,12 @@
 //! more of them).
 //!
 //! Input: the sink's buffer, read by one dispatcher task that routes each record to one
-//! connection by a hash of its upstream topic, so the messages of one topic always take
-//! the same connection and keep their order. Output: N connections, each the same session
+//! connection by its upstream topic, so the messages of one topic always take the same
+//! connection and keep their order. Topics are dealt out in turn as they first appear
+//! (so N connections carry N times one's pacing budget even with a few dozen topics,
+//! where hashing leaves some connections with twice the topics of others and the
+//! busiest one holds the dispatcher back); the table lives as long as the connections
+//! and past [`MAX_ASSIGNED`] topics new ones go by hash. Output: N connections, each the same session
 //! as a single-connection sink (`super::connection`: its own client id from
 //! `client_ids`, in-flight window, acks straight to the buffer).
 //!
@@ -14,6 +18,7 @@
 //! need a read cursor per connection; one shared rewind keeps the buffer's single reader
 //! and costs, on a failure, duplicates within the other connections' windows.
 
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
@@ -89,9 +94,10 @@ async fn dispatch(
     stop: CancellationToken,
 ) {
     let route = async {
+        let mut assignments = Assignments::new(routes.len());
         loop {
             for record in ctx.buffer.read_batch(ctx.batch).await {
-                let n = connection_of(&record.msg.topic, routes.len());
+                let n = assignments.connection_of(&record.msg.topic);
                 if routes[n].send(record).await.is_err() {
                     return;
                 }
@@ -101,6 +107,37 @@ async fn dispatch(
     tokio::select! {
         _ = stop.cancelled() => {}
         _ = route => {}
+    }
+}
+
+/// Topics the dispatcher assigns in turn; past this many, new topics go by hash, so the
+/// table stays bounded whatever the devices publish.
+const MAX_ASSIGNED: usize = 65_536;
+
+/// Which connection carries which topic, for one life of the group.
+struct Assignments {
+    topics: HashMap<String, usize>,
+    connections: usize,
+}
+
+impl Assignments {
+    fn new(connections: usize) -> Self {
+        Assignments {
+            topics: HashMap::new(),
+            connections: connections.max(1),
+        }
+    }
+
+    fn connection_of(&mut self, topic: &str) -> usize {
+        if let Some(&n) = self.topics.get(topic) {
+            return n;
+        }
+        if self.topics.len() >= MAX_ASSIGNED {
+            return connection_of(topic, self.connections);
+        }
+        let n = self.topics.len() % self.connections;
+        self.topics.insert(topic.to_string(), n);
+        n
     }
 }
 
@@ -115,6 +152,25 @@ fn connection_of(topic: &str, count: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topics_are_dealt_out_in_turn_and_keep_their_connection() {
+        let mut a = Assignments::new(3);
+        let first: Vec<usize> = (0..6).map(|i| a.connection_of(&format!("t{i}"))).collect();
+        assert_eq!(first, [0, 1, 2, 0, 1, 2]);
+        assert_eq!(a.connection_of("t4"), 1, "a topic keeps its connection");
+        let mut full = Assignments::new(4);
+        for i in 0..MAX_ASSIGNED {
+            full.connection_of(&i.to_string());
+        }
+        let extra = full.connection_of("one more");
+        assert_eq!(
+            extra,
+            connection_of("one more", 4),
+            "by hash past the bound"
+        );
+        assert_eq!(full.topics.len(), MAX_ASSIGNED);
+    }
 
     #[test]
     fn a_topic_always_takes_the_same_connection_and_topics_spread() {
