@@ -309,16 +309,17 @@ async fn three_connections_share_the_topics_and_keep_each_topics_order() {
     let publishers: Vec<_> = (0..devices)
         .map(|d| {
             tokio::spawn(async move {
-                let mut opts = client_options(&format!("conn-dev-{d}"), port, Mode::Plain);
-                opts.set_clean_session(false);
                 let mut acked = 0;
-                // In chunks with pauses, so the upstream restart falls mid-stream.
+                // In chunks with pauses, so the upstream restart falls mid-stream. A client
+                // id per chunk keeps the devices clear of rumqttd's session-takeover race
+                // (issue "Device sessions"): this test is about the upstream side.
                 for chunk in 0..10u64 {
+                    let id = format!("conn-dev-{d}-{chunk}");
+                    let opts = client_options(&id, port, Mode::Plain);
                     let seqs = chunk * per_device / 10..(chunk + 1) * per_device / 10;
                     let topic = format!("factory/d{d}/telemetry");
                     acked +=
-                        common::publish_seq_with(opts.clone(), &topic, d, seqs, QoS::AtLeastOnce)
-                            .await;
+                        common::publish_seq_with(opts, &topic, d, seqs, QoS::AtLeastOnce).await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 acked
