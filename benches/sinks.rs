@@ -112,6 +112,9 @@ struct Row {
     /// HTTP requests (Kafka: none).
     requests: Option<u64>,
     seconds: f64,
+    /// msg/s between 10% and 90% of the expected arrivals: the rate without the start
+    /// (devices connecting, first packs lingering) and the end (the last pack's linger).
+    steady: Option<f64>,
     cpu_us_per_msg: Option<f64>,
     peak_rss_mib: Option<f64>,
 }
@@ -121,12 +124,13 @@ impl Row {
         let opt =
             |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         format!(
-            "| {} | {} | {}/{} | {:.0} | {} | {} | {} |",
+            "| {} | {} | {}/{} | {:.0} | {} | {} | {} | {} |",
             self.scenario,
             self.target,
             self.messages,
             self.expected,
             self.messages as f64 / self.seconds,
+            opt(self.steady, 0),
             opt(self.requests.map(|r| r as f64 / self.seconds), 0),
             opt(self.cpu_us_per_msg, 1),
             opt(self.peak_rss_mib, 1),
@@ -177,6 +181,7 @@ async fn ceiling(scenario: &'static str, batch: usize, total: u64) -> Result<Row
         expected: requests * batch as u64,
         requests: Some(counts.requests.load(Ordering::Relaxed)),
         seconds,
+        steady: None,
         cpu_us_per_msg: cpu_seconds(None)
             .zip(cpu_before)
             .map(|(a, b)| (a - b) * 1e6 / messages.max(1) as f64),
@@ -283,10 +288,22 @@ level = "warn"
         .collect();
     let deadline = start + RUN_DEADLINE;
     let mut messages = arrived();
+    // When a tenth and nine tenths of the expected messages had arrived.
+    let (mut tenth, mut nine_tenths) = (None, None);
     while messages < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
         messages = arrived();
+        if messages * 10 >= expected {
+            tenth.get_or_insert((Instant::now(), messages));
+        }
+        if messages * 10 >= expected * 9 {
+            nine_tenths.get_or_insert((Instant::now(), messages));
+        }
     }
+    let steady = tenth.zip(nine_tenths).and_then(|((t0, m0), (t1, m1))| {
+        let secs = t1.duration_since(t0).as_secs_f64();
+        (secs > 0.0).then(|| (m1 - m0) as f64 / secs)
+    });
     let done = Instant::now();
     let cpu_after = cpu_seconds(Some(process.pid()));
     for d in devices {
@@ -309,6 +326,7 @@ level = "warn"
         expected,
         requests,
         seconds,
+        steady,
         cpu_us_per_msg: cpu_after
             .zip(cpu_before)
             .map(|(a, b)| (a - b) * 1e6 / messages.max(1) as f64),
@@ -370,6 +388,7 @@ async fn kafka_ceiling(scenario: &'static str, bootstrap: &str, total: u64) -> R
             expected: total,
             requests: None,
             seconds,
+            steady: None,
             cpu_us_per_msg: cpu_seconds(None)
                 .zip(cpu_before)
                 .map(|(a, b)| (a - b) * 1e6 / total as f64),
@@ -547,12 +566,13 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
                                   connections = 10";
         let runs = [
             ("S6-aws unpaced, unpacked, 1 connection", "", 30_000),
-            ("S6-aws paced + packed 120KiB, 1 connection", AWS_120, 6_000),
-            ("S6-aws paced + packed 100KiB, 1 connection", AWS_100, 6_000),
+            // ~25 s of paced delivery each, so that the start and the end weigh little.
+            ("S6-aws paced + packed 120KiB, 1 connection", AWS_120, 11_000),
+            ("S6-aws paced + packed 100KiB, 1 connection", AWS_100, 11_000),
             (
                 "S6-aws paced + packed 100KiB, 10 connections",
                 AWS_100_10,
-                40_000,
+                110_000,
             ),
         ];
         for (scenario, extra, per_device) in runs {
@@ -569,7 +589,7 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
         }
     }
     let mut md = String::from(
-        "| scenario | target | messages | msg/s | requests/s | CPU µs/msg | peak RSS MiB |\n|---|---|---:|---:|---:|---:|---:|\n",
+        "| scenario | target | messages | msg/s | steady msg/s | requests/s | CPU µs/msg | peak RSS MiB |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
         let _ = writeln!(md, "{}", r.line());

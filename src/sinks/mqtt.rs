@@ -605,15 +605,20 @@ async fn connection(
                 if let Some(packer) = &mut packer {
                     packer.close_due(Instant::now(), &mut packed);
                 }
-                stage_packs(plan, ctx, &mut packed, &mut ready).await;
+                if stage_packs(plan, ctx, &mut packed, &mut ready).await.is_err() {
+                    break dead_letter_failed(ctx, &upstream);
+                }
             }
             batch = feed.source.read_batch(&ctx.buffer, read), if connected && refill => {
-                match &mut packer {
-                    Some(packer) => {
-                        pack_batch(plan, ctx, packer, batch, &mut packed).await;
-                        stage_packs(plan, ctx, &mut packed, &mut ready).await;
-                    }
+                let staged = match &mut packer {
+                    Some(packer) => match pack_batch(plan, ctx, packer, batch, &mut packed).await {
+                        Ok(()) => stage_packs(plan, ctx, &mut packed, &mut ready).await,
+                        failed => failed,
+                    },
                     None => stage(plan, ctx, batch, &mut ready).await,
+                };
+                if staged.is_err() {
+                    break dead_letter_failed(ctx, &upstream);
                 }
                 let sent = publish_ready(client, qos, &mut ready, &mut window, window_size, pacer.as_mut(), &mut last_progress).await;
                 if sent.is_err() {
@@ -638,6 +643,15 @@ async fn connection(
     outcome
 }
 
+/// Ends the session after a failed dead-letter write (see [`DeadLetterFailed`]).
+fn dead_letter_failed(ctx: &SinkContext, upstream: &str) -> Outcome {
+    ctx.metrics.mark_down(
+        "dead_letter",
+        &format!("{upstream}: cannot write the dead-letter file; the undeliverable message stays buffered and is retried"),
+    );
+    Outcome::Reconnect
+}
+
 /// Checks a batch read from the buffer and queues it in `ready`. Messages that can never
 /// be delivered (too large for the upstream, an invalid topic) are dead-lettered, counted
 /// and acked instead.
@@ -646,11 +660,11 @@ async fn stage(
     ctx: &SinkContext,
     batch: Vec<crate::buffer::Record>,
     ready: &mut VecDeque<Ready>,
-) {
+) -> Result<(), DeadLetterFailed> {
     for record in batch {
         let topic = upstream_topic(plan, &record.msg.topic);
         if let Some((reason, detail)) = undeliverable(plan, &topic, record.msg.payload.len()) {
-            dead_letter_one(ctx, record, reason, &detail).await;
+            dead_letter_one(ctx, record, reason, &detail).await?;
             continue;
         }
         let msg = record.msg;
@@ -664,6 +678,7 @@ async fn stage(
             retain: msg.retain && plan.forward_retain,
         });
     }
+    Ok(())
 }
 
 /// Queues closed packs in `ready`. A pack of one message that is too large for the
@@ -673,12 +688,12 @@ async fn stage_packs(
     ctx: &SinkContext,
     packed: &mut VecDeque<Pack>,
     ready: &mut VecDeque<Ready>,
-) {
+) -> Result<(), DeadLetterFailed> {
     while let Some(pack) = packed.pop_front() {
         let topic = upstream_topic(plan, &pack.key);
         if let Some((reason, detail)) = undeliverable(plan, &topic, pack.body.len()) {
             for record in pack.records {
-                dead_letter_one(ctx, record, reason, &detail).await;
+                dead_letter_one(ctx, record, reason, &detail).await?;
             }
             continue;
         }
@@ -696,6 +711,7 @@ async fn stage_packs(
             retain: false,
         });
     }
+    Ok(())
 }
 
 /// Hands rumqttc the ready publishes the pacer lets go now (all of them without a pacer)
@@ -747,12 +763,12 @@ async fn pack_batch(
     packer: &mut Packer,
     batch: Vec<crate::buffer::Record>,
     packed: &mut VecDeque<Pack>,
-) {
+) -> Result<(), DeadLetterFailed> {
     let now = Instant::now();
     for record in batch {
         let topic = upstream_topic(plan, &record.msg.topic);
         if let Some((reason, detail)) = undeliverable(plan, &topic, 0) {
-            dead_letter_one(ctx, record, reason, &detail).await;
+            dead_letter_one(ctx, record, reason, &detail).await?;
             continue;
         }
         // What the packet limit leaves for the payload next to this topic.
@@ -761,24 +777,25 @@ async fn pack_batch(
             .saturating_sub(topic.len() + PUBLISH_OVERHEAD);
         packer.push(record, cap, now, packed);
     }
+    Ok(())
 }
 
-/// Dead-letters a record that can never be delivered; if the file cannot be written it
-/// is counted and logged as lost, since retrying cannot make it deliverable.
+/// The dead-letter file could not be written: nothing was acked, the session ends and the
+/// record is read again after the rewind (counted as `reason="dead_letter"` each time), so
+/// it stays in the buffer until the file can be written.
+#[derive(Debug)]
+struct DeadLetterFailed;
+
+/// Dead-letters a record that can never be delivered (see [`SinkContext::dead_letter`]).
 async fn dead_letter_one(
     ctx: &SinkContext,
     record: crate::buffer::Record,
     reason: &'static str,
     detail: &str,
-) {
-    if ctx
-        .dead_letter(std::slice::from_ref(&record), reason, detail)
+) -> Result<(), DeadLetterFailed> {
+    ctx.dead_letter(std::slice::from_ref(&record), reason, detail)
         .await
-        .is_err()
-    {
-        ctx.metrics.undeliverable(reason);
-        ctx.buffer.ack(record.seq);
-    }
+        .map_err(|_| DeadLetterFailed)
 }
 
 /// Why a message with `topic` (as it goes upstream) and a payload of `payload_len` bytes
