@@ -567,8 +567,16 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
         let runs = [
             ("S6-aws unpaced, unpacked, 1 connection", "", 30_000),
             // ~25 s of paced delivery each, so that the start and the end weigh little.
-            ("S6-aws paced + packed 120KiB, 1 connection", AWS_120, 11_000),
-            ("S6-aws paced + packed 100KiB, 1 connection", AWS_100, 11_000),
+            (
+                "S6-aws paced + packed 120KiB, 1 connection",
+                AWS_120,
+                11_000,
+            ),
+            (
+                "S6-aws paced + packed 100KiB, 1 connection",
+                AWS_100,
+                11_000,
+            ),
             (
                 "S6-aws paced + packed 100KiB, 10 connections",
                 AWS_100_10,

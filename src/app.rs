@@ -58,6 +58,8 @@ pub struct Gateway {
     /// What the admin endpoint shows; told when shutdown begins.
     admin_state: Arc<AdminState>,
     listener_tasks: Vec<JoinHandle<()>>,
+    /// Retained messages and persistent sessions, and the task that writes them.
+    broker_state: (Arc<broker::Persist>, JoinHandle<()>),
     /// Resolves when the router thread ended.
     router: tokio::sync::oneshot::Receiver<()>,
     /// The router's rules and buffers: a reload sends the next ones.
@@ -267,8 +269,10 @@ impl Gateway {
             &metrics,
             stopping.clone(),
             security.clone(),
+            &plan.data_dir,
         )
         .await?;
+        let broker_state = (broker.persist.clone(), broker.persist_task);
         let running = broker.listeners;
         let downlinks = tokio::spawn(downlink::run(
             downlink_rx,
@@ -303,6 +307,7 @@ impl Gateway {
             admin_stop,
             admin_state: state,
             listener_tasks: running.into_iter().map(|l| l.task).collect(),
+            broker_state,
             router,
             routing,
             sinks,
@@ -463,6 +468,9 @@ impl Gateway {
         }
         let _ = self.downlinks.await;
         join_all(sinks.buffer_tasks).await;
+        let (persist, writer) = self.broker_state;
+        writer.abort();
+        let _ = tokio::task::spawn_blocking(move || persist.flush()).await;
         for buffer in sinks.buffers.values() {
             buffer.fsync_now().await;
         }

@@ -358,6 +358,10 @@ pub struct ListenerSection {
     pub max_connections: usize,
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: ByteSize,
+    /// QoS 1/2 publishes of one connection read but not yet acknowledged (the lower of
+    /// this and the device's MQTT 5 receive maximum): the backpressure on a device.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
     /// Time a new connection has to finish its TLS/WebSocket handshake, and then to
     /// send CONNECT.
     #[serde(default = "default_connect_timeout")]
@@ -439,6 +443,9 @@ pub struct MqttSinkSection {
     /// `aws-iot` or `azure-iot-hub`: applies that cloud's rules (see `sinks::cloud`).
     #[serde(default)]
     pub profile: Option<CloudProfile>,
+    /// `"5"` or `"3.1.1"`; default 5, except 3.1.1 with the `azure-iot-hub` profile.
+    #[serde(default)]
+    pub protocol: Option<MqttProtocol>,
     /// Azure IoT Hub: the hub's host name (`{name}.azure-devices.net`).
     #[serde(default)]
     pub hub: Option<String>,
@@ -504,6 +511,73 @@ pub struct MqttSinkSection {
     pub pack: Option<PackSection>,
     #[serde(default)]
     pub buffer: BufferSection,
+}
+
+/// The MQTT version an MQTT sink speaks upstream (`protocol = "5" | "3.1.1"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MqttProtocol {
+    /// MQTT 5: message properties travel upstream, PUBACKs carry reason codes.
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1: message properties are dropped (`check` warns).
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+/// `"5"` and `"3.1.1"`, and `5` written as a number (`protocol = 5`, or
+/// `EDGEBRIDGE_SINKS__CLOUD__PROTOCOL=5`, which the environment provider reads as one).
+impl<'de> Deserialize<'de> for MqttProtocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MqttProtocol;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"5\" or \"3.1.1\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MqttProtocol, E> {
+                match v {
+                    "5" | "5.0" => Ok(MqttProtocol::V5),
+                    "3.1.1" => Ok(MqttProtocol::V311),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<MqttProtocol, E> {
+                match v {
+                    5 => Ok(MqttProtocol::V5),
+                    other => Err(E::invalid_value(
+                        serde::de::Unexpected::Unsigned(other),
+                        &self,
+                    )),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<MqttProtocol, E> {
+                match v {
+                    5 => Ok(MqttProtocol::V5),
+                    other => Err(E::invalid_value(
+                        serde::de::Unexpected::Signed(other),
+                        &self,
+                    )),
+                }
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<MqttProtocol, E> {
+                if v == 5.0 {
+                    Ok(MqttProtocol::V5)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl MqttProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            MqttProtocol::V5 => "5",
+            MqttProtocol::V311 => "3.1.1",
+        }
+    }
 }
 
 /// `connections = 3` or `connections = ["plant-a-1", "plant-a-2"]`.
@@ -668,6 +742,9 @@ pub struct RuleSection {
     /// CEL expression building the outgoing payload; absent = unchanged.
     #[serde(default)]
     pub payload: Option<String>,
+    /// MQTT 5 user properties to set, add or remove (`rules::properties`).
+    #[serde(default)]
+    pub properties: Option<crate::rules::PropertiesSection>,
     /// `false`: a message this rule matched is not offered to later rules.
     #[serde(default = "default_true", rename = "continue")]
     pub continue_matching: bool,
@@ -768,6 +845,7 @@ fn default_listeners() -> Vec<ListenerSection> {
         ack: default_ack(),
         max_connections: default_max_connections(),
         max_packet_size: default_max_packet_size(),
+        max_inflight: default_max_inflight(),
         connect_timeout: default_connect_timeout(),
         tls: None,
         websocket: false,
@@ -794,6 +872,9 @@ fn default_max_connections() -> usize {
 }
 fn default_max_packet_size() -> ByteSize {
     ByteSize(1024 * 1024)
+}
+fn default_max_inflight() -> u16 {
+    100
 }
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
@@ -1115,6 +1196,7 @@ pub struct ListenerPlan {
     pub ack: AckMode,
     pub max_connections: usize,
     pub max_packet_size: usize,
+    pub max_inflight: u16,
     pub connect_timeout: Duration,
     pub tls: Option<ListenerTls>,
     pub websocket: bool,
@@ -1192,6 +1274,8 @@ pub struct MqttPlan {
     pub backoff_max: Duration,
     /// A cloud profile in force, if any.
     pub profile: Option<CloudProfile>,
+    /// The MQTT version spoken upstream (the profile's default unless set).
+    pub protocol: MqttProtocol,
     /// Largest payload the upstream accepts; a larger message is dead-lettered.
     pub max_payload: Option<usize>,
     /// Azure IoT Hub with a shared access key: the password is a SAS token made per
@@ -1261,6 +1345,8 @@ pub struct TargetPlan {
     pub sink: usize,
     pub topic: Option<Template>,
     pub payload: Option<Expr>,
+    /// The rule's `[rules.properties]`, shared by its targets.
+    pub properties: Option<std::sync::Arc<crate::rules::PropertyEdit>>,
 }
 
 /// Checks `config` and builds the [`Plan`]; every problem found is reported.
@@ -1352,6 +1438,9 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
                 "must be between 128B and 256MiB".into(),
             );
         }
+        if l.max_inflight == 0 {
+            err(format!("{path}.max_inflight"), "must be at least 1".into());
+        }
         if l.connect_timeout.0.is_zero() || l.connect_timeout.0 > Duration::from_secs(60) {
             err(
                 format!("{path}.connect_timeout"),
@@ -1379,6 +1468,7 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
                 ack: l.ack,
                 max_connections: l.max_connections,
                 max_packet_size: l.max_packet_size.0 as usize,
+                max_inflight: l.max_inflight,
                 connect_timeout: l.connect_timeout.0,
                 tls: l.tls.clone(),
                 websocket: l.websocket,
@@ -1528,7 +1618,7 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
             wildcards: filter.as_ref().map_or(0, |f| f.wildcard_count()),
             client_id: true,
         };
-        let targets = validate_targets(
+        let mut targets = validate_targets(
             &path,
             &r.to,
             r.topic.as_deref(),
@@ -1537,6 +1627,18 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
             &sink_names,
             &mut err,
         );
+        if let Some(section) = &r.properties {
+            let edit = crate::rules::PropertyEdit::validate(
+                &format!("{path}.properties"),
+                section,
+                &scope,
+                &mut err,
+            )
+            .map(std::sync::Arc::new);
+            for t in &mut targets {
+                t.properties = edit.clone();
+            }
+        }
         if let Some(filter) = filter {
             rules.push(RulePlan {
                 name: r.name.clone(),
@@ -1756,6 +1858,7 @@ fn validate_targets(
             sink,
             topic: own_topic.or_else(|| topic.clone()),
             payload: own_payload.or_else(|| payload.clone()),
+            properties: None,
         });
     }
     targets
@@ -2421,6 +2524,23 @@ fn validate_mqtt(
         err(format!("{path}.connections"), problem);
         ok = false;
     }
+    // AWS IoT Core and plain brokers (Mosquitto 2, HiveMQ, EMQX) speak MQTT 5; Azure IoT
+    // Hub's device endpoint speaks 3.1.1 (its MQTT 5 support is a preview on another API
+    // version, with the message properties carried differently).
+    let protocol = match (m.protocol, m.profile) {
+        (Some(MqttProtocol::V5), Some(CloudProfile::AzureIotHub)) => {
+            err(
+                format!("{path}.protocol"),
+                "Azure IoT Hub's device endpoint speaks MQTT 3.1.1; leave protocol out or set \"3.1.1\""
+                    .into(),
+            );
+            ok = false;
+            MqttProtocol::V311
+        }
+        (Some(p), _) => p,
+        (None, Some(CloudProfile::AzureIotHub)) => MqttProtocol::V311,
+        (None, _) => MqttProtocol::V5,
+    };
     if !ok {
         return None;
     }
@@ -2445,6 +2565,7 @@ fn validate_mqtt(
         backoff_min: m.backoff_min.0,
         backoff_max: m.backoff_max.0,
         profile: m.profile,
+        protocol,
         max_payload,
         sas,
         azure_events,
@@ -2454,6 +2575,20 @@ fn validate_mqtt(
 }
 
 impl Plan {
+    /// The rules (and `fallback`) that send to sink `index`, by name.
+    pub fn rules_to(&self, index: usize) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .rules
+            .iter()
+            .filter(|r| r.to.iter().any(|t| t.sink == index))
+            .map(|r| format!("rule {:?}", r.name))
+            .collect();
+        if self.fallback.iter().any(|t| t.sink == index) {
+            names.push("fallback".into());
+        }
+        names
+    }
+
     /// `sink`, `sink topic=...`, `sink payload=...`, comma separated.
     fn describe_targets(&self, targets: &[TargetPlan]) -> String {
         let parts: Vec<String> = targets
@@ -2534,7 +2669,7 @@ impl Plan {
             );
         }
         let _ = writeln!(out, "sinks:");
-        for s in &self.sinks {
+        for (index, s) in self.sinks.iter().enumerate() {
             let b = &s.buffer;
             let buffer = format!(
                 "buffer {:?} max_bytes={} when_full={:?} sync={:?}{}",
@@ -2596,17 +2731,46 @@ impl Plan {
                         .unwrap_or_default();
                     let _ = writeln!(
                         out,
-                        "  {} mqtt {url}{profile} client_id={} qos={}{auth}{tls}{pack}; {buffer}",
+                        "  {} mqtt {url}{profile} client_id={} qos={} protocol={}{auth}{tls}{pack}; {buffer}",
                         s.name,
                         match m.client_ids.as_slice() {
                             [one] => one.clone(),
                             ids =>
                                 format!("{} (connections={}, by topic)", ids.join(","), ids.len()),
                         },
-                        m.qos
+                        m.qos,
+                        m.protocol.name()
                     );
                     for note in &m.notes {
                         let _ = writeln!(out, "    {}: {note}", m.profile.map_or("", |p| p.name()));
+                    }
+                    if m.protocol == MqttProtocol::V311 {
+                        let rules = self.rules_to(index);
+                        if !rules.is_empty() {
+                            let _ = writeln!(
+                                out,
+                                "    warning: MQTT 3.1.1 upstream: the MQTT 5 properties of messages \
+                                 from {} (user properties, content type, payload format, response \
+                                 topic, correlation data, message expiry) are dropped",
+                                rules.join(", ")
+                            );
+                        }
+                        let editing: Vec<String> = self
+                            .rules
+                            .iter()
+                            .filter(|r| {
+                                r.to.iter()
+                                    .any(|t| t.sink == index && t.properties.is_some())
+                            })
+                            .map(|r| format!("{:?}", r.name))
+                            .collect();
+                        if !editing.is_empty() {
+                            let _ = writeln!(
+                                out,
+                                "    warning: the [rules.properties] of rule {} have no effect on this sink",
+                                editing.join(", ")
+                            );
+                        }
                     }
                     if urls.len() > 1 {
                         let _ = writeln!(
@@ -2640,7 +2804,16 @@ impl Plan {
                 .unwrap_or_default();
             let stop = if r.stop { " (continue = false)" } else { "" };
             let to = self.describe_targets(&r.to);
-            let _ = writeln!(out, "  {} {}{condition} -> {to}{stop}", r.name, r.filter);
+            let properties =
+                r.to.first()
+                    .and_then(|t| t.properties.as_ref())
+                    .map(|e| format!(" properties: {}", e.describe()))
+                    .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {} {}{condition} -> {to}{stop}{properties}",
+                r.name, r.filter
+            );
         }
         if !self.fallback.is_empty() {
             let _ = writeln!(out, "fallback -> {}", self.describe_targets(&self.fallback));
@@ -3422,6 +3595,8 @@ mod tests {
         };
         assert_eq!(k.properties["enable.idempotence"], "true");
         assert_eq!(k.properties["acks"], "all");
+        // Half-open detection, as the MQTT sink's ack_timeout (tests/network_faults.rs).
+        assert_eq!(k.properties["socket.timeout.ms"], "30000");
         assert_eq!(k.properties["linger.ms"], "20", "configured values win");
         assert_eq!(k.properties["bootstrap.servers"], "a:9092,b:9092");
         assert_eq!(k.key.source(), "{topic}");
@@ -3537,6 +3712,62 @@ mod tests {
         let long = "x".repeat(300);
         let e = first_error(&rule(&long, ""));
         assert!(e.contains("300 bytes long"), "{e}");
+    }
+
+    #[test]
+    fn protocol_defaults_by_profile_and_check_warns_of_dropped_properties() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let aws = load_str(
+            &aws_sink(dir.path(), "mqtts://x-ats.iot.eu-west-1.amazonaws.com", ""),
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(mqtt_plan(&aws).protocol, MqttProtocol::V5);
+        assert!(
+            aws.describe().contains("qos=1 protocol=5"),
+            "{}",
+            aws.describe()
+        );
+
+        let mut azure = AZURE.to_string();
+        azure += "tls = { ca = \"/etc/hostname\" }\n";
+        let key = [("AZURE_KEY", "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seQ==")];
+        let plan = load_str(&azure, &key).expect("valid");
+        assert_eq!(mqtt_plan(&plan).protocol, MqttProtocol::V311);
+        let e = match load_str(&format!("{azure}protocol = \"5\"\n"), &key) {
+            Ok(_) => panic!("MQTT 5 accepted for Azure IoT Hub"),
+            Err(e) => e.0[0].to_string(),
+        };
+        assert!(
+            e.starts_with("sinks.hub.protocol: Azure IoT Hub's device endpoint speaks MQTT 3.1.1"),
+            "{e}"
+        );
+
+        let plain = |extra: &str| {
+            format!(
+                "[gateway]\nid = \"gw\"\n[sinks.up]\ntype = \"mqtt\"\nurl = \"mqtt://h:1883\"\n{extra}\n\
+                 [[rules]]\nname = \"telemetry\"\nfrom = \"#\"\nto = [\"up\"]\n"
+            )
+        };
+        let v5 = load_str(&plain(""), &[]).expect("valid");
+        assert_eq!(mqtt_plan(&v5).protocol, MqttProtocol::V5);
+        assert!(!v5.describe().contains("warning"), "{}", v5.describe());
+        let v311 = load_str(&plain("protocol = \"3.1.1\""), &[]).expect("valid");
+        assert_eq!(mqtt_plan(&v311).protocol, MqttProtocol::V311);
+        let text = v311.describe();
+        assert!(text.contains("protocol=3.1.1"), "{text}");
+        assert!(
+            text.contains("warning: MQTT 3.1.1 upstream: the MQTT 5 properties of messages from rule \"telemetry\""),
+            "{text}"
+        );
+        let e = first_error(&plain("protocol = \"4\""));
+        assert!(e.starts_with("sinks.up.protocol"), "{e}");
+        // A number: figment's environment provider reads EDGEBRIDGE_SINKS__UP__PROTOCOL=5
+        // as one, as TOML does `protocol = 5`.
+        let five = load_str(&plain("protocol = 5"), &[]).expect("valid");
+        assert_eq!(mqtt_plan(&five).protocol, MqttProtocol::V5);
+        let e = first_error(&plain("protocol = 3"));
+        assert!(e.starts_with("sinks.up.protocol"), "{e}");
     }
 
     const AZURE: &str = r#"

@@ -1,8 +1,8 @@
 //! edgebridge: an edge gateway between factory devices and the cloud.
 //!
 //! ```text
-//! devices ──MQTT 3.1.1/5──▶ broker (rumqttd, embedded)
-//!                              │ every PUBLISH, seen at the protocol seam
+//! devices ──MQTT 3.1/3.1.1/5──▶ device connections (edgebridge's tasks) ──▶ rumqttd router
+//!                              │ every PUBLISH and every will                (local fan-out)
 //!                              ▼
 //!                          intake ──▶ rules (filter · CEL condition · transform)
 //!                                        │ one record per matched sink
@@ -17,12 +17,14 @@
 //! Module map:
 //! - [`config`]: figment loading (defaults ← TOML ← `EDGEBRIDGE_*` env, `${VAR}`) and the
 //!   pure validation into a typed [`config::Plan`].
-//! - [`broker`]: embeds rumqttd; the device-facing protocol seam and intake.
+//! - [`broker`]: device connections (auth, ACLs, acks, wills), rumqttd's router for local
+//!   subscribers, and intake.
 //! - [`rules`]: compiled topic filters, templates and CEL expressions; the router task;
 //!   downlinks ([`rules::downlink`]) and the dry run ([`rules::dry_run`]).
 //! - [`buffer`]: the per-sink buffer (append / read batch / ack / rewind).
-//! - [`sinks`]: one worker per sink: [`sinks::mqtt`] (with [`sinks::failover`] between
-//!   its endpoints, several connections in `connections`), [`sinks::http`],
+//! - [`sinks`]: one worker per sink: [`sinks::mqtt`] (MQTT 5 or 3.1.1 behind one seam,
+//!   with [`sinks::failover`] between its endpoints, several connections in
+//!   `connections`, MQTT 5 reason codes in [`sinks::mqtt::puback`]), [`sinks::http`],
 //!   [`sinks::kafka`], [`sinks::file`]; each paces what it sends with [`sinks::pacing`]
 //!   when it has a `rate`, and MQTT and HTTP combine messages with [`sinks::pack`].
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/v1/status` and the status page.

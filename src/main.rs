@@ -73,7 +73,21 @@ enum RulesCommand {
         qos: u8,
         #[arg(long)]
         retain: bool,
+        /// An MQTT 5 user property `key=value` of the message (repeatable, in order).
+        #[arg(long = "property", value_name = "KEY=VALUE", value_parser = parse_property)]
+        properties: Vec<(String, String)>,
+        /// The MQTT 5 content type of the message.
+        #[arg(long)]
+        content_type: Option<String>,
     },
+}
+
+/// `--property key=value`: the first `=` splits (a value may contain more).
+fn parse_property(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("{arg:?} is not key=value")),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -173,7 +187,7 @@ async fn serve(gateway: &mut Gateway, config: &std::path::Path) {
 }
 
 fn run(plan: Plan, config: &std::path::Path) -> ExitCode {
-    // Multi-thread: withheld device acks block a worker thread (block_in_place).
+    // Multi-thread: device connections, rules and sinks share the cores.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -274,6 +288,8 @@ fn main() -> ExitCode {
                     client_id,
                     qos,
                     retain,
+                    properties,
+                    content_type,
                 },
         } => match load_plan(&config) {
             Ok(plan) => {
@@ -283,6 +299,8 @@ fn main() -> ExitCode {
                     client_id,
                     qos,
                     retain,
+                    user_properties: properties,
+                    content_type,
                 };
                 print!("{}", dry_run(&plan, &input));
                 ExitCode::SUCCESS

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub messages_unmatched: IntCounterVec,
     pub acl_denied: IntCounterVec,
     pub connections_refused: IntCounterVec,
+    pub connections_closed: IntCounterVec,
     pub connections: IntGaugeVec,
     pub rule_matches: IntCounterVec,
     pub rule_errors: IntCounterVec,
@@ -113,6 +114,12 @@ impl Metrics {
                 &registry,
                 "edgebridge_connections_refused_total",
                 "Device connections refused, by reason",
+                &["listener", "reason"],
+            ),
+            connections_closed: counter(
+                &registry,
+                "edgebridge_connections_closed_total",
+                "Device connections ended, by reason",
                 &["listener", "reason"],
             ),
             connections: gauge(
@@ -224,6 +231,10 @@ impl Metrics {
                 .messages_dropped
                 .with_label_values(&[listener, "invalid"]),
             connections: self.connections.with_label_values(&[listener]),
+            closed: ClosedMetrics {
+                by_reason: self.connections_closed.clone(),
+                listener: listener.to_string(),
+            },
             acl_denied: self.acl_denied.with_label_values(&[listener]),
             refused: RefusedMetrics {
                 bad_credentials: refused("bad_credentials"),
@@ -231,6 +242,7 @@ impl Metrics {
                 invalid_client_id: refused("invalid_client_id"),
                 max_connections: refused("max_connections"),
                 handshake: refused("handshake"),
+                protocol_version: refused("protocol_version"),
             },
         }
     }
@@ -251,8 +263,25 @@ pub struct ListenerMetrics {
     pub intake_full: IntCounter,
     pub invalid: IntCounter,
     pub connections: IntGauge,
+    pub closed: ClosedMetrics,
     pub acl_denied: IntCounter,
     pub refused: RefusedMetrics,
+}
+
+/// `edgebridge_connections_closed_total` of one listener; the reasons are the
+/// `CloseReason` labels of the device connection.
+#[derive(Clone)]
+pub struct ClosedMetrics {
+    by_reason: IntCounterVec,
+    listener: String,
+}
+
+impl ClosedMetrics {
+    pub fn inc(&self, reason: &str) {
+        self.by_reason
+            .with_label_values(&[self.listener.as_str(), reason])
+            .inc();
+    }
 }
 
 /// `edgebridge_connections_refused_total` of one listener, by reason.
@@ -266,4 +295,6 @@ pub struct RefusedMetrics {
     pub max_connections: IntCounter,
     /// TLS or WebSocket handshake failed or timed out (wrong CA, expired certificate…).
     pub handshake: IntCounter,
+    /// A CONNECT with a protocol level other than 3.1, 3.1.1 or 5 (CONNACK 0x01 / 0x84).
+    pub protocol_version: IntCounter,
 }

@@ -1,4 +1,4 @@
-//! What rumqttd provides to devices still works through edgebridge's protocol seam:
+//! What rumqttd provided to devices still works with edgebridge's own device connections:
 //! retained messages, last wills, QoS 2 (whose PUBREC is held until durable), and
 //! 3.1.1 and 5 clients on one port.
 

@@ -1,4 +1,4 @@
-//! Intake at the protocol seam under a burst: every QoS 1 message reaches every sink
+//! Intake from device connections under a burst: every QoS 1 message reaches every sink
 //! exactly, even when one sink is slow (devices are slowed down instead, by withheld
 //! PUBACKs); QoS 0 beyond the high-water mark is shed and counted.
 

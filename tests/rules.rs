@@ -838,3 +838,108 @@ async fn sighup_with_a_broken_config_keeps_the_old_rules_and_a_good_one_applies(
     gw.wait_for_log("edgebridge stopped", 1).await;
     events.abort();
 }
+
+#[test]
+fn rules_test_takes_properties_and_shows_what_each_sink_gets() {
+    let config = r##"
+[gateway]
+id = "edge-09"
+[sinks.cloud]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1"
+[sinks.legacy]
+type = "mqtt"
+url = "mqtt://127.0.0.1:2"
+protocol = "3.1.1"
+[sinks.lake]
+type = "file"
+path = "lake.ndjson"
+
+[[rules]]
+name = "line4"
+from = "factory/+/telemetry"
+where = "properties.user['line'] == '4' && properties.content_type == 'application/json'"
+to = ["cloud", "legacy", "lake"]
+[rules.properties]
+remove = ["debug"]
+set = { line = "L{1}", site = "{gateway_id}" }
+add = { via = "{client_id}" }
+"##;
+    let (code, out, err) = rules_test(
+        config,
+        &[
+            "--topic",
+            "factory/press-7/telemetry",
+            "--payload",
+            "{}",
+            "--client-id",
+            "dev-7",
+            "--property",
+            "line=4",
+            "--property",
+            "debug=a=b",
+            "--content-type",
+            "application/json",
+        ],
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.contains(&"rule line4: matched"), "{out}");
+    let edited = r#"  properties: user [line=Lpress-7, site=edge-09, via=dev-7] content_type "application/json""#;
+    let at = |sink: &str| {
+        lines
+            .iter()
+            .position(|l| l.starts_with(&format!("sink {sink}:")))
+            .unwrap_or_else(|| panic!("no sink {sink} in:\n{out}"))
+    };
+    assert_eq!(lines[at("cloud") + 1], edited, "{out}");
+    assert_eq!(lines[at("lake") + 1], edited, "{out}");
+    assert_eq!(
+        lines[at("legacy") + 1],
+        format!("{edited} (dropped: this sink speaks MQTT 3.1.1)"),
+        "{out}"
+    );
+
+    // Another line: the condition is false.
+    let (code, out, _) = rules_test(
+        config,
+        &[
+            "--topic",
+            "factory/press-7/telemetry",
+            "--property",
+            "line=5",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("rule line4: no match: where is false"),
+        "{out}"
+    );
+    let (code, _, err) = rules_test(config, &["--topic", "t", "--property", "novalue"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("\"novalue\" is not key=value"), "{err}");
+
+    // check names the edit and warns that the 3.1.1 sink drops it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("edgebridge.toml");
+    std::fs::write(&path, config).expect("write config");
+    let out = edgebridge()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run edgebridge check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "properties: remove debug, set line=L{1}, set site={gateway_id}, add via={client_id}"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "warning: the [rules.properties] of rule \"line4\" have no effect on this sink"
+        ),
+        "{text}"
+    );
+}

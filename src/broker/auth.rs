@@ -4,7 +4,7 @@
 //!
 //! Decided once per connection at CONNECT ([`Security::authenticate`] and
 //! [`Security::grants`]); each PUBLISH and SUBSCRIBE is then checked against the
-//! connection's [`Grants`] by the protocol seam.
+//! connection's [`Grants`] by the device connection (`connection.rs`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

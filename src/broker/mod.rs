@@ -1,41 +1,52 @@
-//! The embedded broker: rumqttd's router plus one rumqttd `Server` per `[[listeners]]`
-//! entry, each running on edgebridge's multi-thread runtime with [`DeviceProtocol`] as
-//! its codec. Devices talk MQTT 3.1.1 and 5 on the same port. TLS and WebSocket
-//! listeners are edgebridge's own accept loop in front of a loopback rumqttd listener
-//! (`front.rs`); authentication and ACLs are applied at the protocol seam (`auth.rs`).
+//! The embedded broker: device connections are edgebridge's own tasks
+//! (`connection.rs`), one per device, for TCP, TLS, WebSocket and WSS alike
+//! (`transport.rs`); rumqttd keeps only its router (subscriptions, sessions, retained
+//! messages, fan-out to local subscribers), joined through local links (`links.rs`).
+//! Authentication and ACLs are `auth.rs`; MQTT framing around rumqttd's codecs is
+//! `protocol.rs`.
 //!
-//! Output: every device PUBLISH becomes an [`IntakeItem`] on the intake channel (see
-//! `protocol.rs`). Local subscribers are served by rumqttd as usual.
+//! Output: every device PUBLISH (and every will) becomes an [`IntakeItem`] on the intake
+//! channel, and reaches local subscribers through the router.
 //!
 //! Input from the cloud: [`LocalPublisher`] publishes downlinked messages to devices
-//! through a rumqttd local link. A local link bypasses the protocol seam, so nothing it
-//! publishes ever reaches intake, and so no rule can send it back upstream.
+//! through the router. It does not pass a device connection, so nothing it publishes
+//! ever reaches intake, and so no rule can send it back upstream.
 
 mod auth;
-mod front;
+mod connection;
 mod intake;
+mod links;
+mod persist;
 mod protocol;
+mod transport;
 
-use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::AtomicBool;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish};
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use rumqttd::RouterConfig;
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, info};
 
 pub use auth::{check_pattern, hash_password, set_password, AclEntry, Glob, Security, Users};
-pub use front::WS_PATH;
+pub use connection::{BrokerShared, CloseReason, ListenerShared};
 pub use intake::{AckTicket, AckTracker, IntakeItem};
-pub use protocol::{BrokerShared, DeviceProtocol, ListenerShared};
+pub use persist::Persist;
+pub use transport::WS_PATH;
 
 use crate::config::{AuthPlan, BrokerSection, ListenerPlan};
 use crate::metrics::Metrics;
+use links::Links;
+
+/// Sockets beyond `max_connections` still allowed to be mid-handshake: the MQTT-level
+/// limit answers with a CONNACK, which needs a finished handshake.
+const HANDSHAKE_SLACK: usize = 64;
 
 /// A running device listener.
 pub struct RunningListener {
@@ -50,7 +61,8 @@ fn router_config(broker: &BrokerSection, listeners: &[ListenerPlan]) -> RouterCo
     let connections: usize = listeners.iter().map(|l| l.max_connections).sum();
     RouterConfig {
         // Our own limit is enforced per listener at CONNECT (with a proper CONNACK);
-        // rumqttd's must never be the one that refuses.
+        // rumqttd's must never be the one that refuses (a refused link is never
+        // answered). The shared link counts too.
         max_connections: connections + 16,
         max_outgoing_packet_count: 200,
         max_segment_size: broker.max_segment_size.0 as usize,
@@ -59,13 +71,6 @@ fn router_config(broker: &BrokerSection, listeners: &[ListenerPlan]) -> RouterCo
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
     }
-}
-
-/// Picks the address to hand rumqttd: it binds by itself, so for port 0 a free port is
-/// found first; binding here also turns "address in use" into a start-up error.
-fn reserve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
-    let probe = TcpListener::bind(addr).with_context(|| format!("cannot bind {addr}"))?;
-    Ok(probe.local_addr()?)
 }
 
 /// The address to connect to for a listener bound to `addr` (a wildcard address is
@@ -82,40 +87,10 @@ pub fn loopback(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// How many free ports a listener started on a picked port tries (see [`start`]).
-const BIND_ATTEMPTS: u32 = 5;
-
-/// Waits until rumqttd's accept loop for `addr` is bound (it binds inside its task).
-async fn wait_until_listening(addr: SocketAddr, task: &JoinHandle<()>) -> anyhow::Result<()> {
-    let probe = loopback(addr);
-    for _ in 0..200 {
-        if task.is_finished() {
-            anyhow::bail!("device listener on {addr} stopped during start-up");
-        }
-        if tokio::net::TcpStream::connect(probe).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    anyhow::bail!("device listener on {addr} did not start within 5s")
-}
-
-/// The client id of the local link: longer than any id the protocol seam accepts from a
-/// device, so no device can take it over (rumqttd refuses `$ / + #` in any id, the
-/// local link's included).
-fn local_link_id() -> String {
-    format!(
-        "edgebridge-downlink{}",
-        "-".repeat(protocol::MAX_CLIENT_ID_LEN)
-    )
-}
-
-/// Publishes to local devices through rumqttd's router (QoS 0 on the link; rumqttd
-/// delivers at each subscription's QoS).
+/// Publishes to local devices through rumqttd's router as QoS 1 messages (each
+/// subscriber gets min(1, its subscription's QoS)).
 pub struct LocalPublisher {
-    tx: LinkTx,
-    /// Kept open: rumqttd treats a dropped receiver as a gone connection.
-    _rx: LinkRx,
+    links: Arc<Links>,
 }
 
 impl LocalPublisher {
@@ -125,12 +100,7 @@ impl LocalPublisher {
         payload: Bytes,
         retain: bool,
     ) -> anyhow::Result<()> {
-        let publish = Publish::new(topic, payload, retain);
-        self.tx
-            .send(Packet::Publish(publish, None))
-            .await
-            .map(drop)
-            .map_err(|e| anyhow::anyhow!("local link: {e}"))
+        self.links.publish(topic, payload, retain, 1, None).await
     }
 }
 
@@ -156,7 +126,15 @@ impl Security {
 pub struct RunningBroker {
     pub listeners: Vec<RunningListener>,
     pub local: LocalPublisher,
+    /// Retained messages and persistent sessions; written every second when changed, and
+    /// by [`Persist::flush`] at shutdown.
+    pub persist: Arc<Persist>,
+    /// Writes `persist` every second; aborted at shutdown, which then flushes once more.
+    pub persist_task: JoinHandle<()>,
 }
+
+/// How often the broker's persisted state is written when it changed.
+const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Starts rumqttd's router and every listener; returns once all of them accept.
 pub async fn start(
@@ -166,123 +144,88 @@ pub async fn start(
     metrics: &Metrics,
     stopping: Arc<AtomicBool>,
     security: SharedSecurity,
+    data_dir: &Path,
 ) -> anyhow::Result<RunningBroker> {
-    let router_tx = Router::new(0, router_config(broker, listeners)).spawn();
-    // `build` waits (blocking) for the router's CONNACK.
-    let link_router = router_tx.clone();
-    let (tx, rx, _) = tokio::task::spawn_blocking(move || {
-        rumqttd::local::LinkBuilder::new(&local_link_id(), link_router)
-            .build()
-            .map_err(|e| anyhow::anyhow!("{e}"))
-    })
-    .await?
-    .context("cannot open the local link for downlinks")?;
-    let local = LocalPublisher { tx, _rx: rx };
-    let mut running = Vec::new();
+    let config = router_config(broker, listeners);
+    let persist = Arc::new(Persist::open(data_dir)?);
+    // Opening the shared link waits (blocking) for the router's answer.
+    let for_links = persist.clone();
+    let links = tokio::task::spawn_blocking(move || Links::start(config, for_links)).await??;
+    links
+        .restore()
+        .await
+        .context("cannot restore retained messages and sessions")?;
+    let writer = persist.clone();
+    let persist_task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(PERSIST_INTERVAL).await;
+            let writer = writer.clone();
+            let _ = tokio::task::spawn_blocking(move || writer.flush()).await;
+        }
+    });
     let shared_by_all = BrokerShared {
         qos0_high_water: broker.qos0_high_water,
         intake,
         stopping,
         security,
+        links: links.clone(),
     };
+    let mut running = Vec::new();
     for (index, plan) in listeners.iter().enumerate() {
-        let fronted = plan.tls.is_some() || plan.websocket;
-        // Behind a front, rumqttd listens on loopback and only the front connects there.
-        let token = if fronted {
-            let mut token = [0u8; protocol::TOKEN_LEN];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut token)
-                .map_err(|_| anyhow::anyhow!("no system randomness for the listener token"))?;
-            Some(token)
-        } else {
-            None
-        };
-        let listener_metrics = metrics.listener(&plan.name);
-        // rumqttd binds by itself, so a free port picked for it (port 0) can be taken by
-        // another socket before it binds: an outgoing connection's ephemeral port comes
-        // from the same range (seen in the test suite on a loaded machine). Such a start
-        // is retried on a newly picked port; a configured port is not.
-        let picked_port = fronted || plan.bind.port() == 0;
-        let mut attempt = 1;
-        let (shared, public_addr, task) = loop {
-            let addr = if fronted {
-                reserve(SocketAddr::from(([127, 0, 0, 1], 0)))?
-            } else {
-                reserve(plan.bind)?
-            };
-            let shared = Arc::new(ListenerShared::new(
-                index,
-                plan,
-                &shared_by_all,
-                listener_metrics.clone(),
-                token,
-            ));
-            let settings = ServerSettings {
-                name: plan.name.clone(),
-                listen: addr,
-                tls: None,
-                next_connection_delay_ms: 0,
-                connections: ConnectionSettings {
-                    connection_timeout_ms: plan.connect_timeout.as_millis().min(u16::MAX as u128)
-                        as u16,
-                    max_payload_size: plan.max_packet_size,
-                    max_inflight_count: 100,
-                    auth: None,
-                    external_auth: None,
-                    dynamic_filters: true,
-                },
-            };
-            let mut server = Server::new(
-                settings,
-                router_tx.clone(),
-                DeviceProtocol::new(shared.clone()),
-            );
-            let name = plan.name.clone();
-            let serve_rumqttd = async move {
-                if let Err(e) = server.start(LinkType::Remote).await {
-                    error!(listener = %name, error = %e, "device listener stopped");
-                }
-            };
-            let (public_addr, task) = match token {
-                Some(token) => {
-                    let socket = tokio::net::TcpListener::bind(plan.bind)
-                        .await
-                        .with_context(|| format!("cannot bind {}", plan.bind))?;
-                    let public_addr = socket.local_addr()?;
-                    let front = Arc::new(front::Front::new(
-                        plan,
-                        addr,
-                        token,
-                        listener_metrics.clone(),
-                    )?);
-                    let task = tokio::spawn(async move {
-                        tokio::select! {
-                            () = serve_rumqttd => {}
-                            () = front.serve(socket) => {}
-                        }
-                    });
-                    (public_addr, task)
-                }
-                None => (addr, tokio::spawn(serve_rumqttd)),
-            };
-            match wait_until_listening(addr, &task).await {
-                Ok(()) => break (shared, public_addr, task),
-                Err(e) if picked_port && task.is_finished() && attempt < BIND_ATTEMPTS => {
-                    warn!(listener = %plan.name, %addr, attempt, error = %e, "the port picked for the listener was taken before it bound; picking another");
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        info!(listener = %plan.name, addr = %public_addr, scheme = plan.scheme(), "device listener started (MQTT 3.1.1 and 5)");
+        let socket = TcpListener::bind(plan.bind)
+            .await
+            .with_context(|| format!("cannot bind {}", plan.bind))?;
+        let addr = socket.local_addr()?;
+        let shared = Arc::new(ListenerShared::new(
+            index,
+            plan,
+            &shared_by_all,
+            metrics.listener(&plan.name),
+        )?);
+        let task = tokio::spawn(accept(shared.clone(), socket));
+        info!(listener = %plan.name, %addr, scheme = plan.scheme(), "device listener started (MQTT 3.1, 3.1.1 and 5)");
         running.push(RunningListener {
             name: plan.name.clone(),
-            addr: public_addr,
+            addr,
             shared,
             task,
         });
     }
     Ok(RunningBroker {
         listeners: running,
-        local,
+        local: LocalPublisher { links },
+        persist,
+        persist_task,
     })
+}
+
+/// The accept loop: never waits on a device. Dropped (the listener task aborted), it
+/// closes every connection of the listener.
+async fn accept(shared: Arc<ListenerShared>, listener: TcpListener) {
+    let _close_all = shared.shutdown.clone().drop_guard();
+    let open = Arc::new(AtomicUsize::new(0));
+    let max_sockets = shared.max_connections + HANDSHAKE_SLACK;
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly.
+                debug!(listener = %shared.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::Relaxed) >= max_sockets {
+            open.fetch_sub(1, Ordering::Relaxed);
+            shared.metrics.refused.max_connections.inc();
+            debug!(listener = %shared.name, %peer, "too many sockets open; closing a new one");
+            continue;
+        }
+        let shared = shared.clone();
+        let open = open.clone();
+        tokio::spawn(async move {
+            connection::run(shared, socket, peer).await;
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
 }

@@ -4,15 +4,14 @@
 //! subscriptions; the sink worker subscribes after every CONNACK and hands what arrives
 //! to a [`DownlinkTap`] (a bounded channel: a slow local side slows the upstream
 //! connection down, it does not drop commands).
-//! Output: one publish to local devices per matching downlink, through the broker's
-//! local link ([`LocalPublisher`]). The local link does not pass the protocol seam, so a
-//! downlinked message never enters intake and no rule can forward it back upstream.
+//! Output: one publish to local devices per matching downlink, straight into the broker's
+//! router ([`LocalPublisher`]). It does not pass a device connection, so a downlinked
+//! message never enters intake and no rule can forward it back upstream.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use prometheus::IntCounterVec;
-use rumqttc::{AsyncClient, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -49,36 +48,33 @@ impl DownlinkTap {
         &self.filters
     }
 
-    /// Queues the SUBSCRIBE (after a CONNACK: a clean session forgets subscriptions).
-    pub fn subscribe(&self, client: &AsyncClient) {
-        let filters = self.filters.iter().map(|(f, qos)| {
-            let qos = match qos {
-                0 => QoS::AtMostOnce,
-                1 => QoS::AtLeastOnce,
-                _ => QoS::ExactlyOnce,
-            };
-            SubscribeFilter::new(f.clone(), qos)
-        });
-        if let Err(e) = client.try_subscribe_many(filters) {
-            warn!(sink = %self.sink, error = %e, "cannot queue the downlink subscription");
-        } else {
-            debug!(sink = %self.sink, filters = ?self.filters, "downlink subscription sent");
+    /// The sink worker queued the SUBSCRIBE of [`DownlinkTap::filters`] (after a
+    /// CONNACK: a clean session forgets subscriptions), or could not.
+    pub fn subscribed(&self, queued: Result<(), String>) {
+        match queued {
+            Ok(()) => {
+                debug!(sink = %self.sink, filters = ?self.filters, "downlink subscription sent")
+            }
+            Err(e) => {
+                warn!(sink = %self.sink, error = %e, "cannot queue the downlink subscription")
+            }
         }
     }
 
-    /// Logs a refused subscription (the broker's ACL, or QoS 2 on AWS IoT Core).
-    pub fn check_suback(&self, codes: &[SubscribeReasonCode]) {
-        if codes.contains(&SubscribeReasonCode::Failure) {
+    /// Logs a refused subscription (the broker's ACL, or QoS 2 on AWS IoT Core);
+    /// `codes` are the SUBACK's reason codes as rumqttc shows them.
+    pub fn check_suback(&self, refused: bool, codes: &dyn std::fmt::Debug) {
+        if refused {
             warn!(sink = %self.sink, filters = ?self.filters, codes = ?codes, "upstream refused a downlink subscription");
         }
     }
 
     /// Hands an upstream PUBLISH to the downlink task; waits while its queue is full.
-    pub async fn forward(&self, publish: &rumqttc::Publish) {
+    pub async fn forward(&self, topic: String, payload: Bytes) {
         let msg = UpstreamMessage {
             sink: self.sink.clone(),
-            topic: publish.topic.clone(),
-            payload: publish.payload.clone(),
+            topic,
+            payload,
         };
         // Closed only at shutdown, when nothing can be delivered locally anyway.
         let _ = self.tx.send(msg).await;

@@ -10,7 +10,8 @@ use bytes::Bytes;
 
 use super::{Route, RuleSet, Verdict};
 use crate::config::Plan;
-use crate::message::{now_millis, Message};
+use crate::config::{MqttProtocol, SinkKindPlan};
+use crate::message::{now_millis, Message, Properties};
 use crate::metrics::Metrics;
 
 /// The message of a dry run.
@@ -20,6 +21,10 @@ pub struct TestMessage {
     pub client_id: String,
     pub qos: u8,
     pub retain: bool,
+    /// MQTT 5 user properties (`--property k=v`), in order.
+    pub user_properties: Vec<(String, String)>,
+    /// MQTT 5 content type (`--content-type`).
+    pub content_type: Option<String>,
 }
 
 /// The report printed by `rules test`.
@@ -31,7 +36,15 @@ pub fn dry_run(plan: &Plan, input: &TestMessage) -> String {
         payload: Bytes::copy_from_slice(&input.payload),
         qos: input.qos,
         retain: input.retain,
-        properties: None,
+        properties: (!input.user_properties.is_empty() || input.content_type.is_some()).then(
+            || {
+                Box::new(Properties {
+                    user_properties: input.user_properties.clone(),
+                    content_type: input.content_type.clone(),
+                    ..Properties::default()
+                })
+            },
+        ),
         received_at: now_millis(),
     };
     let (verdicts, routes, matched) = rules.explain(&msg, &input.client_id);
@@ -95,6 +108,32 @@ fn describe_route(out: &mut String, plan: &Plan, msg: &Message, route: &Route) {
     };
     let sink = &plan.sinks[route.sink];
     let _ = writeln!(out, "sink {}: topic {topic:?} {shown}", sink.name);
+    let properties = match &route.properties {
+        Some(edited) => edited.as_deref(),
+        None => msg.properties.as_deref(),
+    };
+    if let Some(p) = properties {
+        let user: Vec<String> = p
+            .user_properties
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let mut shown = format!("user [{}]", user.join(", "));
+        if let Some(ct) = &p.content_type {
+            shown += &format!(" content_type {ct:?}");
+        }
+        let dropped = match (&sink.kind, sink.kind.pack()) {
+            (SinkKindPlan::Mqtt(m), _) if m.protocol == MqttProtocol::V311 => {
+                " (dropped: this sink speaks MQTT 3.1.1)"
+            }
+            (_, Some(pack)) if pack.fields.properties => " (in its pack part)",
+            (_, Some(_)) => {
+                " (dropped: a pack carries none; add \"properties\" to pack.fields to keep them in its part)"
+            }
+            _ => "",
+        };
+        let _ = writeln!(out, "  properties: {shown}{dropped}");
+    }
     if let Some(pack) = sink.kind.pack() {
         let mut part = Vec::new();
         let routed = Message {

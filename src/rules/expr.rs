@@ -27,7 +27,7 @@ use serde::{Serialize, Serializer};
 
 use super::json::{serialize_double, Json};
 use super::native::Native;
-use crate::message::Message;
+use crate::message::{Message, Properties};
 
 /// The variables an expression may use, with what they hold.
 pub const VARIABLES: &[(&str, &str)] = &[
@@ -48,6 +48,12 @@ pub const VARIABLES: &[(&str, &str)] = &[
     (
         "user_properties",
         "MQTT 5 user properties (map of string to string; empty for 3.1.1)",
+    ),
+    (
+        "properties",
+        "MQTT 5 properties (map): user (map of string to string), content_type, \
+         response_topic (strings), correlation_data (bytes), payload_format_indicator, \
+         message_expiry_interval (ints); only those the device sent",
     ),
     ("gateway_id", "gateway.id (string)"),
     (
@@ -158,8 +164,9 @@ impl Expr {
                 known.join(", ")
             ));
         }
-        let dynamic =
-            references.has_variable("payload") || references.has_variable("user_properties");
+        let dynamic = references.has_variable("payload")
+            || references.has_variable("user_properties")
+            || references.has_variable("properties");
         let native = Native::compile(program.expression(), kind == ExprKind::Transform);
         let expr = Expr {
             source: source.to_string(),
@@ -397,6 +404,7 @@ pub struct MessageVars<'m> {
     payload: OnceLock<Box<dyn Val + 'static>>,
     levels: OnceLock<Box<dyn Val + 'm>>,
     user_properties: OnceLock<Box<dyn Val + 'm>>,
+    properties: OnceLock<Box<dyn Val + 'm>>,
 }
 
 impl<'m> MessageVars<'m> {
@@ -409,6 +417,7 @@ impl<'m> MessageVars<'m> {
             payload: OnceLock::new(),
             levels: OnceLock::new(),
             user_properties: OnceLock::new(),
+            properties: OnceLock::new(),
         }
     }
 
@@ -434,6 +443,11 @@ impl<'m> MessageVars<'m> {
 
     pub(super) fn received_at(&self) -> i64 {
         i64::try_from(self.msg.received_at).unwrap_or(i64::MAX)
+    }
+
+    /// The device's MQTT 5 properties, if it sent any.
+    pub(super) fn properties(&self) -> Option<&'m Properties> {
+        self.msg.properties.as_deref()
     }
 
     pub(super) fn payload_bytes(&self) -> &'m [u8] {
@@ -486,25 +500,67 @@ impl VariableResolver for MessageVars<'_> {
                     })
                     .as_ref(),
             ),
-            "user_properties" => CowVal::Borrowed(
-                self.user_properties
-                    .get_or_init(|| {
-                        let mut map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = HashMap::new();
-                        if let Some(p) = &msg.properties {
-                            for (k, v) in &p.user_properties {
-                                map.insert(
-                                    CelMapKey::String(CelString::from(k.as_str())),
-                                    Box::new(CelString::from(v.as_str())),
-                                );
-                            }
-                        }
-                        Box::new(CelMap::from(map))
-                    })
-                    .as_ref(),
-            ),
+            "user_properties" => {
+                CowVal::Borrowed(self.user_properties.get_or_init(|| user_map(msg)).as_ref())
+            }
+            "properties" => {
+                CowVal::Borrowed(self.properties.get_or_init(|| properties_val(msg)).as_ref())
+            }
             _ => return None,
         })
     }
+}
+
+/// A message's user properties as a CEL map (a repeated key keeps its last value).
+fn user_map(msg: &Message) -> Box<dyn Val + '_> {
+    let mut map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = HashMap::new();
+    if let Some(p) = &msg.properties {
+        for (k, v) in &p.user_properties {
+            map.insert(
+                CelMapKey::String(CelString::from(k.as_str())),
+                Box::new(CelString::from(v.as_str())),
+            );
+        }
+    }
+    Box::new(CelMap::from(map))
+}
+
+/// The `properties` variable: `user` always (empty for 3.1.1), the others only when the
+/// device sent them, so that reading one it did not send is a missing field (false).
+fn properties_val(msg: &Message) -> Box<dyn Val + '_> {
+    let mut map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = HashMap::new();
+    let key = |k: &'static str| CelMapKey::String(CelString::from(k));
+    map.insert(key("user"), user_map(msg));
+    if let Some(p) = &msg.properties {
+        if let Some(ct) = &p.content_type {
+            map.insert(key("content_type"), Box::new(CelString::from(ct.as_str())));
+        }
+        if let Some(rt) = &p.response_topic {
+            map.insert(
+                key("response_topic"),
+                Box::new(CelString::from(rt.as_str())),
+            );
+        }
+        if let Some(cd) = &p.correlation_data {
+            map.insert(
+                key("correlation_data"),
+                Box::new(CelBytes::from(cd.as_ref())),
+            );
+        }
+        if let Some(pfi) = p.payload_format_indicator {
+            map.insert(
+                key("payload_format_indicator"),
+                Box::new(CelInt::from(i64::from(pfi))),
+            );
+        }
+        if let Some(expiry) = p.message_expiry_interval {
+            map.insert(
+                key("message_expiry_interval"),
+                Box::new(CelInt::from(i64::from(expiry))),
+            );
+        }
+    }
+    Box::new(CelMap::from(map))
 }
 
 #[cfg(test)]
@@ -595,6 +651,11 @@ mod tests {
             ("levels[5] == 'x'", "a/b", b"1", "missing"),
             ("qos == 1 && !retain && client_id == 'dev-1' && gateway_id == 'edge-01'", "t", b"1", "true"),
             ("user_properties.site == 'north'", "t", b"1", "true"),
+            ("properties.user['site'] == 'north'", "t", b"1", "true"),
+            ("properties.user['line'] == '4'", "t", b"1", "missing"),
+            // Not sent by the device: a missing field.
+            ("properties.content_type == 'application/json'", "t", b"1", "missing"),
+            ("has(properties.content_type)", "t", b"1", "false"),
             ("user_properties.line == 'x'", "t", b"1", "missing"),
             ("received_at > 0", "t", b"1", "true"),
             ("topic.matches('^fac.*y$')", "factory", b"1", "true"),

@@ -1,6 +1,6 @@
 //! The rule engine: compiled rules and the router task.
 //!
-//! Input: [`IntakeItem`](crate::broker::IntakeItem)s from the broker's protocol seam.
+//! Input: [`IntakeItem`](crate::broker::IntakeItem)s from the broker's device connections.
 //! Output: one record per matched sink, appended to that sink's buffer. The engine never
 //! touches the network; a slow sink only grows its own buffer.
 
@@ -10,6 +10,7 @@ mod expr;
 mod filter;
 mod json;
 mod native;
+mod properties;
 pub mod router;
 mod template;
 
@@ -20,10 +21,11 @@ use prometheus::IntCounter;
 
 pub use expr::{EvalError, Expr, ExprKind, Failure, MessageVars, VARIABLES};
 pub use filter::{FilterError, TopicFilter};
+pub use properties::{PropertiesSection, PropertyEdit};
 pub use template::{level_ranges, Template, TemplateError, TemplateScope, TemplateVars};
 
 use crate::config::{RulePlan, TargetPlan};
-use crate::message::Message;
+use crate::message::{Message, Properties};
 use crate::metrics::Metrics;
 
 /// The `rule` label under which errors of `[fallback]` transforms are counted.
@@ -38,6 +40,9 @@ pub struct Route {
     pub topic: Option<String>,
     /// The transformed payload, or `None` to keep the device's payload.
     pub payload: Option<Bytes>,
+    /// The properties after the rule's `[rules.properties]`, or `None` to keep the
+    /// device's (`Some(None)`: the rule removed the last one).
+    pub properties: Option<Option<Box<Properties>>>,
 }
 
 /// What one rule made of one message (the dry run prints these).
@@ -277,6 +282,10 @@ fn push_targets(
                 .as_ref()
                 .map(|t| t.render(&template_vars, captures)),
             payload,
+            properties: target
+                .properties
+                .as_ref()
+                .map(|edit| edit.apply(vars.properties(), &template_vars, captures)),
         };
         if !out.contains(&route) {
             out.push(route);
@@ -320,6 +329,7 @@ mod tests {
             sink,
             topic: topic.map(String::from),
             payload: payload.map(|p| Bytes::copy_from_slice(p.as_bytes())),
+            properties: None,
         }
     }
 
@@ -554,6 +564,7 @@ mod tests {
                         sink: i,
                         topic: None,
                         payload: None,
+                        properties: None,
                     }],
                     stop: false,
                 }

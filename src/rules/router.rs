@@ -156,6 +156,9 @@ impl RouterTask {
             if let Some(payload) = route.payload.take() {
                 pending.payload = payload;
             }
+            if let Some(properties) = route.properties.take() {
+                pending.properties = properties;
+            }
             let buffer = &routing.buffers[route.sink];
             loop {
                 match buffer.append(pending) {

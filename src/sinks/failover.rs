@@ -25,10 +25,11 @@
 use std::fmt;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, Incoming, MqttOptions, Outgoing};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+
+use super::mqtt::client::{self, Options};
 
 /// Failed connection attempts in a row before moving to the next endpoint. With the
 /// default backoff (200 ms doubling) a refused primary is left in under a second; an
@@ -160,7 +161,7 @@ impl Probe {
     /// answering.
     pub fn spawn<F>(sink: String, interval: Duration, options: F) -> Self
     where
-        F: Fn() -> Result<MqttOptions, String> + Send + 'static,
+        F: Fn() -> Result<Options, String> + Send + 'static,
     {
         let answered = CancellationToken::new();
         let done = answered.clone();
@@ -170,7 +171,7 @@ impl Probe {
             loop {
                 tokio::time::sleep(interval).await;
                 let result = match options() {
-                    Ok(opts) => check(opts, timeout).await,
+                    Ok(opts) => client::check(opts, timeout).await,
                     Err(e) => Err(e),
                 };
                 match result {
@@ -197,41 +198,6 @@ impl Drop for Probe {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// One check: connects with `opts`, waits up to `timeout` for the CONNACK, and says
-/// DISCONNECT. `Ok` only for an accepted connection.
-pub async fn check(opts: MqttOptions, timeout: Duration) -> Result<(), String> {
-    let (client, mut eventloop) = AsyncClient::new(opts, 4);
-    let connack = async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
-                    return match ack.code {
-                        ConnectReturnCode::Success => Ok(()),
-                        code => Err(format!("CONNACK {code:?}")),
-                    };
-                }
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    };
-    let result = tokio::time::timeout(timeout, connack)
-        .await
-        .unwrap_or_else(|_| Err(format!("no CONNACK within {timeout:?}")));
-    if result.is_ok() && client.try_disconnect().is_ok() {
-        // Be polite: let the DISCONNECT be written (briefly) rather than drop the socket.
-        let flush = async {
-            while let Ok(event) = eventloop.poll().await {
-                if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
-    }
-    result
 }
 
 #[cfg(test)]
@@ -330,8 +296,12 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr").port()
         };
-        let opts = MqttOptions::new("probe", "127.0.0.1", port);
-        assert!(check(opts, Duration::from_secs(2)).await.is_err());
+        let opts = Options::V311(Box::new(rumqttc::MqttOptions::new(
+            "probe",
+            "127.0.0.1",
+            port,
+        )));
+        assert!(client::check(opts, Duration::from_secs(2)).await.is_err());
     }
 
     /// A listener that answers every MQTT CONNECT with CONNACK `code`.
@@ -359,9 +329,20 @@ mod tests {
     async fn only_an_accepted_connection_answers_the_check() {
         let accepting = fake_broker(0).await;
         let refusing = fake_broker(5).await;
-        let opts = |port| MqttOptions::new("probe", "127.0.0.1", port);
-        assert_eq!(check(opts(accepting), Duration::from_secs(5)).await, Ok(()));
-        assert!(check(opts(refusing), Duration::from_secs(5)).await.is_err());
+        let opts = |port| {
+            Options::V311(Box::new(rumqttc::MqttOptions::new(
+                "probe",
+                "127.0.0.1",
+                port,
+            )))
+        };
+        assert_eq!(
+            client::check(opts(accepting), Duration::from_secs(5)).await,
+            Ok(())
+        );
+        assert!(client::check(opts(refusing), Duration::from_secs(5))
+            .await
+            .is_err());
     }
 
     #[tokio::test]
@@ -374,7 +355,11 @@ mod tests {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
         {
             0 | 1 => Err("still down".into()),
-            _ => Ok(MqttOptions::new("probe", "127.0.0.1", port)),
+            _ => Ok(Options::V311(Box::new(rumqttc::MqttOptions::new(
+                "probe",
+                "127.0.0.1",
+                port,
+            )))),
         });
         let answered = tokio::time::timeout(Duration::from_secs(10), probe.answered().cancelled());
         assert!(

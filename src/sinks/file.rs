@@ -2,7 +2,9 @@
 //! `rate`: per run of lines the pacer lets go at once).
 //!
 //! Line format: `{"topic":…,"payload":…,"qos":…,"retain":…,"received_at":…}` where the
-//! payload is UTF-8 text when it is valid UTF-8, else base64 with `"encoding":"base64"`.
+//! payload is UTF-8 text when it is valid UTF-8, else base64 with `"encoding":"base64"`;
+//! a message with MQTT 5 properties adds `"properties":{…}`, the object of
+//! `sinks::envelope` (user properties, content type, response topic, …).
 
 use std::path::Path;
 use std::time::Duration;
@@ -31,6 +33,9 @@ pub fn encode_line(msg: &Message, out: &mut Vec<u8>) {
     line["qos"] = json!(msg.qos);
     line["retain"] = json!(msg.retain);
     line["received_at"] = json!(msg.received_at);
+    if let Some(props) = &msg.properties {
+        line["properties"] = super::envelope::properties_object(props);
+    }
     // Serializing a serde_json::Value into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, &line);
     out.push(b'\n');

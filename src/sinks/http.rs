@@ -19,6 +19,12 @@
 //! `<gateway>-<sink>-<first>-<last>` for a batch (a memory buffer adds a per-start
 //! token, as its sequence numbers restart). The same id is each message's `id` field.
 //!
+//! MQTT 5 properties: the JSON bodies carry them in each envelope's `properties`; with
+//! `property_headers = "x-mqtt-"` the user properties are also request headers
+//! `x-mqtt-<key>` (key and value percent-encoded where a header does not allow a
+//! character; a batch holds only messages with the same headers); a `raw` body goes with
+//! the message's own content type when it has one.
+//!
 //! With `pack` (`sinks::pack`) a request is one pack instead: messages of one topic,
 //! closed by size, linger or the open-pack limit, sent in the order packs close (so in
 //! buffer order per topic); its URL and headers are rendered from that topic.
@@ -40,6 +46,7 @@ pub use config::{HttpPlan, HttpSinkSection};
 use super::pack::{self, Pack, PackPlan, Packer};
 use super::{Backoff, Pacer, SinkContext};
 use crate::buffer::Record;
+use crate::message::Properties;
 use crate::rules::{level_ranges, TemplateVars};
 use config::{redact_url, HttpAuth, HttpMethod};
 
@@ -129,6 +136,8 @@ fn url_topic(topic: &str) -> (String, Vec<(usize, usize)>) {
 struct Target {
     url: String,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// A `raw` body's own MQTT 5 content type, in place of the sink's.
+    content_type: Option<HeaderValue>,
 }
 
 fn vars<'a>(plan: &'a HttpPlan, topic: &'a str) -> TemplateVars<'a> {
@@ -139,7 +148,35 @@ fn vars<'a>(plan: &'a HttpPlan, topic: &'a str) -> TemplateVars<'a> {
     }
 }
 
-fn render_target(plan: &HttpPlan, topic: &str) -> Result<Target, String> {
+/// Characters not allowed in a header name (RFC 9110 `tchar`): percent-encoded, so that
+/// any user property key makes a valid name (`%` itself is a `tchar`).
+const NOT_TCHAR: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'(')
+    .add(b')')
+    .add(b',')
+    .add(b'/')
+    .add(b':')
+    .add(b';')
+    .add(b'<')
+    .add(b'=')
+    .add(b'>')
+    .add(b'?')
+    .add(b'@')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'{')
+    .add(b'}')
+    .add(b'%');
+
+/// The target of a message with `topic` and MQTT 5 `props` (a pack: `None`).
+fn render_target(
+    plan: &HttpPlan,
+    topic: &str,
+    props: Option<&Properties>,
+) -> Result<Target, String> {
     let url = if plan.url_is_static {
         plan.url.source().to_string()
     } else {
@@ -160,7 +197,33 @@ fn render_target(plan: &HttpPlan, topic: &str) -> Result<Target, String> {
             .map_err(|_| format!("header {name} does not render to a valid value"))?;
         headers.push((name.clone(), value));
     }
-    Ok(Target { url, headers })
+    let mut content_type = None;
+    if let Some(props) = props {
+        if let Some(prefix) = &plan.property_headers {
+            for (key, value) in &props.user_properties {
+                let name = format!("{prefix}{}", utf8_percent_encode(key, NOT_TCHAR));
+                let value = utf8_percent_encode(value, CONTROLS).to_string();
+                // Both are percent-encoded into what a header allows.
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()),
+                    HeaderValue::from_str(&value),
+                ) {
+                    headers.push((name, value));
+                }
+            }
+        }
+        if plan.format == config::BodyFormat::Raw && plan.pack.is_none() {
+            content_type = props
+                .content_type
+                .as_deref()
+                .and_then(|ct| HeaderValue::from_str(ct).ok());
+        }
+    }
+    Ok(Target {
+        url,
+        headers,
+        content_type,
+    })
 }
 
 /// One request ready to send.
@@ -180,7 +243,7 @@ fn next_request(
     alone_upto: u64,
 ) -> Option<Result<Request, (Record, String)>> {
     let first = pending.pop_front()?;
-    let target = match render_target(plan, &first.msg.topic) {
+    let target = match render_target(plan, &first.msg.topic, first.msg.properties.as_deref()) {
         Ok(t) => t,
         Err(e) => return Some(Err((first, e))),
     };
@@ -201,8 +264,10 @@ fn next_request(
         if next.seq <= alone_upto {
             break;
         }
-        let same_target = plan.url_is_static && plan.headers.is_empty()
-            || render_target(plan, &next.msg.topic).as_ref() == Ok(&target);
+        let same_target =
+            plan.url_is_static && plan.headers.is_empty() && plan.property_headers.is_none()
+                || render_target(plan, &next.msg.topic, next.msg.properties.as_deref()).as_ref()
+                    == Ok(&target);
         if !same_target {
             break;
         }
@@ -242,6 +307,17 @@ fn client(plan: &HttpPlan) -> anyhow::Result<reqwest::Client> {
         .timeout(plan.timeout)
         .connect_timeout(plan.timeout.min(Duration::from_secs(10)))
         .pool_idle_timeout(Duration::from_secs(60))
+        // HTTP/2 multiplexes every request over one pooled connection, and a timed-out
+        // request does not close it: when a NAT forgot that connection (silence, no
+        // RST), every retry went to the same dead connection and the sink never
+        // recovered (tests/network_faults.rs, https_h2_nat_forgets_the_connection; the
+        // kernel gives up on it only after ~15 minutes of retransmissions). A PING
+        // unanswered for `timeout`, sent once nothing arrived for half of it while a
+        // request is open, closes the connection and the next attempt opens a new one.
+        // HTTP/1.1 drops a connection whose request timed out, so needs none of this.
+        .http2_keep_alive_interval(Some((plan.timeout / 2).max(Duration::from_secs(1))))
+        .http2_keep_alive_timeout(plan.timeout)
+        .http2_keep_alive_while_idle(false)
         .tcp_nodelay(true)
         .user_agent(concat!("edgebridge/", env!("CARGO_PKG_VERSION")));
     if let Some(tls) = &plan.tls {
@@ -280,7 +356,10 @@ async fn send(client: &reqwest::Client, plan: &HttpPlan, req: &Request) -> Attem
         HttpMethod::Post => client.post(&req.target.url),
         HttpMethod::Put => client.put(&req.target.url),
     };
-    builder = builder.header(reqwest::header::CONTENT_TYPE, &plan.content_type);
+    builder = match &req.target.content_type {
+        Some(own) => builder.header(reqwest::header::CONTENT_TYPE, own),
+        None => builder.header(reqwest::header::CONTENT_TYPE, &plan.content_type),
+    };
     for (name, value) in &req.target.headers {
         builder = builder.header(name, value);
     }
@@ -485,7 +564,7 @@ async fn deliver_pack(
     pack: Pack,
     pacer: Option<&mut Pacer>,
 ) -> Delivery {
-    let target = match render_target(plan, &pack.key) {
+    let target = match render_target(plan, &pack.key, None) {
         Ok(t) => t,
         Err(problem) => {
             while ctx
@@ -693,6 +772,57 @@ mod tests {
             HeaderValue::from_static("soon"),
         );
         assert_eq!(retry_after(&h), None);
+    }
+
+    fn plan(extra: &str) -> Result<HttpPlan, Vec<String>> {
+        let section: HttpSinkSection =
+            toml::from_str(&format!("url = \"http://h/x\"\n{extra}")).expect("toml");
+        let mut errors = Vec::new();
+        let plan = config::validate("sinks.hook", &section, "gw", &mut |k, e| {
+            errors.push(format!("{k}: {e}"))
+        });
+        plan.ok_or(errors)
+    }
+
+    #[test]
+    fn user_properties_become_headers_any_key_a_valid_name() {
+        let raw = plan("format = \"raw\"\nproperty_headers = \"X-Mqtt-\"").expect("valid");
+        let props = Properties {
+            user_properties: vec![
+                ("Line".into(), "4".into()),
+                ("a b:ü".into(), "wert ü".into()),
+            ],
+            content_type: Some("text/csv".into()),
+            ..Properties::default()
+        };
+        let target = render_target(&raw, "t", Some(&props)).expect("target");
+        let headers: Vec<(String, String)> = target
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("?").to_string()))
+            .collect();
+        assert_eq!(
+            headers,
+            [
+                ("x-mqtt-line".to_string(), "4".to_string()),
+                (
+                    "x-mqtt-a%20b%3a%c3%bc".to_string(),
+                    "wert %C3%BC".to_string()
+                ),
+            ]
+        );
+        assert_eq!(
+            target.content_type,
+            Some(HeaderValue::from_static("text/csv"))
+        );
+        // Without a prefix: no property headers; a JSON body keeps its own content type.
+        let json = plan("").expect("valid");
+        let target = render_target(&json, "t", Some(&props)).expect("target");
+        assert!(target.headers.is_empty() && target.content_type.is_none());
+        for bad in ["\"\"", "\"x y\""] {
+            let e = plan(&format!("property_headers = {bad}")).expect_err("refused");
+            assert!(e[0].starts_with("sinks.hook.property_headers: "), "{e:?}");
+        }
     }
 
     #[test]

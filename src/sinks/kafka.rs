@@ -7,7 +7,10 @@
 //! message, its key and value its bytes). Each record: topic and key rendered from templates (`{1}`.. are the
 //! levels of the MQTT topic; the key defaults to the MQTT topic, so one device topic
 //! stays in one partition), value = the payload (or the JSON envelope), headers
-//! `mqtt_topic`, `qos`, `gateway_id` and the MQTT 5 user properties.
+//! `mqtt_topic`, `qos`, `gateway_id` and, unless `property_headers = false`, the MQTT 5
+//! user properties (`{property_header_prefix}{key}`, in order, repeated keys kept) and the
+//! content type (`content-type`); the envelope format carries all properties in its
+//! `properties` object.
 //!
 //! Output: delivery reports, from librdkafka's poll thread over a channel. What a failed
 //! report means is decided in one place, [`fault`]: the message's fault (too large, an
@@ -27,6 +30,7 @@ pub mod config;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -34,7 +38,7 @@ use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 pub use config::{KafkaPlan, KafkaSinkSection};
@@ -192,11 +196,18 @@ fn headers(plan: &KafkaPlan, msg: &Message) -> OwnedHeaders {
             key: "gateway_id",
             value: Some(plan.gateway_id.as_str()),
         });
-    if let Some(props) = &msg.properties {
+    if let (Some(props), Some(prefix)) = (&msg.properties, &plan.property_headers) {
         for (k, v) in &props.user_properties {
+            let key = format!("{prefix}{k}");
             h = h.insert(Header {
-                key: k.as_str(),
+                key: key.as_str(),
                 value: Some(v.as_str()),
+            });
+        }
+        if let Some(ct) = &props.content_type {
+            h = h.insert(Header {
+                key: "content-type",
+                value: Some(ct.as_str()),
             });
         }
     }
@@ -337,6 +348,25 @@ async fn send_ready(
     }
 }
 
+/// Half-open watch: with records in flight, no delivery report for this long means the
+/// connection to the brokers went silent. librdkafka closes such a connection after
+/// `socket.timeout.ms` and, when a new one works (a NAT that forgot the old one), retries
+/// on it without telling the application: no error callback, no log, the sink stayed
+/// "up" through the stall (tests/network_faults.rs, kafka_nat_forgets_the_connection).
+/// So the sink watches its own reports, over half that period (over the whole, the
+/// reconnect won the race and the 10 s stall went unreported): past it, the sink is
+/// marked down (`reason="ack_timeout"`, as the MQTT sink) and the next report marks it up
+/// again. A produce answered within seconds is the norm (`acks=all` included), so 15 s
+/// of silence by default is no false alarm. Nothing is resent from here: librdkafka
+/// keeps retrying what it holds.
+fn stall_after(properties: &std::collections::BTreeMap<String, String>) -> Duration {
+    let socket_timeout = properties
+        .get("socket.timeout.ms")
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map_or(Duration::from_secs(30), Duration::from_millis);
+    (socket_timeout / 2).max(Duration::from_secs(1))
+}
+
 pub async fn run(plan: KafkaPlan, ctx: SinkContext) {
     serve(&plan, &ctx).await;
     ctx.metrics.mark_stopped();
@@ -396,6 +426,12 @@ async fn session(
     // Rendered, waiting for the pacer; cleared on a failure (the rewind reads them again).
     let mut ready: VecDeque<Prepared<'_>> = VecDeque::new();
     let mut pacer = ctx.pacer();
+    // When a report last came, or the first record went out after none was in flight.
+    let mut last_report = Instant::now();
+    let stall = stall_after(&plan.properties);
+    let mut stall_check = tokio::time::interval((stall / 4).max(Duration::from_millis(100)));
+    stall_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut stalled = false;
     loop {
         if in_flight == 0 {
             if let Some((reason, detail)) = failure.take() {
@@ -422,6 +458,9 @@ async fn session(
         };
         tokio::select! {
             batch = ctx.buffer.read_batch(room), if room > 0 && failure.is_none() => {
+                if in_flight == 0 {
+                    last_report = Instant::now();
+                }
                 for record in batch {
                     match prepare(plan, ctx, record) {
                         Ok(prepared) => ready.push_back(prepared),
@@ -435,7 +474,20 @@ async fn session(
             }
             // A branch of its own: reports and shutdown are handled while the pacer waits.
             _ = sleep_until_some(paced_until), if failure.is_none() && paced_until.is_some() => {
+                if in_flight == 0 {
+                    last_report = Instant::now();
+                }
                 send_ready(plan, ctx, producer, &mut ready, pacer.as_mut(), &mut in_flight, &mut failure).await;
+            }
+            _ = stall_check.tick(), if in_flight > 0 && !stalled => {
+                if last_report.elapsed() >= stall {
+                    stalled = true;
+                    let detail = format!(
+                        "no delivery report for {} with {in_flight} records in flight",
+                        humantime::format_duration(stall)
+                    );
+                    ctx.metrics.mark_down("ack_timeout", &detail);
+                }
             }
             Some(event) = events.recv() => {
                 // Every report already waiting is taken in this wake-up, and the sink's
@@ -446,12 +498,14 @@ async fn session(
                     match event {
                         Event::Delivered(p) => {
                             in_flight -= 1;
+                            (last_report, stalled) = (Instant::now(), false);
                             ctx.buffer.ack(p.seq);
                             ctx.metrics.delivered(p.msg.received_at);
                             confirmed = true;
                         }
                         Event::Failed(p, code, detail) => {
                             in_flight -= 1;
+                            (last_report, stalled) = (Instant::now(), false);
                             if fault(code) == Fault::Message {
                                 let record = Record { seq: p.seq, msg: p.msg };
                                 dead_letter(ctx, record, &reason(code), &detail, &mut failure).await;
@@ -559,6 +613,19 @@ async fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stall_is_half_the_socket_timeout() {
+        let props = |v: &str| [("socket.timeout.ms".to_string(), v.to_string())].into();
+        assert_eq!(stall_after(&props("30000")), Duration::from_secs(15));
+        assert_eq!(stall_after(&props("10000")), Duration::from_secs(5));
+        assert_eq!(
+            stall_after(&props("500")),
+            Duration::from_secs(1),
+            "at least 1 s"
+        );
+        assert_eq!(stall_after(&Default::default()), Duration::from_secs(15));
+    }
 
     #[test]
     fn error_table() {

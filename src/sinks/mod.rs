@@ -293,6 +293,14 @@ impl SinkMetrics {
         }
     }
 
+    /// A message whose MQTT 5 message expiry lapsed in the buffer: not sent, counted
+    /// (`edgebridge_buffer_dropped_total{reason="expired"}`).
+    pub fn expired(&self) {
+        self.dropped
+            .with_label_values(&[&self.name, "expired"])
+            .inc();
+    }
+
     /// A record that can never be delivered (e.g. larger than the upstream allows).
     pub fn undeliverable(&self, reason: &str) {
         self.error(reason);

@@ -1,9 +1,21 @@
-//! MQTT upstream sink (rumqttc): AWS IoT Core, HiveMQ, Mosquitto, any MQTT 3.1.1 broker.
+//! MQTT upstream sink (rumqttc): AWS IoT Core, HiveMQ, Mosquitto, any MQTT 5 or 3.1.1
+//! broker (`protocol`; the two rumqttc clients sit behind `client.rs`, and everything
+//! below is written once for both).
 //!
 //! Delivery: records are published with the sink's QoS while at most `inflight` await
-//! their PUBACK; rumqttc reports `Outgoing::Publish(pkid)` in the order publishes were
-//! handed to it, which maps packet ids to buffer records, and `Incoming::PubAck(pkid)`
-//! acks the record. On any connection error the whole rumqttc state is dropped (including
+//! their PUBACK; rumqttc reports the packet id of each publish written
+//! (`LinkEvent::Published`) in the order publishes were handed to it, which maps packet
+//! ids to buffer records, and a PUBACK acks the record. An MQTT 5 PUBACK's reason code
+//! decides (`puback.rs`, one table): delivered, back off and resend (quota exceeded), or
+//! dead-letter (not authorized, topic name invalid, …); a DISCONNECT with a reason code
+//! goes by the same table.
+//!
+//! Properties (MQTT 5): a message goes up with the user properties, content type, payload
+//! format indicator, response topic and correlation data its device sent, and with the
+//! message expiry interval less the time it spent in the gateway. A message whose expiry
+//! lapsed in the buffer is not sent (on either protocol: the device asked for it) and is
+//! counted as `edgebridge_buffer_dropped_total{reason="expired"}`. Over 3.1.1 the
+//! properties are dropped. A pack is one publish without properties. On any connection error the whole rumqttc state is dropped (including
 //! what it would resend by itself, which it silently forgets when the broker reports no
 //! session), the buffer is rewound to the oldest unacked record, and the connection is
 //! re-established after an exponential backoff with jitter. Duplicates are possible after
@@ -44,29 +56,27 @@
 //! the connection: after a reconnect the rewind reads their records again. Pacing applies
 //! to what goes on the wire: a pack is one paced publish.
 
+pub(crate) mod client;
 mod connections;
+pub mod puback;
 
 use std::collections::{HashMap, VecDeque};
-use std::io::ErrorKind;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
-    StateError, TlsConfiguration, Transport,
-};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use self::client::{Client, LinkError, LinkEvent};
+use self::puback::Action;
 use super::cloud::{self, CloudProfile};
 use super::failover::{self, Endpoints, Probe, Switch};
 use super::pack::{self, Pack, Packer};
 use super::{sleep_until_some, Backoff, SinkContext};
 use crate::buffer::{Buffer, Record};
-use crate::config::MqttPlan;
-use crate::rules::downlink::DownlinkTap;
+use crate::config::{MqttPlan, MqttProtocol};
+use crate::message::{now_millis, Properties};
 
 /// Bytes of MQTT framing around topic and payload in a PUBLISH (fixed header, lengths,
 /// packet id), rounded up.
@@ -77,103 +87,33 @@ pub const PUBLISH_OVERHEAD: usize = 16;
 /// upstream, such a connection does not reset the reconnect backoff.
 const CLOSED_AFTER_CONNACK: Duration = Duration::from_secs(3);
 
-/// Why a connection failed, as the `reason` label of `edgebridge_sink_errors_total`.
-/// Every connection failure is retryable: the destination is at fault, never the data.
-pub fn classify(error: &ConnectionError) -> &'static str {
-    match error {
-        ConnectionError::Io(e) if e.kind() == ErrorKind::ConnectionRefused => "connection_refused",
-        ConnectionError::Io(e) if e.kind() == ErrorKind::TimedOut => "timeout",
-        ConnectionError::Io(_) => "io",
-        ConnectionError::Tls(_) => "tls",
-        ConnectionError::ConnectionRefused(_) => "connack_refused",
-        ConnectionError::NetworkTimeout | ConnectionError::FlushTimeout => "timeout",
-        ConnectionError::MqttState(StateError::AwaitPingResp) => "ping_timeout",
-        ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_) => "protocol",
-        ConnectionError::RequestsDone => "closed",
-        ConnectionError::Websocket(_)
-        | ConnectionError::WsConnect(_)
-        | ConnectionError::InvalidUrl(_)
-        | ConnectionError::ResponseValidation(_) => "websocket",
-    }
-}
-
-fn qos_of(level: u8) -> QoS {
-    match level {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
-/// rumqttc's options for one connection attempt, and, with an Azure SAS token as the
-/// password, how long from now to renew it.
-fn options(plan: &MqttPlan) -> Result<(MqttOptions, Option<Duration>), String> {
-    let mut opts = MqttOptions::new(plan.client_id.clone(), plan.host.clone(), plan.port);
-    opts.set_keep_alive(plan.keep_alive)
-        .set_clean_session(plan.clean_session)
-        .set_max_packet_size(plan.max_packet_size, plan.max_packet_size)
-        .set_inflight(plan.inflight);
-    let mut renew_in = None;
-    if let Some(user) = &plan.username {
-        let password = match &plan.sas {
-            Some(sas) => {
-                let (token, _expiry, renew) = sas.fresh_token();
-                renew_in = Some(renew);
-                token
-            }
-            None => plan.password.clone().unwrap_or_default(),
-        };
-        opts.set_credentials(user.clone(), password);
-    }
-    if let Some(tls) = &plan.tls {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
-        };
-        let ca = match &tls.ca {
-            Some(p) => read(p)?,
-            None => Vec::new(),
-        };
-        let client_auth = match &tls.client_auth {
-            Some((cert, key)) => Some((read(cert)?, read(key)?)),
-            None => None,
-        };
-        let alpn = (!tls.alpn.is_empty())
-            .then(|| tls.alpn.iter().map(|a| a.as_bytes().to_vec()).collect());
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-            ca,
-            alpn,
-            client_auth,
-        }));
-    }
-    Ok((opts, renew_in))
-}
-
 /// A publish handed to rumqttc, waiting for its packet id or its acknowledgement: one
-/// record, or the records of a pack, acked together.
+/// record, or the records of a pack, acked together. The records are kept (cheap: the
+/// payload is shared) so that a PUBACK that refuses the message can dead-letter them.
 #[derive(Clone)]
 enum InFlight {
-    One {
-        seq: u64,
-        received_at: u64,
-    },
-    /// `(seq, received_at)` of each record in the pack.
-    Pack(Vec<(u64, u64)>),
+    One(Record),
+    Pack(Vec<Record>),
 }
 
 impl InFlight {
+    fn records(&self) -> &[Record] {
+        match self {
+            InFlight::One(record) => std::slice::from_ref(record),
+            InFlight::Pack(records) => records,
+        }
+    }
+
+    /// The newest record it carries.
+    fn last_seq(&self) -> u64 {
+        self.records().iter().map(|r| r.seq).max().unwrap_or(0)
+    }
+
     /// The upstream confirmed it: acks its records and counts each as delivered.
     fn confirm(&self, ctx: &SinkContext) {
-        match self {
-            InFlight::One { seq, received_at } => {
-                ctx.buffer.ack(*seq);
-                ctx.metrics.delivered(*received_at);
-            }
-            InFlight::Pack(records) => {
-                for &(seq, received_at) in records {
-                    ctx.buffer.ack(seq);
-                    ctx.metrics.delivered(received_at);
-                }
-            }
+        for record in self.records() {
+            ctx.buffer.ack(record.seq);
+            ctx.metrics.delivered(record.msg.received_at);
         }
     }
 }
@@ -191,6 +131,29 @@ impl Window {
     fn len(&self) -> usize {
         self.queued.len() + self.by_pkid.len()
     }
+
+    /// The only publish outstanding, if exactly one is.
+    fn take_single(&mut self) -> Option<InFlight> {
+        if self.len() != 1 {
+            return None;
+        }
+        match self.queued.pop_front() {
+            Some(entry) => Some(entry),
+            None => {
+                let pkid = *self.by_pkid.keys().next()?;
+                self.by_pkid.remove(&pkid)
+            }
+        }
+    }
+
+    /// The newest record outstanding.
+    fn last_seq(&self) -> Option<u64> {
+        self.queued
+            .iter()
+            .chain(self.by_pkid.values())
+            .map(InFlight::last_seq)
+            .max()
+    }
 }
 
 /// A record (or a closed pack) read from the buffer, checked deliverable, waiting for the
@@ -201,6 +164,8 @@ struct Ready {
     topic: String,
     payload: bytes::Bytes,
     retain: bool,
+    /// MQTT 5 properties of an unpacked message (a pack carries none: `sinks::pack`).
+    properties: Option<Box<Properties>>,
 }
 
 impl Ready {
@@ -210,9 +175,44 @@ impl Ready {
     }
 }
 
+/// What is left of a message's expiry interval (seconds) after `waited_ms` in the gateway,
+/// rounded up so that a message with time left never goes out with 0 (which MQTT reads as
+/// "no expiry"); `Err(())` once it has expired. `None`: the message does not expire.
+fn remaining_expiry(interval: Option<u32>, waited_ms: u64) -> Result<Option<u32>, ()> {
+    let Some(interval) = interval else {
+        return Ok(None);
+    };
+    let left_ms = u64::from(interval) * 1000;
+    if waited_ms >= left_ms {
+        return Err(());
+    }
+    Ok(Some((left_ms - waited_ms).div_ceil(1000) as u32))
+}
+
+/// Bytes the MQTT 5 properties of `props` add to a PUBLISH (ids, lengths, values).
+fn properties_wire_len(props: Option<&Properties>) -> usize {
+    let Some(p) = props else { return 0 };
+    let strings = p
+        .user_properties
+        .iter()
+        .map(|(k, v)| 5 + k.len() + v.len())
+        .sum::<usize>();
+    strings
+        + p.content_type.as_ref().map_or(0, |c| 3 + c.len())
+        + p.response_topic.as_ref().map_or(0, |t| 3 + t.len())
+        + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
+        + p.payload_format_indicator.map_or(0, |_| 2)
+        + p.message_expiry_interval.map_or(0, |_| 5)
+        + 4
+}
+
 enum Outcome {
     /// The connection failed: back off and reconnect.
     Reconnect,
+    /// The upstream refused a publish for now (MQTT 5 reason code: quota exceeded, server
+    /// busy): back off on the throttle backoff, which a working connection does not reset,
+    /// and reconnect; what is unconfirmed is resent.
+    Throttled,
     /// The SAS token is about to expire, or the primary endpoint answers again after a
     /// failover: the connection was closed cleanly; reconnect at once (with a fresh
     /// token, to the primary).
@@ -226,12 +226,18 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
         return connections::run(plan, ctx).await;
     }
     let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
+    // Refusals for now (quota exceeded, server busy) back off on their own backoff: the
+    // acks that came before them reset the connection backoff.
+    let mut throttle = ctx.backoff(plan.backoff_min, plan.backoff_max);
     let mut endpoints = Endpoints::new(plan.endpoints.len(), plan.failover_after);
     ctx.metrics
         .endpoint_in_use(endpoints.current(), plan.endpoints.len());
     // Checks the primary while another endpoint is in use; cancels its token once the
     // primary accepts a connection.
     let mut probe: Option<Probe> = None;
+    // Records up to this seq go one at a time (see `Feed::isolate`); kept across
+    // connections.
+    let mut isolate = None;
     loop {
         if probe.as_ref().is_some_and(|p| p.answered().is_cancelled()) {
             probe = None;
@@ -244,12 +250,26 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
         let mut feed = Feed {
             source: Source::Buffer,
             failback: probe.as_ref().map(Probe::answered),
+            isolate,
         };
         // The backoff restarts exactly when a connection proves the endpoint works.
         let resets = backoff.resets();
-        match session(&target, &ctx, &mut backoff, &mut feed).await {
+        let outcome = session(&target, &ctx, &mut backoff, &mut feed).await;
+        isolate = feed.isolate;
+        if !matches!(outcome, Outcome::Throttled) {
+            throttle.reset();
+        }
+        match outcome {
             Outcome::Stopped => return,
             Outcome::Renew => {}
+            Outcome::Throttled => {
+                tokio::select! {
+                    stop = ctx.sleep_or_stop(throttle.next_delay()) => if stop {
+                        return;
+                    },
+                    _ = cancelled_some(probe.as_ref().map(Probe::answered)) => {}
+                }
+            }
             Outcome::Reconnect => {
                 let worked = backoff.resets() != resets;
                 if let Some(switch) = endpoints.connection_ended(worked) {
@@ -305,7 +325,7 @@ fn primary_probe(plan: &MqttPlan, sink: &str) -> Probe {
     primary.clean_session = true;
     let interval = plan.failback_check;
     Probe::spawn(sink.to_string(), interval, move || {
-        options(&primary).map(|(opts, _)| opts)
+        client::options(&primary).map(|(opts, _)| opts)
     })
 }
 
@@ -317,6 +337,12 @@ struct Feed<'a> {
     /// connection then closes the way a SAS renewal does, and the next one goes to the
     /// primary.
     failback: Option<&'a CancellationToken>,
+    /// After an MQTT 5 DISCONNECT whose reason code dead-letters (packet too large, …)
+    /// came with several publishes outstanding: the newest of them. Until a record past
+    /// it is resolved, publishes go one at a time, so that the next such DISCONNECT
+    /// names its message. Single-connection sinks only (with `connections > 1` such a
+    /// DISCONNECT is retried).
+    isolate: Option<u64>,
 }
 
 /// Where one connection's records come from.
@@ -368,7 +394,7 @@ async fn session(
     backoff: &mut Backoff,
     feed: &mut Feed<'_>,
 ) -> Outcome {
-    let (opts, renew_in) = match options(plan) {
+    let (opts, renew_in) = match client::options(plan) {
         Ok(o) => o,
         Err(e) => {
             ctx.metrics.mark_down("config", &e);
@@ -376,16 +402,11 @@ async fn session(
         }
     };
     let capacity = plan.inflight as usize * 2 + 16;
-    let (client, mut eventloop) = AsyncClient::new(opts, capacity);
-    // rumqttc leaves Nagle's algorithm on: a publish written while the previous one is
-    // unacknowledged at the TCP level then waits for that ACK, which a peer delaying
-    // its ACKs holds for up to 40 ms (a WAN round trip, at best). Measured with one
-    // message in flight per device (S1c): p99 42 ms with Nagle, 5 ms without.
-    let mut network = eventloop.network_options();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
+    let (client, events, driver) = client::start(opts, capacity, ctx.downlink.clone());
     let renew_at = renew_in.map(|d| Instant::now() + d);
-    connection(plan, ctx, &client, eventloop, backoff, renew_at, feed).await
+    let outcome = connection(plan, ctx, &client, events, backoff, renew_at, feed).await;
+    driver.abort();
+    outcome
 }
 
 /// Waits until `token` is cancelled; never returns for `None` (guard the select branch
@@ -397,66 +418,22 @@ async fn cancelled_some(token: Option<&CancellationToken>) {
     }
 }
 
-/// Events the delivery loop acts on; everything else stays in the driver task.
-fn relevant(event: &Event) -> bool {
-    matches!(
-        event,
-        Event::Incoming(Incoming::ConnAck(_))
-            | Event::Incoming(Incoming::PubAck(_))
-            | Event::Incoming(Incoming::PubComp(_))
-            | Event::Outgoing(Outgoing::Publish(_))
-            | Event::Outgoing(Outgoing::Disconnect)
-    )
-}
-
-/// Polls rumqttc's event loop in a task of its own: `poll()` is never cancelled half
-/// way (the delivery loop selects over the buffer too), and network I/O runs in parallel
-/// with reading the buffer. Ends after forwarding the first error. Upstream PUBLISHes
-/// (downlinks) go to the downlink tap from here.
-fn drive(
-    mut eventloop: EventLoop,
-    downlink: Option<DownlinkTap>,
-) -> (
-    mpsc::Receiver<Result<Event, ConnectionError>>,
-    JoinHandle<()>,
-) {
-    let (tx, rx) = mpsc::channel(1024);
-    let task = tokio::spawn(async move {
-        loop {
-            let event = eventloop.poll().await;
-            if let (Some(tap), Ok(Event::Incoming(incoming))) = (&downlink, &event) {
-                match incoming {
-                    Incoming::Publish(publish) => tap.forward(publish).await,
-                    Incoming::SubAck(ack) => tap.check_suback(&ack.return_codes),
-                    _ => {}
-                }
-            }
-            let failed = event.is_err();
-            if (failed || event.as_ref().is_ok_and(relevant)) && tx.send(event).await.is_err() {
-                return;
-            }
-            if failed {
-                return;
-            }
-        }
-    });
-    (rx, task)
-}
-
 async fn connection(
     plan: &MqttPlan,
     ctx: &SinkContext,
-    client: &AsyncClient,
-    eventloop: EventLoop,
+    client: &Client,
+    mut events: mpsc::Receiver<Result<LinkEvent, LinkError>>,
     backoff: &mut Backoff,
     renew_at: Option<Instant>,
     feed: &mut Feed<'_>,
 ) -> Outcome {
     let stop = feed.source.stop();
     let failback = feed.failback;
-    let qos = qos_of(plan.qos);
-    let window_size = plan.inflight as usize;
-    let refill_at = (window_size / 4).max(1);
+    let full_window = plan.inflight as usize;
+    // The largest packet the upstream takes: `max_packet_size`, or less when an MQTT 5
+    // upstream says so in its CONNACK (rumqttc refuses to send a larger one and would
+    // fail the connection over it, again after every reconnect).
+    let mut max_packet = plan.max_packet_size;
     let mut window = Window::default();
     // Read and checked, not yet handed to rumqttc: held back by the pacer. Dropped with
     // the connection; the rewind before the next one reads them again.
@@ -470,6 +447,9 @@ async fn connection(
     // Set once the SAS token is due for renewal: no new publishes; the connection closes
     // once those in flight are acked, or at this deadline (the rest is resent).
     let mut renewing: Option<Instant> = None;
+    // The upstream refused a publish for now (quota exceeded): the connection closes the
+    // way a renewal does (the acks of those in flight still count), then backs off.
+    let mut throttled = false;
     // When an acknowledgement last arrived, or the window last became non-empty: while
     // publishes are outstanding, nothing for `ack_timeout` means a half-open connection.
     let mut last_progress = Instant::now();
@@ -478,14 +458,24 @@ async fn connection(
     ack_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let upstream = format!("{}:{}", plan.host, plan.port);
     // With `pack`: open packs, and closed ones on their way to `ready`.
-    let mut packer = plan.pack.clone().map(|p| Packer::new(p, window_size));
+    let mut packer = plan.pack.clone().map(|p| Packer::new(p, full_window));
     let mut packed: VecDeque<Pack> = VecDeque::new();
-    let (mut events, driver) = drive(eventloop, ctx.downlink.clone());
-    let outcome = loop {
+    loop {
+        // One publish at a time while a refusal's culprit is looked for (`Feed::isolate`).
+        let window_size = if feed.isolate.is_some() {
+            1
+        } else {
+            full_window
+        };
+        let refill_at = (window_size / 4).max(1);
         if let Some(deadline) = renewing {
             if window.len() == 0 || Instant::now() >= deadline {
-                disconnect(client, &mut events).await;
-                break Outcome::Renew;
+                disconnect(ctx, client, &mut events, &mut window).await;
+                break if throttled {
+                    Outcome::Throttled
+                } else {
+                    Outcome::Renew
+                };
             }
         }
         let room = window_size.saturating_sub(window.len() + ready.len());
@@ -523,25 +513,104 @@ async fn connection(
             event = events.recv() => {
                 match event {
                     Some(Ok(event)) => {
-                        if let Event::Incoming(Incoming::ConnAck(ack)) = &event {
+                        if let LinkEvent::ConnAck { session_present, max_packet_size } = &event {
                             connected = true;
                             connected_at = Some(Instant::now());
                             last_progress = Instant::now();
-                            let session = if ack.session_present { "resumed" } else { "new" };
-                            ctx.up(&format!("connected to {upstream} ({session} session)"));
+                            if let Some(limit) = max_packet_size {
+                                max_packet = max_packet.min(*limit);
+                            }
+                            let session = if *session_present { "resumed" } else { "new" };
+                            ctx.up(&format!(
+                                "connected to {upstream} (MQTT {}, {session} session)",
+                                plan.protocol.name()
+                            ));
                             if let Some(tap) = &ctx.downlink {
-                                tap.subscribe(client);
+                                client.subscribe_downlinks(tap);
                             }
                         }
-                        if handle_event(ctx, &mut window, event) {
-                            last_progress = Instant::now();
-                            // An acknowledgement proves the upstream works; a CONNACK
-                            // alone does not (see the error branch).
-                            backoff.reset();
-                            ctx.acked();
+                        match handle_event(ctx, &mut window, event) {
+                            Acked::Nothing => {}
+                            Acked::Confirmed(last_seq) => {
+                                last_progress = Instant::now();
+                                // An acknowledgement proves the upstream works; a CONNACK
+                                // alone does not (see the error branch).
+                                backoff.reset();
+                                ctx.acked();
+                                resolved(feed, last_seq);
+                            }
+                            Acked::Refused { entry, code } => {
+                                let detail = format!(
+                                    "{upstream}: PUBACK {} for {} message(s)",
+                                    puback::describe(code),
+                                    entry.records().len()
+                                );
+                                match puback::action(code) {
+                                    Action::DeadLetter { reason } => {
+                                        last_progress = Instant::now();
+                                        backoff.reset();
+                                        dead_letter_all(ctx, entry.records(), reason, &detail).await;
+                                        ctx.acked();
+                                        resolved(feed, entry.last_seq());
+                                    }
+                                    // Once per connection: later refusals in the same
+                                    // window are resent with it.
+                                    Action::Retry { reason } if !throttled => {
+                                        ctx.metrics.mark_down(reason, &format!(
+                                            "{detail}; backing off once the {} in flight are answered; the refused ones will be resent",
+                                            window.len()
+                                        ));
+                                        // Publishes written before a DISCONNECT are answered
+                                        // before it, but rumqttc stops reading once it
+                                        // has sent one: wait for their acks first, or
+                                        // they would be sent twice.
+                                        throttled = true;
+                                        let grace = (plan.ack_timeout / 2).min(failover::FAILBACK_GRACE);
+                                        renewing = Some(renewing.map_or(Instant::now() + grace, |r| r.min(Instant::now() + grace)));
+                                    }
+                                    Action::Retry { .. } => {}
+                                    // `handle_event` confirms those itself.
+                                    Action::Delivered => {}
+                                }
+                            }
                         }
                     }
                     Some(Err(e)) => {
+                        if let Some(code) = e.disconnect_code {
+                            match puback::action(code) {
+                                Action::DeadLetter { reason } => {
+                                    let detail = format!(
+                                        "{upstream}: DISCONNECT {} with {} publish(es) outstanding",
+                                        puback::describe(code),
+                                        window.len()
+                                    );
+                                    match window.take_single() {
+                                        Some(entry) => {
+                                            dead_letter_all(ctx, entry.records(), reason, &detail).await;
+                                            resolved(feed, entry.last_seq());
+                                        }
+                                        // Not one culprit: find it one publish at a time.
+                                        None if matches!(feed.source, Source::Buffer) => {
+                                            feed.isolate = feed.isolate.max(window.last_seq());
+                                        }
+                                        None => {}
+                                    }
+                                    // The message is counted under `reason` by the dead
+                                    // letter; the connection's end under "disconnected".
+                                    ctx.metrics.mark_down(e.reason, &detail);
+                                    break Outcome::Reconnect;
+                                }
+                                Action::Retry { reason } => {
+                                    ctx.metrics.mark_down(reason, &format!(
+                                        "{upstream}: DISCONNECT {}; backing off, {} unconfirmed will be resent",
+                                        puback::describe(code),
+                                        window.len()
+                                    ));
+                                    break Outcome::Throttled;
+                                }
+                                Action::Delivered => {}
+                            }
+                        }
                         // A connection that lasted restarts the backoff from its minimum;
                         // one closed right after CONNACK (a duplicate client id, a policy
                         // refusal) must not, or it is retried at `backoff_min` forever.
@@ -552,7 +621,7 @@ async fn connection(
                             0 => format!("{upstream}: {e}"),
                             n => format!("{upstream}: {e}; {n} unconfirmed will be resent"),
                         };
-                        let mut reason = classify(&e);
+                        let mut reason = e.reason;
                         let just_accepted = connected_at
                             .is_some_and(|at| at.elapsed() < CLOSED_AFTER_CONNACK);
                         if let (Some(profile), true) = (plan.profile, just_accepted) {
@@ -605,22 +674,17 @@ async fn connection(
                 if let Some(packer) = &mut packer {
                     packer.close_due(Instant::now(), &mut packed);
                 }
-                if stage_packs(plan, ctx, &mut packed, &mut ready).await.is_err() {
-                    break dead_letter_failed(ctx, &upstream);
-                }
+                stage_packs(plan, ctx, max_packet, &mut packed, &mut ready).await;
             }
             batch = feed.source.read_batch(&ctx.buffer, read), if connected && refill => {
-                let staged = match &mut packer {
-                    Some(packer) => match pack_batch(plan, ctx, packer, batch, &mut packed).await {
-                        Ok(()) => stage_packs(plan, ctx, &mut packed, &mut ready).await,
-                        failed => failed,
-                    },
-                    None => stage(plan, ctx, batch, &mut ready).await,
-                };
-                if staged.is_err() {
-                    break dead_letter_failed(ctx, &upstream);
+                match &mut packer {
+                    Some(packer) => {
+                        pack_batch(plan, ctx, max_packet, packer, batch, &mut packed).await;
+                        stage_packs(plan, ctx, max_packet, &mut packed, &mut ready).await;
+                    }
+                    None => stage(plan, ctx, max_packet, batch, &mut ready).await,
                 }
-                let sent = publish_ready(client, qos, &mut ready, &mut window, window_size, pacer.as_mut(), &mut last_progress).await;
+                let sent = publish_ready(ctx, client, plan.qos, &mut ready, &mut window, window_size, pacer.as_mut(), &mut last_progress).await;
                 if sent.is_err() {
                     // The event loop is gone: its error is next in `events` (or it was
                     // aborted); nothing of this batch was acked, the rewind resends it.
@@ -631,25 +695,23 @@ async fn connection(
             // The pacer's wait is a branch of its own, so acks, shutdown and the half-open
             // check go on while it holds records back.
             _ = sleep_until_some(paced_until), if connected && renewing.is_none() && paced_until.is_some() => {
-                let sent = publish_ready(client, qos, &mut ready, &mut window, window_size, pacer.as_mut(), &mut last_progress).await;
+                let sent = publish_ready(ctx, client, plan.qos, &mut ready, &mut window, window_size, pacer.as_mut(), &mut last_progress).await;
                 if sent.is_err() {
                     ctx.metrics.mark_down("closed", &format!("{upstream}: the connection closed"));
                     break Outcome::Reconnect;
                 }
             }
         }
-    };
-    driver.abort();
-    outcome
+    }
 }
 
-/// Ends the session after a failed dead-letter write (see [`DeadLetterFailed`]).
-fn dead_letter_failed(ctx: &SinkContext, upstream: &str) -> Outcome {
-    ctx.metrics.mark_down(
-        "dead_letter",
-        &format!("{upstream}: cannot write the dead-letter file; the undeliverable message stays buffered and is retried"),
-    );
-    Outcome::Reconnect
+/// A record up to `seq` was resolved (acked or dead-lettered): once past the one that
+/// started a search for a refused message's culprit, publishes go out in full windows
+/// again.
+fn resolved(feed: &mut Feed<'_>, seq: u64) {
+    if feed.isolate.is_some_and(|upto| seq >= upto) {
+        feed.isolate = None;
+    }
 }
 
 /// Checks a batch read from the buffer and queues it in `ready`. Messages that can never
@@ -658,27 +720,33 @@ fn dead_letter_failed(ctx: &SinkContext, upstream: &str) -> Outcome {
 async fn stage(
     plan: &MqttPlan,
     ctx: &SinkContext,
+    max_packet: usize,
     batch: Vec<crate::buffer::Record>,
     ready: &mut VecDeque<Ready>,
-) -> Result<(), DeadLetterFailed> {
+) {
     for record in batch {
-        let topic = upstream_topic(plan, &record.msg.topic);
-        if let Some((reason, detail)) = undeliverable(plan, &topic, record.msg.payload.len()) {
-            dead_letter_one(ctx, record, reason, &detail).await?;
+        if expired(ctx, &record) {
             continue;
         }
-        let msg = record.msg;
+        let topic = upstream_topic(plan, &record.msg.topic);
+        let properties = match plan.protocol {
+            MqttProtocol::V5 => record.msg.properties.clone(),
+            // Dropped on 3.1.1 (documented; `check` warns).
+            MqttProtocol::V311 => None,
+        };
+        let len = record.msg.payload.len() + properties_wire_len(properties.as_deref());
+        if let Some((reason, detail)) = undeliverable(plan, max_packet, &topic, len) {
+            dead_letter_one(ctx, record, reason, &detail).await;
+            continue;
+        }
         ready.push_back(Ready {
-            entry: InFlight::One {
-                seq: record.seq,
-                received_at: msg.received_at,
-            },
             topic,
-            payload: msg.payload,
-            retain: msg.retain && plan.forward_retain,
+            payload: record.msg.payload.clone(),
+            retain: record.msg.retain && plan.forward_retain,
+            properties,
+            entry: InFlight::One(record),
         });
     }
-    Ok(())
 }
 
 /// Queues closed packs in `ready`. A pack of one message that is too large for the
@@ -686,46 +754,64 @@ async fn stage(
 async fn stage_packs(
     plan: &MqttPlan,
     ctx: &SinkContext,
+    max_packet: usize,
     packed: &mut VecDeque<Pack>,
     ready: &mut VecDeque<Ready>,
-) -> Result<(), DeadLetterFailed> {
+) {
     while let Some(pack) = packed.pop_front() {
         let topic = upstream_topic(plan, &pack.key);
-        if let Some((reason, detail)) = undeliverable(plan, &topic, pack.body.len()) {
+        if let Some((reason, detail)) = undeliverable(plan, max_packet, &topic, pack.body.len()) {
             for record in pack.records {
-                dead_letter_one(ctx, record, reason, &detail).await?;
+                dead_letter_one(ctx, record, reason, &detail).await;
             }
             continue;
         }
-        let entry = InFlight::Pack(
-            pack.records
-                .iter()
-                .map(|r| (r.seq, r.msg.received_at))
-                .collect(),
-        );
-        // A pack is never published retained: its parts say whether they were.
+        // A pack is never published retained: its parts say whether they were. It
+        // carries no MQTT properties either: its parts may carry theirs (`sinks::pack`).
         ready.push_back(Ready {
-            entry,
+            entry: InFlight::Pack(pack.records),
             topic,
             payload: bytes::Bytes::from(pack.body),
             retain: false,
+            properties: None,
         });
     }
-    Ok(())
+}
+
+/// A message whose MQTT 5 message expiry lapsed while it waited in the buffer is not
+/// sent: it is acked and counted (`edgebridge_buffer_dropped_total{reason="expired"}`).
+/// Returns whether `record` was.
+fn expired(ctx: &SinkContext, record: &Record) -> bool {
+    let interval = record
+        .msg
+        .properties
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval);
+    let waited = now_millis().saturating_sub(record.msg.received_at);
+    if remaining_expiry(interval, waited).is_ok() {
+        return false;
+    }
+    ctx.metrics.expired();
+    ctx.buffer.ack(record.seq);
+    true
 }
 
 /// Hands rumqttc the ready publishes the pacer lets go now (all of them without a pacer)
 /// while the window has room. The window becoming non-empty starts the ack timeout
-/// (`last_progress`). An `Err` means the connection is gone.
+/// (`last_progress`). The message expiry interval is computed here, as the publish goes
+/// out: a message that expired while the pacer held it back is dropped (counted). An
+/// `Err` means the connection is gone.
+#[allow(clippy::too_many_arguments)]
 async fn publish_ready(
-    client: &AsyncClient,
-    qos: QoS,
+    ctx: &SinkContext,
+    client: &Client,
+    qos: u8,
     ready: &mut VecDeque<Ready>,
     window: &mut Window,
     window_size: usize,
     mut pacer: Option<&mut super::Pacer>,
     last_progress: &mut Instant,
-) -> Result<(), rumqttc::ClientError> {
+) -> Result<(), client::Closed> {
     while let Some(next) = ready.front() {
         if window.len() >= window_size {
             break;
@@ -736,11 +822,25 @@ async fn publish_ready(
             }
         }
         let Some(next) = ready.pop_front() else { break };
+        let properties = match (&next.properties, &next.entry) {
+            (Some(props), InFlight::One(record)) => {
+                let waited = now_millis().saturating_sub(record.msg.received_at);
+                match remaining_expiry(props.message_expiry_interval, waited) {
+                    Ok(expiry) => client::publish_properties(Some(props), expiry),
+                    Err(()) => {
+                        ctx.metrics.expired();
+                        ctx.buffer.ack(record.seq);
+                        continue;
+                    }
+                }
+            }
+            _ => None,
+        };
         if window.len() == 0 {
             *last_progress = Instant::now();
         }
         client
-            .publish_bytes(next.topic, qos, next.retain, next.payload)
+            .publish(next.topic, qos, next.retain, next.payload, properties)
             .await?;
         window.queued.push_back(next.entry);
     }
@@ -760,49 +860,55 @@ fn upstream_topic(plan: &MqttPlan, topic: &str) -> String {
 async fn pack_batch(
     plan: &MqttPlan,
     ctx: &SinkContext,
+    max_packet: usize,
     packer: &mut Packer,
     batch: Vec<crate::buffer::Record>,
     packed: &mut VecDeque<Pack>,
-) -> Result<(), DeadLetterFailed> {
+) {
     let now = Instant::now();
     for record in batch {
+        if expired(ctx, &record) {
+            continue;
+        }
         let topic = upstream_topic(plan, &record.msg.topic);
-        if let Some((reason, detail)) = undeliverable(plan, &topic, 0) {
-            dead_letter_one(ctx, record, reason, &detail).await?;
+        if let Some((reason, detail)) = undeliverable(plan, max_packet, &topic, 0) {
+            dead_letter_one(ctx, record, reason, &detail).await;
             continue;
         }
         // What the packet limit leaves for the payload next to this topic.
-        let cap = plan
-            .max_packet_size
-            .saturating_sub(topic.len() + PUBLISH_OVERHEAD);
+        let cap = max_packet.saturating_sub(topic.len() + PUBLISH_OVERHEAD);
         packer.push(record, cap, now, packed);
     }
-    Ok(())
 }
 
-/// The dead-letter file could not be written: nothing was acked, the session ends and the
-/// record is read again after the rewind (counted as `reason="dead_letter"` each time), so
-/// it stays in the buffer until the file can be written.
-#[derive(Debug)]
-struct DeadLetterFailed;
-
-/// Dead-letters a record that can never be delivered (see [`SinkContext::dead_letter`]).
+/// Dead-letters a record that can never be delivered; if the file cannot be written it
+/// is counted and logged as lost, since retrying cannot make it deliverable.
 async fn dead_letter_one(
     ctx: &SinkContext,
     record: crate::buffer::Record,
     reason: &'static str,
     detail: &str,
-) -> Result<(), DeadLetterFailed> {
-    ctx.dead_letter(std::slice::from_ref(&record), reason, detail)
-        .await
-        .map_err(|_| DeadLetterFailed)
+) {
+    dead_letter_all(ctx, std::slice::from_ref(&record), reason, detail).await;
+}
+
+/// [`dead_letter_one`] for several records (a pack, or a pack the upstream refused).
+async fn dead_letter_all(ctx: &SinkContext, records: &[Record], reason: &str, detail: &str) {
+    if ctx.dead_letter(records, reason, detail).await.is_err() {
+        for record in records {
+            ctx.metrics.undeliverable(reason);
+            ctx.buffer.ack(record.seq);
+        }
+    }
 }
 
 /// Why a message with `topic` (as it goes upstream) and a payload of `payload_len` bytes
-/// can never be delivered, if it cannot: the `reason` label and a detail for the log and
-/// the dead-letter file.
+/// (with its MQTT 5 properties) can never be delivered to an upstream that takes packets
+/// up to `max_packet` bytes, if it cannot: the `reason` label and a detail for the log
+/// and the dead-letter file.
 fn undeliverable(
     plan: &MqttPlan,
+    max_packet: usize,
     topic: &str,
     payload_len: usize,
 ) -> Option<(&'static str, String)> {
@@ -818,10 +924,10 @@ fn undeliverable(
             ));
         }
     }
-    if topic.len() + payload_len + PUBLISH_OVERHEAD > plan.max_packet_size {
+    if topic.len() + payload_len + PUBLISH_OVERHEAD > max_packet {
         return Some((
             "too_large",
-            "larger than the upstream's max_packet_size".into(),
+            format!("larger than the upstream's packet limit of {max_packet} bytes"),
         ));
     }
     if topic.is_empty() || !rumqttc::valid_topic(topic) {
@@ -835,42 +941,59 @@ fn undeliverable(
     None
 }
 
-/// Applies one event to the window; returns whether it confirmed a record.
-fn handle_event(ctx: &SinkContext, window: &mut Window, event: Event) -> bool {
-    match event {
-        Event::Outgoing(Outgoing::Publish(pkid)) => {
+/// What one event did to the window.
+enum Acked {
+    Nothing,
+    /// Records up to this seq were confirmed (acked and counted).
+    Confirmed(u64),
+    /// An MQTT 5 PUBACK refused the publish with `code` (see `puback`): the entry is out
+    /// of the window, nothing acked yet.
+    Refused {
+        entry: InFlight,
+        code: u8,
+    },
+}
+
+/// Applies one event to the window.
+fn handle_event(ctx: &SinkContext, window: &mut Window, event: LinkEvent) -> Acked {
+    let (entry, code) = match event {
+        LinkEvent::Published(pkid) => {
             let Some(entry) = window.queued.pop_front() else {
-                return false;
+                return Acked::Nothing;
             };
-            if pkid == 0 {
-                // QoS 0: written is all the confirmation there will be.
-                entry.confirm(ctx);
-                true
-            } else {
+            if pkid != 0 {
                 window.by_pkid.insert(pkid, entry);
-                false
+                return Acked::Nothing;
             }
+            // QoS 0: written is all the confirmation there will be.
+            (entry, 0)
         }
-        Event::Incoming(Incoming::PubAck(ack)) => confirm(ctx, window, ack.pkid),
-        Event::Incoming(Incoming::PubComp(comp)) => confirm(ctx, window, comp.pkid),
-        _ => false,
+        LinkEvent::PubAck { pkid, code } => match window.by_pkid.remove(&pkid) {
+            Some(entry) => (entry, code),
+            None => return Acked::Nothing,
+        },
+        LinkEvent::PubComp(pkid) => match window.by_pkid.remove(&pkid) {
+            Some(entry) => (entry, 0),
+            None => return Acked::Nothing,
+        },
+        LinkEvent::ConnAck { .. } => return Acked::Nothing,
+    };
+    match puback::action(code) {
+        Action::Delivered => {
+            entry.confirm(ctx);
+            Acked::Confirmed(entry.last_seq())
+        }
+        _ => Acked::Refused { entry, code },
     }
 }
 
-fn confirm(ctx: &SinkContext, window: &mut Window, pkid: u16) -> bool {
-    let Some(entry) = window.by_pkid.remove(&pkid) else {
-        return false;
-    };
-    entry.confirm(ctx);
-    true
-}
-
 /// Shutdown: wait (within the grace period) for the acks of what is in flight, then say
-/// DISCONNECT. Whatever stays unacked remains in the buffer.
+/// DISCONNECT. Whatever stays unacked remains in the buffer (a refused publish too: it is
+/// dealt with after the restart).
 async fn drain_and_disconnect(
     ctx: &SinkContext,
-    client: &AsyncClient,
-    events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
+    client: &Client,
+    events: &mut mpsc::Receiver<Result<LinkEvent, LinkError>>,
     window: &mut Window,
 ) -> Outcome {
     let deadline = tokio::time::Instant::now() + ctx.grace;
@@ -882,7 +1005,7 @@ async fn drain_and_disconnect(
             _ => break,
         }
     }
-    disconnect(client, events).await;
+    disconnect(ctx, client, events, window).await;
     ctx.metrics.mark_stopped();
     Outcome::Stopped
 }
@@ -894,13 +1017,23 @@ async fn drain_and_disconnect(
 /// stand-in in tests/cloud_profiles.rs) did, on a loaded machine: the new connection was
 /// closed right after its CONNACK. rumqttd queues the old connection's end to its router
 /// before it closes the socket, so after the close the two cannot cross.
+///
+/// Acknowledgements that arrive meanwhile still confirm their records (a refusal among
+/// them leaves its record to be resent), so that a connection closed over a refusal
+/// (quota exceeded) does not resend what the upstream had already accepted.
 async fn disconnect(
-    client: &AsyncClient,
-    events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
+    ctx: &SinkContext,
+    client: &Client,
+    events: &mut mpsc::Receiver<Result<LinkEvent, LinkError>>,
+    window: &mut Window,
 ) {
-    if client.try_disconnect().is_ok() {
+    if client.try_disconnect() {
         // The driver forwards the connection's end as an error, then stops.
-        let closed = async { while let Some(Ok(_)) = events.recv().await {} };
+        let closed = async {
+            while let Some(Ok(event)) = events.recv().await {
+                handle_event(ctx, window, event);
+            }
+        };
         let _ = tokio::time::timeout(Duration::from_secs(1), closed).await;
     }
 }
@@ -908,32 +1041,15 @@ async fn disconnect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rumqttc::ConnectReturnCode;
 
     #[test]
-    fn every_connection_failure_has_a_reason() {
-        let table = [
-            (
-                ConnectionError::Io(std::io::Error::from(ErrorKind::ConnectionRefused)),
-                "connection_refused",
-            ),
-            (
-                ConnectionError::Io(std::io::Error::from(ErrorKind::BrokenPipe)),
-                "io",
-            ),
-            (ConnectionError::NetworkTimeout, "timeout"),
-            (
-                ConnectionError::MqttState(StateError::AwaitPingResp),
-                "ping_timeout",
-            ),
-            (
-                ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized),
-                "connack_refused",
-            ),
-            (ConnectionError::RequestsDone, "closed"),
-        ];
-        for (error, reason) in table {
-            assert_eq!(classify(&error), reason, "{error}");
-        }
+    fn expiry_counts_down_with_the_time_in_the_buffer() {
+        assert_eq!(remaining_expiry(None, 10_000_000), Ok(None));
+        assert_eq!(remaining_expiry(Some(60), 0), Ok(Some(60)));
+        // Rounded up: time left never goes out as 0 ("no expiry").
+        assert_eq!(remaining_expiry(Some(60), 59_001), Ok(Some(1)));
+        assert_eq!(remaining_expiry(Some(60), 20_500), Ok(Some(40)));
+        assert_eq!(remaining_expiry(Some(60), 60_000), Err(()));
+        assert_eq!(remaining_expiry(Some(0), 0), Err(()));
     }
 }

@@ -28,7 +28,7 @@
 //!
 //! Format (`json_array`: `[part,part,...]`; `ndjson`: one part per line, each ending in
 //! `\n`). A part is a JSON object:
-//! `{["topic"],["received_at"],["qos"],["retain"],"payload"[,"encoding"]}`, the optional
+//! `{["topic"],["received_at"],["qos"],["retain"],["properties"],"payload"[,"encoding"]}`, the optional
 //! fields as listed in `fields`. The payload follows the envelope's rules
 //! (`sinks::envelope`): a JSON payload is embedded as JSON, verbatim (whitespace around
 //! the value dropped; in `ndjson` its line breaks, which JSON only allows as whitespace,
@@ -129,6 +129,10 @@ pub enum PartField {
     ReceivedAt,
     Qos,
     Retain,
+    /// The MQTT 5 properties the device sent, as the envelope's `properties` object
+    /// (`sinks::envelope`); absent on a part whose message has none. The pack itself
+    /// (one upstream publish) carries no MQTT properties.
+    Properties,
 }
 
 /// Which optional fields the parts carry.
@@ -138,6 +142,7 @@ pub struct PartFields {
     pub received_at: bool,
     pub qos: bool,
     pub retain: bool,
+    pub properties: bool,
 }
 
 /// The validated `pack` of a sink.
@@ -197,6 +202,7 @@ pub fn validate(
             PartField::ReceivedAt => &mut fields.received_at,
             PartField::Qos => &mut fields.qos,
             PartField::Retain => &mut fields.retain,
+            PartField::Properties => &mut fields.properties,
         };
         if std::mem::replace(slot, true) {
             err(format!("{path}.fields[{i}]"), "listed twice".into());
@@ -220,6 +226,7 @@ impl PackPlan {
             (self.fields.received_at, "received_at"),
             (self.fields.qos, "qos"),
             (self.fields.retain, "retain"),
+            (self.fields.properties, "properties"),
         ] {
             if set {
                 fields.push(name);
@@ -253,6 +260,13 @@ impl PackPlan {
         }
         if f.retain {
             let _ = write!(out, "\"retain\":{},", msg.retain);
+        }
+        if let (true, Some(props)) = (f.properties, &msg.properties) {
+            out.extend_from_slice(b"\"properties\":");
+            // Serializing a serde_json::Value into a Vec cannot fail.
+            let _ =
+                serde_json::to_writer(&mut *out, &crate::sinks::envelope::properties_object(props));
+            out.push(b',');
         }
         out.extend_from_slice(b"\"payload\":");
         match json_text(&msg.payload) {
@@ -561,6 +575,7 @@ mod tests {
                 received_at: true,
                 qos: true,
                 retain: true,
+                properties: false,
             };
             let mut packer = Packer::new(p, 8);
             let packs = pack_all(
@@ -601,6 +616,24 @@ mod tests {
         let mut packer = Packer::new(plan(PackFormat::JsonArray, 4096), 8);
         let packs = pack_all(&mut packer, vec![record(1, "dt/a", b"7")]);
         assert_eq!(packs[0].body, br#"[{"payload":7}]"#);
+    }
+
+    #[test]
+    fn parts_carry_the_properties_when_asked_for() {
+        let mut p = plan(PackFormat::JsonArray, 4096);
+        p.fields.properties = true;
+        let mut packer = Packer::new(p, 8);
+        let mut with = record(1, "dt/a", b"7");
+        with.msg.properties = Some(Box::new(crate::message::Properties {
+            user_properties: vec![("line".into(), "4".into())],
+            content_type: Some("application/json".into()),
+            ..Default::default()
+        }));
+        let packs = pack_all(&mut packer, vec![with, record(2, "dt/a", b"8")]);
+        assert_eq!(
+            String::from_utf8_lossy(&packs[0].body),
+            r#"[{"properties":{"content_type":"application/json","user":{"line":"4"}},"payload":7},{"payload":8}]"#
+        );
     }
 
     #[test]

@@ -37,11 +37,19 @@ impl Tansu {
     }
 
     pub fn start_on(port: u16) -> Tansu {
+        Self::start_advertising(port, port)
+    }
+
+    /// Listening on `port`, but telling clients (in metadata) that it is at
+    /// 127.0.0.1:`advertised`: a proxy there then carries every connection a Kafka
+    /// client makes after its bootstrap.
+    pub fn start_advertising(port: u16, advertised: u16) -> Tansu {
         let log = tempfile::NamedTempFile::new().expect("tansu log file");
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised}");
         let child = Command::new(tansu_binary())
             .args(["broker", "--storage-engine", "memory://tansu/"])
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--listener-url", &url, "--advertised-listener-url", &advertised])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.reopen().expect("log"))

@@ -150,6 +150,10 @@ const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 pub struct Mosquitto {
     dir: tempfile::TempDir,
     port: u16,
+    /// The address it listens on: 127.0.0.1, or its address in `netns`.
+    host: String,
+    /// Runs inside this network namespace (`ip netns exec`).
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -161,6 +165,15 @@ impl Mosquitto {
     /// With `persistent`, sessions and queued messages survive [`Mosquitto::terminate`]
     /// and a restart (mosquitto saves its database on SIGTERM).
     pub fn start_with(mode: Mode<'_>, persistent: bool) -> Mosquitto {
+        Self::start_at(mode, persistent, "127.0.0.1", None)
+    }
+
+    /// Inside network namespace `netns`, listening on `host` (its address there).
+    pub fn start_in_netns(netns: &str, host: &str) -> Mosquitto {
+        Self::start_at(Mode::Plain, false, host, Some(netns))
+    }
+
+    fn start_at(mode: Mode<'_>, persistent: bool, host: &str, netns: Option<&str>) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir for mosquitto");
         let port = free_port();
         // `user root`: as root mosquitto would otherwise drop to `mosquitto`, which cannot
@@ -168,7 +181,7 @@ impl Mosquitto {
         let mut conf = format!(
             "user root\nallow_anonymous true\npersistence false\n\
              max_queued_messages 0\nmax_inflight_messages 0\n\
-             log_dest file {}\nlistener {port} 127.0.0.1\n",
+             log_dest file {}\nlistener {port} {host}\n",
             dir.path().join("mosquitto.log").display()
         );
         if let Mode::Tls(c) | Mode::MutualTls(c) = mode {
@@ -191,6 +204,8 @@ impl Mosquitto {
         let mut m = Mosquitto {
             dir,
             port,
+            host: host.to_string(),
+            netns: netns.map(str::to_string),
             child: None,
         };
         m.spawn_until_ready();
@@ -217,7 +232,15 @@ impl Mosquitto {
             let runs = self.logs().matches(" running").count();
             let path = self.dir.path().join("mosquitto.log");
             let log = fs::OpenOptions::new().create(true).append(true).open(path);
-            let mut child = Command::new(MOSQUITTO)
+            let mut command = match &self.netns {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns, MOSQUITTO]);
+                    c
+                }
+                None => Command::new(MOSQUITTO),
+            };
+            let mut child = command
                 .arg("-c")
                 .arg(self.dir.path().join("mosquitto.conf"))
                 .stdout(Stdio::null())
@@ -226,7 +249,7 @@ impl Mosquitto {
                 .expect("spawn mosquitto");
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 let running = self.logs().matches(" running").count() > runs;
-                if running && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                if running && TcpStream::connect((self.host.as_str(), self.port)).is_ok() {
                     self.child = Some(child);
                     return;
                 }
@@ -381,6 +404,20 @@ pub fn seq_payload(device: u32, seq: u64) -> Vec<u8> {
     format!("{{\"device\":{device},\"seq\":{seq}}}").into_bytes()
 }
 
+/// `{"device":D,"seq":S,"pad":"…"}` with `pad` random characters of 64 kinds: about as
+/// many bytes on the wire whatever the upstream compresses with (Kafka's LZ4 halved
+/// random hex, whose 4-byte sequences repeat within its 64 KiB window).
+pub fn padded_seq_payload(device: u32, seq: u64, pad: usize) -> Vec<u8> {
+    if pad == 0 {
+        return seq_payload(device, seq);
+    }
+    const CHARS: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let text: String = (0..pad)
+        .map(|_| char::from(CHARS[rand::random_range(0..64)]))
+        .collect();
+    format!("{{\"device\":{device},\"seq\":{seq},\"pad\":\"{text}\"}}").into_bytes()
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SeqReport {
     /// Distinct seqs received per device.
@@ -438,10 +475,22 @@ pub async fn publish_seq(
 /// drives the event loop until every one is acknowledged (PUBACK / PUBCOMP; for QoS 0: written)
 /// or 120 s passed. Returns the number of acknowledgements received.
 pub async fn publish_seq_with(
+    opts: MqttOptions,
+    topic: &str,
+    device: u32,
+    seqs: Range<u64>,
+    qos: QoS,
+) -> u64 {
+    publish_padded_seq_with(opts, topic, device, seqs, 0, qos).await
+}
+
+/// As [`publish_seq_with`], with [`padded_seq_payload`]s of `pad` extra bytes.
+pub async fn publish_padded_seq_with(
     mut opts: MqttOptions,
     topic: &str,
     device: u32,
     seqs: Range<u64>,
+    pad: usize,
     qos: QoS,
 ) -> u64 {
     opts.set_inflight(100);
@@ -450,7 +499,7 @@ pub async fn publish_seq_with(
     let topic = topic.to_string();
     let publisher = tokio::spawn(async move {
         for s in seqs {
-            let payload = seq_payload(device, s);
+            let payload = padded_seq_payload(device, s, pad);
             if client.publish(&topic, qos, false, payload).await.is_err() {
                 return;
             }

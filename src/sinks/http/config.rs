@@ -40,9 +40,14 @@ pub struct HttpSinkSection {
     pub timeout: HumanDuration,
     #[serde(default)]
     pub format: BodyFormat,
-    /// `Content-Type` of `raw` bodies.
+    /// `Content-Type` of `raw` bodies (a message's own MQTT 5 content type wins).
     #[serde(default)]
     pub content_type: Option<String>,
+    /// MQTT 5 user properties as request headers named `{prefix}{key}` (e.g.
+    /// `"x-mqtt-"`); unset: only in the JSON envelope (`properties.user`), and not sent
+    /// with `raw` bodies.
+    #[serde(default)]
+    pub property_headers: Option<String>,
     #[serde(default)]
     pub batch: HttpBatchSection,
     /// Status codes to retry whatever the built-in table says.
@@ -154,6 +159,8 @@ pub struct HttpPlan {
     pub timeout: Duration,
     pub format: BodyFormat,
     pub content_type: String,
+    /// Prefix of the request headers that carry MQTT 5 user properties, if they do.
+    pub property_headers: Option<String>,
     pub max_messages: usize,
     pub max_bytes: usize,
     pub max_delay: Duration,
@@ -402,6 +409,17 @@ pub fn validate(
         );
         ok = false;
     }
+    if let Some(prefix) = &s.property_headers {
+        // Never empty: a user property "authorization" must not become that header.
+        if prefix.is_empty() || reqwest::header::HeaderName::from_bytes(prefix.as_bytes()).is_err()
+        {
+            err(
+                format!("{path}.property_headers"),
+                "a non-empty header name prefix, e.g. \"x-mqtt-\"".into(),
+            );
+            ok = false;
+        }
+    }
     ok &= crate::config::check_backoff(path, s.backoff_min, s.backoff_max, err);
     let pack = match &s.pack {
         Some(section) => {
@@ -447,6 +465,7 @@ pub fn validate(
         timeout: s.timeout.0,
         format: s.format,
         content_type,
+        property_headers: s.property_headers.as_ref().map(|p| p.to_ascii_lowercase()),
         max_messages,
         max_bytes: max_bytes as usize,
         max_delay,
@@ -475,11 +494,14 @@ impl HttpPlan {
             None => String::new(),
         };
         let headers: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
-        let headers = if headers.is_empty() {
+        let mut headers = if headers.is_empty() {
             String::new()
         } else {
             format!(" headers=[{}] (values hidden)", headers.join(", "))
         };
+        if let Some(prefix) = &self.property_headers {
+            headers += &format!(" property_headers={prefix}<key>");
+        }
         let tls = match &self.tls {
             Some(t) => format!(
                 " ca={} client_cert={}",

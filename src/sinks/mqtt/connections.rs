@@ -34,6 +34,8 @@ use crate::sinks::SinkContext;
 pub(super) async fn run(plan: MqttPlan, ctx: SinkContext) {
     let ctx = Arc::new(ctx);
     let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
+    // As in `super::run`: refusals for now back off on their own.
+    let mut throttle = ctx.backoff(plan.backoff_min, plan.backoff_max);
     loop {
         ctx.buffer.rewind();
         let stop = CancellationToken::new();
@@ -53,6 +55,7 @@ pub(super) async fn run(plan: MqttPlan, ctx: SinkContext) {
                     stop: stop.clone(),
                 },
                 failback: None,
+                isolate: None,
             };
             let (ctx, mut member_backoff) = (ctx.clone(), backoff.clone());
             members.spawn(async move {
@@ -75,9 +78,17 @@ pub(super) async fn run(plan: MqttPlan, ctx: SinkContext) {
             // A connection task panicked: treat it like a failed connection.
             _ => Outcome::Reconnect,
         };
+        if !matches!(outcome, Outcome::Throttled) {
+            throttle.reset();
+        }
         match outcome {
             Outcome::Stopped => return,
             Outcome::Renew => {}
+            Outcome::Throttled => {
+                if ctx.sleep_or_stop(throttle.next_delay()).await {
+                    return;
+                }
+            }
             Outcome::Reconnect => {
                 if ctx.sleep_or_stop(backoff.next_delay()).await {
                     return;

@@ -1,69 +1,47 @@
-//! TLS and WebSocket device listeners.
+//! A device's byte stream: plain TCP, TLS, WebSocket or WebSocket over TLS, behind one
+//! type so every transport takes the same code path in `connection.rs`.
 //!
-//! rumqttd runs TLS and WebSocket handshakes inside its accept loop with no timeout, so
-//! one idle socket blocks every later connection (DESIGN.md, failure mode 3). A TLS or
-//! WebSocket listener is therefore edgebridge's own accept loop: each accepted socket
-//! gets its own task that runs the handshakes under `connect_timeout`, then relays the
-//! plain MQTT bytes to a rumqttd listener on a loopback port. The relay starts with a
-//! preamble carrying a per-process token (only the front can connect there) and the
-//! identity of the verified client certificate, which the protocol seam reads.
+//! [`accept`] runs the TLS and WebSocket handshakes; the caller bounds it with the
+//! listener's `connect_timeout` (an idle socket must never hold anything up: DESIGN.md,
+//! rumqttd failure mode 3). After that, [`Transport::read`] appends the device's bytes to
+//! the connection's buffer and [`Transport::write`] sends encoded packets (one binary
+//! WebSocket message per write on WebSocket listeners).
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
-use std::time::Duration;
 
 use anyhow::Context;
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tracing::{debug, info};
 
-use super::protocol::{preamble, TOKEN_LEN};
 use crate::config::{ListenerPlan, ListenerTls};
-use crate::metrics::ListenerMetrics;
 
 /// The WebSocket path devices connect to.
 pub const WS_PATH: &str = "/mqtt";
 
-/// Sockets beyond `max_connections` still allowed to be mid-handshake: the MQTT-level
-/// limit answers with a CONNACK, which needs a finished handshake.
-const HANDSHAKE_SLACK: usize = 64;
-
-/// A TLS and/or WebSocket listener in front of a loopback rumqttd listener.
-pub struct Front {
-    name: String,
+/// How a listener's sockets become device streams.
+pub struct Handshake {
     tls: Option<TlsAcceptor>,
     websocket: bool,
-    timeout: Duration,
-    max_sockets: usize,
     max_message: usize,
-    internal: SocketAddr,
-    token: [u8; TOKEN_LEN],
-    metrics: ListenerMetrics,
-    open: AtomicUsize,
 }
 
-impl Front {
-    pub fn new(
-        plan: &ListenerPlan,
-        internal: SocketAddr,
-        token: [u8; TOKEN_LEN],
-        metrics: ListenerMetrics,
-    ) -> anyhow::Result<Self> {
+impl Handshake {
+    pub fn new(plan: &ListenerPlan) -> anyhow::Result<Self> {
         let tls = match &plan.tls {
             Some(t) => Some(TlsAcceptor::from(Arc::new(
                 server_config(t)
@@ -72,91 +50,16 @@ impl Front {
             None => None,
         };
         Ok(Self {
-            name: plan.name.clone(),
             tls,
             websocket: plan.websocket,
-            timeout: plan.connect_timeout,
-            max_sockets: plan.max_connections + HANDSHAKE_SLACK,
             // A WebSocket message carries at most one MQTT packet's worth, plus framing.
             max_message: plan.max_packet_size + 1024,
-            internal,
-            token,
-            metrics,
-            open: AtomicUsize::new(0),
         })
     }
 
-    /// The accept loop: never waits on a device.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let (socket, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly.
-                    debug!(listener = %self.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if self.open.fetch_add(1, Ordering::Relaxed) >= self.max_sockets {
-                self.open.fetch_sub(1, Ordering::Relaxed);
-                self.metrics.refused.max_connections.inc();
-                debug!(listener = %self.name, %peer, "too many sockets open; closing a new one");
-                continue;
-            }
-            let front = self.clone();
-            tokio::spawn(async move {
-                front.connection(socket, peer).await;
-                front.open.fetch_sub(1, Ordering::Relaxed);
-            });
-        }
-    }
-
-    async fn connection(&self, socket: TcpStream, peer: SocketAddr) {
-        let _ = socket.set_nodelay(true);
-        let device = match tokio::time::timeout(self.timeout, self.handshake(socket)).await {
-            Ok(Ok(device)) => device,
-            Ok(Err(e)) => {
-                self.metrics.refused.handshake.inc();
-                info!(listener = %self.name, %peer, error = %e, "device handshake failed");
-                return;
-            }
-            Err(_) => {
-                self.metrics.refused.handshake.inc();
-                info!(listener = %self.name, %peer, timeout = ?self.timeout, "device handshake timed out");
-                return;
-            }
-        };
-        let cn = device.cn.clone();
-        let mut internal = match TcpStream::connect(self.internal).await {
-            Ok(s) => s,
-            Err(e) => {
-                info!(listener = %self.name, error = %e, "cannot reach the internal broker listener");
-                return;
-            }
-        };
-        let _ = internal.set_nodelay(true);
-        if internal
-            .write_all(&preamble(&self.token, cn.as_deref()))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let result = match device.io {
-            DeviceIo::Stream(mut stream) => {
-                tokio::io::copy_bidirectional(&mut stream, &mut internal)
-                    .await
-                    .map(drop)
-            }
-            DeviceIo::WebSocket(ws) => relay_websocket(*ws, internal).await,
-        };
-        if let Err(e) = result {
-            debug!(listener = %self.name, %peer, error = %e, "device connection ended");
-        }
-    }
-
-    async fn handshake(&self, socket: TcpStream) -> anyhow::Result<Device> {
+    /// Runs the TLS and WebSocket handshakes (unbounded: the caller times it out).
+    /// Returns the stream and the verified client certificate's identity.
+    pub async fn accept(&self, socket: TcpStream) -> anyhow::Result<(Transport, Option<String>)> {
         let (stream, cn) = match &self.tls {
             Some(acceptor) => {
                 let tls = acceptor.accept(socket).await.context("TLS")?;
@@ -181,22 +84,83 @@ impl Front {
             )
             .await
             .context("WebSocket")?;
-            DeviceIo::WebSocket(Box::new(ws))
+            Transport::WebSocket(Box::new(ws))
         } else {
-            DeviceIo::Stream(stream)
+            Transport::Stream(stream)
         };
-        Ok(Device { io, cn })
+        Ok((io, cn))
     }
 }
 
-struct Device {
-    io: DeviceIo,
-    cn: Option<String>,
-}
-
-enum DeviceIo {
+/// A device connection after its handshakes.
+pub enum Transport {
     Stream(Stream),
     WebSocket(Box<tokio_tungstenite::WebSocketStream<Stream>>),
+}
+
+impl Transport {
+    /// Appends what the device sent next to `buf`; `Ok(0)` when it closed. Cancel-safe
+    /// (it is one branch of the connection's `select!`).
+    pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Transport::Stream(s) => {
+                // Grow in small steps: an idle connection keeps a small buffer, and only
+                // a large packet (whose length the codec reported) reserves more.
+                if buf.capacity() - buf.len() < 64 {
+                    buf.reserve(512);
+                }
+                s.read_buf(buf).await
+            }
+            Transport::WebSocket(ws) => loop {
+                match ws.next().await {
+                    None => return Ok(0),
+                    Some(Err(e)) => return Err(io::Error::other(e)),
+                    Some(Ok(Message::Binary(data))) => {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        buf.extend_from_slice(&data);
+                        return Ok(data.len());
+                    }
+                    Some(Ok(Message::Close(_))) => return Ok(0),
+                    Some(Ok(Message::Text(_))) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "text WebSocket message (MQTT uses binary)",
+                        ))
+                    }
+                    // Pings are answered by tungstenite.
+                    Some(Ok(_)) => {}
+                }
+            },
+        }
+    }
+
+    /// Sends `data` (whole packets) and flushes it.
+    pub async fn write(&mut self, data: BytesMut) -> io::Result<()> {
+        match self {
+            Transport::Stream(s) => {
+                s.write_all(&data).await?;
+                s.flush().await
+            }
+            Transport::WebSocket(ws) => ws
+                .send(Message::binary(data.freeze()))
+                .await
+                .map_err(io::Error::other),
+        }
+    }
+
+    /// Closes the stream politely (WebSocket close frame, TLS close_notify).
+    pub async fn close(&mut self) {
+        match self {
+            Transport::Stream(s) => {
+                let _ = s.shutdown().await;
+            }
+            Transport::WebSocket(ws) => {
+                let _ = SinkExt::close(ws.as_mut()).await;
+            }
+        }
+    }
 }
 
 /// Checks the upgrade request: path `/mqtt`, and the `mqtt` subprotocol when the client
@@ -236,54 +200,8 @@ fn websocket_request(request: &Request, mut response: Response) -> Result<Respon
     }
 }
 
-/// Relays binary WebSocket messages to the internal TCP connection and back.
-async fn relay_websocket(
-    ws: tokio_tungstenite::WebSocketStream<Stream>,
-    internal: TcpStream,
-) -> io::Result<()> {
-    let (mut ws_tx, mut ws_rx) = ws.split();
-    let (mut rd, mut wr) = internal.into_split();
-    let upstream = async {
-        while let Some(msg) = ws_rx.next().await {
-            match msg.map_err(io::Error::other)? {
-                Message::Binary(data) => wr.write_all(&data).await?,
-                Message::Close(_) => break,
-                // Pings are answered by tungstenite; text is not MQTT.
-                Message::Text(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "text WebSocket message (MQTT uses binary)",
-                    ))
-                }
-                _ => {}
-            }
-        }
-        wr.shutdown().await
-    };
-    let downstream = async {
-        let mut buf = bytes::BytesMut::new();
-        loop {
-            buf.reserve(16 * 1024);
-            if rd.read_buf(&mut buf).await? == 0 {
-                let _ = ws_tx.close().await;
-                return Ok::<_, io::Error>(());
-            }
-            // The bytes read become the message without a copy.
-            ws_tx
-                .send(Message::binary(buf.split().freeze()))
-                .await
-                .map_err(io::Error::other)?;
-        }
-    };
-    // Whichever side ends first ends the connection.
-    tokio::select! {
-        r = upstream => r,
-        r = downstream => r,
-    }
-}
-
 /// The device's byte stream: plain TCP or TLS.
-enum Stream {
+pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
