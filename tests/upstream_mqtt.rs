@@ -357,3 +357,110 @@ async fn three_connections_share_the_topics_and_keep_each_topics_order() {
     println!("connections = 3: duplicates {}", report.duplicates);
     gw.shutdown().await;
 }
+/// A message the upstream can never take (over the sink's `max_packet_size`) while the
+/// dead-letter file cannot be written (`dead_letter` is a plain file, so the directory
+/// cannot be created; permissions would not stop root): nothing is acked, the failure is
+/// counted and retried, and once the file can be written the message is dead-lettered
+/// and the messages behind it are delivered. Nothing is lost (issue "One-way
+/// architecture": the MQTT sink used to ack the record anyway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unwritable_dead_letter_file_acks_nothing_and_loses_nothing() {
+    let upstream = Mosquitto::start(Mode::Plain);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::Plain),
+        "dt/#",
+    )
+    .await;
+    let url = format!("mqtt://127.0.0.1:{}", upstream.port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
+    let blocker = dir.path().join("data/dead_letter");
+    std::fs::write(&blocker, b"not a directory").expect("block the dead-letter dir");
+    let sink = mqtt_sink(&url, "max_packet_size = \"1KiB\"");
+    let mut gw = TestGateway::start_in(&sink, dir).await;
+
+    // One oversized message first, then five that fit.
+    let mut opts = client_options("big", gw.port(), Mode::Plain);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
+    client
+        .publish(
+            "factory/d1/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            vec![b'x'; 2000],
+        )
+        .await
+        .expect("queue the oversized publish");
+    let acked = tokio::time::timeout(WAIT, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(acked, Ok(true), "the gateway takes the oversized message");
+    let acked = publish_seq(
+        "127.0.0.1",
+        gw.port(),
+        "dev",
+        "factory/d1/telemetry",
+        1,
+        5,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert_eq!(acked, 5);
+
+    // The failed write is counted, and retried (counted again) after the rewind.
+    let retried = gw
+        .eventually(WAIT, |g| {
+            g.counter(
+                "edgebridge_sink_errors_total",
+                &[("sink", "cloud"), ("reason", "dead_letter")],
+            ) >= 2.0
+        })
+        .await;
+    assert!(retried, "dead-letter failures are counted, and retried");
+    assert_eq!(
+        gw.counter(
+            "edgebridge_buffer_dropped_total",
+            &[("sink", "cloud"), ("reason", "too_large")]
+        ),
+        0.0,
+        "nothing counted as dropped while the dead-letter file cannot be written"
+    );
+    assert_eq!(
+        gw.counter("edgebridge_buffer_messages", &[("sink", "cloud")]),
+        6.0,
+        "nothing acked: the oversized message and the five behind it stay buffered"
+    );
+
+    std::fs::remove_file(&blocker).expect("unblock the dead-letter dir");
+    assert!(
+        gw.eventually(WAIT, |g| g.dead_letters("cloud").len() == 1)
+            .await,
+        "the oversized message is dead-lettered once the file can be written"
+    );
+    assert_eq!(gw.dead_letters("cloud")[0]["reason"], "too_large");
+    assert!(
+        collector.wait_for_unique(5, WAIT).await,
+        "the five messages behind it arrive"
+    );
+    let report = check_sequences(&collector.messages());
+    assert_eq!(report.per_device_count.get(&1), Some(&5), "{report:?}");
+    assert_eq!(report.missing, 0, "{report:?}");
+    let dropped = gw
+        .counter_until(
+            "edgebridge_buffer_dropped_total",
+            &[("sink", "cloud"), ("reason", "too_large")],
+            1.0,
+            WAIT,
+        )
+        .await;
+    assert_eq!(dropped, 1.0);
+    gw.shutdown().await;
+}

@@ -549,7 +549,9 @@ async fn connection(
                                     Action::DeadLetter { reason } => {
                                         last_progress = Instant::now();
                                         backoff.reset();
-                                        dead_letter_all(ctx, entry.records(), reason, &detail).await;
+                                        if dead_letter_all(ctx, entry.records(), reason, &detail).await.is_err() {
+                                            break dead_letter_failed(ctx, &upstream);
+                                        }
                                         ctx.acked();
                                         resolved(feed, entry.last_seq());
                                     }
@@ -586,7 +588,9 @@ async fn connection(
                                     );
                                     match window.take_single() {
                                         Some(entry) => {
-                                            dead_letter_all(ctx, entry.records(), reason, &detail).await;
+                                            if dead_letter_all(ctx, entry.records(), reason, &detail).await.is_err() {
+                                                break dead_letter_failed(ctx, &upstream);
+                                            }
                                             resolved(feed, entry.last_seq());
                                         }
                                         // Not one culprit: find it one publish at a time.
@@ -674,15 +678,20 @@ async fn connection(
                 if let Some(packer) = &mut packer {
                     packer.close_due(Instant::now(), &mut packed);
                 }
-                stage_packs(plan, ctx, max_packet, &mut packed, &mut ready).await;
+                if stage_packs(plan, ctx, max_packet, &mut packed, &mut ready).await.is_err() {
+                    break dead_letter_failed(ctx, &upstream);
+                }
             }
             batch = feed.source.read_batch(&ctx.buffer, read), if connected && refill => {
-                match &mut packer {
-                    Some(packer) => {
-                        pack_batch(plan, ctx, max_packet, packer, batch, &mut packed).await;
-                        stage_packs(plan, ctx, max_packet, &mut packed, &mut ready).await;
-                    }
+                let staged = match &mut packer {
+                    Some(packer) => match pack_batch(plan, ctx, max_packet, packer, batch, &mut packed).await {
+                        Ok(()) => stage_packs(plan, ctx, max_packet, &mut packed, &mut ready).await,
+                        failed => failed,
+                    },
                     None => stage(plan, ctx, max_packet, batch, &mut ready).await,
+                };
+                if staged.is_err() {
+                    break dead_letter_failed(ctx, &upstream);
                 }
                 let sent = publish_ready(ctx, client, plan.qos, &mut ready, &mut window, window_size, pacer.as_mut(), &mut last_progress).await;
                 if sent.is_err() {
@@ -705,6 +714,15 @@ async fn connection(
     }
 }
 
+/// Ends the session after a failed dead-letter write (see [`DeadLetterFailed`]).
+fn dead_letter_failed(ctx: &SinkContext, upstream: &str) -> Outcome {
+    ctx.metrics.mark_down(
+        "dead_letter",
+        &format!("{upstream}: cannot write the dead-letter file; the undeliverable message stays buffered and is retried"),
+    );
+    Outcome::Reconnect
+}
+
 /// A record up to `seq` was resolved (acked or dead-lettered): once past the one that
 /// started a search for a refused message's culprit, publishes go out in full windows
 /// again.
@@ -723,7 +741,7 @@ async fn stage(
     max_packet: usize,
     batch: Vec<crate::buffer::Record>,
     ready: &mut VecDeque<Ready>,
-) {
+) -> Result<(), DeadLetterFailed> {
     for record in batch {
         if expired(ctx, &record) {
             continue;
@@ -736,7 +754,7 @@ async fn stage(
         };
         let len = record.msg.payload.len() + properties_wire_len(properties.as_deref());
         if let Some((reason, detail)) = undeliverable(plan, max_packet, &topic, len) {
-            dead_letter_one(ctx, record, reason, &detail).await;
+            dead_letter_one(ctx, record, reason, &detail).await?;
             continue;
         }
         ready.push_back(Ready {
@@ -747,6 +765,7 @@ async fn stage(
             entry: InFlight::One(record),
         });
     }
+    Ok(())
 }
 
 /// Queues closed packs in `ready`. A pack of one message that is too large for the
@@ -757,13 +776,11 @@ async fn stage_packs(
     max_packet: usize,
     packed: &mut VecDeque<Pack>,
     ready: &mut VecDeque<Ready>,
-) {
+) -> Result<(), DeadLetterFailed> {
     while let Some(pack) = packed.pop_front() {
         let topic = upstream_topic(plan, &pack.key);
         if let Some((reason, detail)) = undeliverable(plan, max_packet, &topic, pack.body.len()) {
-            for record in pack.records {
-                dead_letter_one(ctx, record, reason, &detail).await;
-            }
+            dead_letter_all(ctx, &pack.records, reason, &detail).await?;
             continue;
         }
         // A pack is never published retained: its parts say whether they were. It
@@ -776,6 +793,7 @@ async fn stage_packs(
             properties: None,
         });
     }
+    Ok(())
 }
 
 /// A message whose MQTT 5 message expiry lapsed while it waited in the buffer is not
@@ -864,7 +882,7 @@ async fn pack_batch(
     packer: &mut Packer,
     batch: Vec<crate::buffer::Record>,
     packed: &mut VecDeque<Pack>,
-) {
+) -> Result<(), DeadLetterFailed> {
     let now = Instant::now();
     for record in batch {
         if expired(ctx, &record) {
@@ -872,34 +890,43 @@ async fn pack_batch(
         }
         let topic = upstream_topic(plan, &record.msg.topic);
         if let Some((reason, detail)) = undeliverable(plan, max_packet, &topic, 0) {
-            dead_letter_one(ctx, record, reason, &detail).await;
+            dead_letter_one(ctx, record, reason, &detail).await?;
             continue;
         }
         // What the packet limit leaves for the payload next to this topic.
         let cap = max_packet.saturating_sub(topic.len() + PUBLISH_OVERHEAD);
         packer.push(record, cap, now, packed);
     }
+    Ok(())
 }
 
-/// Dead-letters a record that can never be delivered; if the file cannot be written it
-/// is counted and logged as lost, since retrying cannot make it deliverable.
+/// The dead-letter file could not be written: nothing was acked, the session ends and the
+/// records are read again after the rewind, so they stay in the buffer until the file can
+/// be written (the contract HTTP and Kafka follow too: a record leaves the buffer only
+/// delivered or dead-lettered).
+#[derive(Debug)]
+struct DeadLetterFailed;
+
+/// Dead-letters a record that can never be delivered (see [`SinkContext::dead_letter`]).
 async fn dead_letter_one(
     ctx: &SinkContext,
     record: crate::buffer::Record,
     reason: &'static str,
     detail: &str,
-) {
-    dead_letter_all(ctx, std::slice::from_ref(&record), reason, detail).await;
+) -> Result<(), DeadLetterFailed> {
+    dead_letter_all(ctx, std::slice::from_ref(&record), reason, detail).await
 }
 
 /// [`dead_letter_one`] for several records (a pack, or a pack the upstream refused).
-async fn dead_letter_all(ctx: &SinkContext, records: &[Record], reason: &str, detail: &str) {
-    if ctx.dead_letter(records, reason, detail).await.is_err() {
-        for record in records {
-            ctx.metrics.undeliverable(reason);
-            ctx.buffer.ack(record.seq);
-        }
-    }
+async fn dead_letter_all(
+    ctx: &SinkContext,
+    records: &[Record],
+    reason: &str,
+    detail: &str,
+) -> Result<(), DeadLetterFailed> {
+    ctx.dead_letter(records, reason, detail)
+        .await
+        .map_err(|_| DeadLetterFailed)
 }
 
 /// Why a message with `topic` (as it goes upstream) and a payload of `payload_len` bytes
