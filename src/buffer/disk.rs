@@ -20,6 +20,8 @@
 //!   replaced atomically (`position.tmp`, fsync, rename, fsync of the directory).
 //! - `*.corrupt`: segments that held corrupt records, moved aside for inspection once
 //!   everything else in them was acked, and corrupt tails cut off at start-up. Never read.
+//!   Only the newest [`KEEP_CORRUPT_FILES`] are kept (pruned at start-up and whenever one
+//!   is added), so failing storage that keeps producing them does not fill the disk.
 //!
 //! # Record format
 //!
@@ -98,7 +100,7 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tracing::warn;
@@ -115,6 +117,8 @@ const POSITION_TMP: &str = "position.tmp";
 const POSITION_LEN: usize = 12;
 const SEGMENT_SUFFIX: &str = ".seg";
 const CORRUPT_SUFFIX: &str = ".corrupt";
+/// `*.corrupt` files kept per buffer for inspection; older ones are deleted.
+const KEEP_CORRUPT_FILES: usize = 8;
 /// Slack above `segment_bytes` for the largest body the log accepts.
 const BODY_SLACK: u64 = 1 << 20;
 const WRITE_BUFFER: usize = 256 * 1024;
@@ -571,6 +575,8 @@ impl DiskLog {
                 recovery.renamed.push(path);
             }
         }
+
+        prune_corrupt(&dir);
 
         let mut log = DiskLog {
             dir,
@@ -1444,12 +1450,61 @@ fn retire(segment: &Segment) -> io::Result<Option<PathBuf>> {
         let aside = with_suffix(&segment.path, CORRUPT_SUFFIX);
         fs::rename(&segment.path, &aside)?;
         warn!(path = %aside.display(), "buffer segment with corrupt records moved aside");
+        if let Some(dir) = aside.parent() {
+            prune_corrupt(dir);
+        }
         return Ok(Some(aside));
     }
     match fs::remove_file(&segment.path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(None),
     }
+}
+
+/// Deletes all but the newest [`KEEP_CORRUPT_FILES`] `*.corrupt` files of `dir` (newest
+/// by modification time, then by name); returns how many it deleted. The files are kept
+/// for inspection only, so a failure here is logged and otherwise ignored.
+fn prune_corrupt(dir: &Path) -> usize {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "cannot list the buffer directory to prune old .corrupt files");
+            return 0;
+        }
+    };
+    let mut files: Vec<(SystemTime, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name.ends_with(CORRUPT_SUFFIX))
+        })
+        .map(|entry| {
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            (modified, entry.path())
+        })
+        .collect();
+    let Some(excess) = files.len().checked_sub(KEEP_CORRUPT_FILES) else {
+        return 0;
+    };
+    files.sort();
+    let mut deleted = 0;
+    for (_, path) in files.into_iter().take(excess) {
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                deleted += 1;
+                warn!(path = %path.display(), keep = KEEP_CORRUPT_FILES, "deleted an old .corrupt file: only the newest are kept");
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot delete an old .corrupt file")
+            }
+        }
+    }
+    deleted
 }
 
 #[cfg(test)]
@@ -1492,6 +1547,40 @@ mod tests {
             segment_bytes,
         })
         .unwrap()
+    }
+
+    fn corrupt_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(CORRUPT_SUFFIX))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// `.corrupt` files left by earlier runs are pruned to the newest
+    /// `KEEP_CORRUPT_FILES` at start-up; other files are left alone.
+    #[test]
+    fn only_the_newest_corrupt_files_are_kept() {
+        let dir = TempDir::new().unwrap();
+        let name = |i: u64| format!("{i:020}{SEGMENT_SUFFIX}{CORRUPT_SUFFIX}");
+        let total = KEEP_CORRUPT_FILES as u64 + 5;
+        // Created oldest first: modification times never decrease, and names order
+        // the ties the same way.
+        for i in 1..=total {
+            fs::write(dir.path().join(name(i)), b"damaged").unwrap();
+        }
+        fs::write(dir.path().join("notes.txt"), b"kept").unwrap();
+        let (mut log, _) = open(dir.path(), 4096);
+        let seq = log.append(&msg(1)).unwrap();
+        assert_eq!(seq, 1, "the .corrupt files are never read as segments");
+        let kept: Vec<String> = (total - KEEP_CORRUPT_FILES as u64 + 1..=total)
+            .map(name)
+            .collect();
+        assert_eq!(corrupt_files(dir.path()), kept);
+        assert!(dir.path().join("notes.txt").exists());
+        assert_eq!(prune_corrupt(dir.path()), 0, "nothing more to prune");
     }
 
     fn record_len(seq: u64, m: &Message) -> u64 {
