@@ -308,6 +308,8 @@ impl AdminState {
                         bytes: m.buffer_bytes.with_label_values(&[&s.name]).get(),
                         oldest_age_seconds: m.buffer_oldest_age.with_label_values(&[&s.name]).get(),
                         backlog: s.buffer.backlog_pending(),
+                        corrupt_files: m.buffer_corrupt_files.with_label_values(&[&s.name]).get(),
+                        corrupt_bytes: m.buffer_corrupt_bytes.with_label_values(&[&s.name]).get(),
                     },
                     drain_eta_seconds: history::drain_eta_seconds(&samples),
                     history: samples,
@@ -460,6 +462,9 @@ pub struct BufferStatus {
     pub oldest_age_seconds: f64,
     /// Messages of the current drain's backlog not yet delivered.
     pub backlog: u64,
+    /// `*.corrupt` files kept for inspection, and their bytes.
+    pub corrupt_files: i64,
+    pub corrupt_bytes: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -704,6 +709,14 @@ pub fn render_page(s: &Status) -> String {
         } else {
             "empty".into()
         };
+        if k.buffer.corrupt_files > 0 {
+            let _ = write!(
+                backlog,
+                "; {} .corrupt file(s) kept for inspection ({})",
+                k.buffer.corrupt_files,
+                bytes(k.buffer.corrupt_bytes)
+            );
+        }
         if k.buffer.backlog > 0 {
             let _ = write!(backlog, "; draining {} from the outage", k.buffer.backlog);
             if let Some(eta) = k.drain_eta_seconds {
@@ -906,6 +919,8 @@ mod tests {
                     bytes: 2048,
                     oldest_age_seconds: 75.0,
                     backlog: 4,
+                    corrupt_files: 2,
+                    corrupt_bytes: 3072,
                 },
                 delivered: 0,
                 delivered_per_second: None,
@@ -956,7 +971,7 @@ mod tests {
             "cl&quot;oud",
             "mqtt://&lt;host&gt;:1883",
             "&lt;backup&gt;:1883 (failover; 2 of 2: &lt;host&gt;:1883, &lt;backup&gt;:1883)",
-            "7 messages, 2.0 KiB, oldest 1m 15s",
+            "7 messages, 2.0 KiB, oldest 1m 15s; 2 .corrupt file(s) kept for inspection (3.0 KiB)",
             "connection_refused 2",
             "2.5/s",
             "a/&lt;b&gt;/#",

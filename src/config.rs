@@ -696,6 +696,20 @@ pub struct BufferSection {
     /// Records handed to the sink at once.
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// `*.corrupt` files (damaged data moved aside by recovery) kept for inspection; past
+    /// this many the oldest are deleted.
+    #[serde(default = "default_corrupt_max_files")]
+    pub corrupt_max_files: usize,
+    /// Bytes of `*.corrupt` files kept; past this the oldest are deleted.
+    #[serde(default = "default_corrupt_max_bytes")]
+    pub corrupt_max_bytes: ByteSize,
+}
+
+fn default_corrupt_max_files() -> usize {
+    8
+}
+fn default_corrupt_max_bytes() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
 }
 
 impl BufferSection {
@@ -722,6 +736,8 @@ impl Default for BufferSection {
             drain_rate: None,
             drain: Drain::Ordered,
             batch: default_batch(),
+            corrupt_max_files: default_corrupt_max_files(),
+            corrupt_max_bytes: default_corrupt_max_bytes(),
         }
     }
 }

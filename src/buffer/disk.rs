@@ -20,8 +20,9 @@
 //!   replaced atomically (`position.tmp`, fsync, rename, fsync of the directory).
 //! - `*.corrupt`: segments that held corrupt records, moved aside for inspection once
 //!   everything else in them was acked, and corrupt tails cut off at start-up. Never read.
-//!   Only the newest [`KEEP_CORRUPT_FILES`] are kept (pruned at start-up and whenever one
-//!   is added), so failing storage that keeps producing them does not fill the disk.
+//!   Only the newest are kept, within [`DiskLogOptions::corrupt_max_files`] and
+//!   `corrupt_max_bytes` (pruned at start-up and whenever one is added, oldest first), so
+//!   failing storage that keeps producing them does not fill the disk.
 //!
 //! # Record format
 //!
@@ -45,7 +46,8 @@
 //! after a crash the log forgets (and so re-delivers) the acks made since the last save —
 //! at most 200 ms of acks, or all acks since the last one when acking then stopped —
 //! plus every out-of-order ack above the contiguous point. [`DiskLog::save_position`]
-//! closes that window on demand (shutdown, idle timer).
+//! closes that window on demand (shutdown, and every `sync_interval` with
+//! `sync = "interval"`).
 //!
 //! # Durability (fsync policy)
 //!
@@ -117,8 +119,6 @@ const POSITION_TMP: &str = "position.tmp";
 const POSITION_LEN: usize = 12;
 const SEGMENT_SUFFIX: &str = ".seg";
 const CORRUPT_SUFFIX: &str = ".corrupt";
-/// `*.corrupt` files kept per buffer for inspection; older ones are deleted.
-const KEEP_CORRUPT_FILES: usize = 8;
 /// Slack above `segment_bytes` for the largest body the log accepts.
 const BODY_SLACK: u64 = 1 << 20;
 const WRITE_BUFFER: usize = 256 * 1024;
@@ -136,6 +136,19 @@ pub struct DiskLogOptions {
     pub dir: PathBuf,
     /// A segment is sealed when the next record would take it past this size.
     pub segment_bytes: u64,
+    /// `*.corrupt` files kept for inspection, at most this many…
+    pub corrupt_max_files: usize,
+    /// …and this many bytes; the oldest are deleted first.
+    pub corrupt_max_bytes: u64,
+}
+
+/// The `*.corrupt` files of a buffer after a prune.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CorruptFiles {
+    pub files: usize,
+    pub bytes: u64,
+    /// Deleted by this prune.
+    pub deleted: usize,
 }
 
 /// What [`DiskLog::open`] found and repaired.
@@ -500,6 +513,10 @@ pub struct DiskLog {
     last_save: Instant,
     /// Corrupt records found and not yet taken by `take_corrupt_count`.
     corrupt: u64,
+    /// Bounds on the `*.corrupt` files kept (files, bytes).
+    corrupt_limits: (usize, u64),
+    /// The `*.corrupt` files after the last prune.
+    corrupt_files: CorruptFiles,
     /// `(floor, received_at)` of the oldest pending record, valid while `floor` is.
     oldest: Option<(u64, u64)>,
     /// Reused encoding buffer.
@@ -576,7 +593,8 @@ impl DiskLog {
             }
         }
 
-        prune_corrupt(&dir);
+        let limits = (opts.corrupt_max_files, opts.corrupt_max_bytes);
+        let corrupt_files = prune_corrupt(&dir, limits);
 
         let mut log = DiskLog {
             dir,
@@ -603,6 +621,8 @@ impl DiskLog {
             saved_floor: position.unwrap_or(0),
             last_save: Instant::now(),
             corrupt: recovery.corrupt_records,
+            corrupt_limits: limits,
+            corrupt_files,
             oldest: None,
             scratch: Vec::new(),
             save_on_drop: true,
@@ -914,7 +934,7 @@ impl DiskLog {
         self.collect()
     }
 
-    /// Writes the position file now if it is behind (shutdown, idle timer): closes the
+    /// Writes the position file now if it is behind (shutdown, `sync = "interval"`): closes the
     /// duplicate window.
     pub fn save_position(&mut self) -> io::Result<()> {
         if self.acks.floor != self.saved_floor {
@@ -1015,6 +1035,11 @@ impl DiskLog {
                 }
             }
         }
+    }
+
+    /// The `*.corrupt` files kept (and deleted by the last prune).
+    pub fn corrupt_files(&self) -> CorruptFiles {
+        self.corrupt_files
     }
 
     /// Corrupt records found since the last call (at open and while reading).
@@ -1147,7 +1172,9 @@ impl DiskLog {
                 break;
             };
             self.total_bytes -= segment.bytes;
-            retire(&segment)?;
+            if retire(&segment)?.is_some() {
+                self.corrupt_files = prune_corrupt(&self.dir, self.corrupt_limits);
+            }
         }
         if retry_position {
             self.write_position()?;
@@ -1450,9 +1477,6 @@ fn retire(segment: &Segment) -> io::Result<Option<PathBuf>> {
         let aside = with_suffix(&segment.path, CORRUPT_SUFFIX);
         fs::rename(&segment.path, &aside)?;
         warn!(path = %aside.display(), "buffer segment with corrupt records moved aside");
-        if let Some(dir) = aside.parent() {
-            prune_corrupt(dir);
-        }
         return Ok(Some(aside));
     }
     match fs::remove_file(&segment.path) {
@@ -1461,18 +1485,19 @@ fn retire(segment: &Segment) -> io::Result<Option<PathBuf>> {
     }
 }
 
-/// Deletes all but the newest [`KEEP_CORRUPT_FILES`] `*.corrupt` files of `dir` (newest
-/// by modification time, then by name); returns how many it deleted. The files are kept
-/// for inspection only, so a failure here is logged and otherwise ignored.
-fn prune_corrupt(dir: &Path) -> usize {
+/// Keeps the newest `*.corrupt` files of `dir` (by modification time, then name) within
+/// `(max_files, max_bytes)` and deletes the rest, oldest first. The files are kept for
+/// inspection only, so a failure here is logged and otherwise ignored (a file that could
+/// not be deleted still counts as kept).
+fn prune_corrupt(dir: &Path, (max_files, max_bytes): (usize, u64)) -> CorruptFiles {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
             warn!(dir = %dir.display(), error = %e, "cannot list the buffer directory to prune old .corrupt files");
-            return 0;
+            return CorruptFiles::default();
         }
     };
-    let mut files: Vec<(SystemTime, PathBuf)> = entries
+    let mut files: Vec<(SystemTime, PathBuf, u64)> = entries
         .filter_map(Result::ok)
         .filter(|entry| {
             entry
@@ -1481,30 +1506,36 @@ fn prune_corrupt(dir: &Path) -> usize {
                 .is_some_and(|name| name.ends_with(CORRUPT_SUFFIX))
         })
         .map(|entry| {
-            let modified = entry
-                .metadata()
-                .and_then(|m| m.modified())
+            let meta = entry.metadata().ok();
+            let modified = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
                 .unwrap_or(SystemTime::UNIX_EPOCH);
-            (modified, entry.path())
+            (modified, entry.path(), meta.map_or(0, |m| m.len()))
         })
         .collect();
-    let Some(excess) = files.len().checked_sub(KEEP_CORRUPT_FILES) else {
-        return 0;
-    };
-    files.sort();
-    let mut deleted = 0;
-    for (_, path) in files.into_iter().take(excess) {
+    // Newest first.
+    files.sort_by(|a, b| (&b.0, &b.1).cmp(&(&a.0, &a.1)));
+    let mut kept = CorruptFiles::default();
+    for (_, path, len) in files {
+        if kept.files < max_files && kept.bytes + len <= max_bytes {
+            kept.files += 1;
+            kept.bytes += len;
+            continue;
+        }
         match fs::remove_file(&path) {
             Ok(()) => {
-                deleted += 1;
-                warn!(path = %path.display(), keep = KEEP_CORRUPT_FILES, "deleted an old .corrupt file: only the newest are kept");
+                kept.deleted += 1;
+                warn!(path = %path.display(), max_files, max_bytes, "deleted an old .corrupt file: only the newest are kept");
             }
             Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot delete an old .corrupt file")
+                warn!(path = %path.display(), error = %e, "cannot delete an old .corrupt file");
+                kept.files += 1;
+                kept.bytes += len;
             }
         }
     }
-    deleted
+    kept
 }
 
 #[cfg(test)]
@@ -1545,6 +1576,8 @@ mod tests {
         DiskLog::open(DiskLogOptions {
             dir: dir.to_path_buf(),
             segment_bytes,
+            corrupt_max_files: 8,
+            corrupt_max_bytes: 1 << 30,
         })
         .unwrap()
     }
@@ -1559,28 +1592,39 @@ mod tests {
         names
     }
 
-    /// `.corrupt` files left by earlier runs are pruned to the newest
-    /// `KEEP_CORRUPT_FILES` at start-up; other files are left alone.
+    /// `.corrupt` files left by earlier runs are pruned at start-up to the newest within
+    /// the count bound (8 here); other files are left alone.
     #[test]
     fn only_the_newest_corrupt_files_are_kept() {
         let dir = TempDir::new().unwrap();
         let name = |i: u64| format!("{i:020}{SEGMENT_SUFFIX}{CORRUPT_SUFFIX}");
-        let total = KEEP_CORRUPT_FILES as u64 + 5;
         // Created oldest first: modification times never decrease, and names order
         // the ties the same way.
-        for i in 1..=total {
+        for i in 1..=13 {
             fs::write(dir.path().join(name(i)), b"damaged").unwrap();
         }
         fs::write(dir.path().join("notes.txt"), b"kept").unwrap();
         let (mut log, _) = open(dir.path(), 4096);
         let seq = log.append(&msg(1)).unwrap();
         assert_eq!(seq, 1, "the .corrupt files are never read as segments");
-        let kept: Vec<String> = (total - KEEP_CORRUPT_FILES as u64 + 1..=total)
-            .map(name)
-            .collect();
+        let kept: Vec<String> = (6..=13).map(name).collect();
         assert_eq!(corrupt_files(dir.path()), kept);
+        assert_eq!(
+            log.corrupt_files(),
+            CorruptFiles {
+                files: 8,
+                bytes: 8 * 7,
+                deleted: 5
+            }
+        );
         assert!(dir.path().join("notes.txt").exists());
-        assert_eq!(prune_corrupt(dir.path()), 0, "nothing more to prune");
+        let again = prune_corrupt(dir.path(), (8, 1 << 30));
+        assert_eq!(again.deleted, 0, "nothing more to prune");
+
+        // The byte bound: 20 bytes keep the two newest 7-byte files.
+        let again = prune_corrupt(dir.path(), (8, 20));
+        assert_eq!((again.files, again.bytes, again.deleted), (2, 14, 6));
+        assert_eq!(corrupt_files(dir.path()), [name(12), name(13)]);
     }
 
     fn record_len(seq: u64, m: &Message) -> u64 {

@@ -13,7 +13,8 @@
 //!   — record format, recovery and deletion rules are described there. `sync` decides
 //!   when appends are forced to disk: `batch` fsyncs every batch the router appends
 //!   (group commit: the next batch is taken as soon as the previous sync returns) before
-//!   the devices' acks go out and before the sink may read it; `interval` and `none`
+//!   the devices' acks go out (the sink may read and forward it while the fsync runs: a
+//!   crash then costs a duplicate, never a loss); `interval` and `none`
 //!   hand each batch to the OS at once and fsync every `sync_interval` or never.
 //!   Loss windows: under kill -9 nothing written to the OS is lost, so none of the
 //!   policies loses an acked message; on power loss `batch` loses nothing acked,
@@ -244,6 +245,8 @@ struct BufferMetrics {
     dropped_ttl: IntCounter,
     dropped_corrupt: IntCounter,
     dropped_io: IntCounter,
+    corrupt_files: IntGauge,
+    corrupt_bytes: IntGauge,
 }
 
 struct State {
@@ -302,6 +305,8 @@ impl Buffer {
             dropped_io: metrics
                 .buffer_dropped
                 .with_label_values(&[name, "io_error"]),
+            corrupt_files: metrics.buffer_corrupt_files.with_label_values(&[name]),
+            corrupt_bytes: metrics.buffer_corrupt_bytes.with_label_values(&[name]),
         };
         let (backend, dir) = match config.storage {
             Storage::Memory => (Backend::Memory(MemoryLog::new()), None),
@@ -310,6 +315,8 @@ impl Buffer {
                 let (mut log, recovery) = DiskLog::open(DiskLogOptions {
                     dir: dir.clone(),
                     segment_bytes: config.segment_bytes(),
+                    corrupt_max_files: config.corrupt_max_files,
+                    corrupt_max_bytes: config.corrupt_max_bytes.0,
                 })?;
                 // A record torn by a crash is lost too: count it with the corrupt ones.
                 let corrupt = log.take_corrupt_count() + recovery.torn_records;
@@ -756,6 +763,11 @@ impl Buffer {
         let bytes = if pending == 0 { 0 } else { st.backend.bytes() };
         self.metrics.bytes.set(bytes as i64);
         self.metrics.backlog.set(self.backlog(st) as i64);
+        if let Backend::Disk(d) = &st.backend {
+            let corrupt = d.corrupt_files();
+            self.metrics.corrupt_files.set(corrupt.files as i64);
+            self.metrics.corrupt_bytes.set(corrupt.bytes as i64);
+        }
     }
 }
 
