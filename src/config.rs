@@ -362,6 +362,10 @@ pub struct ListenerSection {
     /// this and the device's MQTT 5 receive maximum): the backpressure on a device.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
+    /// The longest keep alive an MQTT 5 device may use: one that asks for more (or for
+    /// none) is told this one in CONNACK's server keep alive, and held to it.
+    #[serde(default)]
+    pub max_keep_alive: Option<HumanDuration>,
     /// Time a new connection has to finish its TLS/WebSocket handshake, and then to
     /// send CONNECT.
     #[serde(default = "default_connect_timeout")]
@@ -862,6 +866,7 @@ fn default_listeners() -> Vec<ListenerSection> {
         max_connections: default_max_connections(),
         max_packet_size: default_max_packet_size(),
         max_inflight: default_max_inflight(),
+        max_keep_alive: None,
         connect_timeout: default_connect_timeout(),
         tls: None,
         websocket: false,
@@ -1213,6 +1218,8 @@ pub struct ListenerPlan {
     pub max_connections: usize,
     pub max_packet_size: usize,
     pub max_inflight: u16,
+    /// Seconds (see `ListenerSection::max_keep_alive`).
+    pub max_keep_alive: Option<u16>,
     pub connect_timeout: Duration,
     pub tls: Option<ListenerTls>,
     pub websocket: bool,
@@ -1457,6 +1464,19 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         if l.max_inflight == 0 {
             err(format!("{path}.max_inflight"), "must be at least 1".into());
         }
+        let max_keep_alive = match l.max_keep_alive {
+            None => None,
+            Some(HumanDuration(d)) => match u16::try_from(d.as_secs()) {
+                Ok(secs) if secs > 0 && d.subsec_nanos() == 0 => Some(secs),
+                _ => {
+                    err(
+                        format!("{path}.max_keep_alive"),
+                        "must be whole seconds between 1s and 65535s".into(),
+                    );
+                    None
+                }
+            },
+        };
         if l.connect_timeout.0.is_zero() || l.connect_timeout.0 > Duration::from_secs(60) {
             err(
                 format!("{path}.connect_timeout"),
@@ -1485,6 +1505,7 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
                 max_connections: l.max_connections,
                 max_packet_size: l.max_packet_size.0 as usize,
                 max_inflight: l.max_inflight,
+                max_keep_alive,
                 connect_timeout: l.connect_timeout.0,
                 tls: l.tls.clone(),
                 websocket: l.websocket,

@@ -214,9 +214,14 @@ async fn two_hundred_takeovers_in_a_row_leave_exactly_one_connection() {
     new.write_all(&connect_packet("MQTT", 5, "press-2"))
         .await
         .expect("send CONNECT");
-    let disconnect = read_n(&mut old, 3).await;
-    assert_eq!(disconnect[0], 0xE0, "DISCONNECT");
-    assert_eq!(disconnect[2], 0x8E, "session taken over");
+    let header = read_n(&mut old, 2).await;
+    assert_eq!(header[0], 0xE0, "DISCONNECT");
+    let disconnect = read_n(&mut old, header[1] as usize).await;
+    assert_eq!(disconnect[0], 0x8E, "session taken over");
+    assert!(
+        String::from_utf8_lossy(&disconnect).contains("took this client id over"),
+        "with a reason string: {disconnect:?}"
+    );
     assert!(closed_by_peer(&mut old).await);
     assert_eq!(read_n(&mut new, 2).await[0], 0x20, "the new one is served");
     gw.shutdown().await;
@@ -1159,5 +1164,382 @@ async fn mqtt5_receive_maximum_of_a_device_bounds_its_unacked_deliveries() {
     let (first, _) = read_packet(&mut s).await;
     assert_eq!(first & 0xF6, 0x32, "the third delivery");
     pumping.abort();
+    gw.shutdown().await;
+}
+
+/// An MQTT 5 client of the gateway and its event loop, connected (CONNACK read).
+async fn client5(
+    id: &str,
+    port: u16,
+    max_packet: Option<u32>,
+) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    use rumqttc::v5::{Event as Event5, Incoming as Incoming5};
+    let mut opts = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    if max_packet.is_some() {
+        opts.set_max_packet_size(max_packet);
+    }
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(opts, 100);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.poll().await {
+                Ok(Event5::Incoming(Incoming5::ConnAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("{id}: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("CONNACK within 15 s");
+    (client, events)
+}
+
+/// Polls a v5 client until `count` packets of the kind `want` picks have come.
+async fn until5<T>(
+    events: &mut rumqttc::v5::EventLoop,
+    count: usize,
+    mut want: impl FnMut(&rumqttc::v5::Event) -> Option<T>,
+) -> Vec<T> {
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while got.len() < count {
+            match events.poll().await {
+                Ok(event) => got.extend(want(&event)),
+                Err(e) => panic!("client failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("events within 15 s");
+    got
+}
+
+fn suback5(e: &rumqttc::v5::Event) -> Option<()> {
+    use rumqttc::v5::{Event as Event5, Incoming as Incoming5};
+    matches!(e, Event5::Incoming(Incoming5::SubAck(_))).then_some(())
+}
+
+fn puback5(e: &rumqttc::v5::Event) -> Option<()> {
+    use rumqttc::v5::{Event as Event5, Incoming as Incoming5};
+    matches!(e, Event5::Incoming(Incoming5::PubAck(_))).then_some(())
+}
+
+/// (topic, retain flag) of a delivery.
+fn delivery5(e: &rumqttc::v5::Event) -> Option<(String, bool)> {
+    use rumqttc::v5::{Event as Event5, Incoming as Incoming5};
+    match e {
+        Event5::Incoming(Incoming5::Publish(p)) => {
+            Some((String::from_utf8_lossy(&p.topic).into_owned(), p.retain))
+        }
+        _ => None,
+    }
+}
+
+/// MQTT 5 subscription options, which rumqttd's router keeps but does not apply: no local
+/// (a device's own messages are not delivered back to it), retain as published (the flag
+/// of a live delivery kept), retain handling 2 (no retained messages at SUBSCRIBE) and 1
+/// (only for a new subscription); with controls for each, in one ordered stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mqtt5_subscription_options_no_local_retain_as_published_and_retain_handling() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule};
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+
+    let mut gw = TestGateway::start(FILE_SINK).await;
+    let port = gw.port();
+    let (other, mut other_events) = client5("opt-other", port, None).await;
+    for topic in ["opt/r", "opt/r2"] {
+        other
+            .publish(topic, QoS5::AtLeastOnce, true, "kept")
+            .await
+            .expect("publish retained");
+    }
+    until5(&mut other_events, 2, puback5).await;
+
+    let (dev, mut events) = client5("opt-dev", port, None).await;
+    let filter = |path: &str, nolocal: bool, preserve_retain: bool, rule| Filter {
+        path: path.into(),
+        qos: QoS5::AtLeastOnce,
+        nolocal,
+        preserve_retain,
+        retain_forward_rule: rule,
+    };
+    dev.subscribe_many([
+        filter(
+            "opt/own/#",
+            true,
+            false,
+            RetainForwardRule::OnEverySubscribe,
+        ),
+        filter(
+            "opt/rap/#",
+            false,
+            true,
+            RetainForwardRule::OnEverySubscribe,
+        ),
+        filter(
+            "opt/norap/#",
+            false,
+            false,
+            RetainForwardRule::OnEverySubscribe,
+        ),
+        filter("opt/r", false, false, RetainForwardRule::Never),
+        filter("opt/r2", false, false, RetainForwardRule::OnEverySubscribe),
+        filter(
+            "opt/end/#",
+            false,
+            false,
+            RetainForwardRule::OnEverySubscribe,
+        ),
+    ])
+    .await
+    .expect("subscribe");
+    // The SUBACK, then opt/r2's retained message (opt/r's is held back).
+    let mut seen = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut acked = false;
+        while !acked || seen.is_empty() {
+            match events.poll().await {
+                Ok(event) => {
+                    acked |= suback5(&event).is_some();
+                    seen.extend(delivery5(&event));
+                }
+                Err(e) => panic!("client failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("SUBACK and a retained message");
+
+    // Its own message first (acked before the others publish), then the others'.
+    dev.publish("opt/own/1", QoS5::AtLeastOnce, false, "mine")
+        .await
+        .expect("publish");
+    let mut mine_acked = false;
+    tokio::time::timeout(WAIT, async {
+        while !mine_acked {
+            match events.poll().await {
+                Ok(event) => {
+                    mine_acked |= puback5(&event).is_some();
+                    seen.extend(delivery5(&event));
+                }
+                Err(e) => panic!("client failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("PUBACK of its own message");
+    for (topic, retain) in [
+        ("opt/own/2", false),
+        ("opt/rap/x", true),
+        ("opt/norap/x", true),
+        ("opt/end/1", false),
+    ] {
+        other
+            .publish(topic, QoS5::AtLeastOnce, retain, "theirs")
+            .await
+            .expect("publish");
+    }
+    until5(&mut other_events, 4, puback5).await;
+    while !seen.iter().any(|(t, _)| t == "opt/end/1") {
+        seen.extend(until5(&mut events, 1, delivery5).await);
+    }
+    let strings = |v: &[(&str, bool)]| -> Vec<(String, bool)> {
+        v.iter().map(|(t, r)| (t.to_string(), *r)).collect()
+    };
+    assert_eq!(
+        seen,
+        strings(&[
+            ("opt/r2", true),
+            ("opt/own/2", false),
+            ("opt/rap/x", true),
+            ("opt/norap/x", false),
+            ("opt/end/1", false),
+        ]),
+        "no own message back (no local), retained only where asked, the published flag only \
+         with retain as published"
+    );
+
+    // Retain handling 1: nothing for a subscription that exists, the message for a new one.
+    dev.subscribe_many([
+        filter("opt/r2", false, false, RetainForwardRule::OnNewSubscribe),
+        filter("opt/rap/#", false, false, RetainForwardRule::OnNewSubscribe),
+    ])
+    .await
+    .expect("subscribe again");
+    dev.subscribe_many([filter(
+        "opt/norap/+",
+        false,
+        false,
+        RetainForwardRule::OnNewSubscribe,
+    )])
+    .await
+    .expect("subscribe a new filter");
+    let mut later = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut acks = 0;
+        while acks < 2 || later.is_empty() {
+            match events.poll().await {
+                Ok(event) => {
+                    acks += usize::from(suback5(&event).is_some());
+                    later.extend(delivery5(&event));
+                }
+                Err(e) => panic!("client failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("two SUBACKs and a retained message");
+    other
+        .publish("opt/end/2", QoS5::AtLeastOnce, false, "theirs")
+        .await
+        .expect("publish");
+    until5(&mut other_events, 1, puback5).await;
+    while !later.iter().any(|(t, _)| t == "opt/end/2") {
+        later.extend(until5(&mut events, 1, delivery5).await);
+    }
+    assert_eq!(
+        later,
+        strings(&[("opt/norap/x", true), ("opt/end/2", false)]),
+        "retain handling 1: the retained message only for the new subscription"
+    );
+    gw.shutdown().await;
+}
+
+/// An MQTT 5 device's maximum packet size: a delivery larger than it is not sent (the
+/// device would have to close the connection), the next one is, and carries the
+/// subscription identifier the device gave its subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mqtt5_deliveries_over_the_devices_maximum_packet_size_are_dropped() {
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+
+    let mut gw = TestGateway::start(FILE_SINK).await;
+    let port = gw.port();
+    let (dev, mut events) = client5("small-dev", port, Some(512)).await;
+    let props = rumqttc::v5::mqttbytes::v5::SubscribeProperties {
+        id: Some(7),
+        user_properties: Vec::new(),
+    };
+    dev.subscribe_with_properties("big/#", QoS5::AtLeastOnce, props)
+        .await
+        .expect("subscribe");
+    until5(&mut events, 1, suback5).await;
+    let (other, mut other_events) = client5("big-pub", port, None).await;
+    other
+        .publish("big/1", QoS5::AtLeastOnce, false, vec![b'x'; 2000])
+        .await
+        .expect("publish");
+    other
+        .publish("big/2", QoS5::AtLeastOnce, false, "small")
+        .await
+        .expect("publish");
+    until5(&mut other_events, 2, puback5).await;
+    let got = until5(&mut events, 1, |e| match e {
+        rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::Publish(p)) => Some((
+            String::from_utf8_lossy(&p.topic).into_owned(),
+            p.properties
+                .as_ref()
+                .map(|p| p.subscription_identifiers.clone()),
+        )),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        got,
+        [("big/2".to_string(), Some(vec![7]))],
+        "only the one that fits, with its subscription identifier"
+    );
+    gw.shutdown().await;
+}
+
+/// The server keep alive (property 0x13) of an MQTT 5 CONNACK's body, if any.
+fn server_keep_alive(connack: &[u8]) -> Option<u16> {
+    let len = usize::from(*connack.get(2)?);
+    let props = connack.get(3..3 + len)?;
+    let mut i = 0;
+    while i < props.len() {
+        let id = props[i];
+        i += 1;
+        let field = |n: usize| props.get(i..i + n);
+        let string_len = |at: usize| {
+            props
+                .get(at..at + 2)
+                .map(|b| 2 + usize::from(u16::from_be_bytes([b[0], b[1]])))
+        };
+        let skip = match id {
+            0x13 => {
+                let b = field(2)?;
+                return Some(u16::from_be_bytes([b[0], b[1]]));
+            }
+            0x21 | 0x22 => 2,
+            0x11 | 0x27 => 4,
+            0x24 | 0x25 | 0x28 | 0x29 | 0x2A => 1,
+            0x12 | 0x1A | 0x1C | 0x1F => string_len(i)?,
+            0x26 => {
+                let key = string_len(i)?;
+                key + string_len(i + key)?
+            }
+            _ => return None,
+        };
+        i += skip;
+    }
+    None
+}
+
+/// A listener's `max_keep_alive`: an MQTT 5 device that asks for a longer keep alive, or
+/// none, is told the limit in CONNACK (server keep alive; rumqttc then pings at it) and
+/// closed when it stays silent past 1.5× that limit; a device within the limit is told
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mqtt5_server_keep_alive_caps_a_devices_keep_alive() {
+    use rumqttc::v5::{Event as Event5, Incoming as Incoming5};
+
+    let body = format!(
+        "[[listeners]]\nname = \"devices\"\nbind = \"127.0.0.1:0\"\nmax_keep_alive = \"5s\"\n{FILE_SINK}"
+    );
+    let mut gw = TestGateway::start(&body).await;
+    let port = gw.port();
+    // rumqttc takes no keep alive under 5 s.
+    for (id, keep_alive, want) in [("long-dev", 600, Some(5)), ("fine-dev", 5, None)] {
+        let mut opts = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(keep_alive));
+        let (_client, mut events) = rumqttc::v5::AsyncClient::new(opts, 10);
+        let told = tokio::time::timeout(WAIT, async {
+            loop {
+                match events.poll().await {
+                    Ok(Event5::Incoming(Incoming5::ConnAck(ack))) => {
+                        return ack.properties.as_ref().and_then(|p| p.server_keep_alive)
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("connect: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("CONNACK within 15 s");
+        assert_eq!(told, want, "{id}: server keep alive in CONNACK");
+    }
+
+    // A device that asks for no keep alive (0) and then stays silent.
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut connect = connect_packet("MQTT", 5, "silent-dev");
+    (connect[10], connect[11]) = (0, 0);
+    s.write_all(&connect).await.expect("send CONNECT");
+    let (kind, connack) = read_packet(&mut s).await;
+    assert_eq!(kind, 0x20, "CONNACK");
+    assert_eq!(server_keep_alive(&connack), Some(5), "{connack:?}");
+    assert!(
+        closed_by_peer(&mut s).await,
+        "the silent device is closed within 15 s"
+    );
+    assert!(
+        gw.eventually(WAIT, |g| g.counter(
+            "edgebridge_connections_closed_total",
+            &[("listener", "devices"), ("reason", "keep_alive")]
+        ) >= 1.0)
+            .await,
+        "counted as a keep-alive close"
+    );
     gw.shutdown().await;
 }

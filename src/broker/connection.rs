@@ -43,10 +43,10 @@ use rumqttd::local::LinkRx;
 use rumqttd::protocol::v4;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, Disconnect,
-    DisconnectReasonCode, Error, LastWill, LastWillProperties, Login, Packet, PingResp, PubAck,
-    PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish,
-    PublishProperties, SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason,
+    DisconnectProperties, DisconnectReasonCode, Error, LastWill, LastWillProperties, Login, Packet,
+    PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel,
+    PubRelReason, Publish, PublishProperties, SubAck, Subscribe, SubscribeProperties,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::{Forward, Notification};
 use tokio::net::TcpStream;
@@ -59,6 +59,7 @@ use super::auth::{Grants, Identity, Refusal, Security};
 use super::intake::{AckTicket, AckTracker, IntakeItem};
 use super::links::{self, Claim, Links};
 use super::protocol::{self, Version};
+use super::subscriptions::{Subscriptions, Verdict};
 use super::transport::{Handshake, Transport};
 use crate::config::{AckMode, ListenerPlan};
 use crate::message::{now_millis, Message};
@@ -98,6 +99,8 @@ pub struct ListenerShared {
     pub ack: AckMode,
     pub max_connections: usize,
     pub max_inflight: u16,
+    /// Seconds; MQTT 5 devices that ask for more (or none) get this.
+    pub max_keep_alive: Option<u16>,
     pub max_packet_size: usize,
     pub connect_timeout: Duration,
     pub qos0_high_water: usize,
@@ -141,6 +144,7 @@ impl ListenerShared {
             ack: plan.ack,
             max_connections: plan.max_connections,
             max_inflight: plan.max_inflight,
+            max_keep_alive: plan.max_keep_alive,
             max_packet_size: plan.max_packet_size,
             connect_timeout: plan.connect_timeout,
             qos0_high_water: broker.qos0_high_water,
@@ -349,14 +353,23 @@ fn connect_level(frame: &[u8], fixed_header_len: usize) -> Level {
     }
 }
 
-/// Answers a refused CONNECT.
-async fn refuse(io: &mut Transport, version: Version, code: ConnectReturnCode) -> CloseReason {
+/// Refuses a CONNECT with `code`; MQTT 5 devices also get `why` as the reason string.
+async fn refuse(
+    io: &mut Transport,
+    version: Version,
+    code: ConnectReturnCode,
+    why: &str,
+) -> CloseReason {
     let mut out = BytesMut::new();
     let ack = ConnAck {
         session_present: false,
         code,
     };
-    if protocol::write(version, Packet::ConnAck(ack, None), &mut out).is_ok() {
+    let props = (version == Version::V5).then(|| ConnAckProperties {
+        reason_string: Some(why.to_string()),
+        ..ConnAckProperties::default()
+    });
+    if protocol::write(version, Packet::ConnAck(ack, props), &mut out).is_ok() {
         let _ = io.write(out).await;
     }
     CloseReason::Refused
@@ -401,17 +414,24 @@ async fn serve(
             io,
             version,
             ConnectReturnCode::ClientIdentifierNotValid,
+            "client identifier not valid",
         ))
         .await;
     }
     if shared.stopping.load(Ordering::Relaxed) {
-        return Box::pin(refuse(io, version, ConnectReturnCode::ServerUnavailable)).await;
+        return Box::pin(refuse(
+            io,
+            version,
+            ConnectReturnCode::ServerUnavailable,
+            "the gateway is shutting down",
+        ))
+        .await;
     }
     let grants = match Box::pin(authorize(shared, &connected, cn.as_deref())).await {
         Ok(grants) => grants,
         Err(code) => {
             log_refusal(shared, connect, "not authorized");
-            return Box::pin(refuse(io, version, code)).await;
+            return Box::pin(refuse(io, version, code, "not authorized")).await;
         }
     };
     let client_id: Arc<str> = Arc::from(connect.client_id.as_str());
@@ -442,7 +462,13 @@ async fn serve(
         shared.links.release(&key, claim.generation);
         refused.max_connections.inc();
         log_refusal(shared, connect, "max_connections reached");
-        return Box::pin(refuse(io, version, ConnectReturnCode::ServerBusy)).await;
+        return Box::pin(refuse(
+            io,
+            version,
+            ConnectReturnCode::ServerBusy,
+            "the listener is at its connection limit",
+        ))
+        .await;
     }
     shared.metrics.connections.inc();
     let _slot = Slot(shared);
@@ -468,6 +494,12 @@ async fn serve(
             .and_then(|p| p.receive_maximum)
             .unwrap_or(u16::MAX),
     );
+    let device_max_packet = connected
+        .props
+        .as_ref()
+        .and_then(|p| p.max_packet_size)
+        .and_then(|m| usize::try_from(m).ok())
+        .unwrap_or(usize::MAX);
     let will = connected.will.map(|w| (w, connected.will_props));
     // The CONNECT (credentials included) is not kept for the connection's life.
     drop(connected.login);
@@ -496,6 +528,8 @@ async fn serve(
         out: BytesMut::new(),
         receive_max,
         device_receive_max,
+        device_max_packet,
+        subscriptions: Subscriptions::default(),
     };
     let reason = session.run(io, &mut buf, keep_alive, &claim, peer).await;
     Box::pin(session.end(reason, &claim)).await;
@@ -637,6 +671,12 @@ struct Session {
     /// QoS 1/2 deliveries the device takes before it acks (its MQTT 5 receive maximum):
     /// the router's link is not read while that many await the device.
     device_receive_max: u16,
+    /// The largest packet the device takes (its MQTT 5 maximum packet size): a larger
+    /// delivery is dropped as MQTT-3.1.2-25 says, as if it had been sent.
+    device_max_packet: usize,
+    /// MQTT 5 subscription options the router does not apply (no local, retain as
+    /// published, retain handling).
+    subscriptions: Subscriptions,
 }
 
 impl Session {
@@ -678,11 +718,21 @@ impl Session {
             }
         }
         let session_present = start.present;
+        if session_present {
+            self.subscriptions = self.shared.links.take_options(&self.key);
+        }
         if start.subscribed {
             if let Err(reason) = Box::pin(self.open_link()).await {
                 return reason;
             }
         }
+        // MQTT 5 server keep alive: the device is told the listener's limit and held to
+        // it. A 3.1.x device cannot be told, so it keeps its own.
+        let server_keep_alive = match (self.version, self.shared.max_keep_alive) {
+            (Version::V5, Some(max)) if keep_alive == 0 || keep_alive > max => Some(max),
+            _ => None,
+        };
+        let keep_alive = server_keep_alive.unwrap_or(keep_alive);
         let props = (self.version == Version::V5).then(|| ConnAckProperties {
             session_expiry_interval: None,
             receive_max: Some(self.shared.max_inflight),
@@ -696,7 +746,7 @@ impl Session {
             wildcard_subscription_available: None,
             subscription_identifiers_available: None,
             shared_subscription_available: None,
-            server_keep_alive: None,
+            server_keep_alive,
             response_information: None,
             server_reference: None,
             authentication_method: None,
@@ -862,7 +912,26 @@ impl Session {
     /// MQTT 5 devices are told why the server closes.
     async fn disconnect(&mut self, io: &mut Transport, reason_code: DisconnectReasonCode) {
         if self.version == Version::V5 {
-            let packet = Packet::Disconnect(Disconnect { reason_code }, None);
+            let why = match reason_code {
+                DisconnectReasonCode::SessionTakenOver => {
+                    "another connection took this client id over"
+                }
+                DisconnectReasonCode::ServerShuttingDown => "the gateway is shutting down",
+                DisconnectReasonCode::KeepAliveTimeout => {
+                    "no packet within 1.5 times the keep alive"
+                }
+                DisconnectReasonCode::PacketTooLarge => {
+                    "packet over the listener's maximum packet size"
+                }
+                _ => "protocol error",
+            };
+            let props = DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(why.to_string()),
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
+            let packet = Packet::Disconnect(Disconnect { reason_code }, Some(props));
             if self.write(packet).is_ok() {
                 let data = self.out.split();
                 let _ = tokio::time::timeout(CLOSE_WAIT, io.write(data)).await;
@@ -963,6 +1032,9 @@ impl Session {
             Packet::Unsubscribe(unsubscribe, props) => {
                 let pkid = unsubscribe.pkid;
                 let count = unsubscribe.filters.len();
+                for path in &unsubscribe.filters {
+                    self.subscriptions.unsubscribe(path);
+                }
                 if self.persistent {
                     self.shared
                         .links
@@ -1108,6 +1180,12 @@ impl Session {
             self.denied_filters.insert(subscribe.pkid, denied);
         }
         self.open_link().await?;
+        for f in &subscribe.filters {
+            self.subscriptions.subscribe(f);
+        }
+        if self.subscriptions.wants_origin() {
+            self.shared.links.want_origin();
+        }
         if self.persistent {
             let filters = subscribe
                 .filters
@@ -1155,7 +1233,7 @@ impl Session {
             }
             // A device must not send these; a spoofed QoS marker is dropped too.
             p.subscription_identifiers.clear();
-            p.user_properties.retain(|(k, _)| k != links::QOS_PROPERTY);
+            p.user_properties.retain(|(k, _)| !links::is_mark(k));
         }
         let topic = match std::str::from_utf8(&publish.topic) {
             Ok(t) if !t.is_empty() && !t.contains(['+', '#', '\0']) => t.to_string(),
@@ -1226,7 +1304,14 @@ impl Session {
         if let Err(e) = self
             .shared
             .links
-            .publish(publish.topic, publish.payload, publish.retain, qos, props)
+            .publish(
+                publish.topic,
+                publish.payload,
+                publish.retain,
+                qos,
+                props,
+                Some(&self.key),
+            )
             .await
         {
             warn!(listener = %self.shared.name, error = %e, "cannot pass a message to local subscribers");
@@ -1416,12 +1501,24 @@ impl Session {
     /// Writes a delivery at min(published QoS, subscription QoS).
     async fn deliver(&mut self, forward: Forward) -> Result<(), CloseReason> {
         let Forward {
-            publish,
+            mut publish,
             properties,
             ..
         } = forward;
         let (marks, mut properties) = links::take_marks(properties);
         let published_qos = marks.qos;
+        // Subscription options: no local, retain as published, retain handling.
+        let mut skipped = false;
+        if let Ok(topic) = std::str::from_utf8(&publish.topic) {
+            let own = marks.origin.as_deref() == Some(self.key.as_str());
+            match self
+                .subscriptions
+                .verdict(topic, publish.retain, own, marks.retained)
+            {
+                Verdict::Deliver { retain } => publish.retain = retain,
+                Verdict::Skip => skipped = true,
+            }
+        }
         // MQTT 5 message expiry: the time spent in the gateway is subtracted; an expired
         // message is not delivered (the router still gets its ack).
         let mut expired = false;
@@ -1444,7 +1541,11 @@ impl Session {
         let header = v4::check(frame.iter(), usize::MAX).map_err(|_| CloseReason::ProtocolError)?;
         let (sub_qos, pkid) = protocol::publish_qos_pkid(&frame, header.fixed_header_len)
             .ok_or(CloseReason::ProtocolError)?;
-        if expired {
+        let too_large = frame.len() > self.device_max_packet;
+        if too_large {
+            debug!(listener = %self.shared.name, client_id = %self.client_id.escape_debug(), bytes = frame.len(), max = self.device_max_packet, "a delivery is over the device's maximum packet size; dropped");
+        }
+        if expired || skipped || too_large {
             if sub_qos > 0 {
                 let answer = self.self_answer(pkid, sub_qos);
                 self.router_acks.push_back((pkid, Some(answer)));
@@ -1507,6 +1608,9 @@ impl Session {
         if self.persistent {
             self.shared
                 .links
+                .keep_options(&self.key, std::mem::take(&mut self.subscriptions));
+            self.shared
+                .links
                 .session_ended(&self.key, self.session_expiry);
         }
         if let Some(link) = self.link.take() {
@@ -1561,7 +1665,7 @@ async fn publish_will(
     }
     if let Err(e) = shared
         .links
-        .publish(will.topic, will.message, will.retain, qos, props)
+        .publish(will.topic, will.message, will.retain, qos, props, None)
         .await
     {
         warn!(listener = %shared.name, error = %e, "cannot pass a will to local subscribers");

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use super::persist::Persist;
+use super::subscriptions::Subscriptions;
 use crate::message::now_millis;
 
 /// Jobs queued for the feeder; a full queue makes connections wait (backpressure).
@@ -48,6 +49,19 @@ pub const QOS_PROPERTY: &str = "\u{1}edgebridge-qos";
 /// The user property that carries when a message with an MQTT 5 message expiry entered
 /// the gateway (ms since the epoch): the time spent here is subtracted on delivery.
 pub const ARRIVAL_PROPERTY: &str = "\u{1}edgebridge-arrival";
+
+/// The user property that carries the client id of the device that published a message,
+/// for MQTT 5 no-local subscriptions (added only once a device has made one).
+pub const ORIGIN_PROPERTY: &str = "\u{1}edgebridge-origin";
+
+/// The user property that says a message was published retained (rumqttd clears the flag
+/// of live deliveries), for MQTT 5 retain-as-published subscriptions.
+pub const RETAINED_PROPERTY: &str = "\u{1}edgebridge-retained";
+
+/// Whether a user property is one of edgebridge's marks (a device may not set them).
+pub fn is_mark(key: &str) -> bool {
+    key.starts_with("\u{1}edgebridge-")
+}
 
 /// The client id of the shared link: a control character keeps every device id
 /// (validated at CONNECT) different from it.
@@ -92,6 +106,11 @@ pub struct Links {
     delayed_wills: Arc<Mutex<HashMap<String, u64>>>,
     /// Retained messages and persistent sessions' subscriptions, kept across restarts.
     pub persist: Arc<Persist>,
+    /// A device has made a no-local subscription: publishes carry their origin from then
+    /// on (before, nobody needs it).
+    origin_wanted: AtomicBool,
+    /// The subscription options of persistent sessions whose device is away.
+    options: Mutex<HashMap<String, Subscriptions>>,
 }
 
 /// What edgebridge knows of a persistent session.
@@ -250,6 +269,8 @@ impl Links {
             sessions: Mutex::new(HashMap::new()),
             delayed_wills: Arc::new(Mutex::new(HashMap::new())),
             persist,
+            origin_wanted: AtomicBool::new(false),
+            options: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -258,6 +279,8 @@ impl Links {
     }
 
     /// Publishes to local subscribers with `qos` as the message's own QoS.
+    /// `origin`: the client id of the device that published it (`None` for the gateway's
+    /// own messages).
     pub async fn publish(
         &self,
         topic: Bytes,
@@ -265,19 +288,23 @@ impl Links {
         retain: bool,
         qos: u8,
         properties: Option<PublishProperties>,
+        origin: Option<&str>,
     ) -> anyhow::Result<()> {
         if retain {
             self.persist
                 .retain(&topic, &payload, qos, properties.as_ref());
         }
         let mut properties = properties.unwrap_or_else(empty_properties);
-        properties
-            .user_properties
-            .push((QOS_PROPERTY.to_string(), qos.to_string()));
+        let marks = &mut properties.user_properties;
+        marks.push((QOS_PROPERTY.to_string(), qos.to_string()));
         if properties.message_expiry_interval.is_some() {
-            properties
-                .user_properties
-                .push((ARRIVAL_PROPERTY.to_string(), now_millis().to_string()));
+            marks.push((ARRIVAL_PROPERTY.to_string(), now_millis().to_string()));
+        }
+        if retain {
+            marks.push((RETAINED_PROPERTY.to_string(), "1".to_string()));
+        }
+        if let (Some(origin), true) = (origin, self.origin_wanted.load(Ordering::Relaxed)) {
+            marks.push((ORIGIN_PROPERTY.to_string(), origin.to_string()));
         }
         let publish = Publish::new(topic, payload, retain);
         self.jobs
@@ -393,6 +420,10 @@ impl Links {
         let discard = previous.is_some_and(|p| p.subscribed) && (clean || expired);
         if clean || expired {
             self.persist.forget(client_id);
+            self.options
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(client_id);
             previous = None;
         }
         if clean {
@@ -415,6 +446,28 @@ impl Links {
             subscribed,
             discard,
         }
+    }
+
+    /// A no-local subscription was made: publishes carry their origin from now on.
+    pub fn want_origin(&self) {
+        self.origin_wanted.store(true, Ordering::Relaxed);
+    }
+
+    /// Keeps a persistent session's subscription options while its device is away.
+    pub fn keep_options(&self, client_id: &str, options: Subscriptions) {
+        self.options
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client_id.to_string(), options);
+    }
+
+    /// The subscription options kept for a persistent session (empty when none).
+    pub fn take_options(&self, client_id: &str) -> Subscriptions {
+        self.options
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(client_id)
+            .unwrap_or_default()
     }
 
     /// A persistent session's device left: the session ends after `expiry` (`None`:
@@ -460,8 +513,15 @@ impl Links {
                 continue;
             };
             let properties = retained.properties();
-            self.publish(Bytes::from(topic), payload, true, retained.qos, properties)
-                .await?;
+            self.publish(
+                Bytes::from(topic),
+                payload,
+                true,
+                retained.qos,
+                properties,
+                None,
+            )
+            .await?;
         }
         for (client_id, filters) in state.sessions {
             let (id, _rx) = self.open(&client_id, false).await?;
@@ -511,12 +571,17 @@ pub fn empty_properties() -> PublishProperties {
 }
 
 /// What edgebridge carries with a message through the router.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Marks {
     /// The QoS it was published with (2, "no downgrade", when unmarked).
     pub qos: u8,
     /// When it entered the gateway, for messages with an expiry.
     pub arrived: Option<u64>,
+    /// It was published with the retain flag.
+    pub retained: bool,
+    /// The client id of the device that published it, when a no-local subscription
+    /// exists.
+    pub origin: Option<String>,
 }
 
 /// Takes edgebridge's properties out of a message from the router: its [`Marks`] and the
@@ -525,6 +590,8 @@ pub fn take_marks(properties: Option<PublishProperties>) -> (Marks, Option<Publi
     let mut marks = Marks {
         qos: 2,
         arrived: None,
+        retained: false,
+        origin: None,
     };
     let Some(mut p) = properties else {
         return (marks, None);
@@ -535,6 +602,12 @@ pub fn take_marks(properties: Option<PublishProperties>) -> (Marks, Option<Publi
             false
         } else if k == ARRIVAL_PROPERTY {
             marks.arrived = v.parse().ok();
+            false
+        } else if k == RETAINED_PROPERTY {
+            marks.retained = true;
+            false
+        } else if k == ORIGIN_PROPERTY {
+            marks.origin = Some(v.clone());
             false
         } else {
             true
@@ -555,12 +628,18 @@ mod tests {
         p.user_properties.push((QOS_PROPERTY.into(), "1".into()));
         p.user_properties
             .push((ARRIVAL_PROPERTY.into(), "1234".into()));
+        p.user_properties
+            .push((RETAINED_PROPERTY.into(), "1".into()));
+        p.user_properties
+            .push((ORIGIN_PROPERTY.into(), "press-7".into()));
         let (marks, rest) = take_marks(Some(p));
         assert_eq!(
             marks,
             Marks {
                 qos: 1,
-                arrived: Some(1234)
+                arrived: Some(1234),
+                retained: true,
+                origin: Some("press-7".into()),
             }
         );
         let rest = rest.expect("the device's own property stays");
@@ -573,5 +652,6 @@ mod tests {
         p.user_properties.push((QOS_PROPERTY.into(), "0".into()));
         assert_eq!(take_marks(Some(p)).1, None);
         assert_eq!(take_marks(None).0.qos, 2);
+        assert!(is_mark(ORIGIN_PROPERTY) && is_mark(QOS_PROPERTY) && !is_mark("site"));
     }
 }

@@ -18,6 +18,7 @@ mod intake;
 mod links;
 mod persist;
 mod protocol;
+mod subscriptions;
 mod transport;
 
 use std::net::SocketAddr;
@@ -100,7 +101,9 @@ impl LocalPublisher {
         payload: Bytes,
         retain: bool,
     ) -> anyhow::Result<()> {
-        self.links.publish(topic, payload, retain, 1, None).await
+        self.links
+            .publish(topic, payload, retain, 1, None, None)
+            .await
     }
 }
 
