@@ -18,6 +18,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# paho-mqtt from PyPI: an independent MQTT client for the device-side tests
+# (tests/paho_clients.rs runs tests/paho/device_checks.py).
+PAHO_VERSION=2.1.0
+if ! python3 -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_VERSION')" 2>/dev/null; then
+  echo "installing paho-mqtt $PAHO_VERSION (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt==$PAHO_VERSION"
+fi
+
 # tansu: the Kafka-protocol broker of the Kafka sink tests (DESIGN.md). Its install takes
 # several minutes, so it builds in the background while the linters run.
 TANSU_VERSION=0.6.0
