@@ -1695,3 +1695,63 @@ async fn next_notification(
         None => std::future::pending().await,
     }
 }
+
+/// For the fuzz target `device_packets` (fuzz/, `broker::fuzz_device_bytes`): what a
+/// connection does with a device's bytes, without a socket. Frames are split as
+/// `read_frame` does; the first must be a CONNECT, whose protocol level picks the codec
+/// (a 3.1 CONNECT rewritten to 3.1.1 first); every later frame is parsed with it, and
+/// each packet is encoded back for the same version, as deliveries and acks are. Returns
+/// how many packets parsed; stops at the first error, as a connection closes there.
+pub fn parse_device_bytes(data: &[u8], max_packet: usize) -> usize {
+    let mut buf = BytesMut::from(data);
+    let mut version = None;
+    let mut parsed = 0;
+    loop {
+        let header = match v4::check(buf.iter(), max_packet) {
+            Ok(header) => header,
+            Err(_) => return parsed,
+        };
+        let (fixed_header_len, frame_len) = (header.fixed_header_len, header.frame_length());
+        let mut frame = match version {
+            Some(_) => buf.split_to(frame_len),
+            None => {
+                if buf[0] >> 4 != 1 {
+                    return parsed;
+                }
+                let frame = buf.split_to(frame_len);
+                match connect_level(&frame, fixed_header_len) {
+                    Level::V311 => {
+                        version = Some(Version::V4);
+                        frame
+                    }
+                    Level::V5 => {
+                        version = Some(Version::V5);
+                        frame
+                    }
+                    Level::V31 => match protocol::connect_31_as_311(&frame, fixed_header_len) {
+                        Some(rewritten) => {
+                            version = Some(Version::V4);
+                            rewritten
+                        }
+                        None => return parsed,
+                    },
+                    Level::Unknown(_) | Level::Malformed => return parsed,
+                }
+            }
+        };
+        let Some(v) = version else {
+            return parsed;
+        };
+        let frame_bytes = frame.clone();
+        let packet = match protocol::read(v, &mut frame, max_packet) {
+            Ok(packet) => packet,
+            Err(_) => return parsed,
+        };
+        if matches!(packet, Packet::Publish(..)) {
+            let _ = protocol::publish_qos_pkid(&frame_bytes, fixed_header_len);
+        }
+        let mut out = BytesMut::new();
+        let _ = protocol::write(v, packet, &mut out);
+        parsed += 1;
+    }
+}

@@ -37,6 +37,13 @@ use tracing::{debug, info};
 
 pub use auth::{check_pattern, hash_password, set_password, AclEntry, Glob, Security, Users};
 pub use connection::{BrokerShared, CloseReason, ListenerShared};
+
+/// For the fuzz targets only (fuzz/): a device's bytes through the connection's packet
+/// handling (see `connection::parse_device_bytes`); returns the packets parsed.
+#[doc(hidden)]
+pub fn fuzz_device_bytes(data: &[u8], max_packet: usize) -> usize {
+    connection::parse_device_bytes(data, max_packet)
+}
 pub use intake::{AckTicket, AckTracker, IntakeItem};
 pub use persist::Persist;
 pub use transport::WS_PATH;
