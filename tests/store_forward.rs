@@ -242,19 +242,29 @@ async fn wait_for_port(port: u16) {
 /// PUBACK for arrives after the restart, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_while_publishing_loses_no_acked_message() {
-    sigkill_case("durable", "sync = \"batch\"", "", 0).await;
+    sigkill_case("durable", "sync = \"batch\"", "", 0, Restart::Same).await;
+}
+
+/// Standby takeover on a shared volume (a rescheduled Kubernetes pod; deploy/STANDBY.md):
+/// gateway A is killed with SIGKILL while devices publish and the upstream is down;
+/// gateway B, a new process with ports of its own, starts on the same data_dir, takes its
+/// lock and delivers every message A acknowledged to the devices, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_on_the_same_data_dir_delivers_what_the_killed_gateway_acked() {
+    sigkill_case("durable", "", "", 0, Restart::Standby).await;
 }
 
 /// kill -9 loses nothing under the other sync policies either: acked data was handed to
 /// the OS (they differ only on power loss).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_with_sync_none_or_interval_loses_no_acked_message() {
-    sigkill_case("durable", "sync = \"none\"", "", 0).await;
+    sigkill_case("durable", "sync = \"none\"", "", 0, Restart::Same).await;
     sigkill_case(
         "durable",
         "sync = \"interval\", sync_interval = \"1s\"",
         "",
         0,
+        Restart::Same,
     )
     .await;
 }
@@ -264,14 +274,29 @@ async fn sigkill_with_sync_none_or_interval_loses_no_acked_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_with_ack_received_loses_at_most_the_documented_window() {
     // Default intake queue (65,536) plus one router batch.
-    let lost = sigkill_case("received", "", "", 65_536 + 1_024).await;
+    let lost = sigkill_case("received", "", "", 65_536 + 1_024, Restart::Same).await;
     println!("sigkill (ack = received): {lost} acked messages lost");
+}
+
+/// How the gateway comes back after the kill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    /// The same config again.
+    Same,
+    /// A standby: another process on other ports, on the same data_dir.
+    Standby,
 }
 
 /// SIGKILL at a random moment while 4 devices publish; after a restart every message a
 /// device got a PUBACK for must arrive, but for at most `may_lose`. Returns how many
 /// acked messages were lost.
-async fn sigkill_case(ack: &str, buffer: &str, extra: &str, may_lose: usize) -> usize {
+async fn sigkill_case(
+    ack: &str,
+    buffer: &str,
+    extra: &str,
+    may_lose: usize,
+    restart: Restart,
+) -> usize {
     let (mut upstream, collector) = stopped_upstream().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (port, admin) = (free_port(), free_port());
@@ -299,8 +324,23 @@ async fn sigkill_case(ack: &str, buffer: &str, extra: &str, may_lose: usize) -> 
     let total: usize = acked.values().map(Vec::len).sum();
     assert!(total > 0, "devices got acks before the kill");
 
+    let (config, port) = match restart {
+        Restart::Same => (config, port),
+        Restart::Standby => {
+            let (port, admin) = (free_port(), free_port());
+            (write_config(dir.path(), port, admin, ack, &body), port)
+        }
+    };
     let mut child = spawn_binary(&config);
     wait_for_port(port).await;
+    if restart == Restart::Standby {
+        let holder = std::fs::read_to_string(dir.path().join("data/lock")).expect("lock file");
+        assert_eq!(
+            holder.trim(),
+            child.id().to_string(),
+            "the standby holds the data_dir lock"
+        );
+    }
     upstream.restart();
     let arrived = collector
         .wait_for_unique(total - may_lose.min(total), WAIT)
