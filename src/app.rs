@@ -205,7 +205,9 @@ impl SinkSet {
 /// Sink plans hold only parsed values, all `Debug`: comparing their text tells whether a
 /// sink changed without requiring `PartialEq` of every sink kind.
 fn same_sink_config(a: &SinkPlan, b: &SinkPlan) -> bool {
-    format!("{:?}", a.kind) == format!("{:?}", b.kind) && a.buffer.batch == b.buffer.batch
+    format!("{:?}", a.kind) == format!("{:?}", b.kind)
+        && a.buffer.batch == b.buffer.batch
+        && a.rate == b.rate
 }
 
 impl Gateway {
@@ -485,5 +487,38 @@ impl Gateway {
 async fn join_all(tasks: Vec<JoinHandle<()>>) {
     for task in tasks {
         let _ = task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BufferSection, FilePlan, SinkKindPlan};
+    use crate::sinks::pacing::Rate;
+
+    fn file_sink(rate: Option<Rate>) -> SinkPlan {
+        SinkPlan {
+            name: "local".into(),
+            buffer: BufferSection::default(),
+            rate,
+            kind: SinkKindPlan::File(FilePlan {
+                path: "out.ndjson".into(),
+            }),
+        }
+    }
+
+    /// A reload that changes only a sink's `rate` restarts its worker, so the new pacing
+    /// is the one in force (and the one the status page shows).
+    #[test]
+    fn a_changed_rate_is_a_changed_sink() {
+        let paced = |messages| {
+            file_sink(Some(Rate {
+                messages: Some(messages),
+                bytes: None,
+            }))
+        };
+        assert!(same_sink_config(&paced(100), &paced(100)));
+        assert!(!same_sink_config(&paced(100), &paced(50)));
+        assert!(!same_sink_config(&file_sink(None), &paced(100)));
     }
 }
