@@ -2507,6 +2507,105 @@ fn rounds_summary(results: &[RunResult]) -> String {
     }
 }
 
+/// Latency of one fdatasync on the disk the gateways' data_dirs are on (the temp dir):
+/// `SAMPLES` appends of 4 KiB, each followed by `sync_data`. Returns (p50, p99) in ms.
+fn fdatasync_latency() -> Result<(f64, f64), String> {
+    use std::io::Write as _;
+    const SAMPLES: usize = 400;
+    let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+    let mut file = std::fs::File::create(dir.path().join("sync-probe"))
+        .map_err(|e| format!("create the fdatasync probe: {e}"))?;
+    let block = [0x5a_u8; 4096];
+    let mut ms = Vec::with_capacity(SAMPLES);
+    for _ in 0..SAMPLES {
+        file.write_all(&block)
+            .map_err(|e| format!("write the fdatasync probe: {e}"))?;
+        let start = Instant::now();
+        file.sync_data()
+            .map_err(|e| format!("fdatasync the probe: {e}"))?;
+        ms.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok((ms[SAMPLES / 2], ms[SAMPLES * 99 / 100]))
+}
+
+/// The median-p99 round of `target` in fixed-rate `scenario` (as in [`rounds_summary`]).
+fn median_round<'a>(
+    results: &'a [RunResult],
+    scenario: &str,
+    target: Target,
+) -> Option<&'a RunResult> {
+    let mut runs: Vec<&RunResult> = results
+        .iter()
+        .filter(|r| r.scenario == scenario && r.target == target)
+        .collect();
+    runs.sort_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms));
+    runs.get(runs.len() / 2).copied()
+}
+
+/// The targets of issue "Device sessions", computed from this run: S2 p99 and CPU per
+/// message against the Mosquitto bridge (median rounds), S1 against `direct`.
+fn targets_summary(results: &[RunResult], fsync: Option<(f64, f64)>) -> String {
+    let mut md = String::new();
+    if let Some((p50, p99)) = fsync {
+        let _ = writeln!(
+            md,
+            "- one fdatasync of 4 KiB on the data disk, in this run: p50 {p50:.2} ms, p99 {p99:.2} ms"
+        );
+    }
+    let verdict = |ok: bool| if ok { "met" } else { "not met" };
+    let s2 = |t| median_round(results, "S2", t);
+    if let (Some(bridge), Some(received)) = (s2(Target::Bridge), s2(Target::GatewayAckReceived)) {
+        let _ = writeln!(
+            md,
+            "- S2, `ack = \"received\"`: p99 {:.2} ms vs the bridge's {:.2} ms (target ≤: {})",
+            received.p99_ms,
+            bridge.p99_ms,
+            verdict(received.p99_ms <= bridge.p99_ms)
+        );
+        if let (Some(ours), Some(theirs)) = (received.cpu_us_per_msg, bridge.cpu_us_per_msg) {
+            let _ = writeln!(
+                md,
+                "- S2, `ack = \"received\"`: CPU {ours:.1} µs/msg = {:.2}× the bridge's {theirs:.1} (target ≤ 1.0×: {})",
+                ours / theirs,
+                verdict(ours <= theirs)
+            );
+        }
+    }
+    if let (Some(bridge), Some(durable)) = (s2(Target::Bridge), s2(Target::Gateway)) {
+        if let Some((_, sync_p99)) = fsync {
+            let _ = writeln!(
+                md,
+                "- S2, `ack = \"durable\"`: p99 {:.2} ms vs the bridge's {:.2} ms + one fdatasync's p99 {sync_p99:.2} ms = {:.2} ms (target ≤: {})",
+                durable.p99_ms,
+                bridge.p99_ms,
+                bridge.p99_ms + sync_p99,
+                verdict(durable.p99_ms <= bridge.p99_ms + sync_p99)
+            );
+        }
+        if let (Some(ours), Some(theirs)) = (durable.cpu_us_per_msg, bridge.cpu_us_per_msg) {
+            let _ = writeln!(
+                md,
+                "- S2, `ack = \"durable\"`: CPU {ours:.1} µs/msg = {:.2}× the bridge's {theirs:.1} (target ≤ 2.0×: {})",
+                ours / theirs,
+                verdict(ours <= 2.0 * theirs)
+            );
+        }
+    }
+    let s1 = |t| results.iter().find(|r| r.scenario == "S1" && r.target == t);
+    if let (Some(direct), Some(ours)) = (s1(Target::Direct), s1(Target::Gateway)) {
+        let _ = writeln!(
+            md,
+            "- S1 flat out: edgebridge {:.0} msg/s = {:.2}× `direct`'s {:.0} (target ≥ 0.95×: {})",
+            ours.msg_per_s,
+            ours.msg_per_s / direct.msg_per_s,
+            direct.msg_per_s,
+            verdict(ours.msg_per_s >= 0.95 * direct.msg_per_s)
+        );
+    }
+    md
+}
+
 fn diagnostics_table(results: &[RunResult]) -> String {
     let mut t = String::from(
         "| scenario | target | end | received/expected | acked at devices | device acks/s | max ms | load s \
@@ -2539,7 +2638,12 @@ fn diagnostics_table(results: &[RunResult]) -> String {
     t
 }
 
-fn results_markdown(results: &[RunResult], table: &str, diagnostics: &str) -> String {
+fn results_markdown(
+    results: &[RunResult],
+    table: &str,
+    diagnostics: &str,
+    targets: &str,
+) -> String {
     let mut md = String::from("# Forwarding benchmark results\n\n");
     let _ = writeln!(
         md,
@@ -2551,6 +2655,11 @@ fn results_markdown(results: &[RunResult], table: &str, diagnostics: &str) -> St
         let _ = writeln!(md, "- {}: {}", s.name, s.what);
     }
     md += "\n";
+    if !targets.is_empty() {
+        md += "Targets (issue \"Device sessions\"), from this run:\n\n";
+        md += targets;
+        md += "\n";
+    }
     md += table;
     let _ = writeln!(
         md,
@@ -2618,6 +2727,18 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
     }
     let mut results = Vec::new();
     let mut failures = Vec::new();
+    // Beside S2's durable target: what one fdatasync costs on this disk, now.
+    let fsync = if selected.iter().any(|s| s.rate > 0) {
+        match fdatasync_latency() {
+            Ok(f) => Some(f),
+            Err(e) => {
+                failures.push(format!("fdatasync probe: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
     let bench_started = Instant::now();
     let mut runs: Vec<(&Scenario, Target)> = Vec::new();
     for scenario in &selected {
@@ -2666,10 +2787,11 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
         }
     }
 
+    let summary = targets_summary(&results, fsync);
     if !selected.is_empty() {
         let table = results_table(&results);
         let diagnostics = diagnostics_table(&results);
-        println!("\n{table}\n{diagnostics}");
+        println!("\n{summary}\n{table}\n{diagnostics}");
     }
     if run_s3 {
         // Both drain orders in one run, so the live_first drain rate is a ratio to the
@@ -2717,7 +2839,7 @@ async fn bench(filters: Vec<String>, binary: PathBuf) -> Result<(), String> {
     if filters.is_empty() {
         let table = results_table(&results);
         let diagnostics = diagnostics_table(&results);
-        let mut md = results_markdown(&results, &table, &diagnostics);
+        let mut md = results_markdown(&results, &table, &diagnostics, &summary);
         for f in &failures {
             let _ = writeln!(md, "\nFAILED {f}");
         }
