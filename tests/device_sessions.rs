@@ -1543,3 +1543,53 @@ async fn mqtt5_server_keep_alive_caps_a_devices_keep_alive() {
     );
     gw.shutdown().await;
 }
+
+/// Until a device first subscribes, messages that are not retained skip rumqttd's router
+/// (nobody could receive them there). A retained message published then is still kept,
+/// and a device that subscribes later gets it and everything published after its
+/// SUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_first_subscriber_gets_the_retained_message_and_what_follows() {
+    let mut gw = TestGateway::start(FILE_SINK).await;
+    let port = gw.port();
+    let (publisher, mut pub_events) = AsyncClient::new(options("early-pub", port), 10);
+    let puback = |e: &Event| matches!(e, Event::Incoming(Incoming::PubAck(_))).then_some(());
+    publisher
+        .publish("early/state", QoS::AtLeastOnce, true, "kept")
+        .await
+        .expect("publish");
+    until(&mut pub_events, puback).await;
+    publisher
+        .publish("early/live", QoS::AtLeastOnce, false, "before")
+        .await
+        .expect("publish");
+    until(&mut pub_events, puback).await;
+
+    let (sub, mut events) = AsyncClient::new(options("late-sub", port), 10);
+    sub.subscribe("early/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    until(&mut events, subscribed).await;
+    publisher
+        .publish("early/live", QoS::AtLeastOnce, false, "after")
+        .await
+        .expect("publish");
+    until(&mut pub_events, puback).await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let p = until(&mut events, |e| match e {
+            Event::Incoming(Incoming::Publish(p)) => Some(p.clone()),
+            _ => None,
+        })
+        .await;
+        got.push((p.topic.clone(), p.payload.to_vec(), p.retain));
+    }
+    assert_eq!(
+        got,
+        [
+            ("early/state".to_string(), b"kept".to_vec(), true),
+            ("early/live".to_string(), b"after".to_vec(), false),
+        ]
+    );
+    gw.shutdown().await;
+}
