@@ -1507,9 +1507,15 @@ impl Session {
         } = forward;
         let (marks, mut properties) = links::take_marks(properties);
         let published_qos = marks.qos;
-        // Subscription options: no local, retain as published, retain handling.
+        // Subscription options: no local, retain as published, retain handling (most
+        // sessions have none: no per-delivery work then).
         let mut skipped = false;
-        if let Ok(topic) = std::str::from_utf8(&publish.topic) {
+        let topic = self
+            .subscriptions
+            .active()
+            .then(|| std::str::from_utf8(&publish.topic).ok())
+            .flatten();
+        if let Some(topic) = topic {
             let own = marks.origin.as_deref() == Some(self.key.as_str());
             match self
                 .subscriptions

@@ -80,6 +80,12 @@ impl Subscriptions {
         self.refresh();
     }
 
+    /// Whether any option is in force (otherwise every delivery goes out as the router
+    /// sent it, and [`Subscriptions::verdict`] need not be asked).
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
     /// Whether any option needs a delivery's origin (the publishing client).
     pub fn wants_origin(&self) -> bool {
         self.entries.iter().any(|e| e.no_local)
