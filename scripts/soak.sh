@@ -5,16 +5,22 @@
 # (from the sequence numbers the upstream subscriber received).
 #
 #   scripts/soak.sh                                   # 30 min, outage every 5 min
+#   scripts/soak.sh long                              # 2 hours, outage every 10 min
 #   DURATION=360 OUTAGE_PERIOD=60 scripts/soak.sh     # 6 min, outage every minute
+#
+# Memory verdict: RSS at the end against RSS after the warm-up (the first sample at
+# WARMUP seconds, when the first outage starts): flat means within 10%.
 #
 # Parameters (environment):
 #   DURATION       seconds of load (default 1800)
 #   OUTAGE_PERIOD  seconds between the starts of two upstream outages (default 300)
 #   OUTAGE_LENGTH  seconds the upstream stays down each time (default OUTAGE_PERIOD / 3)
-#   RATE           messages per second in total (default 25000: half the ~55k msg/s this
+#   RATE           messages per second in total (default 16000: half the ~33k msg/s this
 #                  2-core machine forwards flat out, README "Performance")
 #   DEVICES        device connections sharing RATE (default 10)
 #   SAMPLE         seconds between two RSS samples (default 10)
+#   WARMUP         seconds before the reference RSS sample (default 600, or DURATION / 3
+#                  when that is shorter)
 #   BIN            the gateway binary (default target/release/edgebridge under
 #                  CARGO_TARGET_DIR or ./target; built when missing)
 #   OUT            directory for config, logs, received messages and the report
@@ -23,12 +29,17 @@
 # Needs: mosquitto, mosquitto_pub, mosquitto_sub, python3, curl.
 set -euo pipefail
 
+if [[ ${1:-} == long ]]; then
+    DURATION=${DURATION:-7200}
+    OUTAGE_PERIOD=${OUTAGE_PERIOD:-600}
+fi
 DURATION=${DURATION:-1800}
 OUTAGE_PERIOD=${OUTAGE_PERIOD:-300}
 OUTAGE_LENGTH=${OUTAGE_LENGTH:-$((OUTAGE_PERIOD / 3))}
-RATE=${RATE:-25000}
+RATE=${RATE:-16000}
 DEVICES=${DEVICES:-10}
 SAMPLE=${SAMPLE:-10}
+WARMUP=${WARMUP:-$((DURATION / 3 < 600 ? DURATION / 3 : 600))}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/edgebridge}
 OUT=${OUT:-$(mktemp -d /tmp/edgebridge-soak.XXXXXX)}
@@ -142,7 +153,8 @@ done
 
 # Sum of every sample of metric $1 (all label sets).
 metric() { curl -s "127.0.0.1:$ADMIN_PORT/metrics" | awk -v n="$1" '$1 == n || index($1, n "{") == 1 {s += $2} END {printf "%d", s}'; }
-echo "t_s,rss_mib,upstream,buffer_messages,delivered,dropped" >"$OUT/rss.csv"
+# RssAnon is the heap and stacks (what a leak grows); RssFile is mapped files and code.
+echo "t_s,rss_mib,anon_mib,file_mib,upstream,buffer_messages,delivered,dropped" >"$OUT/rss.csv"
 START=$(date +%s)
 NEXT_OUTAGE=$OUTAGE_PERIOD
 OUTAGE_END=0
@@ -156,7 +168,7 @@ while :; do
     elif [[ -z ${UP_PID:-} ]] && (( NOW >= OUTAGE_END )); then
         start_upstream
     fi
-    RSS=$(awk '/^VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$GW_PID/status")
+    RSS=$(awk '/^(VmRSS|RssAnon|RssFile):/ {printf "%s%.1f", sep, $2 / 1024; sep = ","}' "/proc/$GW_PID/status")
     echo "$NOW,$RSS,$([[ -n ${UP_PID:-} ]] && echo up || echo down),$(metric edgebridge_buffer_messages),$(metric edgebridge_sink_delivered_total),$(metric edgebridge_buffer_dropped_total)" >>"$OUT/rss.csv"
     sleep "$SAMPLE"
 done
@@ -175,9 +187,9 @@ BUF_DROPS=$(metric edgebridge_buffer_dropped_total)
 DELIVERED=$(metric edgebridge_sink_delivered_total)
 SENT=$(cat "$OUT"/sent-* | awk '{s += $1} END {print s}')
 
-python3 - "$OUT/received.txt" "$SENT" "$ACCEPTED" "$PEAK" "$DEV_DROPS" "$BUF_DROPS" "$DELIVERED" "$DURATION" >"$OUT/report.txt" <<'PY'
-import json, sys
-path, sent, accepted, peak, dev_drops, buf_drops, delivered, duration = sys.argv[1:9]
+python3 - "$OUT/received.txt" "$SENT" "$ACCEPTED" "$PEAK" "$DEV_DROPS" "$BUF_DROPS" "$DELIVERED" "$DURATION" "$OUT/rss.csv" "$WARMUP" >"$OUT/report.txt" <<'PY'
+import csv, json, sys
+path, sent, accepted, peak, dev_drops, buf_drops, delivered, duration, rss_csv, warmup = sys.argv[1:11]
 seen, dup, ooo, top = {}, 0, 0, {}
 for line in open(path, errors="replace"):
     try:
@@ -204,6 +216,17 @@ print(f"not published by the load generator (sent - accepted): {int(sent) - int(
 print(f"lost by the gateway (accepted - unique received): {int(accepted) - unique}")
 print(f"dropped: intake {dev_drops}, buffer {buf_drops}")
 print(f"peak RSS: {peak} MiB")
+rows = list(csv.DictReader(open(rss_csv)))
+after = [r for r in rows if int(r["t_s"]) >= int(warmup)]
+if after and after[-1] is not after[0]:
+    ref, end = after[0], after[-1]
+    change = (float(end["rss_mib"]) / float(ref["rss_mib"]) - 1) * 100
+    verdict = "flat (within 10%)" if abs(change) <= 10 else "NOT flat (over 10%)"
+    print(f"RSS after warm-up (t={ref['t_s']} s): {ref['rss_mib']} MiB (anon {ref['anon_mib']}); "
+          f"at the end (t={end['t_s']} s): {end['rss_mib']} MiB (anon {end['anon_mib']}): "
+          f"{change:+.1f}%, {verdict}")
+    peak_after = max(after, key=lambda r: float(r["rss_mib"]))
+    print(f"highest sample after warm-up: {peak_after['rss_mib']} MiB at t={peak_after['t_s']} s")
 print(f"achieved rate: {int(accepted) / float(duration):.0f} msg/s accepted")
 PY
 {
