@@ -10,6 +10,10 @@
 //! what is measured (the gateway's delivered counter, which counts readings, not packs).
 //! The byte limit allows 512 KiB/s ÷ ~112 bytes per packed reading ≈ 4,700 readings/s per
 //! connection; an unpaced, unpacked row gives the machine's ceiling for the same path.
+//! The "from a backlog" rows measure the sink alone: the devices publish with the upstream
+//! down, and the clock starts when Mosquitto comes up and the stored readings drain (ten
+//! connections' limits, ~47k readings/s, are more than this machine's devices get into
+//! the gateway live).
 //!
 //! Kafka: the ceiling is an rdkafka producer alone (the sink's default properties:
 //! idempotent, acks=all, lz4, linger 5 ms) producing 100-byte records from this process;
@@ -235,6 +239,19 @@ enum Arrivals {
     Delivered,
 }
 
+/// When the devices publish, against when the sink can deliver.
+enum Load {
+    /// While the sink delivers: ingest and delivery share the machine.
+    Live,
+    /// First, with the upstream down (nothing listens on this port): every reading is in
+    /// the durable buffer before `start_upstream` brings the upstream up on the port and
+    /// the clock starts. What is measured is the sink's drain alone.
+    Backlog {
+        upstream_port: u16,
+        start_upstream: fn(u16) -> Result<ChildGuard, String>,
+    },
+}
+
 /// The release binary with `sink` (a `[sinks.out]` table) fed by rule `bench/#`, and
 /// `DEVICES` devices publishing `per_device` messages each, flat out.
 async fn gateway_run(
@@ -243,6 +260,7 @@ async fn gateway_run(
     sink: &str,
     arrivals: Arrivals,
     per_device: u64,
+    load: Load,
 ) -> Result<Row, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let (port, admin_port) = (free_port()?, free_port()?);
@@ -281,11 +299,33 @@ level = "warn"
             metric_sum(&page, "edgebridge_sink_delivered_total") as u64
         }),
     };
+    let spawn_devices = || -> Vec<_> {
+        (0..DEVICES)
+            .map(|d| tokio::spawn(device(port, d, per_device)))
+            .collect()
+    };
+    let mut devices = Vec::new();
+    let mut _upstream = None;
+    match load {
+        Load::Live => devices = spawn_devices(),
+        Load::Backlog {
+            upstream_port,
+            start_upstream,
+        } => {
+            let mut stored = 0;
+            for d in spawn_devices() {
+                stored += d.await.map_err(|e| format!("device: {e}"))?;
+            }
+            if stored < expected {
+                return Err(format!(
+                    "{scenario}: the gateway acked {stored} of {expected} readings with the upstream down"
+                ));
+            }
+            _upstream = Some(start_upstream(upstream_port)?);
+        }
+    }
     let cpu_before = cpu_seconds(Some(process.pid()));
     let start = Instant::now();
-    let devices: Vec<_> = (0..DEVICES)
-        .map(|d| tokio::spawn(device(port, d, per_device)))
-        .collect();
     let deadline = start + RUN_DEADLINE;
     let mut messages = arrived();
     // When a tenth and nine tenths of the expected messages had arrived.
@@ -413,6 +453,11 @@ fn mqtt_sink(upstream_port: u16, extra: &str) -> String {
 /// 4,219 msg/s; with it off, 48,052 (the same binary, one run each).
 fn start_mosquitto() -> Result<(ChildGuard, u16), String> {
     let port = free_port()?;
+    Ok((start_mosquitto_on(port)?, port))
+}
+
+/// A Mosquitto upstream as [`start_mosquitto`]'s, on `port`.
+fn start_mosquitto_on(port: u16) -> Result<ChildGuard, String> {
     let dir = std::env::temp_dir().join(format!("edgebridge-bench-mosquitto-{port}"));
     std::fs::create_dir_all(&dir).map_err(|e| format!("mosquitto dir: {e}"))?;
     let conf = dir.join("mosquitto.conf");
@@ -439,7 +484,7 @@ fn start_mosquitto() -> Result<(ChildGuard, u16), String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok((guard, port))
+    Ok(guard)
 }
 
 fn start_tansu() -> Result<(ChildGuard, String), String> {
@@ -504,6 +549,7 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
                 &http_sink(port, batched),
                 Arrivals::Http(counts),
                 30_000,
+                Load::Live,
             )
             .await?,
         );
@@ -516,6 +562,7 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
                 &http_sink(port, "format = \"json\""),
                 Arrivals::Http(counts),
                 3_000,
+                Load::Live,
             )
             .await?,
         );
@@ -535,6 +582,7 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
                 &kafka_sink(&bootstrap),
                 Arrivals::Delivered,
                 30_000,
+                Load::Live,
             )
             .await?,
         );
@@ -551,6 +599,7 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
                 &kafka_sink(&bootstrap),
                 Arrivals::Delivered,
                 30_000,
+                Load::Live,
             )
             .await?,
         );
@@ -591,6 +640,41 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
                     &mqtt_sink(port, extra),
                     Arrivals::Delivered,
                     per_device,
+                    Load::Live,
+                )
+                .await?,
+            );
+        }
+        // The same sinks draining a backlog stored while the upstream was down: the sink's
+        // own pace, without the devices' ingest on the same two cores (flat out, this
+        // machine takes in ~33k readings/s, less than ten connections' limits allow).
+        // ~25 s of paced delivery each; a quick reconnect once the upstream is up.
+        const RECONNECT: &str = "backoff_min = \"100ms\"\nbackoff_max = \"500ms\"";
+        let backlog_runs = [
+            (
+                "S6-aws paced + packed 100KiB, 1 connection, from a 120k backlog",
+                AWS_100,
+                12_000,
+            ),
+            (
+                "S6-aws paced + packed 100KiB, 10 connections, from a 1.2M backlog",
+                AWS_100_10,
+                120_000,
+            ),
+        ];
+        for (scenario, extra, per_device) in backlog_runs {
+            let upstream_port = free_port()?;
+            rows.push(
+                gateway_run(
+                    &binary,
+                    scenario,
+                    &mqtt_sink(upstream_port, &format!("{extra}\n{RECONNECT}")),
+                    Arrivals::Delivered,
+                    per_device,
+                    Load::Backlog {
+                        upstream_port,
+                        start_upstream: start_mosquitto_on,
+                    },
                 )
                 .await?,
             );
