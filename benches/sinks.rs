@@ -1,6 +1,7 @@
 //! Sink benchmark (S5): the HTTP and Kafka sinks, each against its peer's own ceiling.
 //!
-//! Run with `cargo bench --bench sinks` (`-- http`, `-- kafka` or `-- aws` for one part);
+//! Run with `cargo bench --bench sinks` (`-- http`, `-- kafka`, `-- aws` or `-- aws-backlog`
+//! for one part);
 //! the table is printed, and written to `benches/RESULTS-sinks.md` when every part ran.
 //!
 //! AWS's per-connection limits (S6, `-- aws`): an MQTT sink to a real Mosquitto paced at
@@ -141,6 +142,15 @@ impl Row {
         )
     }
 }
+
+/// S6's sinks: AWS IoT Core's per-connection limits, packing on.
+const AWS_120: &str = "rate = { messages = 100, bytes = \"512KiB\" }\n\
+                       pack = { max_bytes = \"120KiB\", linger = \"200ms\" }";
+const AWS_100: &str = "rate = { messages = 100, bytes = \"512KiB\" }\n\
+                       pack = { max_bytes = \"100KiB\", linger = \"200ms\" }";
+const AWS_100_10: &str = "rate = { messages = 100, bytes = \"512KiB\" }\n\
+                          pack = { max_bytes = \"100KiB\", linger = \"200ms\" }\n\
+                          connections = 10";
 
 /// Sequential posts of pre-built bodies: `total` messages, `batch` per request.
 async fn ceiling(scenario: &'static str, batch: usize, total: u64) -> Result<Row, String> {
@@ -539,6 +549,7 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
     let run_http = filters.is_empty() || filters.iter().any(|f| f == "http");
     let run_kafka = filters.is_empty() || filters.iter().any(|f| f == "kafka");
     let run_aws = filters.is_empty() || filters.iter().any(|f| f == "aws");
+    let run_aws_backlog = run_aws || filters.iter().any(|f| f == "aws-backlog");
     if run_http {
         rows.push(ceiling("S5-http batched (500/request)", 500, 500_000).await?);
         let (port, counts) = start_receiver().await?;
@@ -606,13 +617,6 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
     }
     if run_aws {
         let (_mosquitto, port) = start_mosquitto()?;
-        const AWS_120: &str = "rate = { messages = 100, bytes = \"512KiB\" }\n\
-                               pack = { max_bytes = \"120KiB\", linger = \"200ms\" }";
-        const AWS_100: &str = "rate = { messages = 100, bytes = \"512KiB\" }\n\
-                               pack = { max_bytes = \"100KiB\", linger = \"200ms\" }";
-        const AWS_100_10: &str = "rate = { messages = 100, bytes = \"512KiB\" }\n\
-                                  pack = { max_bytes = \"100KiB\", linger = \"200ms\" }\n\
-                                  connections = 10";
         let runs = [
             ("S6-aws unpaced, unpacked, 1 connection", "", 30_000),
             // ~25 s of paced delivery each, so that the start and the end weigh little.
@@ -645,6 +649,8 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
                 .await?,
             );
         }
+    }
+    if run_aws_backlog {
         // The same sinks draining a backlog stored while the upstream was down: the sink's
         // own pace, without the devices' ingest on the same two cores (flat out, this
         // machine takes in ~33k readings/s, less than ten connections' limits allow).
@@ -690,7 +696,7 @@ async fn bench(binary: PathBuf, filters: Vec<String>) -> Result<String, String> 
 }
 
 fn main() -> ExitCode {
-    // `cargo bench` passes `--bench`; `http`, `kafka` or `aws` picks one part.
+    // `cargo bench` passes `--bench`; `http`, `kafka`, `aws` or `aws-backlog` picks one part.
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))

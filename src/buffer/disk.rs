@@ -299,6 +299,30 @@ impl Acks {
         count
     }
 
+    /// How many seqs in `floor..to` are acked: [`Acks::acked_in`] from the floor, for the
+    /// backlog gauge, which is refreshed on every ack. With `connections > 1` the
+    /// connections' acks overtake each other and `ahead` holds thousands of ranges, so this
+    /// walks it from whichever side of `to` has fewer: the ranges below `to` summed, or all
+    /// of them less the ones above. (Summing the ranges below alone took 68% of the
+    /// gateway's CPU while ten paced connections drained a backlog.)
+    fn acked_below(&self, to: u64) -> u64 {
+        let mut below = self.ahead.range(..to).rev();
+        let mut from_top = self.ahead.iter().rev();
+        let (mut sum_below, mut sum_above) = (0, 0);
+        loop {
+            match below.next() {
+                // Every range starts above the floor.
+                Some((&start, &end)) => sum_below += end.min(to) - start,
+                None => return sum_below,
+            }
+            match from_top.next() {
+                Some((&start, &end)) if end > to => sum_above += end - start.max(to),
+                // Disjoint and descending: the rest end at or below `to` too.
+                _ => return self.ahead_count - sum_above,
+            }
+        }
+    }
+
     /// Marks `from..to` acked (idempotent).
     fn ack_range(&mut self, from: u64, to: u64) {
         let mut from = from.max(self.floor);
@@ -871,7 +895,7 @@ impl DiskLog {
         if to <= floor {
             return 0;
         }
-        (to - floor) - self.acks.acked_in(floor, to)
+        (to - floor) - self.acks.acked_below(to)
     }
 
     /// Up to `max` unacked records, oldest first, advancing the read cursor past them.
@@ -1764,6 +1788,27 @@ mod tests {
         assert_eq!((acks.floor, acks.ahead_count), (8, 1));
         acks.ack_range(8, 9);
         assert_eq!((acks.floor, acks.ahead_count), (10, 0));
+    }
+
+    #[test]
+    fn acked_below_counts_as_acked_in_whichever_side_it_walks() {
+        // Ten connections' acks: every seq of one residue class first, so `ahead` holds
+        // many disjoint ranges, then some of a second class, merging pairs of them.
+        let mut acks = Acks::new(1);
+        for seq in (3..2_000).step_by(10) {
+            acks.ack_range(seq, seq + 1);
+        }
+        for seq in (4..1_000).step_by(10) {
+            acks.ack_range(seq, seq + 1);
+        }
+        assert!(acks.ahead.len() > 150, "{}", acks.ahead.len());
+        for to in [
+            0, 1, 2, 3, 4, 5, 57, 999, 1_000, 1_004, 1_005, 1_500, 1_994, 1_995, 5_000,
+        ] {
+            assert_eq!(acks.acked_below(to), acks.acked_in(1, to), "to {to}");
+        }
+        acks.ack_range(1, 3);
+        assert_eq!(acks.acked_below(10), acks.acked_in(acks.floor, 10));
     }
 
     #[test]

@@ -483,9 +483,16 @@ async fn connection(
         // buffer's lock and a read call.
         // Packing reads whole batches (many records make one publish), and reads on while
         // the window is full, so that open packs fill up instead of lingering out half
-        // empty; a closed pack waiting in `ready` stops the reading.
-        let (refill, read) = match packer {
-            Some(_) => (renewing.is_none() && ready.is_empty(), ctx.batch),
+        // empty; closed packs of [`READY_PACKS`] full packs' bytes waiting in `ready` stop
+        // the reading.
+        let (refill, read) = match &packer {
+            Some(p) => {
+                let waiting: usize = ready.iter().map(|r| r.payload.len()).sum();
+                (
+                    renewing.is_none() && waiting < READY_PACKS * p.plan().max_bytes,
+                    ctx.batch,
+                )
+            }
             None => (
                 renewing.is_none()
                     && room > 0
@@ -713,6 +720,17 @@ async fn connection(
         }
     }
 }
+
+/// How much closed packs may wait for the pacer while the reading goes on, in full packs'
+/// bytes (packs that lingered out are smaller: more of them wait). The next packs fill
+/// while these go out, so the pacer does not wait for a pack to fill or linger out (it
+/// does not make up for a pause: `sinks::pacing`), and with `connections > 1` a connection
+/// with a pack waiting keeps taking records from the dispatcher that feeds them all.
+/// Four full packs are ~0.8 s at AWS's 512 KiB/s; memory stays bounded by the open packs
+/// (`Packer`'s `max_open`) and these. (One connection at AWS's limits from a backlog,
+/// `cargo bench --bench sinks -- aws-backlog` with a soak running beside it: 91.7% of the
+/// byte limit when a waiting pack stopped the reading, 93.6% with four.)
+const READY_PACKS: usize = 4;
 
 /// Ends the session after a failed dead-letter write (see [`DeadLetterFailed`]).
 fn dead_letter_failed(ctx: &SinkContext, upstream: &str) -> Outcome {
