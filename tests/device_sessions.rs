@@ -1593,3 +1593,101 @@ async fn the_first_subscriber_gets_the_retained_message_and_what_follows() {
     );
     gw.shutdown().await;
 }
+
+/// A persistent MQTT 5 session's subscription options outlive a restart of the gateway:
+/// after it, the session's no-local subscription still keeps the device's own messages
+/// from coming back to it, and the others' still come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mqtt5_subscription_options_of_a_persistent_session_survive_a_restart() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule};
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use rumqttc::v5::{AsyncClient as Client5, Event as Event5, Incoming as Incoming5};
+
+    let persistent = |port: u16| {
+        let mut o = rumqttc::v5::MqttOptions::new("keep-dev", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(5))
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(3600));
+        o
+    };
+    // Returns CONNACK's session present, the client and its event loop.
+    let connect = |o: rumqttc::v5::MqttOptions| async move {
+        let (client, mut events) = Client5::new(o, 10);
+        let present = tokio::time::timeout(WAIT, async {
+            loop {
+                match events.poll().await {
+                    Ok(Event5::Incoming(Incoming5::ConnAck(ack))) => return ack.session_present,
+                    Ok(_) => {}
+                    Err(e) => panic!("keep-dev: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("CONNACK");
+        (present, client, events)
+    };
+
+    let gw = TestGateway::start(FILE_SINK).await;
+    let (present, dev, mut events) = connect(persistent(gw.port())).await;
+    assert!(!present, "a new session");
+    dev.subscribe_many([Filter {
+        path: "keep/#".into(),
+        qos: QoS5::AtLeastOnce,
+        nolocal: true,
+        preserve_retain: false,
+        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+    }])
+    .await
+    .expect("subscribe");
+    until5(&mut events, 1, suback5).await;
+    dev.disconnect().await.expect("queue DISCONNECT");
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while events.poll().await.is_ok() {}
+    })
+    .await;
+    drop(events);
+    let mut gw = gw;
+    gw.shutdown().await;
+
+    // Same data_dir.
+    let mut gw = TestGateway::start_in(FILE_SINK, gw.dir).await;
+    let port = gw.port();
+    let (present, dev, mut events) = connect(persistent(port)).await;
+    assert!(present, "the session outlived the restart");
+    // Its own message, acked before the other client publishes: were the option lost,
+    // it would be the first delivery.
+    dev.publish("keep/own", QoS5::AtLeastOnce, false, "mine")
+        .await
+        .expect("publish");
+    let mut seen = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.poll().await {
+                Ok(event) => {
+                    seen.extend(delivery5(&event));
+                    if puback5(&event).is_some() {
+                        return;
+                    }
+                }
+                Err(e) => panic!("keep-dev: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("PUBACK of its own message");
+    let (other, mut other_events) = client5("keep-other", port, None).await;
+    other
+        .publish("keep/theirs", QoS5::AtLeastOnce, false, "theirs")
+        .await
+        .expect("publish");
+    until5(&mut other_events, 1, puback5).await;
+    while !seen.iter().any(|(t, _)| t == "keep/theirs") {
+        seen.extend(until5(&mut events, 1, delivery5).await);
+    }
+    assert_eq!(
+        seen,
+        [("keep/theirs".to_string(), false)],
+        "no local held across the restart"
+    );
+    gw.shutdown().await;
+}

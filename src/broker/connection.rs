@@ -58,6 +58,7 @@ use tracing::{debug, info, warn};
 use super::auth::{Grants, Identity, Refusal, Security};
 use super::intake::{AckTicket, AckTracker, IntakeItem};
 use super::links::{self, Claim, Links};
+use super::persist::Subscription;
 use super::protocol::{self, Version};
 use super::subscriptions::{Subscriptions, Verdict};
 use super::transport::{Handshake, Transport};
@@ -1190,7 +1191,7 @@ impl Session {
             let filters = subscribe
                 .filters
                 .iter()
-                .map(|f| (f.path.clone(), f.qos as u8))
+                .map(|f| (f.path.clone(), Subscription::of(f)))
                 .collect();
             self.shared.links.session_subscribed(&self.key, filters);
         }

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::persist::Persist;
+use super::persist::{Persist, Subscription};
 use super::subscriptions::Subscriptions;
 use crate::message::now_millis;
 
@@ -498,8 +498,8 @@ impl Links {
         Ok(())
     }
 
-    /// A persistent session subscribed to `filters` (filter, QoS).
-    pub fn session_subscribed(&self, client_id: &str, filters: Vec<(String, u8)>) {
+    /// A persistent session subscribed to `filters` (filter, QoS and options).
+    pub fn session_subscribed(&self, client_id: &str, filters: Vec<(String, Subscription)>) {
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -534,22 +534,29 @@ impl Links {
             )
             .await?;
         }
-        for (client_id, filters) in state.sessions {
+        for (client_id, stored) in state.sessions {
             let (id, _rx) = self.open(&client_id, false).await?;
-            let filters = filters
+            // The options the connection applies once the device is back (`take_options`).
+            let mut options = Subscriptions::default();
+            let filters = stored
                 .into_iter()
-                .map(|(path, qos)| Filter {
-                    path,
-                    qos: match qos {
-                        0 => QoS::AtMostOnce,
-                        1 => QoS::AtLeastOnce,
-                        _ => QoS::ExactlyOnce,
-                    },
-                    nolocal: false,
-                    preserve_retain: false,
-                    retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+                .map(|(path, subscription)| {
+                    let filter = subscription.filter(path);
+                    options.subscribe(&filter);
+                    // A restart is not a SUBSCRIBE: no retained messages for it (the
+                    // device got them when it subscribed; Mosquitto sends none either).
+                    Filter {
+                        retain_forward_rule: RetainForwardRule::Never,
+                        ..filter
+                    }
                 })
                 .collect();
+            if options.wants_origin() {
+                self.want_origin();
+            }
+            if options.active() {
+                self.keep_options(&client_id, options);
+            }
             let subscribe = Subscribe { pkid: 1, filters };
             self.send(id, Packet::Subscribe(subscribe, None)).await?;
             self.close(id).await;

@@ -1,5 +1,6 @@
 //! What rumqttd keeps only in memory and devices expect to outlive a restart (Mosquitto
-//! persists both): retained messages, and the subscriptions of persistent sessions.
+//! persists both): retained messages, and the subscriptions of persistent sessions with
+//! their MQTT 5 options (no local, retain as published, retain handling).
 //!
 //! Input: every retained publish into the router and every SUBSCRIBE / UNSUBSCRIBE /
 //! clean CONNECT of a persistent session (`links.rs`, `connection.rs`). Output: the file
@@ -18,7 +19,7 @@ use std::sync::Mutex;
 
 use base64::Engine;
 use bytes::Bytes;
-use rumqttd::protocol::PublishProperties;
+use rumqttd::protocol::{Filter, PublishProperties, QoS, RetainForwardRule};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -56,14 +57,110 @@ impl Retained {
     }
 }
 
+/// One subscription of a persistent session as stored: its QoS and MQTT 5 options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(from = "StoredSubscription")]
+pub struct Subscription {
+    pub qos: u8,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_local: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub retain_as_published: bool,
+    /// 0: retained messages at every SUBSCRIBE, 1: at a new subscription only, 2: never.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retain_handling: u8,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+/// What a file holds for a subscription: the QoS alone (files written before the options
+/// were kept), or the QoS and the options.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredSubscription {
+    Qos(u8),
+    Options {
+        qos: u8,
+        #[serde(default)]
+        no_local: bool,
+        #[serde(default)]
+        retain_as_published: bool,
+        #[serde(default)]
+        retain_handling: u8,
+    },
+}
+
+impl From<StoredSubscription> for Subscription {
+    fn from(s: StoredSubscription) -> Self {
+        match s {
+            StoredSubscription::Qos(qos) => Subscription {
+                qos,
+                ..Subscription::default()
+            },
+            StoredSubscription::Options {
+                qos,
+                no_local,
+                retain_as_published,
+                retain_handling,
+            } => Subscription {
+                qos,
+                no_local,
+                retain_as_published,
+                retain_handling,
+            },
+        }
+    }
+}
+
+impl Subscription {
+    /// What a SUBSCRIBE's filter asks for.
+    pub fn of(f: &Filter) -> Self {
+        Subscription {
+            qos: f.qos as u8,
+            no_local: f.nolocal,
+            retain_as_published: f.preserve_retain,
+            retain_handling: match f.retain_forward_rule {
+                RetainForwardRule::OnEverySubscribe => 0,
+                RetainForwardRule::OnNewSubscribe => 1,
+                RetainForwardRule::Never => 2,
+            },
+        }
+    }
+
+    /// The filter `path` with this QoS and these options.
+    pub fn filter(&self, path: String) -> Filter {
+        Filter {
+            path,
+            qos: match self.qos {
+                0 => QoS::AtMostOnce,
+                1 => QoS::AtLeastOnce,
+                _ => QoS::ExactlyOnce,
+            },
+            nolocal: self.no_local,
+            preserve_retain: self.retain_as_published,
+            retain_forward_rule: match self.retain_handling {
+                0 => RetainForwardRule::OnEverySubscribe,
+                1 => RetainForwardRule::OnNewSubscribe,
+                _ => RetainForwardRule::Never,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     /// Topic → its retained message.
     #[serde(default)]
     pub retained: BTreeMap<String, Retained>,
-    /// Client id of a persistent session → its subscriptions (filter → QoS).
+    /// Client id of a persistent session → its subscriptions (filter → QoS and options).
     #[serde(default)]
-    pub sessions: BTreeMap<String, BTreeMap<String, u8>>,
+    pub sessions: BTreeMap<String, BTreeMap<String, Subscription>>,
 }
 
 /// The broker's persisted state and where it goes.
@@ -148,7 +245,11 @@ impl Persist {
     }
 
     /// A persistent session subscribed to `filters`.
-    pub fn subscribe(&self, client_id: &str, filters: impl Iterator<Item = (String, u8)>) {
+    pub fn subscribe(
+        &self,
+        client_id: &str,
+        filters: impl Iterator<Item = (String, Subscription)>,
+    ) {
         let mut state = self.state();
         let session = state.sessions.entry(client_id.to_string()).or_default();
         session.extend(filters);
@@ -213,8 +314,17 @@ mod tests {
         p.retain(b"a/b", b"on", 1, None);
         p.retain(b"a/c", b"x", 0, None);
         p.retain(b"a/c", b"", 0, None);
-        p.subscribe("press-1", [("cmd/#".to_string(), 1)].into_iter());
-        p.subscribe("press-2", [("x".to_string(), 0)].into_iter());
+        let no_local = Subscription {
+            qos: 1,
+            no_local: true,
+            retain_handling: 2,
+            ..Subscription::default()
+        };
+        p.subscribe("press-1", [("cmd/#".to_string(), no_local)].into_iter());
+        p.subscribe(
+            "press-2",
+            [("x".to_string(), Subscription::default())].into_iter(),
+        );
         p.unsubscribe("press-2", &["x".to_string()]);
         p.flush();
         let again = Persist::open(dir.path()).expect("reopen").snapshot();
@@ -225,10 +335,33 @@ mod tests {
             ["press-1"],
             "an emptied session is dropped"
         );
+        assert_eq!(again.sessions["press-1"]["cmd/#"], no_local);
 
         std::fs::write(dir.path().join("broker/state.json"), b"{not json").expect("write");
         let fresh = Persist::open(dir.path()).expect("reopen").snapshot();
         assert_eq!(fresh, State::default());
         assert!(dir.path().join("broker/state.json.bad").exists());
+    }
+
+    #[test]
+    fn a_file_from_before_the_options_were_kept_still_reads() {
+        let old = br#"{"retained":{},"sessions":{"press-1":{"cmd/#":1,"cfg/+":0}}}"#;
+        let state: State = serde_json::from_slice(old).expect("old format");
+        assert_eq!(
+            state.sessions["press-1"]["cmd/#"],
+            Subscription {
+                qos: 1,
+                ..Subscription::default()
+            }
+        );
+        assert_eq!(state.sessions["press-1"]["cfg/+"], Subscription::default());
+        let options = Subscription {
+            qos: 2,
+            no_local: true,
+            retain_as_published: true,
+            retain_handling: 1,
+        };
+        let path = "a/#".to_string();
+        assert_eq!(Subscription::of(&options.filter(path)), options);
     }
 }
