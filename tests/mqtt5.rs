@@ -4,7 +4,9 @@
 //! and in the JSON envelope, and the file sink's NDJSON line; a message whose
 //! expiry lapses while the upstream is down is dropped and counted; and every PUBACK (and
 //! DISCONNECT) reason code of the table in `sinks::mqtt::puback` has its documented
-//! outcome, against a scripted MQTT 5 upstream (fault injection a real broker cannot do).
+//! outcome, against a scripted MQTT 5 upstream (fault injection a real broker cannot do);
+//! and a cloud's MQTT 5 request comes down to a device with its properties and the
+//! device's reply goes back up (request/response).
 
 mod common;
 #[path = "common/gateway.rs"]
@@ -963,4 +965,109 @@ to = ["cloud"]
         &[("sink", "cloud"), ("reason", "quota_exceeded")],
     );
     assert_eq!(throttled, 1.0);
+}
+
+/// MQTT 5 request/response through the gateway, against a real Mosquitto: a command the
+/// cloud publishes comes down (`[[downlinks]]`) with its response topic, correlation
+/// data, user properties and content type, and the device's reply to the response topic
+/// goes back up through a rule with the correlation data, so the cloud can match it to
+/// its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cloud_request_comes_down_with_its_properties_and_the_reply_goes_back_up() {
+    let upstream = Mosquitto::start(common::Mode::Plain);
+    let (replies, _replies_task) = subscribe_v5(upstream.port(), "replies/#", false).await;
+    let config = format!(
+        r#"
+[sinks.cloud]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{port}"
+client_id = "gw-rr"
+backoff_min = "50ms"
+backoff_max = "500ms"
+
+[[downlinks]]
+sink = "cloud"
+from = "commands/+"
+topic = "cmd/{{1}}"
+
+[[rules]]
+name = "replies"
+from = "replies/#"
+to = ["cloud"]
+"#,
+        port = upstream.port()
+    );
+    let gw = TestGateway::start(&config).await;
+    let (commands, _device_task) = subscribe_v5(gw.port(), "cmd/press-7", false).await;
+
+    // The cloud's request; sent again until it arrives (the gateway's downlink
+    // subscription upstream follows its CONNACK).
+    let cloud = MqttOptions::new("cloud-app", "127.0.0.1", upstream.port());
+    let (cloud, mut cloud_events) = AsyncClient::new(cloud, 10);
+    let _cloud_task = tokio::spawn(async move { while cloud_events.poll().await.is_ok() {} });
+    let request = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(600),
+        topic_alias: None,
+        response_topic: Some("replies/press-7".into()),
+        correlation_data: Some(Bytes::from_static(b"req-42")),
+        user_properties: vec![("origin".into(), "mes".into())],
+        subscription_identifiers: Vec::new(),
+        content_type: Some("application/json".into()),
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while commands.lock().expect("lock").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no command reached the device\n{}",
+            upstream.logs()
+        );
+        cloud
+            .publish_bytes_with_properties(
+                "commands/press-7",
+                QoS::AtLeastOnce,
+                false,
+                Bytes::from_static(br#"{"stop":true}"#),
+                request.clone(),
+            )
+            .await
+            .expect("queue the request");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (topic, payload, props) = commands.lock().expect("lock")[0].clone();
+    assert_eq!(topic, "cmd/press-7");
+    assert_eq!(payload, br#"{"stop":true}"#);
+    let props = props.expect("the request's properties reach the device");
+    assert_eq!(props.response_topic, request.response_topic);
+    assert_eq!(props.correlation_data, request.correlation_data);
+    assert_eq!(props.user_properties, request.user_properties);
+    assert_eq!(props.content_type, request.content_type);
+    assert_eq!(props.payload_format_indicator, Some(1));
+    let expiry = props.message_expiry_interval.expect("message expiry");
+    assert!((500..=600).contains(&expiry), "expiry {expiry}");
+
+    // The device replies as MQTT 5 asks: to the response topic, with the correlation data.
+    let reply = PublishProperties {
+        correlation_data: props.correlation_data.clone(),
+        ..device_properties(None)
+    };
+    let response_topic = props.response_topic.clone().expect("response topic");
+    publish_v5(
+        gw.port(),
+        "press-7",
+        vec![(&response_topic, r#"{"stopped":true}"#, Some(reply))],
+    )
+    .await;
+    let arrived = gw
+        .eventually(WAIT, |_| !replies.lock().expect("lock").is_empty())
+        .await;
+    assert!(arrived, "no reply upstream\n{}", upstream.logs());
+    let (topic, payload, props) = replies.lock().expect("lock")[0].clone();
+    assert_eq!(topic, "replies/press-7");
+    assert_eq!(payload, br#"{"stopped":true}"#);
+    assert_eq!(
+        props.and_then(|p| p.correlation_data),
+        Some(Bytes::from_static(b"req-42")),
+        "the cloud matches the reply to its request"
+    );
 }

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, Filter, Packet, Publish, PublishProperties, QoS,
+    Disconnect, DisconnectReasonCode, Filter, Packet, Publish, PublishProperties,
     RetainForwardRule, Subscribe,
 };
 use rumqttd::{Router, RouterConfig};

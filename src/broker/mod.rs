@@ -49,6 +49,7 @@ pub use persist::Persist;
 pub use transport::WS_PATH;
 
 use crate::config::{AuthPlan, BrokerSection, ListenerPlan};
+use crate::message::Properties;
 use crate::metrics::Metrics;
 use links::Links;
 
@@ -102,14 +103,18 @@ pub struct LocalPublisher {
 }
 
 impl LocalPublisher {
+    /// Publishes at QoS 1 with `properties` (MQTT 5 devices get them; a user property that
+    /// looks like one of edgebridge's own marks is not passed on).
     pub async fn publish(
         &mut self,
         topic: Bytes,
         payload: Bytes,
         retain: bool,
+        properties: Option<&Properties>,
     ) -> anyhow::Result<()> {
+        let properties = properties.map(protocol::publish_properties);
         self.links
-            .publish(topic, payload, retain, 1, None, None)
+            .publish(topic, payload, retain, 1, properties, None)
             .await
     }
 }

@@ -155,6 +155,24 @@ pub fn properties_of(p: &PublishProperties) -> Option<Box<Properties>> {
     (props != Properties::default()).then(|| Box::new(props))
 }
 
+/// The PUBLISH properties of a message published into the router by the gateway itself
+/// (a downlink); user properties named like edgebridge's marks are left out.
+pub fn publish_properties(p: &Properties) -> PublishProperties {
+    let mut out = super::links::empty_properties();
+    out.user_properties = p
+        .user_properties
+        .iter()
+        .filter(|(k, _)| !super::links::is_mark(k))
+        .cloned()
+        .collect();
+    out.content_type = p.content_type.clone();
+    out.response_topic = p.response_topic.clone();
+    out.correlation_data = p.correlation_data.clone();
+    out.payload_format_indicator = p.payload_format_indicator;
+    out.message_expiry_interval = p.message_expiry_interval;
+    out
+}
+
 fn strip_properties(packet: Packet) -> Packet {
     match packet {
         Packet::ConnAck(ack, _) => Packet::ConnAck(

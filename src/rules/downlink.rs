@@ -5,7 +5,10 @@
 //! to a [`DownlinkTap`] (a bounded channel: a slow local side slows the upstream
 //! connection down, it does not drop commands).
 //! Output: one publish to local devices per matching downlink, straight into the broker's
-//! router ([`LocalPublisher`]). It does not pass a device connection, so a downlinked
+//! router ([`LocalPublisher`]), with the MQTT 5 properties it came with (response topic,
+//! correlation data, user properties, content type, payload format, message expiry), so
+//! that the request/response pattern works for commands: a device replies to the
+//! response topic with the correlation data, and a rule takes the reply upstream. It does not pass a device connection, so a downlinked
 //! message never enters intake and no rule can forward it back upstream.
 
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use tracing::{debug, info, warn};
 use super::{Template, TemplateVars, TopicFilter};
 use crate::broker::LocalPublisher;
 use crate::config::Plan;
+use crate::message::Properties;
 use crate::metrics::Metrics;
 
 /// Upstream messages queued for the downlink task.
@@ -30,6 +34,8 @@ pub struct UpstreamMessage {
     pub sink: Arc<str>,
     pub topic: String,
     pub payload: Bytes,
+    /// What an MQTT 5 upstream sent with it (`None` on 3.1.1, or when it sent none).
+    pub properties: Option<Box<Properties>>,
 }
 
 /// What an MQTT sink worker needs for downlinks: what to subscribe to, and where to hand
@@ -70,11 +76,17 @@ impl DownlinkTap {
     }
 
     /// Hands an upstream PUBLISH to the downlink task; waits while its queue is full.
-    pub async fn forward(&self, topic: String, payload: Bytes) {
+    pub async fn forward(
+        &self,
+        topic: String,
+        payload: Bytes,
+        properties: Option<Box<Properties>>,
+    ) {
         let msg = UpstreamMessage {
             sink: self.sink.clone(),
             topic,
             payload,
+            properties,
         };
         // Closed only at shutdown, when nothing can be delivered locally anyway.
         let _ = self.tx.send(msg).await;
@@ -202,7 +214,12 @@ pub async fn run(
                 continue;
             }
             match local
-                .publish(Bytes::from(topic.clone()), msg.payload.clone(), retain)
+                .publish(
+                    Bytes::from(topic.clone()),
+                    msg.payload.clone(),
+                    retain,
+                    msg.properties.as_deref(),
+                )
                 .await
             {
                 Ok(()) => {
@@ -249,6 +266,7 @@ mod tests {
             sink: Arc::from(sink),
             topic: topic.into(),
             payload: Bytes::from_static(b"go"),
+            properties: None,
         }
     }
 

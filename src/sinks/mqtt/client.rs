@@ -301,7 +301,7 @@ pub fn start(
                     if let (Some(tap), rumqttc::Event::Incoming(incoming)) = (&downlink, &event) {
                         match incoming {
                             rumqttc::Incoming::Publish(p) => {
-                                tap.forward(p.topic.clone(), p.payload.clone()).await
+                                tap.forward(p.topic.clone(), p.payload.clone(), None).await
                             }
                             rumqttc::Incoming::SubAck(ack) => tap.check_suback(
                                 ack.return_codes
@@ -335,7 +335,9 @@ pub fn start(
                         match incoming {
                             v5::Incoming::Publish(p) => {
                                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                                tap.forward(topic, p.payload.clone()).await
+                                let properties =
+                                    p.properties.as_ref().and_then(downlink_properties);
+                                tap.forward(topic, p.payload.clone(), properties).await
                             }
                             v5::Incoming::SubAck(ack) => tap.check_suback(
                                 ack.return_codes
@@ -394,6 +396,21 @@ fn link_event_v5(event: v5::Event) -> Option<LinkEvent> {
         Event::Outgoing(Outgoing::Publish(pkid)) => Some(LinkEvent::Published(pkid)),
         _ => None,
     }
+}
+
+/// The properties of a PUBLISH an MQTT 5 upstream delivered (a downlink) that travel on
+/// to the devices: the ones a message carries end to end. Topic alias and subscription
+/// identifiers belong to this connection and stay here.
+fn downlink_properties(p: &PublishProperties) -> Option<Box<Properties>> {
+    let props = Properties {
+        user_properties: p.user_properties.clone(),
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+    };
+    (props != Properties::default()).then(|| Box::new(props))
 }
 
 /// The wire value of a PUBACK reason code (rumqttc 0.25 keeps the encoder private).
