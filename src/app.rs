@@ -58,6 +58,8 @@ pub struct Gateway {
     /// What the admin endpoint shows; told when shutdown begins.
     admin_state: Arc<AdminState>,
     listener_tasks: Vec<JoinHandle<()>>,
+    /// Wakes the check of the TLS listeners' files for a new certificate (SIGHUP).
+    credentials_now: Arc<tokio::sync::Notify>,
     /// Retained messages and persistent sessions, and the task that writes them.
     broker_state: (Arc<broker::Persist>, JoinHandle<()>),
     /// Resolves when the router thread ended.
@@ -275,6 +277,8 @@ impl Gateway {
         )
         .await?;
         let broker_state = (broker.persist.clone(), broker.persist_task);
+        let credentials_now = broker.credentials_now;
+        let credentials_task = broker.credentials_task;
         let running = broker.listeners;
         let downlinks = tokio::spawn(downlink::run(
             downlink_rx,
@@ -308,7 +312,12 @@ impl Gateway {
             intake_stop,
             admin_stop,
             admin_state: state,
-            listener_tasks: running.into_iter().map(|l| l.task).collect(),
+            listener_tasks: running
+                .into_iter()
+                .map(|l| l.task)
+                .chain([credentials_task])
+                .collect(),
+            credentials_now,
             broker_state,
             router,
             routing,
@@ -429,6 +438,8 @@ impl Gateway {
         }
         // Users and ACLs: every later CONNECT uses the new ones.
         *self.security.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(security);
+        // TLS listeners' certificate files: read now rather than at the next poll.
+        self.credentials_now.notify_one();
         // What only a restart applies stays as it runs.
         let mut plan = plan;
         plan.listeners = self.plan.listeners.clone();

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub rule_matches: IntCounterVec,
     pub rule_errors: IntCounterVec,
     pub downlink_messages: IntCounterVec,
+    pub credentials_reloads: IntCounterVec,
     pub sink_delivered: IntCounterVec,
     pub sink_errors: IntCounterVec,
     pub sink_up: IntGaugeVec,
@@ -141,6 +142,12 @@ impl Metrics {
                 "edgebridge_downlink_messages_total",
                 "Messages from an upstream published to local devices by [[downlinks]]",
                 &["sink"],
+            ),
+            credentials_reloads: counter(
+                &registry,
+                "edgebridge_credentials_reloads_total",
+                "Changed credential files read while running, by source (listener:<name>) and outcome (applied, or refused: the ones in use stay)",
+                &["source", "outcome"],
             ),
             rule_errors: counter(
                 &registry,

@@ -1,7 +1,7 @@
 //! Device security with real clients (rumqttc over TCP, TLS, WebSocket and WSS;
 //! mosquitto_pub): users and passwords, client certificates, ACLs with placeholders,
 //! the idle-socket handshake test (DESIGN.md, rumqttd failure mode 3), connection limits,
-//! and secrets kept out of `check`. Traffic goes end to end to a real Mosquitto upstream.
+//! listener certificate rotation without a restart, and secrets kept out of `check`. Traffic goes end to end to a real Mosquitto upstream.
 
 mod common;
 #[path = "common/gateway.rs"]
@@ -29,6 +29,8 @@ const WAIT: Duration = Duration::from_secs(30);
 /// expired, and one from another CA).
 struct Pki {
     dir: tempfile::TempDir,
+    /// The plant CA, to sign a renewed server certificate.
+    ca: (rcgen::Certificate, KeyPair),
 }
 
 impl Pki {
@@ -67,7 +69,30 @@ impl Pki {
         leaf("plc", vec![], "plc-7", false, false);
         leaf("expired", vec![], "plc-8", true, false);
         leaf("stranger", vec![], "plc-9", false, true);
-        Pki { dir }
+        Pki {
+            dir,
+            ca: (ca_cert, ca_key),
+        }
+    }
+
+    /// A new server certificate and key from the same CA (a renewal), put in place of the
+    /// old files by rename, as renewal tools do. Returns the certificate (DER).
+    fn renew_server(&self) -> Vec<u8> {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("params");
+        p.distinguished_name
+            .push(DnType::CommonName, "localhost renewed");
+        let cert = p.signed_by(&key, &self.ca.0, &self.ca.1).expect("sign");
+        for (name, pem) in [
+            ("server.key", key.serialize_pem()),
+            ("server.pem", cert.pem()),
+        ] {
+            let tmp = self.path(&format!("{name}.new"));
+            std::fs::write(&tmp, pem).expect("write");
+            std::fs::rename(&tmp, self.path(name)).expect("rename");
+        }
+        cert.der().to_vec()
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -805,4 +830,109 @@ async fn a_reload_applies_new_users_without_dropping_devices() {
     .await;
     assert!(s.collector.wait_for(1, WAIT).await);
     assert_eq!(upstream_topics(&s.collector), ["plant/plc-1/still"]);
+}
+
+/// The certificate (DER) a TLS listener at `addr` presents to a new handshake.
+async fn served_certificate(pki: &Pki, addr: SocketAddr) -> Vec<u8> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pki.read("ca.pem").as_slice()) {
+        roots.add(cert.expect("CA PEM")).expect("CA");
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let socket = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio::time::timeout(WAIT, connector.connect(name, socket))
+        .await
+        .expect("handshake within 30 s")
+        .expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+/// Certificate rotation without a restart: the TLS listener's certificate and key are
+/// replaced by a renewal while a device stays connected and publishes; new handshakes
+/// see the new certificate and every message arrives. A broken certificate file is then
+/// refused and reported (metric, log line), and the renewed certificate stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_certificate_rotates_without_a_restart_and_a_broken_one_is_refused() {
+    let s = Setup::start(ALL_LISTENERS).await;
+    let tls = s.addr("tls");
+    let (dev, mut ev) = connect(s.device("tls", "rotating", Some(("plc-1", "pw-1"))))
+        .await
+        .expect("plc-1 connects over TLS");
+    publish_all(&dev, &mut ev, &[("plant/plc-1/before", QoS::AtLeastOnce)]).await;
+    let first = served_certificate(&s.pki, tls).await;
+
+    let renewed = s.pki.renew_server();
+    assert_ne!(renewed, first);
+    // Read again within the poll interval (5 s); a handshake before that gets the old one.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while served_certificate(&s.pki, tls).await != renewed {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new handshakes still get the old certificate after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let applied = [("source", "listener:tls"), ("outcome", "applied")];
+    assert!(
+        s.gw.eventually(WAIT, |g| g
+            .counter("edgebridge_credentials_reloads_total", &applied)
+            >= 1.0)
+            .await,
+        "the rotation is counted"
+    );
+    // The device connected before the rotation is still served; a new one connects.
+    publish_all(&dev, &mut ev, &[("plant/plc-1/after", QoS::AtLeastOnce)]).await;
+    let (late, mut late_ev) = connect(s.device("tls", "late", Some(("plc-1", "pw-1"))))
+        .await
+        .expect("a device connects with the renewed certificate");
+    publish_all(
+        &late,
+        &mut late_ev,
+        &[("plant/plc-1/late", QoS::AtLeastOnce)],
+    )
+    .await;
+
+    // A broken certificate file: refused, reported, the renewed certificate stays.
+    let refused = [("source", "listener:tls"), ("outcome", "refused")];
+    let refused_before = s.counter("edgebridge_credentials_reloads_total", &refused);
+    std::fs::write(
+        s.pki.path("server.pem"),
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write a broken certificate");
+    assert!(
+        s.gw.eventually(WAIT, |g| g
+            .counter("edgebridge_credentials_reloads_total", &refused)
+            > refused_before)
+            .await,
+        "the broken file is reported"
+    );
+    assert_eq!(served_certificate(&s.pki, tls).await, renewed);
+    let (after, mut after_ev) = connect(s.device("tls", "after-broken", Some(("plc-1", "pw-1"))))
+        .await
+        .expect("devices still connect while the broken file is on disk");
+    publish_all(
+        &after,
+        &mut after_ev,
+        &[("plant/plc-1/kept", QoS::AtLeastOnce)],
+    )
+    .await;
+
+    assert!(s.collector.wait_for(4, WAIT).await, "4 messages upstream");
+    let mut topics = upstream_topics(&s.collector);
+    topics.sort();
+    assert_eq!(
+        topics,
+        [
+            "plant/plc-1/after",
+            "plant/plc-1/before",
+            "plant/plc-1/kept",
+            "plant/plc-1/late"
+        ]
+    );
 }

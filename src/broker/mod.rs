@@ -29,11 +29,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use prometheus::IntCounterVec;
 use rumqttd::RouterConfig;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 pub use auth::{check_pattern, hash_password, set_password, AclEntry, Glob, Security, Users};
 pub use connection::{BrokerShared, CloseReason, ListenerShared};
@@ -52,6 +53,7 @@ use crate::config::{AuthPlan, BrokerSection, ListenerPlan};
 use crate::message::Properties;
 use crate::metrics::Metrics;
 use links::Links;
+use transport::TlsReload;
 
 /// Sockets beyond `max_connections` still allowed to be mid-handshake: the MQTT-level
 /// limit answers with a CONNACK, which needs a finished handshake.
@@ -146,7 +148,14 @@ pub struct RunningBroker {
     pub persist: Arc<Persist>,
     /// Writes `persist` every second; aborted at shutdown, which then flushes once more.
     pub persist_task: JoinHandle<()>,
+    /// Checks the TLS listeners' files for a new certificate every [`CREDENTIALS_POLL`];
+    /// notified, at once (SIGHUP).
+    pub credentials_now: Arc<Notify>,
+    pub credentials_task: JoinHandle<()>,
 }
+
+/// How often TLS listeners' certificate, key and client CA files are read for a change.
+pub const CREDENTIALS_POLL: Duration = Duration::from_secs(5);
 
 /// How often the broker's persisted state is written when it changed.
 const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
@@ -206,12 +215,62 @@ pub async fn start(
             task,
         });
     }
+    let credentials_now = Arc::new(Notify::new());
+    let credentials_task = tokio::spawn(watch_credentials(
+        running
+            .iter()
+            .map(|l| l.shared.clone())
+            .filter(|l| l.handshake.is_tls())
+            .collect(),
+        credentials_now.clone(),
+        metrics.credentials_reloads.clone(),
+    ));
     Ok(RunningBroker {
         listeners: running,
         local: LocalPublisher { links },
         persist,
         persist_task,
+        credentials_now,
+        credentials_task,
     })
+}
+
+/// Puts new TLS files of `listeners` in force when they change (`Handshake::reload_tls`),
+/// reporting each change: applied, or refused with why (the certificate in use stays).
+async fn watch_credentials(
+    listeners: Vec<Arc<ListenerShared>>,
+    now: Arc<Notify>,
+    reloads: IntCounterVec,
+) {
+    if listeners.is_empty() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CREDENTIALS_POLL) => {}
+            _ = now.notified() => {}
+        }
+        for listener in &listeners {
+            let reading = listener.clone();
+            let Ok(Some(outcome)) =
+                tokio::task::spawn_blocking(move || reading.handshake.reload_tls()).await
+            else {
+                continue;
+            };
+            let source = format!("listener:{}", listener.name);
+            match outcome {
+                TlsReload::Unchanged => {}
+                TlsReload::Applied => {
+                    info!(listener = %listener.name, "new TLS certificate files loaded: new connections use them, open ones keep theirs");
+                    reloads.with_label_values(&[&source, "applied"]).inc();
+                }
+                TlsReload::Refused(why) => {
+                    error!(listener = %listener.name, error = %why, "new TLS certificate files refused: the certificate in use stays");
+                    reloads.with_label_values(&[&source, "refused"]).inc();
+                }
+            }
+        }
+    }
 }
 
 /// The accept loop: never waits on a device. Dropped (the listener task aborted), it

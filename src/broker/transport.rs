@@ -6,11 +6,18 @@
 //! rumqttd failure mode 3). After that, [`Transport::read`] appends the device's bytes to
 //! the connection's buffer and [`Transport::write`] sends encoded packets (one binary
 //! WebSocket message per write on WebSocket listeners).
+//!
+//! Certificate rotation: a TLS listener keeps the files its acceptor came from;
+//! [`Handshake::reload_tls`] reads them again (the broker calls it every
+//! [`super::CREDENTIALS_POLL`] and on SIGHUP) and, when they changed and make a working
+//! configuration, new handshakes use the new acceptor. Connections already up keep theirs.
+//! Files that do not load are refused and the acceptor in force stays.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context as TaskContext, Poll};
 
 use anyhow::Context;
@@ -35,18 +42,43 @@ pub const WS_PATH: &str = "/mqtt";
 
 /// How a listener's sockets become device streams.
 pub struct Handshake {
-    tls: Option<TlsAcceptor>,
+    tls: Option<Rotating>,
     websocket: bool,
     max_message: usize,
+}
+
+/// A TLS listener's acceptor and the files it came from.
+struct Rotating {
+    files: ListenerTls,
+    /// What new handshakes use.
+    acceptor: RwLock<TlsAcceptor>,
+    /// A digest of the files as last read, applied or refused: each change is acted on
+    /// (and reported) once.
+    seen: Mutex<u64>,
+}
+
+/// What [`Handshake::reload_tls`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TlsReload {
+    /// The files are as last read.
+    Unchanged,
+    /// New handshakes use the new certificate.
+    Applied,
+    /// The new files do not load; the acceptor in force stays. Why.
+    Refused(String),
 }
 
 impl Handshake {
     pub fn new(plan: &ListenerPlan) -> anyhow::Result<Self> {
         let tls = match &plan.tls {
-            Some(t) => Some(TlsAcceptor::from(Arc::new(
-                server_config(t)
-                    .with_context(|| format!("listener {}: TLS settings", plan.name))?,
-            ))),
+            Some(t) => Some(Rotating {
+                acceptor: RwLock::new(TlsAcceptor::from(Arc::new(
+                    server_config(t)
+                        .with_context(|| format!("listener {}: TLS settings", plan.name))?,
+                ))),
+                seen: Mutex::new(digest(t)),
+                files: t.clone(),
+            }),
             None => None,
         };
         Ok(Self {
@@ -57,11 +89,44 @@ impl Handshake {
         })
     }
 
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Reads the TLS files again (blocking file I/O: call off the async workers) and, if
+    /// they changed, puts a new acceptor in force or refuses them. `None`: no TLS.
+    pub fn reload_tls(&self) -> Option<TlsReload> {
+        let tls = self.tls.as_ref()?;
+        let now = digest(&tls.files);
+        {
+            // A panic while holding this lock leaves a plain number behind.
+            let mut seen = tls.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if *seen == now {
+                return Some(TlsReload::Unchanged);
+            }
+            *seen = now;
+        }
+        Some(match server_config(&tls.files) {
+            Ok(config) => {
+                *tls.acceptor.write().unwrap_or_else(|e| e.into_inner()) =
+                    TlsAcceptor::from(Arc::new(config));
+                TlsReload::Applied
+            }
+            Err(e) => TlsReload::Refused(format!("{e:#}")),
+        })
+    }
+
     /// Runs the TLS and WebSocket handshakes (unbounded: the caller times it out).
     /// Returns the stream and the verified client certificate's identity.
     pub async fn accept(&self, socket: TcpStream) -> anyhow::Result<(Transport, Option<String>)> {
         let (stream, cn) = match &self.tls {
-            Some(acceptor) => {
+            Some(rotating) => {
+                // The acceptor is an `Arc` inside: the lock is held for a clone.
+                let acceptor = rotating
+                    .acceptor
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 let tls = acceptor.accept(socket).await.context("TLS")?;
                 let cn = tls
                     .get_ref()
@@ -265,6 +330,22 @@ fn certificate_identity(cert: &CertificateDer<'_>) -> Option<String> {
         }
         _ => None,
     })
+}
+
+/// A digest of what the TLS files hold now (an unreadable file counts as its error), to
+/// tell a change.
+fn digest(tls: &ListenerTls) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    for path in [Some(&tls.cert), Some(&tls.key), tls.client_ca.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        match std::fs::read(path) {
+            Ok(bytes) => bytes.hash(&mut hasher),
+            Err(e) => e.kind().hash(&mut hasher),
+        }
+    }
+    hasher.finish()
 }
 
 fn read_pem(path: &Path) -> anyhow::Result<Vec<u8>> {
