@@ -148,6 +148,10 @@ impl SinkSet {
             dead_letter: DeadLetter::new(&plan.data_dir, &s.name),
             downlink,
             rate: s.rate,
+            tls_files: sinks::credentials::TlsFiles::new(
+                &s.name,
+                self.metrics.credentials_reloads.clone(),
+            ),
         };
         let state = ctx.metrics.state();
         let task = sinks::spawn(s, ctx);

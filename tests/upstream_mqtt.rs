@@ -1,5 +1,6 @@
-//! Devices → edgebridge → a real Mosquitto upstream: plaintext, TLS, mutual TLS, and an
-//! upstream restart while a stream flows.
+//! Devices → edgebridge → a real Mosquitto upstream: plaintext, TLS, mutual TLS (and its
+//! client certificate renewed while running), and an upstream restart while a stream
+//! flows.
 
 mod common;
 #[path = "common/gateway.rs"]
@@ -462,5 +463,118 @@ async fn an_unwritable_dead_letter_file_acks_nothing_and_loses_nothing() {
         )
         .await;
     assert_eq!(dropped, 1.0);
+    gw.shutdown().await;
+}
+
+/// The sink's client certificate rotates without a restart: renewed files (written
+/// elsewhere, then renamed in place) are used by the next connection, which Mosquitto
+/// logs with the certificate's CN as the username; a broken certificate file is then
+/// refused and reported, and the renewed certificate stays in use. No message is lost
+/// across the reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sink_client_certificate_rotates_without_a_restart_and_a_broken_one_is_refused() {
+    let certs = TestCerts::generate();
+    let mut upstream = Mosquitto::start_with(Mode::MutualTls(&certs), true);
+    let collector = Collector::start(
+        client_options("collector", upstream.port(), Mode::MutualTls(&certs)),
+        "dt/#",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("edge.pem"), dir.path().join("edge.key"));
+    std::fs::copy(&certs.client_cert, &cert).expect("copy");
+    std::fs::copy(&certs.client_key, &key).expect("copy");
+    let tls = format!(
+        "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
+        certs.ca.display(),
+        cert.display(),
+        key.display()
+    );
+    let url = format!("mqtts://localhost:{}", upstream.port());
+    let mut gw = TestGateway::start(&mqtt_sink(&url, &tls)).await;
+    let port = gw.port();
+    let publish = |seqs: std::ops::Range<u64>| {
+        let mut opts = client_options("rotating", port, Mode::Plain);
+        opts.set_clean_session(false);
+        common::publish_seq_with(opts, "factory/d3/telemetry", 3, seqs, QoS::AtLeastOnce)
+    };
+    let connected_as =
+        |upstream: &Mosquitto, cn: &str| upstream.logs().matches(&format!("u'{cn}'")).count();
+    assert_eq!(publish(0..100).await, 100);
+    assert!(
+        collector.wait_for_unique(100, WAIT).await,
+        "{}",
+        upstream.logs()
+    );
+    assert!(
+        connected_as(&upstream, "edge-01") >= 1,
+        "{}",
+        upstream.logs()
+    );
+
+    // The renewal, then an upstream restart: the sink's next connection uses it.
+    let (renewed_cert, renewed_key) = certs.client_certificate("edge-renewed");
+    for (path, pem) in [(&key, renewed_key), (&cert, renewed_cert)] {
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, pem).expect("write");
+        std::fs::rename(&tmp, path).expect("rename");
+    }
+    upstream.terminate();
+    upstream.restart();
+    let renewed = gw
+        .eventually(WAIT, |_| connected_as(&upstream, "edge-renewed") >= 1)
+        .await;
+    assert!(
+        renewed,
+        "the sink reconnects with the renewed certificate\n{}",
+        upstream.logs()
+    );
+    assert_eq!(publish(100..200).await, 100);
+    assert!(
+        collector.wait_for_unique(200, WAIT).await,
+        "{}",
+        upstream.logs()
+    );
+    let applied = [("source", "sink:cloud"), ("outcome", "applied")];
+    assert!(
+        gw.eventually(WAIT, |g| g
+            .counter("edgebridge_credentials_reloads_total", &applied)
+            >= 1.0)
+            .await
+    );
+
+    // A broken certificate file: refused and reported; the renewed certificate stays.
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nbm9wZQ==\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write a broken certificate");
+    upstream.terminate();
+    upstream.restart();
+    let refused = [("source", "sink:cloud"), ("outcome", "refused")];
+    assert!(
+        gw.eventually(WAIT, |g| g
+            .counter("edgebridge_credentials_reloads_total", &refused)
+            >= 1.0)
+            .await,
+        "the broken file is reported"
+    );
+    let again = gw
+        .eventually(WAIT, |_| connected_as(&upstream, "edge-renewed") >= 2)
+        .await;
+    assert!(
+        again,
+        "the sink reconnects with the certificate that loaded\n{}",
+        upstream.logs()
+    );
+    assert_eq!(publish(200..300).await, 100);
+    assert!(
+        collector.wait_for_unique(300, WAIT).await,
+        "{}",
+        upstream.logs()
+    );
+    let report = check_sequences(&collector.messages());
+    assert_eq!(report.per_device_count.get(&3), Some(&300), "{report:?}");
+    assert_eq!(report.missing, 0, "{report:?}");
     gw.shutdown().await;
 }

@@ -8,6 +8,7 @@
 
 mod backoff;
 pub mod cloud;
+pub mod credentials;
 pub mod envelope;
 pub mod failover;
 pub mod file;
@@ -52,6 +53,8 @@ pub struct SinkContext {
     pub downlink: Option<DownlinkTap>,
     /// The sink's `rate`: each worker paces what it puts on the wire with a [`Pacer`].
     pub rate: Option<Rate>,
+    /// Its TLS files, with the last set that loaded (`credentials`).
+    pub tls_files: Arc<credentials::TlsFiles>,
 }
 
 impl SinkContext {

@@ -61,6 +61,7 @@ mod connections;
 pub mod puback;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -71,6 +72,7 @@ use tracing::{info, warn};
 use self::client::{Client, LinkError, LinkEvent};
 use self::puback::Action;
 use super::cloud::{self, CloudProfile};
+use super::credentials::TlsFiles;
 use super::failover::{self, Endpoints, Probe, Switch};
 use super::pack::{self, Pack, Packer};
 use super::{sleep_until_some, Backoff, SinkContext};
@@ -276,7 +278,7 @@ pub async fn run(plan: MqttPlan, ctx: SinkContext) {
                     switch_endpoint(&plan, &ctx, switch);
                     probe = endpoints
                         .needs_probe()
-                        .then(|| primary_probe(&plan, &ctx.name));
+                        .then(|| primary_probe(&plan, &ctx.name, ctx.tls_files.clone()));
                     // A different endpoint: try it at once.
                     continue;
                 }
@@ -319,13 +321,13 @@ fn switch_endpoint(plan: &MqttPlan, ctx: &SinkContext, switch: Switch) {
 /// TLS and credentials, as `{client_id}-probe` with a clean session, so that it never
 /// takes over the session (or, on a cluster behind both endpoints, the connection) of
 /// the sink itself.
-fn primary_probe(plan: &MqttPlan, sink: &str) -> Probe {
+fn primary_probe(plan: &MqttPlan, sink: &str, tls_files: Arc<TlsFiles>) -> Probe {
     let mut primary = plan.at_endpoint(0);
     primary.client_id = format!("{}-probe", plan.client_id);
     primary.clean_session = true;
     let interval = plan.failback_check;
     Probe::spawn(sink.to_string(), interval, move || {
-        client::options(&primary).map(|(opts, _)| opts)
+        client::options(&primary, &tls_files).map(|(opts, _)| opts)
     })
 }
 
@@ -394,7 +396,7 @@ async fn session(
     backoff: &mut Backoff,
     feed: &mut Feed<'_>,
 ) -> Outcome {
-    let (opts, renew_in) = match client::options(plan) {
+    let (opts, renew_in) = match client::options(plan, &ctx.tls_files) {
         Ok(o) => o,
         Err(e) => {
             ctx.metrics.mark_down("config", &e);

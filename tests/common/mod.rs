@@ -36,6 +36,8 @@ pub struct TestCerts {
     /// A server certificate like `server_cert` (same CA, same names) that expired in 2021.
     pub expired_server_cert: PathBuf,
     pub expired_server_key: PathBuf,
+    /// The CA's certificate and key, to issue more certificates.
+    ca_signer: (rcgen::Certificate, KeyPair),
 }
 
 impl TestCerts {
@@ -78,7 +80,22 @@ impl TestCerts {
             expired_server_cert: write("expired-server.pem", old),
             expired_server_key: write("expired-server.key", old_key),
             dir,
+            ca_signer: (ca, ca_key),
         }
+    }
+
+    /// A new client certificate and key (PEM) from the test CA, with `cn` as its CN (the
+    /// username Mosquitto's mutual TLS mode gives the client).
+    pub fn client_certificate(&self, cn: &str) -> (String, String) {
+        let key = KeyPair::generate().expect("client key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.key_usages = vec![Ku::DigitalSignature];
+        p.extended_key_usages = vec![Eku::ClientAuth];
+        let cert = p
+            .signed_by(&key, &self.ca_signer.0, &self.ca_signer.1)
+            .expect("sign client certificate");
+        (cert.pem(), key.serialize_pem())
     }
 }
 

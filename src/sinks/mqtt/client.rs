@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 use crate::config::{MqttPlan, MqttProtocol};
 use crate::message::Properties;
 use crate::rules::downlink::DownlinkTap;
+use crate::sinks::credentials::{LoadedTls, TlsFiles};
 
 /// Options for one connection attempt, for the protocol of the sink.
 #[derive(Clone)]
@@ -39,7 +40,10 @@ pub enum Options {
 
 /// rumqttc's options for one connection attempt, and, with an Azure SAS token as the
 /// password, how long from now to renew it.
-pub fn options(plan: &MqttPlan) -> Result<(Options, Option<Duration>), String> {
+pub fn options(
+    plan: &MqttPlan,
+    tls_files: &TlsFiles,
+) -> Result<(Options, Option<Duration>), String> {
     let mut renew_in = None;
     let credentials = match &plan.username {
         Some(user) => {
@@ -57,17 +61,13 @@ pub fn options(plan: &MqttPlan) -> Result<(Options, Option<Duration>), String> {
     };
     let transport = match &plan.tls {
         Some(tls) => {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
-            };
-            let ca = match &tls.ca {
-                Some(p) => read(p)?,
-                None => Vec::new(),
-            };
-            let client_auth = match &tls.client_auth {
-                Some((cert, key)) => Some((read(cert)?, read(key)?)),
-                None => None,
-            };
+            // As they are now, or the last set that loaded (`sinks::credentials`).
+            let LoadedTls { ca, client_auth } = tls_files.read(
+                tls.ca.as_deref(),
+                tls.client_auth
+                    .as_ref()
+                    .map(|(cert, key)| (cert.as_path(), key.as_path())),
+            )?;
             let alpn = (!tls.alpn.is_empty())
                 .then(|| tls.alpn.iter().map(|a| a.as_bytes().to_vec()).collect());
             Some(Transport::tls_with_config(TlsConfiguration::Simple {
