@@ -254,6 +254,7 @@ async fn an_expired_upstream_certificate_is_a_tls_error_until_a_valid_one_is_ser
         client_key: certs.client_key.clone(),
         expired_server_cert: certs.expired_server_cert.clone(),
         expired_server_key: certs.expired_server_key.clone(),
+        ca_signer: certs.ca_signer.clone(),
     };
     let stale = Mosquitto::start(Mode::Tls(&expired));
     let (good, collector) = upstream_with_collector(Mode::Tls(&certs)).await;

@@ -37,7 +37,7 @@ pub struct TestCerts {
     pub expired_server_cert: PathBuf,
     pub expired_server_key: PathBuf,
     /// The CA's certificate and key, to issue more certificates.
-    ca_signer: (rcgen::Certificate, KeyPair),
+    pub ca_signer: Arc<(rcgen::Certificate, KeyPair)>,
 }
 
 impl TestCerts {
@@ -80,7 +80,7 @@ impl TestCerts {
             expired_server_cert: write("expired-server.pem", old),
             expired_server_key: write("expired-server.key", old_key),
             dir,
-            ca_signer: (ca, ca_key),
+            ca_signer: Arc::new((ca, ca_key)),
         }
     }
 
