@@ -127,14 +127,18 @@ enum Target {
     /// edgebridge with `ack = "received"`: device PUBACKs do not wait for the fsync, as
     /// with Mosquitto (fixed-rate scenarios only, where that is what differs).
     GatewayAckReceived,
+    /// edgebridge with `protocol = "3.1.1"` on its MQTT sink (the default for a plain
+    /// broker is MQTT 5): S1 and S2 only, so that the two protocols compare in one run.
+    GatewayV311,
     Bridge,
 }
 
 impl Target {
-    const ALL: [Target; 4] = [
+    const ALL: [Target; 5] = [
         Target::Direct,
         Target::Gateway,
         Target::GatewayAckReceived,
+        Target::GatewayV311,
         Target::Bridge,
     ];
 
@@ -144,6 +148,7 @@ impl Target {
             Target::Direct => "direct",
             Target::Gateway => "edgebridge",
             Target::GatewayAckReceived => "edgebridge-received",
+            Target::GatewayV311 => "edgebridge-3.1.1",
             Target::Bridge => "bridge",
         }
     }
@@ -153,13 +158,18 @@ impl Target {
             Target::Direct => "direct (no gateway)",
             Target::Gateway => "edgebridge",
             Target::GatewayAckReceived => "edgebridge, ack = received",
+            Target::GatewayV311 => "edgebridge, MQTT 3.1.1 sink",
             Target::Bridge => "mosquitto-bridge",
         }
     }
 
     /// Whether `scenario` runs against this target.
     fn runs(self, scenario: &Scenario) -> bool {
-        self != Target::GatewayAckReceived || scenario.rate > 0
+        match self {
+            Target::GatewayAckReceived => scenario.rate > 0,
+            Target::GatewayV311 => matches!(scenario.name, "S1" | "S2"),
+            _ => true,
+        }
     }
 }
 
@@ -822,6 +832,9 @@ async fn run_one(
         Target::GatewayAckReceived => UnderTest::Gateway(
             Gateway::start_with(binary, upstream.port, "", Some("ack = \"received\"")).await?,
         ),
+        Target::GatewayV311 => {
+            UnderTest::Gateway(Gateway::start(binary, upstream.port, "protocol = \"3.1.1\"").await?)
+        }
         Target::Bridge => UnderTest::Bridge(Mosquitto::bridge(upstream.port).await?),
     };
     let (port, pid) = match &under_test {
@@ -2012,7 +2025,7 @@ async fn run_outage(target: Target, binary: &Path, tag: &str) -> Result<OutageRe
             UnderTest::Gateway(Gateway::start(binary, uplink.port, "backoff_max = \"1s\"").await?)
         }
         Target::Bridge => UnderTest::Bridge(Mosquitto::bridge(uplink.port).await?),
-        Target::Direct | Target::GatewayAckReceived => {
+        Target::Direct | Target::GatewayAckReceived | Target::GatewayV311 => {
             return Err("S3o runs against edgebridge and bridge only".into())
         }
     };
@@ -2592,7 +2605,30 @@ fn targets_summary(results: &[RunResult], fsync: Option<(f64, f64)>) -> String {
             );
         }
     }
+    // Issue "MQTT 5 end to end": the MQTT 5 sink (the default) within 10% of 3.1.1.
+    if let (Some(v5), Some(v311)) = (s2(Target::Gateway), s2(Target::GatewayV311)) {
+        if let (Some(a), Some(b)) = (v5.cpu_us_per_msg, v311.cpu_us_per_msg) {
+            let _ = writeln!(
+                md,
+                "- S2, MQTT 5 sink vs 3.1.1: p99 {:.2} vs {:.2} ms, CPU {a:.1} vs {b:.1} µs/msg = {:.2}× (target ≤ 1.10×: {})",
+                v5.p99_ms,
+                v311.p99_ms,
+                a / b,
+                verdict(a <= 1.1 * b)
+            );
+        }
+    }
     let s1 = |t| results.iter().find(|r| r.scenario == "S1" && r.target == t);
+    if let (Some(v5), Some(v311)) = (s1(Target::Gateway), s1(Target::GatewayV311)) {
+        let _ = writeln!(
+            md,
+            "- S1, MQTT 5 sink vs 3.1.1: {:.0} vs {:.0} msg/s = {:.2}× (target ≥ 0.90×: {})",
+            v5.msg_per_s,
+            v311.msg_per_s,
+            v5.msg_per_s / v311.msg_per_s,
+            verdict(v5.msg_per_s >= 0.9 * v311.msg_per_s)
+        );
+    }
     if let (Some(direct), Some(ours)) = (s1(Target::Direct), s1(Target::Gateway)) {
         let _ = writeln!(
             md,
