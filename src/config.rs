@@ -1142,7 +1142,13 @@ fn interpolate_value(
     }
 }
 
-/// Replaces every `${NAME}` in `s`; `$${` escapes a literal `${`.
+/// Largest file `${file:…}` reads.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// Replaces every `${NAME}` in `s` with the environment variable and every `${file:PATH}`
+/// with the contents of the file at PATH (a mounted secret; one trailing line break
+/// dropped), read again at each load, so a SIGHUP picks up a rotated secret; `$${`
+/// escapes a literal `${`. Errors never quote a value.
 fn interpolate(s: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
@@ -1159,6 +1165,23 @@ fn interpolate(s: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<Stri
             return Err("unterminated ${ in value".into());
         };
         let name = &after[..end];
+        if let Some(path) = name.strip_prefix("file:") {
+            // A regular file of a secret's size: never a device or pipe that would keep
+            // the load waiting, never something huge.
+            let meta = std::fs::metadata(path)
+                .map_err(|e| format!("cannot read the secret file {path}: {e}"))?;
+            if !meta.is_file() || meta.len() > MAX_SECRET_FILE {
+                return Err(format!(
+                    "the secret file {path} is not a regular file of at most 64 KiB"
+                ));
+            }
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the secret file {path}: {e}"))?;
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            out.push_str(text.strip_suffix('\r').unwrap_or(text));
+            rest = &after[end + 1..];
+            continue;
+        }
         match lookup(name) {
             Some(v) => out.push_str(&v),
             None => return Err(format!("environment variable {name} is not set")),
@@ -2968,6 +2991,55 @@ mod tests {
         assert_eq!(plan.listeners[0].bind.port(), 1883);
         assert_eq!(plan.listeners[0].ack, AckMode::Durable);
         assert_eq!(plan.rules[0].to[0].sink, 0);
+    }
+
+    #[test]
+    fn reads_secrets_from_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let secret = dir.path().join("password");
+        std::fs::write(&secret, "s3cret\n").expect("write");
+        let toml = format!(
+            r##"
+            [sinks.cloud]
+            type = "mqtt"
+            url = "mqtt://broker:1883"
+            username = "edge"
+            password = "${{file:{}}}"
+
+            [[rules]]
+            name = "all"
+            from = "#"
+            to = ["cloud"]
+        "##,
+            secret.display()
+        );
+        let plan = load_str(&toml, &[]).expect("valid");
+        let SinkKindPlan::Mqtt(mqtt) = &plan.sinks[0].kind else {
+            panic!("an mqtt sink");
+        };
+        assert_eq!(
+            mqtt.password.as_deref(),
+            Some("s3cret"),
+            "the line break dropped"
+        );
+        let device = toml.replace(&secret.display().to_string(), "/dev/zero");
+        let err = match load_str(&device, &[]) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a device as a secret file accepted"),
+        };
+        assert!(
+            err.ends_with("is not a regular file of at most 64 KiB"),
+            "{err}"
+        );
+        std::fs::remove_file(&secret).expect("remove");
+        let err = match load_str(&toml, &[]) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a missing secret file accepted"),
+        };
+        assert!(
+            err.starts_with("sinks.cloud.password: cannot read the secret file"),
+            "{err}"
+        );
     }
 
     #[test]
