@@ -146,7 +146,7 @@ impl Metrics {
             credentials_reloads: counter(
                 &registry,
                 "edgebridge_credentials_reloads_total",
-                "Changed credential files read while running, by source (listener:<name>) and outcome (applied, or refused: the ones in use stay)",
+                "Changed credential files read while running, by source (listener:<name>, sink:<name>, users_file, secrets) and outcome (applied, or refused: the ones in use stay)",
                 &["source", "outcome"],
             ),
             rule_errors: counter(

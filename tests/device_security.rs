@@ -802,26 +802,40 @@ async fn check_and_logs_never_show_passwords_hashes_or_keys() {
     assert!(!err.contains("pw-1"), "the bad value is not echoed: {err}");
 }
 
+/// The users file is read again when it changes, with no reload: a user added with
+/// `edgebridge passwd` can connect, connected devices stay. A file that does not load is
+/// refused and reported, and the users in force stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_reload_applies_new_users_without_dropping_devices() {
-    let mut s = Setup::start(ALL_LISTENERS).await;
+async fn a_changed_users_file_applies_without_a_reload_or_dropping_devices() {
+    let s = Setup::start(ALL_LISTENERS).await;
     let (plc, mut plc_loop) = connect(s.device("tcp", "dev-1", Some(("plc-1", "pw-1"))))
         .await
         .expect("plc-1 connects");
     let users = s.pki.dir.path().join("users.toml");
     passwd(&users, "plc-3", Ok("pw-3"));
-    let before = connect(s.device("tcp", "dev-3", Some(("plc-3", "pw-3")))).await;
-    assert_eq!(
-        before.err().as_deref(),
-        Some("refused BadUserNamePassword"),
-        "the running gateway has not read the new user yet"
-    );
-    let config = s.gw.dir.path().join("edgebridge.toml");
-    let gateway = s.gw.gateway.as_mut().expect("running");
-    gateway.reload_from(&config).await.expect("reload");
-    let after = connect(s.device("tcp", "dev-3", Some(("plc-3", "pw-3")))).await;
-    assert!(after.is_ok(), "after the reload: {:?}", after.err());
-    // The device connected before the reload is still there.
+    // Read again within the poll interval (5 s).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match connect(s.device("tcp", "dev-3", Some(("plc-3", "pw-3")))).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e, "refused BadUserNamePassword");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the new user is still refused after {WAIT:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let count = |g: &TestGateway, outcome: &str| {
+        g.counter(
+            "edgebridge_credentials_reloads_total",
+            &[("source", "users_file"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(count(&s.gw, "applied"), 1.0);
+    // The device connected before the change is still there.
     publish_all(
         &plc,
         &mut plc_loop,
@@ -830,6 +844,18 @@ async fn a_reload_applies_new_users_without_dropping_devices() {
     .await;
     assert!(s.collector.wait_for(1, WAIT).await);
     assert_eq!(upstream_topics(&s.collector), ["plant/plc-1/still"]);
+
+    // Half written: refused once, reported, and the users in force stay.
+    let good = std::fs::read_to_string(&users).expect("read users");
+    std::fs::write(&users, format!("{good}plc-9 = \"$argon2id$v=19$m=")).expect("write users");
+    assert!(
+        s.gw.eventually(WAIT, |g| count(g, "refused") >= 1.0).await,
+        "the broken users file is reported"
+    );
+    let again = connect(s.device("tcp", "dev-3b", Some(("plc-3", "pw-3")))).await;
+    assert!(again.is_ok(), "plc-3 stays valid: {:?}", again.err());
+    assert_eq!(count(&s.gw, "refused"), 1.0, "reported once per change");
+    assert_eq!(count(&s.gw, "applied"), 1.0);
 }
 
 /// The certificate (DER) a TLS listener at `addr` presents to a new handshake.

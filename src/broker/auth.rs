@@ -7,7 +7,8 @@
 //! connection's [`Grants`] by the device connection (`connection.rs`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::Context;
@@ -38,6 +39,13 @@ pub enum Refusal {
     Anonymous,
 }
 
+/// A digest of a users file's text, to tell whether the file changed since it was read.
+pub fn text_digest(text: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// The users file: `username = "$argon2id$…"` per line (TOML).
 pub struct Users {
     hashes: HashMap<String, String>,
@@ -45,6 +53,8 @@ pub struct Users {
     /// that reconnects does not pay for argon2 again. Never holds a password.
     verified: Mutex<HashMap<String, hmac::Tag>>,
     cache_key: hmac::Key,
+    /// A digest of the text it was read from: tells a changed file from the same one.
+    digest: u64,
 }
 
 impl std::fmt::Debug for Users {
@@ -59,8 +69,17 @@ impl std::fmt::Debug for Users {
 impl Users {
     /// Parses the users file's text; errors name the user at fault.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let table: BTreeMap<String, String> =
-            toml::from_str(text).context("not a TOML table of username = \"$argon2id$…\"")?;
+        // toml's own error quotes the line, which holds a hash: only where and what.
+        let table: BTreeMap<String, String> = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .and_then(|span| text.get(..span.start))
+                .map_or(1, |before| before.matches('\n').count() + 1);
+            anyhow::anyhow!(
+                "line {line}: {} (want a TOML table of username = \"$argon2id$…\")",
+                e.message()
+            )
+        })?;
         let mut hashes = HashMap::new();
         for (user, hash) in table {
             let parsed = PasswordHash::new(&hash)
@@ -80,7 +99,13 @@ impl Users {
             hashes,
             verified: Mutex::new(HashMap::new()),
             cache_key,
+            digest: text_digest(text),
         })
+    }
+
+    /// The digest of the text these users were read from (see [`text_digest`]).
+    pub fn digest(&self) -> u64 {
+        self.digest
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
@@ -284,6 +309,8 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
 #[derive(Debug, Default)]
 pub struct Security {
     pub users: Option<Users>,
+    /// Where `users` was read from; read again while running when it changes.
+    pub users_file: Option<PathBuf>,
     pub acl: Vec<AclEntry>,
 }
 
@@ -435,6 +462,12 @@ mod tests {
         let e = Users::parse(&format!("a = {pbkdf:?}")).expect_err("algorithm");
         assert!(e.to_string().contains("only argon2id"), "{e}");
         assert!(Users::parse("not toml").is_err());
+        // A syntax error names the line, never quotes it (it holds a hash).
+        let hash = hash_password("pw").expect("hash");
+        let e = Users::parse(&format!("a = {hash:?}\nb = \"{}", &hash[..20])).expect_err("toml");
+        let shown = format!("{e:#}");
+        assert!(shown.contains("line 2"), "{shown}");
+        assert!(!shown.contains(&hash[..20]), "{shown}");
     }
 
     #[test]
@@ -463,6 +496,7 @@ mod tests {
         let hash = hash_password("pw").expect("hash");
         let with_users = Security {
             users: Some(Users::parse(&format!("u = {hash:?}")).expect("users")),
+            users_file: None,
             acl: Vec::new(),
         };
         let open = Security::default();
@@ -539,6 +573,7 @@ mod tests {
     fn acl_placeholders_and_default_deny() {
         let security = Security {
             users: None,
+            users_file: None,
             acl: vec![
                 entry(None, &["plant/{username}/#"], &["cmd/{client_id}/#"]),
                 AclEntry {

@@ -134,6 +134,7 @@ impl Security {
         };
         Ok(Security {
             users,
+            users_file: auth.users_file.clone(),
             acl: auth.acl.clone(),
         })
     }
@@ -222,6 +223,7 @@ pub async fn start(
             .map(|l| l.shared.clone())
             .filter(|l| l.handshake.is_tls())
             .collect(),
+        shared_by_all.security.clone(),
         credentials_now.clone(),
         metrics.credentials_reloads.clone(),
     ));
@@ -235,20 +237,28 @@ pub async fn start(
     })
 }
 
-/// Puts new TLS files of `listeners` in force when they change (`Handshake::reload_tls`),
-/// reporting each change: applied, or refused with why (the certificate in use stays).
+/// Puts new TLS files of `listeners` and a new users file in force when they change
+/// (`Handshake::reload_tls`, [`reload_users`]), reporting each change: applied, or refused
+/// with why (what is in use stays).
 async fn watch_credentials(
     listeners: Vec<Arc<ListenerShared>>,
+    security: SharedSecurity,
     now: Arc<Notify>,
     reloads: IntCounterVec,
 ) {
-    if listeners.is_empty() {
-        return;
-    }
+    // The digest of the users file's text last refused: each change is reported once.
+    let mut users_refused = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(CREDENTIALS_POLL) => {}
             _ = now.notified() => {}
+        }
+        let (reading, counting) = (security.clone(), reloads.clone());
+        if let Ok(refused) =
+            tokio::task::spawn_blocking(move || reload_users(&reading, users_refused, &counting))
+                .await
+        {
+            users_refused = refused;
         }
         for listener in &listeners {
             let reading = listener.clone();
@@ -269,6 +279,59 @@ async fn watch_credentials(
                     reloads.with_label_values(&[&source, "refused"]).inc();
                 }
             }
+        }
+    }
+}
+
+/// Reads the users file in force again. Changed and valid: later CONNECTs check against
+/// it (the ACLs and connected devices stay). Changed and not valid (half written, a bad
+/// hash, gone): refused with an error log line and
+/// `edgebridge_credentials_reloads_total{source="users_file",outcome="refused"}`, once per
+/// change (`refused` is the digest last refused; the new one comes back), and the users
+/// in force stay. A reload that swapped in another `Security` meanwhile wins.
+fn reload_users(
+    security: &SharedSecurity,
+    refused: Option<u64>,
+    reloads: &IntCounterVec,
+) -> Option<u64> {
+    let current = security.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let (Some(path), Some(users)) = (&current.users_file, &current.users) else {
+        return None;
+    };
+    let text = std::fs::read_to_string(path);
+    let digest = match &text {
+        Ok(text) => auth::text_digest(text),
+        Err(e) => auth::text_digest(&e.to_string()),
+    };
+    if digest == users.digest() {
+        return None;
+    }
+    if refused == Some(digest) {
+        return refused;
+    }
+    let source = "users_file";
+    let loaded = text
+        .map_err(anyhow::Error::from)
+        .and_then(|text| Users::parse(&text));
+    match loaded {
+        Ok(new) => {
+            let next = Arc::new(Security {
+                users: Some(new),
+                users_file: current.users_file.clone(),
+                acl: current.acl.clone(),
+            });
+            let mut in_force = security.write().unwrap_or_else(|e| e.into_inner());
+            if Arc::ptr_eq(&in_force, &current) {
+                *in_force = next;
+                info!(file = %path.display(), "users file changed: new connections are checked against it, connected devices stay");
+                reloads.with_label_values(&[source, "applied"]).inc();
+            }
+            None
+        }
+        Err(e) => {
+            error!(file = %path.display(), error = %format!("{e:#}"), "users file changed but does not load: the users in force stay");
+            reloads.with_label_values(&[source, "refused"]).inc();
+            Some(digest)
         }
     }
 }
