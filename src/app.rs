@@ -74,6 +74,8 @@ pub struct Gateway {
     admin: JoinHandle<()>,
     /// Held until shutdown is done: no other process opens these buffers meanwhile.
     data_dir_lock: DataDirLock,
+    /// The `${file:…}` secrets of the config in force, as last seen on disk.
+    secrets_seen: Vec<config::SecretFile>,
 }
 
 /// What a reload did, for the log and for tests.
@@ -310,6 +312,7 @@ impl Gateway {
             listeners,
             admin_addr,
             metrics,
+            secrets_seen: plan.secret_files.clone(),
             plan,
             stopping,
             security,
@@ -341,6 +344,37 @@ impl Gateway {
             .and_then(|c| config::validate(&c))
             .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
         self.reload(plan).await.map_err(|e| vec![format!("{e:#}")])
+    }
+
+    /// When a `${file:…}` secret of the config in force changed on disk since it was
+    /// read (a rotated password or token), reloads the config at `path` as SIGHUP does,
+    /// and counts it (`edgebridge_credentials_reloads_total{source="secrets"}`, applied or
+    /// refused). Each change is tried once: a refused one is not retried until the
+    /// files change again or a SIGHUP comes. `None` when nothing changed.
+    pub async fn reload_if_secrets_changed(
+        &mut self,
+        path: &Path,
+    ) -> Option<Result<ReloadReport, Vec<String>>> {
+        let seen = self.secrets_seen.clone();
+        let now = tokio::task::spawn_blocking(move || {
+            seen.iter()
+                .map(|f| config::SecretFile::read(&f.path))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .ok()?;
+        if now == self.secrets_seen {
+            return None;
+        }
+        info!(config = %path.display(), "a secret file changed: reloading the config");
+        self.secrets_seen = now;
+        let result = self.reload_from(path).await;
+        let outcome = if result.is_ok() { "applied" } else { "refused" };
+        self.metrics
+            .credentials_reloads
+            .with_label_values(&["secrets", outcome])
+            .inc();
+        Some(result)
     }
 
     /// Applies `plan`: rules, sinks and downlinks, as the module docs describe.
@@ -454,6 +488,7 @@ impl Gateway {
         info!(rules = plan.rules.len(), sinks = plan.sinks.len(), downlinks = plan.downlinks.len(), added = ?report.added, restarted = ?report.restarted, removed = ?report.removed, "config reloaded");
         self.admin_state
             .set_plan(&plan, self.sinks.admin_sinks(&plan));
+        self.secrets_seen = plan.secret_files.clone();
         self.plan = plan;
         Ok(report)
     }

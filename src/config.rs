@@ -212,6 +212,35 @@ pub struct Config {
     /// Device users and topic permissions.
     #[serde(default)]
     pub auth: AuthSection,
+    /// The files `${file:…}` read while loading, with a digest of what each held (not
+    /// config keys: filled by [`load`]).
+    #[serde(skip)]
+    pub secret_files: Vec<SecretFile>,
+}
+
+/// A file a `${file:PATH}` read, and a digest of what it held (or of why it could not be
+/// read): the gateway reloads its config when that changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretFile {
+    pub path: PathBuf,
+    pub digest: u64,
+}
+
+impl SecretFile {
+    /// `path` as it is now.
+    pub fn read(path: &Path) -> SecretFile {
+        SecretFile {
+            path: path.to_path_buf(),
+            digest: text_digest(&read_secret(path)),
+        }
+    }
+}
+
+fn text_digest(text: &Result<String, String>) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -985,14 +1014,17 @@ pub fn load_with_env(
         Err(e) => return Err(figment_errors(e)),
     };
     let mut errors = Vec::new();
-    interpolate_dict(&mut dict, "", &lookup, &mut errors);
+    let mut secrets = Vec::new();
+    interpolate_dict(&mut dict, "", &lookup, &mut errors, &mut secrets);
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
     check_sinks(&dict)?;
-    Figment::from(Serialized::defaults(dict))
+    let mut config = Figment::from(Serialized::defaults(dict))
         .extract::<Config>()
-        .map_err(figment_errors)
+        .map_err(figment_errors)?;
+    config.secret_files = secrets;
+    Ok(config)
 }
 
 /// Sinks are an internally tagged enum, and serde loses the key path inside those; so
@@ -1114,10 +1146,11 @@ fn interpolate_dict(
     prefix: &str,
     lookup: &impl Fn(&str) -> Option<String>,
     errors: &mut Vec<ConfigError>,
+    secrets: &mut Vec<SecretFile>,
 ) {
     for (key, value) in dict.iter_mut() {
         let path = join_path(prefix, key);
-        interpolate_value(value, &path, lookup, errors);
+        interpolate_value(value, &path, lookup, errors, secrets);
     }
 }
 
@@ -1126,16 +1159,17 @@ fn interpolate_value(
     path: &str,
     lookup: &impl Fn(&str) -> Option<String>,
     errors: &mut Vec<ConfigError>,
+    secrets: &mut Vec<SecretFile>,
 ) {
     match value {
-        Value::String(tag, s) if s.contains("${") => match interpolate(s, lookup) {
+        Value::String(tag, s) if s.contains("${") => match interpolate(s, lookup, secrets) {
             Ok(new) => *value = Value::String(*tag, new),
             Err(msg) => errors.push(ConfigError::new(path, msg)),
         },
-        Value::Dict(_, d) => interpolate_dict(d, path, lookup, errors),
+        Value::Dict(_, d) => interpolate_dict(d, path, lookup, errors, secrets),
         Value::Array(_, items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                interpolate_value(item, &format!("{path}[{i}]"), lookup, errors);
+                interpolate_value(item, &format!("{path}[{i}]"), lookup, errors, secrets);
             }
         }
         _ => {}
@@ -1148,8 +1182,13 @@ const MAX_SECRET_FILE: u64 = 64 * 1024;
 /// Replaces every `${NAME}` in `s` with the environment variable and every `${file:PATH}`
 /// with the contents of the file at PATH (a mounted secret; one trailing line break
 /// dropped), read again at each load, so a SIGHUP picks up a rotated secret; `$${`
-/// escapes a literal `${`. Errors never quote a value.
-fn interpolate(s: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+/// escapes a literal `${`. Errors never quote a value. Each file read is added to
+/// `secrets` (the gateway reloads when one changes).
+fn interpolate(
+    s: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
+    secrets: &mut Vec<SecretFile>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(start) = rest.find("${") {
@@ -1166,17 +1205,14 @@ fn interpolate(s: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<Stri
         };
         let name = &after[..end];
         if let Some(path) = name.strip_prefix("file:") {
-            // A regular file of a secret's size: never a device or pipe that would keep
-            // the load waiting, never something huge.
-            let meta = std::fs::metadata(path)
-                .map_err(|e| format!("cannot read the secret file {path}: {e}"))?;
-            if !meta.is_file() || meta.len() > MAX_SECRET_FILE {
-                return Err(format!(
-                    "the secret file {path} is not a regular file of at most 64 KiB"
-                ));
+            let text = read_secret(Path::new(path));
+            if !secrets.iter().any(|f| f.path == Path::new(path)) {
+                secrets.push(SecretFile {
+                    path: PathBuf::from(path),
+                    digest: text_digest(&text),
+                });
             }
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read the secret file {path}: {e}"))?;
+            let text = text?;
             let text = text.strip_suffix('\n').unwrap_or(&text);
             out.push_str(text.strip_suffix('\r').unwrap_or(text));
             rest = &after[end + 1..];
@@ -1190,6 +1226,20 @@ fn interpolate(s: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<Stri
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// The contents of a `${file:…}` secret: a regular file of a secret's size, never a
+/// device or pipe that would keep the load waiting, never something huge.
+fn read_secret(path: &Path) -> Result<String, String> {
+    let shown = path.display();
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read the secret file {shown}: {e}"))?;
+    if !meta.is_file() || meta.len() > MAX_SECRET_FILE {
+        return Err(format!(
+            "the secret file {shown} is not a regular file of at most 64 KiB"
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read the secret file {shown}: {e}"))
 }
 
 fn join_path(prefix: &str, key: &str) -> String {
@@ -1224,6 +1274,8 @@ pub struct Plan {
     pub downlinks: Vec<DownlinkPlan>,
     pub log: LogSection,
     pub auth: AuthPlan,
+    /// Files `${file:…}` read; a change reloads the config.
+    pub secret_files: Vec<SecretFile>,
 }
 
 /// `[auth]`, validated. The users file is read when the broker starts (and on reload).
@@ -1790,6 +1842,7 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
         downlinks,
         log: config.log.clone(),
         auth,
+        secret_files: config.secret_files.clone(),
     })
 }
 
@@ -3022,6 +3075,10 @@ mod tests {
             Some("s3cret"),
             "the line break dropped"
         );
+        // The plan lists the file as it was read: a change on disk tells.
+        assert_eq!(plan.secret_files, vec![SecretFile::read(&secret)]);
+        std::fs::write(&secret, "rotated\n").expect("write");
+        assert_ne!(plan.secret_files, vec![SecretFile::read(&secret)]);
         let device = toml.replace(&secret.display().to_string(), "/dev/zero");
         let err = match load_str(&device, &[]) {
             Err(e) => e.to_string(),
@@ -3072,6 +3129,7 @@ mod tests {
     #[test]
     fn interpolate_escapes_and_errors() {
         let env = |k: &str| (k == "A").then(|| "x".to_string());
+        let interpolate = |s: &str, env| interpolate(s, env, &mut Vec::new());
         assert_eq!(interpolate("a${A}b", &env).as_deref(), Ok("axb"));
         assert_eq!(interpolate("$${A}", &env).as_deref(), Ok("${A}"));
         assert!(interpolate("${A", &env).is_err());

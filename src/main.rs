@@ -169,14 +169,11 @@ async fn serve(gateway: &mut Gateway, config: &std::path::Path) {
                     _ = term.recv() => return,
                     _ = hup.recv() => {
                         info!(config = %config.display(), "SIGHUP: reloading the config");
-                        match gateway.reload_from(config).await {
-                            Ok(report) => info!(?report, "reload done"),
-                            Err(errors) => {
-                                for e in &errors {
-                                    error!(error = %e, "reload rejected");
-                                }
-                                error!(problems = errors.len(), "reload rejected; the running config stays");
-                            }
+                        log_reload(gateway.reload_from(config).await);
+                    }
+                    _ = tokio::time::sleep(edgebridge::broker::CREDENTIALS_POLL) => {
+                        if let Some(result) = gateway.reload_if_secrets_changed(config).await {
+                            log_reload(result);
                         }
                     }
                 }
@@ -184,6 +181,21 @@ async fn serve(gateway: &mut Gateway, config: &std::path::Path) {
         }
     }
     wait_for_signal().await;
+}
+
+fn log_reload(result: Result<edgebridge::app::ReloadReport, Vec<String>>) {
+    match result {
+        Ok(report) => info!(?report, "reload done"),
+        Err(errors) => {
+            for e in &errors {
+                error!(error = %e, "reload rejected");
+            }
+            error!(
+                problems = errors.len(),
+                "reload rejected; the running config stays"
+            );
+        }
+    }
 }
 
 fn run(plan: Plan, config: &std::path::Path) -> ExitCode {

@@ -839,6 +839,118 @@ async fn sighup_with_a_broken_config_keeps_the_old_rules_and_a_good_one_applies(
     events.abort();
 }
 
+/// A `${file:…}` secret that changes on disk reloads the config with no SIGHUP (a rotated
+/// token); a secret file that goes missing is a rejected reload, and the config in force
+/// stays. The secret here is a rule's topic prefix, so the file sink shows which applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_secret_file_reloads_the_config_without_sighup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = common::free_port();
+    let out = dir.path().join("out.ndjson");
+    let secret = dir.path().join("prefix.secret");
+    std::fs::write(&secret, "first\n").expect("write secret");
+    let path = dir.path().join("edgebridge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[gateway]\nid = \"edge-01\"\ndata_dir = \"{}\"\nshutdown_grace = \"1s\"\n\
+             [admin]\nbind = \"127.0.0.1:{}\"\n\
+             [[listeners]]\nname = \"devices\"\nbind = \"127.0.0.1:{port}\"\n\
+             [sinks.out]\ntype = \"file\"\npath = \"{}\"\n\
+             [[rules]]\nname = \"r\"\nfrom = \"a/+\"\nto = [\"out\"]\n\
+             topic = \"${{file:{}}}/{{1}}\"\n",
+            dir.path().join("data").display(),
+            common::free_port(),
+            out.display(),
+            secret.display(),
+        ),
+    )
+    .expect("write config");
+    let output = [dir.path().join("stdout.log"), dir.path().join("stderr.log")];
+    let file = |p: &std::path::PathBuf| std::fs::File::create(p).expect("log file");
+    let child = edgebridge()
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(file(&output[0]))
+        .stderr(file(&output[1]))
+        .spawn()
+        .expect("start edgebridge");
+    let gw = Process { child, output };
+    gw.wait_for_log("edgebridge started", 1).await;
+
+    let mut opts = MqttOptions::new("dev-1", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+    let events = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    let _ = acks_tx.send(());
+                }
+                Ok(_) => {}
+                Err(e) => return format!("device connection failed: {e}"),
+            }
+        }
+    });
+    let mut publish = async |topic: &str| {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, b"x".to_vec())
+            .await
+            .expect("queue publish");
+        tokio::time::timeout(WAIT, acks.recv())
+            .await
+            .expect("PUBACK within the timeout")
+            .expect("device connection alive");
+    };
+    let wait_lines = async |n: usize| {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while file_lines(&out).len() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        file_lines(&out)
+    };
+
+    publish("a/1").await;
+    assert_eq!(wait_lines(1).await[0].0, "first/1");
+
+    // Rotated: read within the poll interval (5 s), no signal.
+    std::fs::write(&secret, "second\n").expect("rotate secret");
+    gw.wait_for_log("config reloaded", 1).await;
+    publish("a/2").await;
+    assert_eq!(wait_lines(2).await[1].0, "second/2");
+
+    // Gone: the reload is rejected, once, and the config in force stays.
+    std::fs::remove_file(&secret).expect("remove secret");
+    gw.wait_for_log("reload rejected; the running config stays", 1)
+        .await;
+    assert!(
+        gw.logs()
+            .contains("rules[0].topic: cannot read the secret file"),
+        "{}",
+        gw.logs()
+    );
+    publish("a/3").await;
+    let lines = wait_lines(3).await;
+    let topics: Vec<&str> = lines.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(topics, vec!["first/1", "second/2", "second/3"]);
+    // Longer than a poll interval: a retry of the same change would be in the log by now.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        gw.logs()
+            .matches("reload rejected; the running config stays")
+            .count(),
+        1,
+        "a refused change is tried once"
+    );
+    assert!(!events.is_finished(), "the device connection is still up");
+
+    gw.signal("-TERM");
+    gw.wait_for_log("edgebridge stopped", 1).await;
+    events.abort();
+}
+
 #[test]
 fn rules_test_takes_properties_and_shows_what_each_sink_gets() {
     let config = r##"
