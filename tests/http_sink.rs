@@ -329,6 +329,101 @@ async fn mutual_tls_delivers_with_the_client_certificate_and_keeps_data_without_
     gw.shutdown().await;
 }
 
+/// Publishes seq `seq` of device 1 on `plant/m1/temp`, acked.
+async fn publish_one(gw: &TestGateway, seq: u64) {
+    let opts = rumqttc::MqttOptions::new(format!("dev-{seq}"), "127.0.0.1", gw.port());
+    let acked =
+        common::publish_seq_with(opts, "plant/m1/temp", 1, seq..seq + 1, QoS::AtLeastOnce).await;
+    assert_eq!(acked, 1, "publish acked by the gateway");
+}
+
+/// The DER of the first certificate in a PEM text.
+fn der(pem: &str) -> Vec<u8> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .expect("a certificate")
+        .expect("PEM")
+        .to_vec()
+}
+
+/// Certificate rotation for an HTTP sink in mutual TLS: a renewed client certificate and
+/// key written over the files are used by later requests without a restart, and nothing
+/// is lost; then a broken certificate file is refused and reported, and the renewed
+/// certificate stays in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewed_client_certificate_is_used_without_a_restart_and_a_broken_one_is_refused() {
+    let certs = TestCerts::generate();
+    let server = HttpServer::start_tls(&certs, true).await;
+    let tls = format!(
+        "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
+        certs.ca.display(),
+        certs.client_cert.display(),
+        certs.client_key.display()
+    );
+    let mut gw = TestGateway::start(&http_sink(&server.url("/in"), &tls)).await;
+    let first = der(&std::fs::read_to_string(&certs.client_cert).expect("read cert"));
+    publish_one(&gw, 0).await;
+    wait_accepted(&server, 1).await;
+    assert_eq!(server.received()[0].client_cert.as_ref(), Some(&first));
+
+    // Renewal: the key first, then the certificate (a reader in between sees a mismatch,
+    // refused, and the next read applies both).
+    let (cert, key) = certs.client_certificate("edge-02");
+    let renewed = der(&cert);
+    std::fs::write(&certs.client_key, key).expect("write key");
+    std::fs::write(&certs.client_cert, cert).expect("write cert");
+    let mut seq = 1;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server
+        .received()
+        .last()
+        .and_then(|r| r.client_cert.as_ref())
+        != Some(&renewed)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests still carry the old certificate after {WAIT:?}"
+        );
+        publish_one(&gw, seq).await;
+        wait_accepted(&server, seq as usize + 1).await;
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let count = |g: &TestGateway, outcome: &str| {
+        g.counter(
+            "edgebridge_credentials_reloads_total",
+            &[("source", "sink:hook"), ("outcome", outcome)],
+        )
+    };
+    assert!(count(&gw, "applied") >= 1.0, "the renewal is counted");
+
+    // Broken: the certificate file half written. Refused, reported; the renewed
+    // certificate stays in use and messages keep flowing.
+    let refused_before = count(&gw, "refused");
+    std::fs::write(&certs.client_cert, "-----BEGIN CERTIFICATE-----\nMIIB").expect("break");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while count(&gw, "refused") <= refused_before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broken certificate is not reported within {WAIT:?}"
+        );
+        publish_one(&gw, seq).await;
+        wait_accepted(&server, seq as usize + 1).await;
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    publish_one(&gw, seq).await;
+    let seqs = wait_accepted(&server, seq as usize + 1).await;
+    assert_eq!(
+        seqs,
+        (0..=seq).collect::<Vec<_>>(),
+        "nothing lost, in order"
+    );
+    let last = server.received().last().cloned().expect("a request");
+    assert_eq!(last.client_cert.as_ref(), Some(&renewed));
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batches_close_at_max_messages() {
     let server = HttpServer::start().await;

@@ -10,10 +10,15 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus::IntCounterVec;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::{error, info};
+
+/// How often a running sink that keeps its connection (HTTP, Kafka) reads its TLS files
+/// again; the MQTT sink reads them at each connection attempt.
+pub const CREDENTIALS_POLL: Duration = Duration::from_secs(5);
 
 /// A CA bundle and a client certificate and key as read from their files (PEM).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -43,6 +43,7 @@ use tracing::{info, warn};
 
 pub use config::{HttpPlan, HttpSinkSection};
 
+use super::credentials::{LoadedTls, CREDENTIALS_POLL};
 use super::pack::{self, Pack, PackPlan, Packer};
 use super::{Backoff, Pacer, SinkContext};
 use crate::buffer::Record;
@@ -302,7 +303,63 @@ fn next_request(
     }))
 }
 
-fn client(plan: &HttpPlan) -> anyhow::Result<reqwest::Client> {
+/// The sink's HTTP client, built again when its TLS files change: they are read at most
+/// every [`CREDENTIALS_POLL`], before a request ([`super::credentials::TlsFiles`] keeps the last set that
+/// loaded and reports a refused one). The next request after a change opens a connection
+/// with the new certificate; one in flight finishes on its own.
+struct Client {
+    current: reqwest::Client,
+    tls: Option<LoadedTls>,
+    checked: Instant,
+}
+
+impl Client {
+    /// The first client; an error while the TLS files never loaded or the client cannot
+    /// be built.
+    fn build(plan: &HttpPlan, ctx: &SinkContext) -> anyhow::Result<Client> {
+        let tls = tls_files(plan, ctx).map_err(|e| anyhow::anyhow!("tls: {e}"))?;
+        Ok(Client {
+            current: client(plan, tls.as_ref())?,
+            tls,
+            checked: Instant::now(),
+        })
+    }
+
+    /// The client for the next request.
+    fn get(&mut self, plan: &HttpPlan, ctx: &SinkContext) -> reqwest::Client {
+        if self.checked.elapsed() >= CREDENTIALS_POLL {
+            self.checked = Instant::now();
+            if let Ok(tls) = tls_files(plan, ctx) {
+                if tls != self.tls {
+                    match client(plan, tls.as_ref()) {
+                        Ok(next) => {
+                            self.current = next;
+                            self.tls = tls;
+                        }
+                        // Loaded by rustls but refused by the client builder: keep the
+                        // client in use, and say so once per change.
+                        Err(e) => {
+                            warn!(sink = %ctx.name, error = %format!("{e:#}"), "new TLS files cannot make an HTTP client; the one in use stays");
+                            self.tls = tls;
+                        }
+                    }
+                }
+            }
+        }
+        self.current.clone()
+    }
+}
+
+/// The sink's TLS files as they are now, or the last set that loaded (`None`: no `tls`).
+fn tls_files(plan: &HttpPlan, ctx: &SinkContext) -> Result<Option<LoadedTls>, String> {
+    let Some(tls) = &plan.tls else {
+        return Ok(None);
+    };
+    let client_auth = tls.cert.as_deref().zip(tls.key.as_deref());
+    ctx.tls_files.read(tls.ca.as_deref(), client_auth).map(Some)
+}
+
+fn client(plan: &HttpPlan, tls: Option<&LoadedTls>) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .timeout(plan.timeout)
         .connect_timeout(plan.timeout.min(Duration::from_secs(10)))
@@ -320,22 +377,16 @@ fn client(plan: &HttpPlan) -> anyhow::Result<reqwest::Client> {
         .http2_keep_alive_while_idle(false)
         .tcp_nodelay(true)
         .user_agent(concat!("edgebridge/", env!("CARGO_PKG_VERSION")));
-    if let Some(tls) = &plan.tls {
-        if let Some(ca) = &tls.ca {
-            let pem = std::fs::read(ca)
-                .map_err(|e| anyhow::anyhow!("cannot read tls.ca {}: {e}", ca.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| anyhow::anyhow!("tls.ca {}: {e}", ca.display()))?;
+    if let Some(tls) = tls {
+        if !tls.ca.is_empty() {
+            let certs = reqwest::Certificate::from_pem_bundle(&tls.ca)
+                .map_err(|e| anyhow::anyhow!("tls.ca: {e}"))?;
             builder = builder.tls_certs_only(certs);
         }
-        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-            let mut pem = std::fs::read(cert)
-                .map_err(|e| anyhow::anyhow!("cannot read tls.cert {}: {e}", cert.display()))?;
+        if let Some((cert, key)) = &tls.client_auth {
+            let mut pem = cert.clone();
             pem.push(b'\n');
-            pem.extend(
-                std::fs::read(key)
-                    .map_err(|e| anyhow::anyhow!("cannot read tls.key {}: {e}", key.display()))?,
-            );
+            pem.extend_from_slice(key);
             let identity = reqwest::Identity::from_pem(&pem)
                 .map_err(|e| anyhow::anyhow!("tls.cert/tls.key: {e}"))?;
             builder = builder.identity(identity);
@@ -416,8 +467,8 @@ pub async fn run(plan: HttpPlan, ctx: SinkContext) {
 /// Delivers until shutdown.
 async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
     let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
-    let client = loop {
-        match client(plan) {
+    let mut client = loop {
+        match Client::build(plan, ctx) {
             Ok(c) => break c,
             Err(e) => {
                 ctx.metrics
@@ -440,7 +491,7 @@ async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
     };
     info!(sink = %ctx.name, url = %redact_url(plan.url.source()), format = ?plan.format, "HTTP sink started");
     if let Some(pack) = &plan.pack {
-        return serve_packed(plan, ctx, &client, &mut backoff, &key_prefix, pack).await;
+        return serve_packed(plan, ctx, &mut client, &mut backoff, &key_prefix, pack).await;
     }
 
     let mut pending: VecDeque<Record> = VecDeque::new();
@@ -468,7 +519,16 @@ async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
             }
             None => continue,
         };
-        match deliver(plan, ctx, &client, &mut backoff, pacer.as_mut(), request).await {
+        match deliver(
+            plan,
+            ctx,
+            &mut client,
+            &mut backoff,
+            pacer.as_mut(),
+            request,
+        )
+        .await
+        {
             Delivery::Done => {}
             Delivery::Split(records) => {
                 alone_upto = records.last().map_or(alone_upto, |r| r.seq);
@@ -488,7 +548,7 @@ const MAX_OPEN_PACKS: usize = 64;
 async fn serve_packed(
     plan: &HttpPlan,
     ctx: &SinkContext,
-    client: &reqwest::Client,
+    client: &mut Client,
     backoff: &mut Backoff,
     key_prefix: &str,
     pack_plan: &PackPlan,
@@ -558,7 +618,7 @@ async fn serve_packed(
 async fn deliver_pack(
     plan: &HttpPlan,
     ctx: &SinkContext,
-    client: &reqwest::Client,
+    client: &mut Client,
     backoff: &mut Backoff,
     key_prefix: &str,
     pack: Pack,
@@ -629,7 +689,7 @@ enum Delivery {
 async fn deliver(
     plan: &HttpPlan,
     ctx: &SinkContext,
-    client: &reqwest::Client,
+    client: &mut Client,
     backoff: &mut Backoff,
     mut pacer: Option<&mut Pacer>,
     req: Request,
@@ -643,7 +703,8 @@ async fn deliver(
             }
         }
         let attempt = {
-            let attempt = send(client, plan, &req);
+            let current = client.get(plan, ctx);
+            let attempt = send(&current, plan, &req);
             tokio::pin!(attempt);
             tokio::select! {
                 a = &mut attempt => a,

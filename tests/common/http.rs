@@ -61,6 +61,8 @@ pub struct Received {
     pub body: Bytes,
     /// The status it was answered with.
     pub status: u16,
+    /// The client certificate of its connection (DER), with mutual TLS.
+    pub client_cert: Option<Vec<u8>>,
     pub at: std::time::Instant,
 }
 
@@ -144,7 +146,7 @@ impl HttpServer {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let service = TowerToHyperService::new(app.clone());
+                let app = app.clone();
                 let acceptor = acceptor.clone();
                 connections.spawn(async move {
                     let builder =
@@ -153,10 +155,20 @@ impl HttpServer {
                         Some(acceptor) => {
                             // A refused handshake (wrong client cert) just closes.
                             if let Ok(tls) = acceptor.accept(tcp).await {
+                                let cert = tls
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|chain| chain.first())
+                                    .map(|c| c.to_vec());
+                                let service = TowerToHyperService::new(
+                                    app.layer(axum::Extension(ClientCert(cert))),
+                                );
                                 let _ = builder.serve_connection(TokioIo::new(tls), service).await;
                             }
                         }
                         None => {
+                            let service = TowerToHyperService::new(app);
                             let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
                         }
                     }
@@ -232,8 +244,16 @@ impl Drop for HttpServer {
     }
 }
 
+/// The client certificate of a TLS connection, handed to each of its requests.
+#[derive(Clone)]
+struct ClientCert(Option<Vec<u8>>);
+
 async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    let client_cert = parts
+        .extensions
+        .get::<ClientCert>()
+        .and_then(|c| c.0.clone());
     let body = axum::body::to_bytes(body, usize::MAX)
         .await
         .unwrap_or_default();
@@ -270,6 +290,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
             headers: parts.headers,
             body,
             status: reply.status,
+            client_cert,
             at: std::time::Instant::now(),
         });
     let status = StatusCode::from_u16(reply.status).expect("valid status");
