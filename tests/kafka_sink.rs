@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{check_sequences, publish_seq, Msg};
 use gateway::TestGateway;
-use kafka::{consume_async, Record, Tansu};
+use kafka::{consume_async, Record, Tansu, TlsFront};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rumqttc::QoS;
@@ -285,6 +285,182 @@ async fn mock_cluster_broker_down_and_up_mid_stream_loses_nothing() {
             .await
     );
     gw.shutdown().await;
+}
+
+/// Certificate rotation for a Kafka sink in mutual TLS (tansu behind the test's TLS
+/// front, which records each connection's client certificate): a renewed certificate and
+/// key written over the files are used by the producer's next connections without a
+/// restart; a broken certificate file is then refused and reported, the renewed one
+/// stays in use; nothing is lost, order kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewed_client_certificate_is_used_by_the_next_kafka_connections() {
+    let certs = common::TestCerts::generate();
+    let front_port = common::free_port();
+    let tansu = Tansu::start_advertising(common::free_port(), front_port);
+    tansu.create_topic("secure");
+    let front = TlsFront::start(&certs, front_port, tansu.port).await;
+    let bootstrap = format!("127.0.0.1:{front_port}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("edge.pem"), dir.path().join("edge.key"));
+    let der = |pem: &str| {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .expect("a certificate")
+            .expect("PEM")
+            .to_vec()
+    };
+    let (first_pem, first_key) = certs.client_certificate("edge-01");
+    std::fs::write(&cert, &first_pem).expect("write cert");
+    std::fs::write(&key, first_key).expect("write key");
+    let mut gw = TestGateway::start(&tls_sink(&bootstrap, &certs, &cert, &key)).await;
+    let count = |g: &TestGateway, outcome: &str| {
+        g.counter(
+            "edgebridge_credentials_reloads_total",
+            &[("source", "sink:lake"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(publish_seq_range(&gw, 0..10).await, 10);
+    assert!(
+        gw.eventually(WAIT, |g| g
+            .counter("edgebridge_buffer_messages", &[("sink", "lake")])
+            == 0.0)
+            .await,
+        "delivered with the first certificate"
+    );
+    let (first, renewed_pem) = (der(&first_pem), certs.client_certificate("edge-02"));
+    let renewed = der(&renewed_pem.0);
+    assert!(front.client_certificates().contains(&first));
+
+    // Renewal: the key, then the certificate (a read in between is a mismatch, refused).
+    std::fs::write(&key, &renewed_pem.1).expect("write key");
+    std::fs::write(&cert, &renewed_pem.0).expect("write cert");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !front.client_certificates().contains(&renewed) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no connection with the renewed certificate within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(count(&gw, "applied") >= 1.0, "the renewal is counted");
+    assert_eq!(publish_seq_range(&gw, 10..20).await, 10);
+
+    // Broken: refused and reported; the renewed certificate stays in use.
+    let refused_before = count(&gw, "refused");
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nMIIB").expect("break");
+    assert!(
+        gw.eventually(WAIT, |g| count(g, "refused") > refused_before)
+            .await,
+        "the broken certificate is reported"
+    );
+    assert_eq!(publish_seq_range(&gw, 20..30).await, 10);
+
+    let records = consume_tls(&bootstrap, &certs, 30).await;
+    let report = check_sequences(&as_msgs(&records));
+    assert_eq!(report.per_device_count.get(&1), Some(&30), "{report:?}");
+    assert_eq!((report.missing, report.out_of_order), (0, 0), "{report:?}");
+    // The sink's connections: the first certificate, then only the renewed one.
+    let sink_certs: Vec<Vec<u8>> = front
+        .client_certificates()
+        .into_iter()
+        .filter(|c| *c == first || *c == renewed)
+        .collect();
+    let switch = sink_certs
+        .iter()
+        .position(|c| *c == renewed)
+        .expect("the renewed certificate connected");
+    assert!(switch > 0, "the first certificate connected first");
+    assert!(
+        sink_certs[switch..].iter().all(|c| *c == renewed),
+        "no connection with the old certificate after the renewal"
+    );
+    gw.shutdown().await;
+}
+
+/// A Kafka sink whose client certificate the brokers refuse (signed by another CA) keeps
+/// its messages, and delivers them once a valid certificate is written over the files,
+/// without a restart: records stuck in flight with the refused certificate are produced
+/// again with the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kafka_sink_refused_for_its_certificate_delivers_once_a_valid_one_is_written() {
+    let certs = common::TestCerts::generate();
+    let other_ca = common::TestCerts::generate();
+    let front_port = common::free_port();
+    let tansu = Tansu::start_advertising(common::free_port(), front_port);
+    tansu.create_topic("secure");
+    let _front = TlsFront::start(&certs, front_port, tansu.port).await;
+    let bootstrap = format!("127.0.0.1:{front_port}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("edge.pem"), dir.path().join("edge.key"));
+    let (wrong_cert, wrong_key) = other_ca.client_certificate("edge-01");
+    std::fs::write(&cert, wrong_cert).expect("write cert");
+    std::fs::write(&key, wrong_key).expect("write key");
+    let mut gw = TestGateway::start(&tls_sink(&bootstrap, &certs, &cert, &key)).await;
+    assert_eq!(publish_seq_range(&gw, 0..20).await, 20);
+    assert!(
+        gw.eventually(WAIT, |g| g
+            .counter("edgebridge_sink_errors_total", &[("sink", "lake")])
+            >= 1.0)
+            .await,
+        "the refused handshake is counted"
+    );
+    assert_eq!(gw.counter("edgebridge_sink_up", &[("sink", "lake")]), 0.0);
+    assert_eq!(
+        gw.counter("edgebridge_buffer_messages", &[("sink", "lake")]),
+        20.0,
+        "the data stays buffered"
+    );
+
+    let (good_cert, good_key) = certs.client_certificate("edge-01");
+    std::fs::write(&key, good_key).expect("write key");
+    std::fs::write(&cert, good_cert).expect("write cert");
+    assert!(
+        gw.eventually(WAIT, |g| g
+            .counter("edgebridge_buffer_messages", &[("sink", "lake")])
+            == 0.0)
+            .await,
+        "delivered with the new certificate, no restart"
+    );
+    let records = consume_tls(&bootstrap, &certs, 20).await;
+    let report = check_sequences(&as_msgs(&records));
+    assert_eq!(report.per_device_count.get(&1), Some(&20), "{report:?}");
+    assert_eq!((report.missing, report.out_of_order), (0, 0), "{report:?}");
+    gw.shutdown().await;
+}
+
+/// A Kafka sink to topic `secure` over mutual TLS with the test CA and `cert`/`key`.
+fn tls_sink(
+    bootstrap: &str,
+    certs: &common::TestCerts,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> String {
+    let tls = format!(
+        "properties = {{ \"security.protocol\" = \"ssl\", \"ssl.ca.location\" = \"{}\", \
+         \"ssl.certificate.location\" = \"{}\", \"ssl.key.location\" = \"{}\" }}",
+        certs.ca.display(),
+        cert.display(),
+        key.display()
+    );
+    kafka_sink(bootstrap, "secure", &tls)
+}
+
+/// `n` records of topic `secure`, read over mutual TLS with the test's client certificate.
+async fn consume_tls(bootstrap: &str, certs: &common::TestCerts, n: usize) -> Vec<Record> {
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let settings = [
+        ("security.protocol", "ssl".to_string()),
+        ("ssl.ca.location", path(&certs.ca)),
+        ("ssl.certificate.location", path(&certs.client_cert)),
+        ("ssl.key.location", path(&certs.client_key)),
+    ];
+    let bootstrap = bootstrap.to_string();
+    tokio::task::spawn_blocking(move || {
+        let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        kafka::consume_with(&bootstrap, &settings, &["secure"], n, WAIT)
+    })
+    .await
+    .expect("consumer task")
 }
 
 /// Publishes seqs `range` of device 1 on `plant/m1/temp`; returns the acks.

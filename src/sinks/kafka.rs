@@ -25,10 +25,19 @@
 //! without duplicates per partition; after a failed report edgebridge re-produces only
 //! once nothing else is in flight. On shutdown the producer is flushed within the grace
 //! period; what was not confirmed stays in the buffer.
+//!
+//! TLS files named in the properties (`ssl.ca.location`, `ssl.certificate.location`,
+//! `ssl.key.location`; not with `ssl.key.password`, whose encrypted key librdkafka reads
+//! itself) are read by edgebridge and handed to librdkafka as PEM, every
+//! [`CREDENTIALS_POLL`]: when they changed and load, the producer is made again with them
+//! once the records in flight are confirmed (at once while the sink is down: its records
+//! are produced again), so later connections use them; when they do not load, the last
+//! set that did stays ([`super::credentials::TlsFiles`]).
 
 pub mod config;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +52,7 @@ use tracing::{debug, info, warn};
 
 pub use config::{KafkaPlan, KafkaSinkSection};
 
+use super::credentials::{LoadedTls, CREDENTIALS_POLL};
 use super::{sleep_until_some, Backoff, Pacer, SinkContext};
 use crate::buffer::Record;
 use crate::message::Message;
@@ -135,14 +145,69 @@ impl ProducerContext for Context {
 
 type KafkaProducer = ThreadedProducer<Context>;
 
+/// The TLS files a sink's properties name that edgebridge reads itself (see the module
+/// docs); `None` when there are none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TlsPaths {
+    ca: Option<PathBuf>,
+    client_auth: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsPaths {
+    fn of(properties: &BTreeMap<String, String>) -> Option<TlsPaths> {
+        if properties.contains_key("ssl.key.password") {
+            return None;
+        }
+        let path = |key: &str| properties.get(key).map(PathBuf::from);
+        let paths = TlsPaths {
+            // Not a directory of CAs or "probe".
+            ca: path("ssl.ca.location").filter(|p| !p.is_dir() && p.as_os_str() != "probe"),
+            client_auth: path("ssl.certificate.location").zip(path("ssl.key.location")),
+        };
+        (paths.ca.is_some() || paths.client_auth.is_some()).then_some(paths)
+    }
+
+    /// Whether librdkafka gets `key` from edgebridge instead of reading it.
+    fn replaces(&self, key: &str) -> bool {
+        match key {
+            "ssl.ca.location" => self.ca.is_some(),
+            "ssl.certificate.location" | "ssl.key.location" => self.client_auth.is_some(),
+            _ => false,
+        }
+    }
+
+    /// The files as they are now, or the last set that loaded.
+    fn read(&self, ctx: &SinkContext) -> Result<LoadedTls, String> {
+        let client_auth = self
+            .client_auth
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        ctx.tls_files.read(self.ca.as_deref(), client_auth)
+    }
+}
+
 fn producer(
     plan: &KafkaPlan,
     sink: &str,
     events: mpsc::UnboundedSender<Event>,
+    tls: Option<(&TlsPaths, &LoadedTls)>,
 ) -> Result<KafkaProducer, KafkaError> {
     let mut config = ClientConfig::new();
     for (k, v) in &plan.properties {
+        if tls.is_some_and(|(paths, _)| paths.replaces(k)) {
+            continue;
+        }
         config.set(k, v);
+    }
+    if let Some((paths, loaded)) = tls {
+        let pem = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        if paths.ca.is_some() {
+            config.set("ssl.ca.pem", pem(&loaded.ca));
+        }
+        if let Some((cert, key)) = &loaded.client_auth {
+            config.set("ssl.certificate.pem", pem(cert));
+            config.set("ssl.key.pem", pem(key));
+        }
     }
     config.set(
         "client.id",
@@ -375,9 +440,21 @@ pub async fn run(plan: KafkaPlan, ctx: SinkContext) {
 /// Delivers until shutdown.
 async fn serve(plan: &KafkaPlan, ctx: &SinkContext) {
     let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
+    let tls_paths = TlsPaths::of(&plan.properties);
     loop {
+        let tls = match tls_paths.as_ref().map(|paths| paths.read(ctx)).transpose() {
+            Ok(tls) => tls,
+            Err(e) => {
+                ctx.metrics
+                    .mark_down("config", &format!("cannot load the TLS files: {e}"));
+                if ctx.sleep_or_stop(backoff.next_delay()).await {
+                    return;
+                }
+                continue;
+            }
+        };
         let (tx, mut events) = mpsc::unbounded_channel();
-        let producer = match producer(plan, &ctx.name, tx) {
+        let producer = match producer(plan, &ctx.name, tx, tls_paths.as_ref().zip(tls.as_ref())) {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 ctx.metrics
@@ -390,18 +467,24 @@ async fn serve(plan: &KafkaPlan, ctx: &SinkContext) {
         };
         info!(sink = %ctx.name, brokers = %plan.brokers.join(","), topic = %plan.topic.source(), "Kafka producer started");
         ctx.buffer.rewind();
-        let end = session(plan, ctx, &producer, &mut events, &mut backoff).await;
+        let tls_now = tls_paths.as_ref().zip(tls.as_ref());
+        let end = session(plan, ctx, &producer, &mut events, &mut backoff, tls_now).await;
         let stopping = matches!(end, SessionEnd::Stopped);
         if stopping {
             finish(ctx, producer.clone(), &mut events).await;
         }
-        // Dropping a producer waits for librdkafka's threads: off the runtime.
+        // Dropping a producer waits for librdkafka's threads: off the runtime. It purges
+        // what it still holds: those records were not acked, the rewind produces them
+        // again.
         let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
-        if stopping {
-            return;
-        }
-        if ctx.sleep_or_stop(backoff.next_delay()).await {
-            return;
+        match end {
+            SessionEnd::Stopped => return,
+            SessionEnd::NewTls => {}
+            SessionEnd::Recreate => {
+                if ctx.sleep_or_stop(backoff.next_delay()).await {
+                    return;
+                }
+            }
         }
     }
 }
@@ -410,6 +493,8 @@ enum SessionEnd {
     Stopped,
     /// A fatal producer error: make a new producer.
     Recreate,
+    /// New TLS files loaded: make a new producer with them, now.
+    NewTls,
 }
 
 /// Produces from the buffer and handles reports until shutdown or a fatal error.
@@ -419,6 +504,7 @@ async fn session(
     producer: &KafkaProducer,
     events: &mut mpsc::UnboundedReceiver<Event>,
     backoff: &mut Backoff,
+    tls: Option<(&TlsPaths, &LoadedTls)>,
 ) -> SessionEnd {
     let mut in_flight = 0usize;
     // Set by the first failure; producing stops until every report is in.
@@ -432,7 +518,18 @@ async fn session(
     let mut stall_check = tokio::time::interval((stall / 4).max(Duration::from_millis(100)));
     stall_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut stalled = false;
+    let mut tls_check = tokio::time::interval(CREDENTIALS_POLL);
+    tls_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Set when new TLS files loaded: nothing more is produced with this producer.
+    let mut new_tls = false;
+    // Whether any delivery was confirmed by this producer.
+    let mut delivering = false;
     loop {
+        // The records in flight are waited for while the sink delivers; while it is down
+        // they may never be confirmed with the files in use, and are produced again.
+        if new_tls && (in_flight == 0 || !delivering || stalled || failure.is_some()) {
+            return SessionEnd::NewTls;
+        }
         if in_flight == 0 {
             if let Some((reason, detail)) = failure.take() {
                 ctx.metrics.mark_down(&reason, &detail);
@@ -457,7 +554,7 @@ async fn session(
             (None, _) => None,
         };
         tokio::select! {
-            batch = ctx.buffer.read_batch(room), if room > 0 && failure.is_none() => {
+            batch = ctx.buffer.read_batch(room), if room > 0 && failure.is_none() && !new_tls => {
                 if in_flight == 0 {
                     last_report = Instant::now();
                 }
@@ -473,11 +570,19 @@ async fn session(
                 send_ready(plan, ctx, producer, &mut ready, pacer.as_mut(), &mut in_flight, &mut failure).await;
             }
             // A branch of its own: reports and shutdown are handled while the pacer waits.
-            _ = sleep_until_some(paced_until), if failure.is_none() && paced_until.is_some() => {
+            _ = sleep_until_some(paced_until), if failure.is_none() && !new_tls && paced_until.is_some() => {
                 if in_flight == 0 {
                     last_report = Instant::now();
                 }
                 send_ready(plan, ctx, producer, &mut ready, pacer.as_mut(), &mut in_flight, &mut failure).await;
+            }
+            _ = tls_check.tick(), if tls.is_some() && !new_tls => {
+                if let Some((paths, in_use)) = tls {
+                    if paths.read(ctx).is_ok_and(|now| &now != in_use) {
+                        info!(sink = %ctx.name, in_flight, "new TLS files: making the producer again with them");
+                        new_tls = true;
+                    }
+                }
             }
             _ = stall_check.tick(), if in_flight > 0 && !stalled => {
                 if last_report.elapsed() >= stall {
@@ -502,6 +607,7 @@ async fn session(
                             ctx.buffer.ack(p.seq);
                             ctx.metrics.delivered(p.msg.received_at);
                             confirmed = true;
+                            delivering = true;
                         }
                         Event::Failed(p, code, detail) => {
                             in_flight -= 1;

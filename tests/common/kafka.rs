@@ -115,13 +115,27 @@ pub struct Record {
 /// Reads partitions 0..3 of `topics` (those that exist) from the beginning until `n` records arrived or `timeout`
 /// passed (blocking: call from `spawn_blocking`).
 pub fn consume(bootstrap: &str, topics: &[&str], n: usize, timeout: Duration) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    consume_with(bootstrap, &[], topics, n, timeout)
+}
+
+/// As [`consume`], with more client settings (`security.protocol` and the like).
+pub fn consume_with(
+    bootstrap: &str,
+    settings: &[(&str, &str)],
+    topics: &[&str],
+    n: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "edgebridge-test")
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("consumer");
+        .set("auto.offset.reset", "earliest");
+    for (k, v) in settings {
+        config.set(*k, *v);
+    }
+    let consumer: BaseConsumer = config.create().expect("consumer");
     let mut assignment = TopicPartitionList::new();
     for topic in topics {
         for partition in 0..3 {
@@ -174,4 +188,62 @@ pub async fn consume_async(
     })
     .await
     .expect("consumer task")
+}
+
+/// A TLS front for tansu (which speaks plain TCP only): terminates mutual TLS with the
+/// test CA's server certificate on `port` and carries each connection to tansu at
+/// `upstream`, recording the client certificate (DER) each connection presented. Start
+/// tansu advertising `port` so that every connection of a client goes through it.
+pub struct TlsFront {
+    pub port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsFront {
+    pub async fn start(certs: &crate::common::TestCerts, port: u16, upstream: u16) -> TlsFront {
+        let config = crate::common::tls_server_config(certs, true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the TLS front");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recording = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, recording) = (acceptor.clone(), recording.clone());
+                tokio::spawn(async move {
+                    // A refused handshake just closes.
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    if let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
+                    {
+                        recording.lock().expect("seen lock").push(cert.to_vec());
+                    }
+                    let Ok(mut kafka) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut kafka).await;
+                });
+            }
+        });
+        TlsFront { port, seen, task }
+    }
+
+    /// The client certificates of the connections so far, in order.
+    pub fn client_certificates(&self) -> Vec<Vec<u8>> {
+        self.seen.lock().expect("seen lock").clone()
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
