@@ -13,7 +13,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -21,6 +20,7 @@ use figment::value::{Dict, Value};
 use figment::{Figment, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use crate::buffer::config::{BufferSection, Drain, Storage, SyncPolicy, WhenFull};
 use crate::rules::{Expr, ExprKind, Template, TemplateScope, TopicFilter};
 use crate::sinks::cloud::{self, AzureEvents, AzureSas, CloudProfile, SharedAccessKey};
 use crate::sinks::failover::{self, Endpoint};
@@ -28,6 +28,7 @@ use crate::sinks::http::{HttpPlan, HttpSinkSection};
 use crate::sinks::kafka::{KafkaPlan, KafkaSinkSection};
 use crate::sinks::pacing::Rate;
 use crate::sinks::pack::{PackPlan, PackSection, PayloadLimit};
+pub use crate::units::{ByteSize, HumanDuration};
 
 /// One problem with the configuration, named by its key path (`sinks.cloud.url`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,71 +75,8 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 // ---------------------------------------------------------------------------------------
-// Value types with human-friendly syntax
+// Value types with human-friendly syntax (sizes and durations: crate::units)
 // ---------------------------------------------------------------------------------------
-
-/// A byte size written as `"64KiB"`, `"1GiB"`, `"10 MB"` or a plain integer of bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = ByteSize;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a byte size (\"64KiB\", \"1GiB\" or a number of bytes)")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
-                Ok(ByteSize(v))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom("a byte size cannot be negative"))
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ByteSize, E> {
-                bytesize::ByteSize::from_str(s.trim())
-                    .map(|b| ByteSize(b.as_u64()))
-                    .map_err(|_| {
-                        E::custom(format!(
-                            "invalid size {s:?}; write e.g. \"64KiB\", \"10MB\" or \"1GiB\""
-                        ))
-                    })
-            }
-        }
-        d.deserialize_any(Visitor)
-    }
-}
-
-impl Serialize for ByteSize {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&bytesize::ByteSize(self.0).display().iec().to_string())
-    }
-}
-
-/// A duration written as `"500ms"`, `"30s"`, `"7d"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(HumanDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "invalid duration {s:?} ({e}); write e.g. \"500ms\", \"30s\" or \"7d\""
-                ))
-            })
-    }
-}
-
-impl Serialize for HumanDuration {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(self.0).to_string())
-    }
-}
 
 /// An MQTT sink's `url`: one URL as a string, or a list of them for failover.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -653,128 +591,6 @@ pub struct FileSinkSection {
     pub buffer: BufferSection,
 }
 
-/// What a full buffer does with the next message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WhenFull {
-    DropOldest,
-    DropNewest,
-    Block,
-}
-
-/// In which order a sink's buffer hands a backlog to the sink.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Drain {
-    /// Oldest first, always: a consumer sees the device order.
-    #[default]
-    Ordered,
-    /// Messages that arrive while a backlog drains go first; the backlog follows with
-    /// the room left, oldest first.
-    LiveFirst,
-}
-
-/// Where a sink's buffer keeps its records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Storage {
-    /// Segmented log under `data_dir/buffers/<sink>/`: survives restarts and crashes.
-    Disk,
-    /// In memory only: survives upstream outages, not a restart.
-    Memory,
-}
-
-/// When appended records are forced to disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SyncPolicy {
-    /// Group commit: every batch the router appends is fsynced before the devices' acks
-    /// go out and before the sink reads it.
-    Batch,
-    /// Written to the OS at once, fsynced every `sync_interval`.
-    Interval,
-    /// Written to the OS at once; the OS decides when to write back.
-    None,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BufferSection {
-    #[serde(default = "default_storage")]
-    pub storage: Storage,
-    #[serde(default = "default_buffer_max_bytes")]
-    pub max_bytes: ByteSize,
-    #[serde(default = "default_when_full")]
-    pub when_full: WhenFull,
-    /// Records older than this are dropped when read (counted, `reason="ttl"`).
-    #[serde(default)]
-    pub ttl: Option<HumanDuration>,
-    /// Size of one segment file; default a quarter of max_bytes, between 64KiB and 4MiB.
-    #[serde(default)]
-    pub segment_size: Option<ByteSize>,
-    #[serde(default = "default_sync")]
-    pub sync: SyncPolicy,
-    #[serde(default = "default_sync_interval")]
-    pub sync_interval: HumanDuration,
-    /// Below this much free space on the data_dir's file system the buffer behaves as
-    /// full, so the gateway never fills the disk.
-    #[serde(default = "default_min_free_disk")]
-    pub min_free_disk: ByteSize,
-    /// Cap on messages per second handed to the sink (backlog drains); absent = no cap.
-    #[serde(default)]
-    pub drain_rate: Option<u64>,
-    /// Order of a backlog drain: `ordered` or `live_first` (disk storage only).
-    #[serde(default)]
-    pub drain: Drain,
-    /// Records handed to the sink at once.
-    #[serde(default = "default_batch")]
-    pub batch: usize,
-    /// `*.corrupt` files (damaged data moved aside by recovery) kept for inspection; past
-    /// this many the oldest are deleted.
-    #[serde(default = "default_corrupt_max_files")]
-    pub corrupt_max_files: usize,
-    /// Bytes of `*.corrupt` files kept; past this the oldest are deleted.
-    #[serde(default = "default_corrupt_max_bytes")]
-    pub corrupt_max_bytes: ByteSize,
-}
-
-fn default_corrupt_max_files() -> usize {
-    8
-}
-fn default_corrupt_max_bytes() -> ByteSize {
-    ByteSize(64 * 1024 * 1024)
-}
-
-impl BufferSection {
-    /// The segment size in force: as configured, or a quarter of `max_bytes` kept
-    /// between 64KiB and 4MiB.
-    pub fn segment_bytes(&self) -> u64 {
-        self.segment_size
-            .map(|s| s.0)
-            .unwrap_or_else(|| (self.max_bytes.0 / 4).clamp(64 * 1024, 4 * 1024 * 1024))
-    }
-}
-
-impl Default for BufferSection {
-    fn default() -> Self {
-        Self {
-            storage: default_storage(),
-            max_bytes: default_buffer_max_bytes(),
-            when_full: default_when_full(),
-            ttl: None,
-            segment_size: None,
-            sync: default_sync(),
-            sync_interval: default_sync_interval(),
-            min_free_disk: default_min_free_disk(),
-            drain_rate: None,
-            drain: Drain::Ordered,
-            batch: default_batch(),
-            corrupt_max_files: default_corrupt_max_files(),
-            corrupt_max_bytes: default_corrupt_max_bytes(),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSection {
@@ -958,27 +774,6 @@ fn default_backoff_min() -> HumanDuration {
 }
 fn default_backoff_max() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
-}
-fn default_buffer_max_bytes() -> ByteSize {
-    ByteSize(1024 * 1024 * 1024)
-}
-fn default_storage() -> Storage {
-    Storage::Disk
-}
-fn default_sync() -> SyncPolicy {
-    SyncPolicy::Batch
-}
-fn default_sync_interval() -> HumanDuration {
-    HumanDuration(Duration::from_millis(100))
-}
-fn default_min_free_disk() -> ByteSize {
-    ByteSize(100 * 1024 * 1024)
-}
-fn default_when_full() -> WhenFull {
-    WhenFull::DropOldest
-}
-fn default_batch() -> usize {
-    500
 }
 fn default_log_level() -> String {
     "info".into()

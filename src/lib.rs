@@ -43,3 +43,4 @@ pub mod message;
 pub mod metrics;
 pub mod rules;
 pub mod sinks;
+pub mod units;

@@ -32,6 +32,7 @@
 //! a consumer sees each lane in device order, live messages overtaking older ones.
 
 mod codec;
+pub mod config;
 mod disk;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -46,7 +47,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{BufferSection, Drain, Storage, SyncPolicy, WhenFull};
+pub use config::{BufferSection, Drain, Storage, SyncPolicy, WhenFull};
 use crate::message::{now_millis, Message};
 use crate::metrics::Metrics;
 use disk::{DiskLog, DiskLogOptions};
@@ -819,7 +820,7 @@ impl Buffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ByteSize;
+    use crate::units::ByteSize;
     use bytes::Bytes;
 
     fn msg(n: u64) -> Message {

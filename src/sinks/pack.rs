@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::buffer::Record;
-use crate::config::{ByteSize, HumanDuration};
+use crate::units::{ByteSize, HumanDuration};
 use crate::message::Message;
 use crate::sinks::envelope::non_json_payload;
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BufferSection, ByteSize, HumanDuration, RateSection};
+use crate::buffer::BufferSection;
+use crate::config::RateSection;
+use crate::units::{ByteSize, HumanDuration};
 use crate::rules::{Template, TemplateScope};
 use crate::sinks::pack::{PackPlan, PackSection};
 

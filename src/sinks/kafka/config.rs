@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BufferSection, HumanDuration, RateSection};
+use crate::buffer::BufferSection;
+use crate::config::RateSection;
+use crate::units::HumanDuration;
 use crate::rules::{Template, TemplateScope};
 
 /// `[sinks.NAME]` with `type = "kafka"`.
