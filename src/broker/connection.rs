@@ -56,13 +56,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::auth::{Grants, Identity, Refusal, Security};
+use super::config::{AckMode, ListenerPlan};
 use super::intake::{AckTicket, AckTracker, IntakeItem};
 use super::links::{self, Claim, Links};
 use super::persist::Subscription;
 use super::protocol::{self, Version};
 use super::subscriptions::{Subscriptions, Verdict};
 use super::transport::{Handshake, Transport};
-use crate::config::{AckMode, ListenerPlan};
 use crate::message::{now_millis, Message};
 use crate::metrics::ListenerMetrics;
 use crate::rules::TopicFilter;

@@ -13,6 +13,7 @@
 //! ever reaches intake, and so no rule can send it back upstream.
 
 mod auth;
+pub mod config;
 mod connection;
 mod intake;
 mod links;
@@ -49,9 +50,9 @@ pub use intake::{AckTicket, AckTracker, IntakeItem};
 pub use persist::Persist;
 pub use transport::WS_PATH;
 
-use crate::config::{AuthPlan, BrokerSection, ListenerPlan};
 use crate::message::Properties;
 use crate::metrics::Metrics;
+pub use config::{AuthPlan, BrokerSection, ListenerPlan};
 use links::Links;
 use transport::TlsReload;
 

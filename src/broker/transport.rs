@@ -35,7 +35,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::config::{ListenerPlan, ListenerTls};
+use super::config::{ListenerPlan, ListenerTls};
 
 /// The WebSocket path devices connect to.
 pub const WS_PATH: &str = "/mqtt";

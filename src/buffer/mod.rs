@@ -47,9 +47,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::{BufferSection, Drain, Storage, SyncPolicy, WhenFull};
 use crate::message::{now_millis, Message};
 use crate::metrics::Metrics;
+pub use config::{BufferSection, Drain, Storage, SyncPolicy, WhenFull};
 use disk::{DiskLog, DiskLogOptions};
 
 /// For the fuzz targets only (fuzz/): decodes one record body as a read does. Returns

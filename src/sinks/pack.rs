@@ -42,9 +42,9 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::buffer::Record;
-use crate::units::{ByteSize, HumanDuration};
 use crate::message::Message;
 use crate::sinks::envelope::non_json_payload;
+use crate::units::{ByteSize, HumanDuration};
 
 /// `max_bytes` when not set (or the upstream's limit, if smaller): under AWS IoT Core's
 /// 128 KiB payload limit with room to spare.

@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::buffer::BufferSection;
 use crate::config::RateSection;
-use crate::units::{ByteSize, HumanDuration};
 use crate::rules::{Template, TemplateScope};
 use crate::sinks::pack::{PackPlan, PackSection};
+use crate::units::{ByteSize, HumanDuration};
 
 /// `[sinks.NAME]` with `type = "http"`.
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::buffer::BufferSection;
 use crate::config::RateSection;
-use crate::units::HumanDuration;
 use crate::rules::{Template, TemplateScope};
+use crate::units::HumanDuration;
 
 /// `[sinks.NAME]` with `type = "kafka"`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
