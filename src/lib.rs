@@ -20,7 +20,7 @@
 //! - [`broker`]: device connections (auth, ACLs, acks, wills), rumqttd's router for local
 //!   subscribers, and intake.
 //! - [`rules`]: compiled topic filters, templates and CEL expressions; the router task;
-//!   downlinks ([`rules::downlink`]) and the dry run ([`rules::dry_run`]).
+//!   downlinks ([`rules::downlink`]).
 //! - [`buffer`]: the per-sink buffer (append / read batch / ack / rewind).
 //! - [`sinks`]: one worker per sink: [`sinks::mqtt`] (MQTT 5 or 3.1.1 behind one seam,
 //!   with [`sinks::failover`] between its endpoints, several connections in
@@ -29,6 +29,7 @@
 //!   when it has a `rate`, and MQTT and HTTP combine messages with [`sinks::pack`].
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/v1/status` and the status page.
 //! - [`app`]: start-up, reload (SIGHUP) and shutdown order.
+//! - [`dry_run`]: `edgebridge rules test`, one made-up message through a plan's rules.
 //! - [`lock`]: the exclusive lock on `data_dir`, taken first and held for the process's life.
 
 #![forbid(unsafe_code)]
@@ -38,6 +39,7 @@ pub mod app;
 pub mod broker;
 pub mod buffer;
 pub mod config;
+pub mod dry_run;
 pub mod lock;
 pub mod message;
 pub mod metrics;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use edgebridge::app::Gateway;
 use edgebridge::config::{self, LogFormat, Plan};
-use edgebridge::rules::dry_run::{dry_run, TestMessage};
+use edgebridge::dry_run::{dry_run, TestMessage};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 

@@ -5,7 +5,6 @@
 //! touches the network; a slow sink only grows its own buffer.
 
 pub mod downlink;
-pub mod dry_run;
 mod expr;
 mod filter;
 mod json;

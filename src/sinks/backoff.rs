@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use crate::units::HumanDuration;
+
 #[derive(Debug, Clone)]
 pub struct Backoff {
     min: Duration,
@@ -54,6 +56,23 @@ impl Backoff {
     pub fn resets(&self) -> u64 {
         self.resets
     }
+}
+
+/// Reports (at `{path}.backoff_min`) a backoff range [`Backoff`] refuses; `false` then.
+pub fn check_backoff(
+    path: &str,
+    min: HumanDuration,
+    max: HumanDuration,
+    err: &mut impl FnMut(String, String),
+) -> bool {
+    let ok = Backoff::try_new(min.0, max.0).is_ok();
+    if !ok {
+        err(
+            format!("{path}.backoff_min"),
+            "must be above 0 and not above backoff_max".into(),
+        );
+    }
+    ok
 }
 
 #[cfg(test)]

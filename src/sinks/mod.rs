@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use backoff::{Backoff, BackoffError};
+pub use backoff::{check_backoff, Backoff, BackoffError};
 pub use pacing::{Pacer, Rate};
 
 use crate::buffer::Buffer;

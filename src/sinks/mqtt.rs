@@ -57,6 +57,7 @@
 //! to what goes on the wire: a pack is one paced publish.
 
 pub(crate) mod client;
+pub mod config;
 mod connections;
 pub mod puback;
 
@@ -77,8 +78,8 @@ use super::failover::{self, Endpoints, Probe, Switch};
 use super::pack::{self, Pack, Packer};
 use super::{sleep_until_some, Backoff, SinkContext};
 use crate::buffer::{Buffer, Record};
-use crate::config::{MqttPlan, MqttProtocol};
 use crate::message::{now_millis, Properties};
+use config::{MqttPlan, MqttProtocol};
 
 /// Bytes of MQTT framing around topic and payload in a PUBLISH (fixed header, lengths,
 /// packet id), rounded up.

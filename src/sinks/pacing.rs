@@ -24,7 +24,11 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use tokio::time::Instant;
+
+use crate::units::ByteSize;
 
 /// Width of one bucket of the sliding window.
 const BUCKET: Duration = Duration::from_millis(10);
@@ -248,6 +252,58 @@ fn schedule(due: Instant, promised: Option<Instant>, now: Instant) -> Instant {
     } else {
         due.max(now.checked_sub(MAX_LAG).unwrap_or(due))
     }
+}
+
+/// `rate = { messages = 100, bytes = "512KiB" }`: the most a sink puts on the wire per
+/// second (see `sinks::pacing`). At least one of the two; each above zero.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateSection {
+    /// Upstream messages per second (MQTT PUBLISHes, HTTP requests, Kafka records,
+    /// file lines). Signed so that a negative value gets a message with its key path.
+    #[serde(default)]
+    pub messages: Option<i64>,
+    /// Bytes per second of those messages.
+    #[serde(default)]
+    pub bytes: Option<ByteSize>,
+}
+
+/// `rate` at key path `path`; `None` (with the problems reported) when it is invalid.
+pub fn validate_rate(
+    path: &str,
+    rate: &RateSection,
+    err: &mut impl FnMut(String, String),
+) -> Option<Rate> {
+    let mut ok = true;
+    if rate.messages.is_none() && rate.bytes.is_none() {
+        err(
+            path.to_string(),
+            "set messages (per second), bytes (per second, e.g. \"512KiB\") or both".into(),
+        );
+        ok = false;
+    }
+    let messages = match rate.messages {
+        Some(n) if n <= 0 || n > i64::from(u32::MAX) => {
+            err(
+                format!("{path}.messages"),
+                format!("must be between 1 and {} (per second)", u32::MAX),
+            );
+            ok = false;
+            None
+        }
+        n => n.and_then(|n| u32::try_from(n).ok()),
+    };
+    if rate.bytes.is_some_and(|b| b.0 == 0) {
+        err(
+            format!("{path}.bytes"),
+            "must be above zero (per second)".into(),
+        );
+        ok = false;
+    }
+    ok.then_some(Rate {
+        messages,
+        bytes: rate.bytes.map(|b| b.0),
+    })
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::BufferSection;
-use crate::config::RateSection;
 use crate::rules::{Template, TemplateScope};
+use crate::sinks::pacing::RateSection;
 use crate::sinks::pack::{PackPlan, PackSection};
 use crate::units::{ByteSize, HumanDuration};
 
@@ -422,7 +422,7 @@ pub fn validate(
             ok = false;
         }
     }
-    ok &= crate::config::check_backoff(path, s.backoff_min, s.backoff_max, err);
+    ok &= crate::sinks::check_backoff(path, s.backoff_min, s.backoff_max, err);
     let pack = match &s.pack {
         Some(section) => {
             // A pack is the whole body: the batch keys and the body format would only

@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::BufferSection;
-use crate::config::RateSection;
 use crate::rules::{Template, TemplateScope};
+use crate::sinks::pacing::RateSection;
 use crate::units::HumanDuration;
 
 /// `[sinks.NAME]` with `type = "kafka"`.
@@ -240,7 +240,7 @@ pub fn validate(
         );
         ok = false;
     }
-    ok &= crate::config::check_backoff(path, s.backoff_min, s.backoff_max, err);
+    ok &= crate::sinks::check_backoff(path, s.backoff_min, s.backoff_max, err);
     if !ok {
         return None;
     }

@@ -26,7 +26,7 @@ use rumqttc::{StateError, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::{MqttPlan, MqttProtocol};
+use super::config::{MqttPlan, MqttProtocol};
 use crate::message::Properties;
 use crate::rules::downlink::DownlinkTap;
 use crate::sinks::credentials::{LoadedTls, TlsFiles};

@@ -26,9 +26,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::config::MqttPlan;
 use super::{session, Feed, Outcome, Source};
 use crate::buffer::Record;
-use crate::config::MqttPlan;
 use crate::sinks::SinkContext;
 
 pub(super) async fn run(plan: MqttPlan, ctx: SinkContext) {

@@ -8,9 +8,9 @@ use std::fmt::Write;
 use base64::Engine;
 use bytes::Bytes;
 
-use super::{Route, RuleSet, Verdict};
-use crate::config::Plan;
-use crate::config::{MqttProtocol, SinkKindPlan};
+use crate::config::{Plan, SinkKindPlan};
+use crate::rules::{Route, RuleSet, Verdict};
+use crate::sinks::mqtt::config::MqttProtocol;
 use crate::message::{now_millis, Message, Properties};
 use crate::metrics::Metrics;
 
