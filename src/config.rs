@@ -27,14 +27,14 @@ pub use crate::broker::config::{
 pub use crate::buffer::config::{BufferSection, Drain, Storage, SyncPolicy, WhenFull};
 use crate::rules::{Expr, ExprKind, Template, TemplateScope, TopicFilter};
 use crate::sinks::cloud::{self, CloudProfile};
-use crate::sinks::http::{HttpPlan, HttpSinkSection};
-use crate::sinks::kafka::{KafkaPlan, KafkaSinkSection};
+pub use crate::sinks::config::{FilePlan, FileSinkSection, SinkKindPlan, SinkPlan, SinkSection};
+use crate::sinks::http::HttpSinkSection;
+use crate::sinks::kafka::KafkaSinkSection;
 pub use crate::sinks::mqtt::config::{
     Connections, MqttPlan, MqttProtocol, MqttSinkSection, TlsPlan, TlsSection, UrlList,
 };
+use crate::sinks::pacing::validate_rate;
 pub use crate::sinks::pacing::RateSection;
-use crate::sinks::pacing::{validate_rate, Rate};
-use crate::sinks::pack::PackPlan;
 pub use crate::units::{ByteSize, HumanDuration};
 
 /// One problem with the configuration, named by its key path (`sinks.cloud.url`).
@@ -192,49 +192,6 @@ impl Default for AdminSection {
 
 fn default_history_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
-}
-
-// Built once at load: the size difference between kinds does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum SinkSection {
-    Mqtt(MqttSinkSection),
-    Http(HttpSinkSection),
-    Kafka(KafkaSinkSection),
-    File(FileSinkSection),
-}
-
-impl SinkSection {
-    pub fn buffer(&self) -> &BufferSection {
-        match self {
-            SinkSection::Mqtt(s) => &s.buffer,
-            SinkSection::Http(s) => &s.buffer,
-            SinkSection::Kafka(s) => &s.buffer,
-            SinkSection::File(s) => &s.buffer,
-        }
-    }
-
-    /// `rate`, as written (every kind has it).
-    pub fn rate(&self) -> Option<&RateSection> {
-        match self {
-            SinkSection::Mqtt(s) => s.rate.as_ref(),
-            SinkSection::Http(s) => s.rate.as_ref(),
-            SinkSection::Kafka(s) => s.rate.as_ref(),
-            SinkSection::File(s) => s.rate.as_ref(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSinkSection {
-    pub path: PathBuf,
-    /// Pacing: lines (and their bytes) written per second.
-    #[serde(default)]
-    pub rate: Option<RateSection>,
-    #[serde(default)]
-    pub buffer: BufferSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -654,40 +611,6 @@ pub struct Plan {
     pub auth: AuthPlan,
     /// Files `${file:…}` read; a change reloads the config.
     pub secret_files: Vec<SecretFile>,
-}
-
-#[derive(Debug, Clone)]
-pub struct SinkPlan {
-    pub name: String,
-    pub buffer: BufferSection,
-    /// Pacing of what goes on the wire; `None`: as fast as the upstream confirms.
-    pub rate: Option<Rate>,
-    pub kind: SinkKindPlan,
-}
-
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone)]
-pub enum SinkKindPlan {
-    Mqtt(MqttPlan),
-    Http(HttpPlan),
-    Kafka(KafkaPlan),
-    File(FilePlan),
-}
-
-impl SinkKindPlan {
-    /// How the sink packs messages, if it does (`pack = { ... }`).
-    pub fn pack(&self) -> Option<&PackPlan> {
-        match self {
-            SinkKindPlan::Mqtt(m) => m.pack.as_ref(),
-            SinkKindPlan::Http(h) => h.pack.as_ref(),
-            SinkKindPlan::Kafka(_) | SinkKindPlan::File(_) => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct FilePlan {
-    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -1592,6 +1515,7 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sinks::pacing::Rate;
     use std::collections::HashMap;
     use std::io::Write;
 

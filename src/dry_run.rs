@@ -9,10 +9,10 @@ use base64::Engine;
 use bytes::Bytes;
 
 use crate::config::{Plan, SinkKindPlan};
-use crate::rules::{Route, RuleSet, Verdict};
-use crate::sinks::mqtt::config::MqttProtocol;
 use crate::message::{now_millis, Message, Properties};
 use crate::metrics::Metrics;
+use crate::rules::{Route, RuleSet, Verdict};
+use crate::sinks::mqtt::config::MqttProtocol;
 
 /// The message of a dry run.
 pub struct TestMessage {

@@ -15,9 +15,9 @@ use tokio::fs::{File, OpenOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
+use super::config::FilePlan;
 use super::{Backoff, Pacer, SinkContext};
 use crate::buffer::Record;
-use crate::config::FilePlan;
 use crate::message::Message;
 
 /// Appends the NDJSON line of `msg` to `out`.

@@ -8,6 +8,7 @@
 
 mod backoff;
 pub mod cloud;
+pub mod config;
 pub mod credentials;
 pub mod envelope;
 pub mod failover;
@@ -33,10 +34,10 @@ pub use backoff::{check_backoff, Backoff, BackoffError};
 pub use pacing::{Pacer, Rate};
 
 use crate::buffer::Buffer;
-use crate::config::{SinkKindPlan, SinkPlan};
 use crate::message::{now_millis, Message};
 use crate::metrics::Metrics;
 use crate::rules::downlink::DownlinkTap;
+pub use config::{SinkKindPlan, SinkPlan};
 
 /// What every sink worker gets.
 pub struct SinkContext {
