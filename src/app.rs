@@ -138,7 +138,7 @@ impl SinkSet {
             return;
         };
         let stop = self.stop.child_token();
-        let downlink = DownlinkTable::tap(plan, index, &self.downlink_tx);
+        let downlink = DownlinkTable::tap(&plan.downlinks, index, &self.downlink_tx);
         let downlink_filters = downlink.as_ref().map(|t| t.filters().to_vec());
         let ctx = SinkContext {
             name: s.name.clone(),
@@ -242,9 +242,11 @@ impl Gateway {
         for s in &plan.sinks {
             sinks.buffer(s, &plan.data_dir)?;
         }
-        let (downlink_table, downlink_table_rx) =
-            watch::channel(Arc::new(DownlinkTable::new(&plan)));
-        downlink::log_table(&plan);
+        let (downlink_table, downlink_table_rx) = watch::channel(Arc::new(DownlinkTable::new(
+            &plan.gateway_id,
+            &plan.downlinks,
+        )));
+        downlink::log_table(&plan.downlinks);
         for index in 0..plan.sinks.len() {
             sinks.start(&plan, index);
         }
@@ -435,7 +437,7 @@ impl Gateway {
         // routes to them; a changed worker is stopped before its successor starts, so
         // one buffer never has two readers.
         for (index, s) in plan.sinks.iter().enumerate() {
-            let filters = DownlinkTable::tap(&plan, index, &self.sinks.downlink_tx)
+            let filters = DownlinkTable::tap(&plan.downlinks, index, &self.sinks.downlink_tx)
                 .map(|t| t.filters().to_vec());
             match self.sinks.running.get(&s.name) {
                 Some(r) if same_sink_config(&r.plan, s) && r.downlink_filters == filters => {}
@@ -457,8 +459,11 @@ impl Gateway {
         self.routing
             .send_replace(Arc::new(Routing { rules, buffers }));
         self.downlink_table
-            .send_replace(Arc::new(DownlinkTable::new(&plan)));
-        downlink::log_table(&plan);
+            .send_replace(Arc::new(DownlinkTable::new(
+                &plan.gateway_id,
+                &plan.downlinks,
+            )));
+        downlink::log_table(&plan.downlinks);
         let removed: Vec<String> = self
             .sinks
             .running

@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::config::DownlinkPlan;
 use super::{Template, TemplateVars, TopicFilter};
 use crate::broker::LocalPublisher;
-use crate::config::Plan;
 use crate::message::Properties;
 use crate::metrics::Metrics;
 
@@ -107,14 +107,14 @@ pub struct DownlinkTable {
 }
 
 impl DownlinkTable {
-    pub fn new(plan: &Plan) -> Self {
+    /// The table of `downlinks`, for gateway `gateway_id`.
+    pub fn new(gateway_id: &str, downlinks: &[DownlinkPlan]) -> Self {
         Self {
-            gateway_id: plan.gateway_id.clone(),
-            entries: plan
-                .downlinks
+            gateway_id: gateway_id.to_string(),
+            entries: downlinks
                 .iter()
                 .map(|d| Entry {
-                    sink: plan.sinks[d.sink].name.clone(),
+                    sink: d.sink_name.clone(),
                     filter: d.filter.clone(),
                     topic: d.topic.clone(),
                     retain: d.retain,
@@ -123,22 +123,25 @@ impl DownlinkTable {
         }
     }
 
-    /// The tap of sink `index` of `plan`, or `None` when it has no downlinks.
+    /// The tap of sink `index` (of the plan `downlinks` belong to), or `None` when it has
+    /// no downlinks.
     pub fn tap(
-        plan: &Plan,
+        downlinks: &[DownlinkPlan],
         index: usize,
         tx: &mpsc::Sender<UpstreamMessage>,
     ) -> Option<DownlinkTap> {
         let mut filters: Vec<(String, u8)> = Vec::new();
-        for d in plan.downlinks.iter().filter(|d| d.sink == index) {
+        let mut sink = None;
+        for d in downlinks.iter().filter(|d| d.sink == index) {
+            sink = Some(d.sink_name.as_str());
             let filter = d.filter.to_string();
             match filters.iter_mut().find(|(f, _)| *f == filter) {
                 Some((_, qos)) => *qos = (*qos).max(d.qos),
                 None => filters.push((filter, d.qos)),
             }
         }
-        (!filters.is_empty()).then(|| DownlinkTap {
-            sink: Arc::from(plan.sinks[index].name.as_str()),
+        sink.map(|sink| DownlinkTap {
+            sink: Arc::from(sink),
             filters,
             tx: tx.clone(),
         })
@@ -240,9 +243,9 @@ pub async fn run(
 }
 
 /// Logs the downlinks in force.
-pub fn log_table(plan: &Plan) {
-    for d in &plan.downlinks {
-        info!(sink = %plan.sinks[d.sink].name, from = %d.filter, topic = %d.topic.source(), "downlink");
+pub fn log_table(downlinks: &[DownlinkPlan]) {
+    for d in downlinks {
+        info!(sink = %d.sink_name, from = %d.filter, topic = %d.topic.source(), "downlink");
     }
 }
 
@@ -251,7 +254,7 @@ mod tests {
     use super::*;
     use crate::config::{self, Config};
 
-    fn plan(downlinks: &str) -> Plan {
+    fn plan(downlinks: &str) -> config::Plan {
         let toml = format!(
             "[gateway]\nid = \"edge-5\"\n\
              [sinks.aws]\ntype = \"mqtt\"\nurl = \"mqtt://a:1883\"\n\
@@ -290,7 +293,7 @@ mod tests {
             topic = "ota/{1}"
             "#,
         );
-        let table = DownlinkTable::new(&plan);
+        let table = DownlinkTable::new(&plan.gateway_id, &plan.downlinks);
         assert_eq!(
             table.map(&upstream("aws", "cmd/edge-5/press-7/start/now")),
             vec![
@@ -329,8 +332,11 @@ mod tests {
             "#,
         );
         let (tx, _rx) = mpsc::channel(1);
-        let tap = DownlinkTable::tap(&plan, 0, &tx).expect("aws has downlinks");
+        let tap = DownlinkTable::tap(&plan.downlinks, 0, &tx).expect("aws has downlinks");
         assert_eq!(tap.filters(), &[("cmd/#".to_string(), 1)]);
-        assert!(DownlinkTable::tap(&plan, 1, &tx).is_none(), "hive has none");
+        assert!(
+            DownlinkTable::tap(&plan.downlinks, 1, &tx).is_none(),
+            "hive has none"
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! Output: one record per matched sink, appended to that sink's buffer. The engine never
 //! touches the network; a slow sink only grows its own buffer.
 
+pub mod config;
 pub mod downlink;
 mod expr;
 mod filter;
@@ -23,9 +24,9 @@ pub use filter::{FilterError, TopicFilter};
 pub use properties::{PropertiesSection, PropertyEdit};
 pub use template::{level_ranges, Template, TemplateError, TemplateScope, TemplateVars};
 
-use crate::config::{RulePlan, TargetPlan};
 use crate::message::{Message, Properties};
 use crate::metrics::Metrics;
+pub use config::{RulePlan, TargetPlan};
 
 /// The `rule` label under which errors of `[fallback]` transforms are counted.
 pub const FALLBACK_LABEL: &str = "(fallback)";
