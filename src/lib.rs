@@ -45,4 +45,5 @@ pub mod message;
 pub mod metrics;
 pub mod rules;
 pub mod sinks;
+pub mod topic;
 pub mod units;

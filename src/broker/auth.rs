@@ -17,7 +17,7 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
 use ring::hmac;
 
-use crate::rules::TopicFilter;
+use crate::topic::TopicFilter;
 
 /// Who a device is, as far as the gateway can tell at CONNECT.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

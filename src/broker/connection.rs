@@ -65,7 +65,7 @@ use super::subscriptions::{Subscriptions, Verdict};
 use super::transport::{Handshake, Transport};
 use crate::message::{now_millis, Message};
 use crate::metrics::ListenerMetrics;
-use crate::rules::TopicFilter;
+use crate::topic::TopicFilter;
 
 /// How long a device's PUBACK may wait for durability before its connection is dropped
 /// (the device then resends; nothing is lost).

@@ -11,7 +11,7 @@
 
 use rumqttd::protocol::{Filter, RetainForwardRule};
 
-use crate::rules::TopicFilter;
+use crate::topic::TopicFilter;
 
 /// One subscription of the session and its options.
 #[derive(Debug, Clone)]

@@ -7,7 +7,6 @@
 pub mod config;
 pub mod downlink;
 mod expr;
-mod filter;
 mod json;
 mod native;
 mod properties;
@@ -19,8 +18,8 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use prometheus::IntCounter;
 
+pub use crate::topic::{FilterError, TopicFilter};
 pub use expr::{EvalError, Expr, ExprKind, Failure, MessageVars, VARIABLES};
-pub use filter::{FilterError, TopicFilter};
 pub use properties::{PropertiesSection, PropertyEdit};
 pub use template::{level_ranges, Template, TemplateError, TemplateScope, TemplateVars};
 
