@@ -9,11 +9,12 @@
 //! [`RATE_WINDOW`] apart. Nothing secret is ever shown: sinks are described by kind, host
 //! and port (or path), never by credentials.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
@@ -201,12 +202,12 @@ impl AdminState {
     /// After a reload: the sinks and rules of the new `plan`.
     pub fn set_plan(&self, plan: &Plan, sinks: Vec<(String, Arc<SinkState>, Arc<Buffer>)>) {
         let view = Arc::new(View::new(plan, sinks));
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
+        *self.view.write() = view;
     }
 
     /// The sinks and rules in force.
     pub fn view(&self) -> Arc<View> {
-        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.view.read().clone()
     }
 
     pub fn phase(&self) -> Phase {
@@ -223,8 +224,7 @@ impl AdminState {
 
     /// The rate of counter `key` now at `value`, per second over the last window.
     fn rate(&self, key: &str, value: u64) -> Option<f64> {
-        // A panic while holding this lock leaves plain samples behind; keep using them.
-        let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rates = self.rates.lock();
         let now = Instant::now();
         let sample = rates.entry(key.to_string()).or_insert(RateSample {
             at: self.started,

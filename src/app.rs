@@ -271,7 +271,7 @@ impl Gateway {
             .context("cannot start the router thread")?;
 
         let stopping = Arc::new(AtomicBool::new(false));
-        let security = Arc::new(std::sync::RwLock::new(Arc::new(broker::Security::load(
+        let security = Arc::new(parking_lot::RwLock::new(Arc::new(broker::Security::load(
             &plan.auth,
         )?)));
         let broker = broker::start(
@@ -480,7 +480,7 @@ impl Gateway {
             report.removed.push(name);
         }
         // Users and ACLs: every later CONNECT uses the new ones.
-        *self.security.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(security);
+        *self.security.write() = Arc::new(security);
         // TLS listeners' certificate files: read now rather than at the next poll.
         self.credentials_now.notify_one();
         // What only a restart applies stays as it runs.

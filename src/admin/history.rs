@@ -8,8 +8,8 @@
 //! Kept in memory only, a fixed number of samples per sink, so memory does not grow with
 //! uptime; a sink removed by a reload is forgotten at the next sample.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -62,8 +62,7 @@ impl History {
     /// Records the readings taken at `now`; sinks absent from `readings` are forgotten.
     /// A sink's first reading only sets the base its rates are measured from.
     pub fn record(&self, now: Instant, readings: &[(&str, Reading)]) {
-        // A panic while holding this lock leaves plain samples behind; keep using them.
-        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let mut series = self.series.lock();
         series.retain(|name, _| readings.iter().any(|(n, _)| n == name));
         for (name, r) in readings {
             let s = series.entry((*name).to_string()).or_default();
@@ -90,7 +89,7 @@ impl History {
 
     /// The samples of `sink`, oldest first.
     pub fn samples(&self, sink: &str) -> Vec<Sample> {
-        let series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let series = self.series.lock();
         series
             .get(sink)
             .map(|s| s.samples.iter().copied().collect())
@@ -162,7 +161,7 @@ mod tests {
         );
         history.record(t0 + Duration::from_secs(10), &[("a", reading(1, 0, 0, 0))]);
         assert_eq!(history.samples("a").len(), 1);
-        assert!(history.series.lock().unwrap().get("b").is_none());
+        assert!(history.series.lock().get("b").is_none());
     }
 
     #[test]

@@ -6,10 +6,10 @@
 //! [`Security::grants`]); each PUBLISH and SUBSCRIBE is then checked against the
 //! connection's [`Grants`] by the device connection (`connection.rs`).
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::Context;
 use argon2::password_hash::phc::PasswordHash;
@@ -128,7 +128,7 @@ impl Users {
         let Some(hash) = self.hashes.get(user) else {
             return false;
         };
-        let cached = self.cache().get(user).cloned();
+        let cached = self.verified.lock().get(user).cloned();
         if cached
             .is_some_and(|known| hmac::verify(&self.cache_key, password, known.as_ref()).is_ok())
         {
@@ -139,14 +139,9 @@ impl Users {
             .unwrap_or(false);
         if ok {
             let tag = hmac::sign(&self.cache_key, password);
-            self.cache().insert(user.to_string(), tag);
+            self.verified.lock().insert(user.to_string(), tag);
         }
         ok
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, hmac::Tag>> {
-        // Plain data: a panic elsewhere while holding it leaves it usable.
-        self.verified.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

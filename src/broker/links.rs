@@ -13,11 +13,12 @@
 //! Input: jobs from device connections and downlinks. Output: packets into the router;
 //! what the router sends back is read by each connection from its own `LinkRx`.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -152,7 +153,7 @@ impl DelayedWill {
     /// Whether the will is still to be published (the id was not claimed meanwhile);
     /// answers `true` once.
     pub fn due(&self) -> bool {
-        let mut delayed = self.delayed_wills.lock().unwrap_or_else(|e| e.into_inner());
+        let mut delayed = self.delayed_wills.lock();
         if delayed.get(&self.key) == Some(&self.generation) {
             delayed.remove(&self.key);
             true
@@ -362,13 +363,10 @@ impl Links {
         let kick = CancellationToken::new();
         let generation = self.next_id.fetch_add(1, Ordering::Relaxed);
         let previous = {
-            let mut holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+            let mut holders = self.holders.lock();
             // Under the holders' lock (as in `delay_will`): a will delayed by the
             // connection replaced here is never published.
-            self.delayed_wills
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(client_id);
+            self.delayed_wills.lock().remove(client_id);
             holders.insert(
                 client_id.to_string(),
                 Holder {
@@ -394,13 +392,12 @@ impl Links {
     /// Registers the delayed will of the connection `generation` that held `key`.
     /// `None` when another connection already claimed the id (its will is void).
     pub fn delay_will(&self, key: &str, generation: u64) -> Option<DelayedWill> {
-        let holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        let holders = self.holders.lock();
         if holders.get(key).is_none_or(|h| h.generation != generation) {
             return None;
         }
         self.delayed_wills
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .insert(key.to_string(), generation);
         Some(DelayedWill {
             key: key.to_string(),
@@ -411,7 +408,7 @@ impl Links {
 
     /// Gives up `client_id` unless another connection took it over meanwhile.
     pub fn release(&self, client_id: &str, generation: u64) {
-        let mut holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        let mut holders = self.holders.lock();
         if holders
             .get(client_id)
             .is_some_and(|h| h.generation == generation)
@@ -423,7 +420,7 @@ impl Links {
     /// At CONNECT: whether a persistent session exists (session present) and holds
     /// subscriptions. A clean session, or an expired one, is forgotten.
     pub fn session(&self, client_id: &str, clean: bool) -> SessionStart {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sessions = self.sessions.lock();
         let mut previous = sessions.remove(client_id);
         let expired = previous
             .and_then(|p| p.expires_at)
@@ -431,10 +428,7 @@ impl Links {
         let discard = previous.is_some_and(|p| p.subscribed) && (clean || expired);
         if clean || expired {
             self.persist.forget(client_id);
-            self.options
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(client_id);
+            self.options.lock().remove(client_id);
             previous = None;
         }
         if clean {
@@ -466,25 +460,18 @@ impl Links {
 
     /// Keeps a persistent session's subscription options while its device is away.
     pub fn keep_options(&self, client_id: &str, options: Subscriptions) {
-        self.options
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(client_id.to_string(), options);
+        self.options.lock().insert(client_id.to_string(), options);
     }
 
     /// The subscription options kept for a persistent session (empty when none).
     pub fn take_options(&self, client_id: &str) -> Subscriptions {
-        self.options
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(client_id)
-            .unwrap_or_default()
+        self.options.lock().remove(client_id).unwrap_or_default()
     }
 
     /// A persistent session's device left: the session ends after `expiry` (`None`:
     /// never).
     pub fn session_ended(&self, client_id: &str, expiry: Option<Duration>) {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sessions = self.sessions.lock();
         if let Some(info) = sessions.get_mut(client_id) {
             info.expires_at = expiry.map(|e| Instant::now() + e);
         }
@@ -502,7 +489,6 @@ impl Links {
     pub fn session_subscribed(&self, client_id: &str, filters: Vec<(String, Subscription)>) {
         self.sessions
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .entry(client_id.to_string())
             .or_insert(SessionInfo {
                 subscribed: true,
@@ -560,16 +546,13 @@ impl Links {
             let subscribe = Subscribe { pkid: 1, filters };
             self.send(id, Packet::Subscribe(subscribe, None)).await?;
             self.close(id).await;
-            self.sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(
-                    client_id,
-                    SessionInfo {
-                        subscribed: true,
-                        expires_at: None,
-                    },
-                );
+            self.sessions.lock().insert(
+                client_id,
+                SessionInfo {
+                    subscribed: true,
+                    expires_at: None,
+                },
+            );
         }
         Ok(())
     }

@@ -22,10 +22,11 @@ mod protocol;
 mod subscriptions;
 mod transport;
 
+use parking_lot::RwLock;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -295,7 +296,7 @@ fn reload_users(
     refused: Option<u64>,
     reloads: &IntCounterVec,
 ) -> Option<u64> {
-    let current = security.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let current = security.read().clone();
     let (Some(path), Some(users)) = (&current.users_file, &current.users) else {
         return None;
     };
@@ -321,7 +322,7 @@ fn reload_users(
                 users_file: current.users_file.clone(),
                 acl: current.acl.clone(),
             });
-            let mut in_force = security.write().unwrap_or_else(|e| e.into_inner());
+            let mut in_force = security.write();
             if Arc::ptr_eq(&in_force, &current) {
                 *in_force = next;
                 info!(file = %path.display(), "users file changed: new connections are checked against it, connected devices stay");

@@ -11,11 +11,11 @@
 //! What is lost in a crash is at most the last second of changes; a corrupt or unreadable
 //! file is logged and set aside (`state.json.bad`), the gateway starts without it.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -204,12 +204,8 @@ impl Persist {
         })
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     pub fn snapshot(&self) -> State {
-        self.state().clone()
+        self.state.lock().clone()
     }
 
     /// A retained publish: stored, or removed by an empty payload.
@@ -223,7 +219,7 @@ impl Persist {
         let Ok(topic) = std::str::from_utf8(topic) else {
             return;
         };
-        let mut state = self.state();
+        let mut state = self.state.lock();
         if payload.is_empty() {
             if state.retained.remove(topic).is_none() {
                 return;
@@ -250,14 +246,14 @@ impl Persist {
         client_id: &str,
         filters: impl Iterator<Item = (String, Subscription)>,
     ) {
-        let mut state = self.state();
+        let mut state = self.state.lock();
         let session = state.sessions.entry(client_id.to_string()).or_default();
         session.extend(filters);
         self.dirty.store(true, Ordering::Release);
     }
 
     pub fn unsubscribe(&self, client_id: &str, filters: &[String]) {
-        let mut state = self.state();
+        let mut state = self.state.lock();
         if let Some(session) = state.sessions.get_mut(client_id) {
             for f in filters {
                 session.remove(f);
@@ -271,7 +267,7 @@ impl Persist {
 
     /// A clean session replaced the stored one.
     pub fn forget(&self, client_id: &str) {
-        if self.state().sessions.remove(client_id).is_some() {
+        if self.state.lock().sessions.remove(client_id).is_some() {
             self.dirty.store(true, Ordering::Release);
         }
     }
@@ -281,7 +277,7 @@ impl Persist {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return;
         }
-        let bytes = match serde_json::to_vec(&*self.state()) {
+        let bytes = match serde_json::to_vec(&*self.state.lock()) {
             Ok(b) => b,
             Err(e) => {
                 warn!(error = %e, "cannot encode the broker state");

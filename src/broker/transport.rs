@@ -13,11 +13,12 @@
 //! configuration, new handshakes use the new acceptor. Connections already up keep theirs.
 //! Files that do not load are refused and the acceptor in force stays.
 
+use parking_lot::{Mutex, RwLock};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use anyhow::Context;
@@ -99,8 +100,7 @@ impl Handshake {
         let tls = self.tls.as_ref()?;
         let now = digest(&tls.files);
         {
-            // A panic while holding this lock leaves a plain number behind.
-            let mut seen = tls.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = tls.seen.lock();
             if *seen == now {
                 return Some(TlsReload::Unchanged);
             }
@@ -108,8 +108,7 @@ impl Handshake {
         }
         Some(match server_config(&tls.files) {
             Ok(config) => {
-                *tls.acceptor.write().unwrap_or_else(|e| e.into_inner()) =
-                    TlsAcceptor::from(Arc::new(config));
+                *tls.acceptor.write() = TlsAcceptor::from(Arc::new(config));
                 TlsReload::Applied
             }
             Err(e) => TlsReload::Refused(format!("{e:#}")),
@@ -122,11 +121,7 @@ impl Handshake {
         let (stream, cn) = match &self.tls {
             Some(rotating) => {
                 // The acceptor is an `Arc` inside: the lock is held for a clone.
-                let acceptor = rotating
-                    .acceptor
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
+                let acceptor = rotating.acceptor.read().clone();
                 let tls = acceptor.accept(socket).await.context("TLS")?;
                 let cn = tls
                     .get_ref()

@@ -35,11 +35,11 @@ mod codec;
 pub mod config;
 mod disk;
 
+use parking_lot::Mutex;
 use std::collections::{BTreeSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prometheus::{Gauge, IntCounter, IntGauge};
@@ -402,7 +402,7 @@ impl Buffer {
             stored: AtomicU64::new(0),
         };
         {
-            let mut st = buffer.lock();
+            let mut st = buffer.state.lock();
             if let Backend::Disk(d) = &mut st.backend {
                 d.set_read_limit(appended_upto + 1);
             }
@@ -412,12 +412,6 @@ impl Buffer {
             buffer.publish_gauges(&st);
         }
         Ok(buffer)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock would be a bug in this module; the state is
-        // still consistent enough to keep delivering, so recover from poisoning.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Free space on the data_dir's file system is below `min_free_disk`.
@@ -454,7 +448,7 @@ impl Buffer {
     /// hands it to the OS.
     pub fn append(&self, msg: Message) -> Appended {
         let size = msg.size() as u64;
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         loop {
             let over_bytes = st.backend.bytes() + size > self.config.max_bytes.0;
             let full = over_bytes || self.low_disk(&mut st);
@@ -552,7 +546,7 @@ impl Buffer {
     pub fn sync(&self) -> bool {
         // Under the lock: hand the appends to the OS. Outside it: the fsync.
         let (handles, upto, mut durable) = {
-            let mut st = self.lock();
+            let mut st = self.state.lock();
             match &mut st.backend {
                 Backend::Memory(m) => (None, m.next_seq - 1, true),
                 Backend::Disk(d) => {
@@ -577,7 +571,7 @@ impl Buffer {
     }
 
     fn make_readable(&self, upto: u64) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if upto <= st.appended_upto {
             return;
         }
@@ -609,7 +603,7 @@ impl Buffer {
     /// Forces everything written so far to disk, whatever the policy (used at shutdown).
     pub async fn fsync_now(&self) {
         let handles = {
-            let mut st = self.lock();
+            let mut st = self.state.lock();
             match &mut st.backend {
                 Backend::Disk(d) => d.prepare_sync().ok(),
                 Backend::Memory(_) => None,
@@ -620,7 +614,7 @@ impl Buffer {
                 warn!(sink = %self.name, error = %e, "buffer fsync failed");
             }
         }
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if let Backend::Disk(d) = &mut st.backend {
             if let Err(e) = d.save_position() {
                 warn!(sink = %self.name, error = %e, "cannot save the buffer position");
@@ -639,7 +633,7 @@ impl Buffer {
     pub async fn read_batch(&self, max: usize) -> Vec<Record> {
         loop {
             let pace = {
-                let mut st = self.lock();
+                let mut st = self.state.lock();
                 let wait = st.next_read.saturating_duration_since(Instant::now());
                 if wait.is_zero() {
                     let batch = self.read_now(&mut st, max);
@@ -699,7 +693,7 @@ impl Buffer {
 
     /// Confirms `seq`: it is removed once every older record is confirmed too.
     pub fn ack(&self, seq: u64) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         st.in_flight.remove(&seq);
         st.dropped_in_flight.remove(&seq);
         match &mut st.backend {
@@ -720,7 +714,7 @@ impl Buffer {
 
     /// Moves the read position back to the oldest unconfirmed record.
     pub fn rewind(&self) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         // Dropped while in flight and never confirmed: lost now, so counted now.
         let lost = std::mem::take(&mut st.dropped_in_flight).len() as u64;
         self.metrics.dropped_full.inc_by(lost);
@@ -744,7 +738,7 @@ impl Buffer {
     /// the last [`Buffer::rewind`] keeps its lanes (splitting again would re-read the
     /// live records in flight); otherwise the lanes split here. Returns the backlog.
     pub fn start_drain(&self) -> u64 {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let split_already = matches!(&st.backend, Backend::Disk(d) if d.live_boundary().is_some());
         if !split_already {
             let next = st.backend.next_seq();
@@ -773,7 +767,7 @@ impl Buffer {
 
     /// Unconfirmed messages of the current drain's backlog (0 once drained).
     pub fn backlog_pending(&self) -> u64 {
-        let st = self.lock();
+        let st = self.state.lock();
         self.backlog(&st)
     }
 
@@ -785,12 +779,12 @@ impl Buffer {
 
     /// Messages waiting (including in flight).
     pub fn pending(&self) -> u64 {
-        self.lock().backend.pending()
+        self.state.lock().backend.pending()
     }
 
     /// Refreshes the age gauge (called when metrics are scraped).
     pub fn refresh_age(&self) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let oldest = match &mut st.backend {
             Backend::Memory(m) => m.oldest_received_at(),
             Backend::Disk(d) => d.oldest_pending_received_at(),

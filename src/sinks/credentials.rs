@@ -7,9 +7,10 @@
 //!
 //! Input: the paths of a sink's `tls` settings. Output: their contents ([`LoadedTls`]).
 
+use parking_lot::Mutex;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntCounterVec;
@@ -71,8 +72,7 @@ impl TlsFiles {
             hasher.finish()
         };
         let checked = now.and_then(|loaded| check(&loaded).map(|()| loaded));
-        // A panic while holding this lock leaves plain data behind.
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock();
         match checked {
             Ok(loaded) => {
                 match &state.good {

@@ -19,8 +19,9 @@ pub mod mqtt;
 pub mod pacing;
 pub mod pack;
 
+use parking_lot::Mutex;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -176,7 +177,7 @@ impl SinkMetrics {
     /// The upstream works (connected, or a delivery succeeded). Logs once per change;
     /// returns whether the sink was down before.
     pub fn mark_up(&self, detail: &str) -> bool {
-        let mut state = self.state.lock();
+        let mut state = self.state.inner.lock();
         if state.up {
             return false;
         }
@@ -220,12 +221,12 @@ impl SinkMetrics {
                 .with_label_values(&[&self.name, &i.to_string()])
                 .set(i64::from(i == index));
         }
-        self.state.lock().endpoint = Some(index);
+        self.state.inner.lock().endpoint = Some(index);
     }
 
     /// The worker stopped on shutdown: down, but not an error.
     pub fn mark_stopped(&self) {
-        let mut state = self.state.lock();
+        let mut state = self.state.inner.lock();
         let was_up = std::mem::replace(&mut state.up, false);
         state.draining = None;
         self.up.set(0);
@@ -241,7 +242,7 @@ impl SinkMetrics {
         if pending == 0 {
             return;
         }
-        let mut state = self.state.lock();
+        let mut state = self.state.inner.lock();
         state.draining = Some(Draining {
             since: now_millis(),
             pending,
@@ -253,7 +254,7 @@ impl SinkMetrics {
     /// Whether a backlog is draining: while it is, the worker calls
     /// [`SinkMetrics::check_drained`] after its acks.
     pub fn is_draining(&self) -> bool {
-        self.state.lock().draining.is_some()
+        self.state.inner.lock().draining.is_some()
     }
 
     /// Logs "drained" once the buffer holds nothing more (`pending` is its count now).
@@ -261,7 +262,7 @@ impl SinkMetrics {
         if pending > 0 {
             return;
         }
-        let mut state = self.state.lock();
+        let mut state = self.state.inner.lock();
         let Some(d) = state.draining.take() else {
             return;
         };
@@ -275,7 +276,7 @@ impl SinkMetrics {
     /// reason while down); repeats go to debug level.
     pub fn mark_down(&self, reason: &str, detail: &str) {
         self.error(reason);
-        let mut state = self.state.lock();
+        let mut state = self.state.inner.lock();
         let changed = state.up
             || state
                 .last_error
@@ -368,12 +369,7 @@ pub struct LastError {
 
 impl SinkState {
     pub fn snapshot(&self) -> SinkStateSnapshot {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SinkStateSnapshot> {
-        // A panic while holding this lock leaves plain data behind; keep using it.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().clone()
     }
 }
 
