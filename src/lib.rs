@@ -32,8 +32,6 @@
 //! - [`dry_run`]: `edgebridge rules test`, one made-up message through a plan's rules.
 //! - [`lock`]: the exclusive lock on `data_dir`, taken first and held for the process's life.
 
-#![forbid(unsafe_code)]
-
 pub mod admin;
 pub mod app;
 pub mod broker;

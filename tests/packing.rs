@@ -58,7 +58,13 @@ enum Payload {
 fn payload(part: &Value) -> Payload {
     match part["encoding"].as_str() {
         None => Payload::Json(part["payload"].clone()),
-        Some("text") => Payload::Bytes(part["payload"].as_str().unwrap().as_bytes().to_vec()),
+        Some("text") => Payload::Bytes(
+            part["payload"]
+                .as_str()
+                .expect("a text part")
+                .as_bytes()
+                .to_vec(),
+        ),
         Some("base64") => Payload::Bytes(
             base64::engine::general_purpose::STANDARD
                 .decode(
@@ -388,7 +394,12 @@ topic = "dt/{{1}}"
             .flat_map(|(topic, body)| {
                 parts(body, "json_array")
                     .into_iter()
-                    .map(|p| (topic.clone(), serde_json::to_vec(&p["payload"]).unwrap()))
+                    .map(|p| {
+                        (
+                            topic.clone(),
+                            serde_json::to_vec(&p["payload"]).expect("JSON"),
+                        )
+                    })
                     .collect::<Vec<_>>()
             })
             .collect()
