@@ -41,6 +41,7 @@ pub mod dry_run;
 pub mod lock;
 pub mod message;
 pub mod metrics;
+pub mod pem;
 pub mod rules;
 pub mod sinks;
 pub mod topic;

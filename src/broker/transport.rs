@@ -24,9 +24,9 @@ use std::task::{Context as TaskContext, Poll};
 use anyhow::Context;
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -37,6 +37,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::config::{ListenerPlan, ListenerTls};
+use crate::pem;
 
 /// The WebSocket path devices connect to.
 pub const WS_PATH: &str = "/mqtt";
@@ -351,32 +352,18 @@ fn read_pem(path: &Path) -> anyhow::Result<Vec<u8>> {
 /// certificate signed by it is required.
 pub fn server_config(tls: &ListenerTls) -> anyhow::Result<ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut read_pem(&tls.cert)?.as_slice())
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("{}: not PEM certificates", tls.cert.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("{}: no certificate in the file", tls.cert.display());
-    }
-    let key: PrivateKeyDer<'static> =
-        rustls_pemfile::private_key(&mut read_pem(&tls.key)?.as_slice())
-            .with_context(|| format!("{}: not a PEM private key", tls.key.display()))?
-            .with_context(|| format!("{}: no private key in the file", tls.key.display()))?;
+    let read = |path: &Path| read_pem(path).map(|bytes| (bytes, path.display().to_string()));
+    let (bytes, what) = read(&tls.cert)?;
+    let certs = pem::certificates(&bytes, &what).map_err(anyhow::Error::msg)?;
+    let (bytes, what) = read(&tls.key)?;
+    let key = pem::private_key(&bytes, &what).map_err(anyhow::Error::msg)?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
     let builder = match &tls.client_ca {
         Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for cert in rustls_pemfile::certs(&mut read_pem(ca)?.as_slice()) {
-                let cert = cert.with_context(|| format!("{}: not PEM", ca.display()))?;
-                roots
-                    .add(cert)
-                    .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
-            }
-            if roots.is_empty() {
-                anyhow::bail!("{}: no CA certificate in the file", ca.display());
-            }
+            let (bytes, what) = read(ca)?;
+            let roots = pem::roots(&bytes, &what).map_err(anyhow::Error::msg)?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .context("client certificate verifier")?;

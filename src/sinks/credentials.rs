@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntCounterVec;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::{error, info};
+
+use crate::pem;
 
 /// How often a running sink that keeps its connection (HTTP, Kafka) reads its TLS files
 /// again; the MQTT sink reads them at each connection attempt.
@@ -125,30 +126,16 @@ fn read_files(ca: Option<&Path>, client_auth: Option<(&Path, &Path)>) -> Result<
 /// certificate when a CA is named, a certificate chain with a key that matches it.
 fn check(tls: &LoadedTls) -> Result<(), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    if !tls.ca.is_empty() {
-        for cert in rustls_pemfile::certs(&mut tls.ca.as_slice()) {
-            let cert = cert.map_err(|e| format!("CA file: not PEM ({e})"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("CA file: not a usable CA certificate ({e})"))?;
-        }
-        if roots.is_empty() {
-            return Err("CA file: no certificate in it".into());
-        }
-    }
+    let roots = if tls.ca.is_empty() {
+        rustls::RootCertStore::empty()
+    } else {
+        pem::roots(&tls.ca, "CA file")?
+    };
     let Some((cert, key)) = &tls.client_auth else {
         return Ok(());
     };
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate file: not PEM ({e})"))?;
-    if chain.is_empty() {
-        return Err("certificate file: no certificate in it".into());
-    }
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key.as_slice())
-        .map_err(|e| format!("key file: not PEM ({e})"))?
-        .ok_or("key file: no private key in it")?;
+    let chain = pem::certificates(cert, "certificate file")?;
+    let key = pem::private_key(key, "key file")?;
     rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
