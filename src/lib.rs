@@ -42,6 +42,7 @@ pub mod lock;
 pub mod message;
 pub mod metrics;
 pub mod pem;
+pub mod problems;
 pub mod rules;
 pub mod sinks;
 pub mod topic;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Template, TemplateScope, TemplateVars};
 use crate::message::Properties;
+use crate::problems::Problems;
 
 /// `[rules.properties]` as written.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -45,20 +46,18 @@ impl PropertyEdit {
         scope: &TemplateScope,
         err: &mut impl FnMut(String, String),
     ) -> Option<PropertyEdit> {
-        let mut ok = true;
+        let mut problems = Problems::new(err);
         let mut templates = |table: &str, entries: &BTreeMap<String, String>| {
             let mut out = Vec::new();
             for (key, value) in entries {
                 if key.is_empty() {
-                    err(format!("{path}.{table}"), "a key must not be empty".into());
-                    ok = false;
+                    problems.add(format!("{path}.{table}"), "a key must not be empty".into());
                     continue;
                 }
                 match Template::parse_text(value, scope) {
                     Ok(t) => out.push((key.clone(), t)),
                     Err(e) => {
-                        err(format!("{path}.{table}.{key}"), e.to_string());
-                        ok = false;
+                        problems.add(format!("{path}.{table}.{key}"), e.to_string());
                     }
                 }
             }
@@ -67,10 +66,9 @@ impl PropertyEdit {
         let set = templates("set", &section.set);
         let add = templates("add", &section.add);
         if section.remove.iter().any(String::is_empty) {
-            err(format!("{path}.remove"), "a key must not be empty".into());
-            ok = false;
+            problems.add(format!("{path}.remove"), "a key must not be empty".into());
         }
-        ok.then(|| PropertyEdit {
+        problems.none().then(|| PropertyEdit {
             remove: section.remove.clone(),
             set,
             add,

@@ -25,9 +25,9 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
 use tokio::time::Instant;
 
+use crate::problems::Problems;
 use crate::units::ByteSize;
 
 /// Width of one bucket of the sliding window.
@@ -274,33 +274,30 @@ pub fn validate_rate(
     rate: &RateSection,
     err: &mut impl FnMut(String, String),
 ) -> Option<Rate> {
-    let mut ok = true;
+    let mut problems = Problems::new(err);
     if rate.messages.is_none() && rate.bytes.is_none() {
-        err(
+        problems.add(
             path.to_string(),
             "set messages (per second), bytes (per second, e.g. \"512KiB\") or both".into(),
         );
-        ok = false;
     }
     let messages = match rate.messages {
         Some(n) if n <= 0 || n > i64::from(u32::MAX) => {
-            err(
+            problems.add(
                 format!("{path}.messages"),
                 format!("must be between 1 and {} (per second)", u32::MAX),
             );
-            ok = false;
             None
         }
         n => n.and_then(|n| u32::try_from(n).ok()),
     };
     if rate.bytes.is_some_and(|b| b.0 == 0) {
-        err(
+        problems.add(
             format!("{path}.bytes"),
             "must be above zero (per second)".into(),
         );
-        ok = false;
     }
-    ok.then_some(Rate {
+    problems.none().then_some(Rate {
         messages,
         bytes: rate.bytes.map(|b| b.0),
     })

@@ -43,6 +43,7 @@ use tokio::time::Instant;
 
 use crate::buffer::Record;
 use crate::message::Message;
+use crate::problems::Problems;
 use crate::sinks::envelope::non_json_payload;
 use crate::units::{ByteSize, HumanDuration};
 
@@ -169,22 +170,20 @@ pub fn validate(
     limit: Option<&PayloadLimit>,
     err: &mut impl FnMut(String, String),
 ) -> Option<PackPlan> {
-    let mut ok = true;
+    let mut problems = Problems::new(err);
     let ceiling = limit.map_or(MAX_MAX_BYTES, |l| l.bytes.min(MAX_MAX_BYTES));
     let max_bytes = match s.max_bytes {
         Some(b) => {
             let b = usize::try_from(b.0).unwrap_or(usize::MAX);
             if b < MIN_MAX_BYTES {
-                err(format!("{path}.max_bytes"), "must be at least 1KiB".into());
-                ok = false;
+                problems.add(format!("{path}.max_bytes"), "must be at least 1KiB".into());
             } else if b > ceiling {
                 let why =
                     limit.map_or_else(|| "the largest MQTT packet".to_string(), |l| l.why.clone());
-                err(
+                problems.add(
                     format!("{path}.max_bytes"),
                     format!("{b} bytes is over what the upstream takes in one message ({ceiling} bytes: {why})"),
                 );
-                ok = false;
             }
             b
         }
@@ -192,8 +191,7 @@ pub fn validate(
     };
     let linger = s.linger.map_or(DEFAULT_LINGER, |l| l.0);
     if linger > MAX_LINGER {
-        err(format!("{path}.linger"), "must be at most 60s".into());
-        ok = false;
+        problems.add(format!("{path}.linger"), "must be at most 60s".into());
     }
     let mut fields = PartFields::default();
     for (i, field) in s.fields.iter().enumerate() {
@@ -205,11 +203,10 @@ pub fn validate(
             PartField::Properties => &mut fields.properties,
         };
         if std::mem::replace(slot, true) {
-            err(format!("{path}.fields[{i}]"), "listed twice".into());
-            ok = false;
+            problems.add(format!("{path}.fields[{i}]"), "listed twice".into());
         }
     }
-    ok.then_some(PackPlan {
+    problems.none().then_some(PackPlan {
         max_bytes,
         linger,
         format: s.format,

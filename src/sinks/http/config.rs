@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::BufferSection;
+use crate::problems::Problems;
 use crate::rules::{Template, TemplateScope};
 use crate::sinks::pacing::RateSection;
 use crate::sinks::pack::{PackPlan, PackSection};
@@ -194,7 +195,7 @@ pub fn validate(
     gateway_id: &str,
     err: &mut impl FnMut(String, String),
 ) -> Option<HttpPlan> {
-    let mut ok = true;
+    let mut problems = Problems::new(err);
     let scope = TemplateScope {
         wildcards: MAX_LEVELS,
         client_id: false,
@@ -202,8 +203,7 @@ pub fn validate(
     let url = match Template::parse_text(&s.url, &scope) {
         Ok(t) => Some(t),
         Err(e) => {
-            err(format!("{path}.url"), e.to_string());
-            ok = false;
+            problems.add(format!("{path}.url"), e.to_string());
             None
         }
     };
@@ -222,26 +222,23 @@ pub fn validate(
             "http" => {}
             "https" => secure = true,
             other => {
-                err(
+                problems.add(
                     format!("{path}.url"),
                     format!("scheme {other:?} is not supported; use http:// or https://"),
                 );
-                ok = false;
             }
         },
         Err(e) => {
-            err(format!("{path}.url"), format!("invalid URL ({e})"));
-            ok = false;
+            problems.add(format!("{path}.url"), format!("invalid URL ({e})"));
         }
     }
     if let Some(host_end) = s.url.find("://").map(|i| i + 3) {
         let authority = s.url[host_end..].split('/').next().unwrap_or_default();
         if authority.contains('{') {
-            err(
+            problems.add(
                 format!("{path}.url"),
                 "placeholders are allowed in the path, not in the host".into(),
             );
-            ok = false;
         }
     }
 
@@ -251,50 +248,44 @@ pub fn validate(
         let header = match reqwest::header::HeaderName::from_bytes(name.as_bytes()) {
             Ok(h) => h,
             Err(_) => {
-                err(key, "not a valid HTTP header name".into());
-                ok = false;
+                problems.add(key, "not a valid HTTP header name".into());
                 continue;
             }
         };
         if header == reqwest::header::AUTHORIZATION
             && (s.bearer_token.is_some() || s.username.is_some())
         {
-            err(
+            problems.add(
                 key.clone(),
                 "conflicts with bearer_token/username; use one".into(),
             );
-            ok = false;
         }
         match Template::parse_text(value, &scope) {
             Ok(t) => {
                 if !value.contains('{') && reqwest::header::HeaderValue::from_str(value).is_err() {
                     // The value itself is never echoed: it may be a secret.
-                    err(key, "not a valid HTTP header value".into());
-                    ok = false;
+                    problems.add(key, "not a valid HTTP header value".into());
                 } else {
                     headers.push((header, t));
                 }
             }
             Err(e) => {
-                err(key, e.to_string());
-                ok = false;
+                problems.add(key, e.to_string());
             }
         }
     }
 
     let auth = match (&s.bearer_token, &s.username, &s.password) {
         (Some(_), Some(_), _) => {
-            err(
+            problems.add(
                 format!("{path}.bearer_token"),
                 "set together with username; use one".into(),
             );
-            ok = false;
             None
         }
         (Some(t), None, None) => Some(HttpAuth::Bearer(t.clone())),
         (_, None, Some(_)) => {
-            err(format!("{path}.password"), "set without a username".into());
-            ok = false;
+            problems.add(format!("{path}.password"), "set without a username".into());
             None
         }
         (None, Some(u), p) => Some(HttpAuth::Basic {
@@ -306,79 +297,70 @@ pub fn validate(
 
     if let Some(t) = &s.tls {
         if !secure {
-            err(
+            problems.add(
                 format!("{path}.tls"),
                 "set, but the url is not https://".into(),
             );
-            ok = false;
         }
         for (key, file) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {
             if let Some(file) = file {
                 if !file.is_file() {
-                    err(
+                    problems.add(
                         format!("{path}.tls.{key}"),
                         format!("file {} not found", file.display()),
                     );
-                    ok = false;
                 }
             }
         }
         if t.cert.is_some() != t.key.is_some() {
-            err(
+            problems.add(
                 format!("{path}.tls"),
                 "cert and key must be given together".into(),
             );
-            ok = false;
         }
     }
 
     if s.timeout.0 < Duration::from_millis(10) || s.timeout.0 > Duration::from_secs(600) {
-        err(
+        problems.add(
             format!("{path}.timeout"),
             "must be between 10ms and 10m".into(),
         );
-        ok = false;
     }
     let default_messages = if s.format.batches() { 100 } else { 1 };
     let max_messages = s.batch.max_messages.unwrap_or(default_messages);
     if max_messages == 0 || max_messages > 100_000 {
-        err(
+        problems.add(
             format!("{path}.batch.max_messages"),
             "must be between 1 and 100000".into(),
         );
-        ok = false;
     } else if max_messages > 1 && !s.format.batches() {
-        err(
+        problems.add(
             format!("{path}.batch.max_messages"),
             format!(
                 "format {:?} sends one message per request; use format \"ndjson\" or \"json_array\" to batch",
                 s.format
             ),
         );
-        ok = false;
     }
     let max_bytes = s.batch.max_bytes.map_or(1024 * 1024, |b| b.0);
     if max_bytes < 1024 {
-        err(
+        problems.add(
             format!("{path}.batch.max_bytes"),
             "must be at least 1KiB".into(),
         );
-        ok = false;
     }
     let max_delay = s.batch.max_delay.map_or(Duration::from_millis(50), |d| d.0);
     if max_delay > Duration::from_secs(60) {
-        err(
+        problems.add(
             format!("{path}.batch.max_delay"),
             "must be at most 60s".into(),
         );
-        ok = false;
     }
     if s.content_type.is_some() && s.format != BodyFormat::Raw {
-        err(
+        problems.add(
             format!("{path}.content_type"),
             "only used with format = \"raw\"".into(),
         );
-        ok = false;
     }
     let content_type = match s.format {
         BodyFormat::Json | BodyFormat::JsonArray => "application/json".to_string(),
@@ -389,61 +371,59 @@ pub fn validate(
             .unwrap_or_else(|| "application/octet-stream".into()),
     };
     if reqwest::header::HeaderValue::from_str(&content_type).is_err() {
-        err(
+        problems.add(
             format!("{path}.content_type"),
             "not a valid header value".into(),
         );
-        ok = false;
     }
     for (key, codes) in [("retry_on", &s.retry_on), ("permanent_on", &s.permanent_on)] {
         if let Some(bad) = codes.iter().find(|c| !(100..=599).contains(*c)) {
-            err(
+            problems.add(
                 format!("{path}.{key}"),
                 format!("{bad} is not an HTTP status code"),
             );
-            ok = false;
         }
     }
     if let Some(both) = s.retry_on.iter().find(|c| s.permanent_on.contains(c)) {
-        err(
+        problems.add(
             format!("{path}.permanent_on"),
             format!("{both} is also in retry_on"),
         );
-        ok = false;
     }
     if let Some(prefix) = &s.property_headers {
         // Never empty: a user property "authorization" must not become that header.
         if prefix.is_empty() || reqwest::header::HeaderName::from_bytes(prefix.as_bytes()).is_err()
         {
-            err(
+            problems.add(
                 format!("{path}.property_headers"),
                 "a non-empty header name prefix, e.g. \"x-mqtt-\"".into(),
             );
-            ok = false;
         }
     }
-    ok &= crate::sinks::check_backoff(path, s.backoff_min, s.backoff_max, err);
+    crate::sinks::check_backoff(path, s.backoff_min, s.backoff_max, &mut problems.reporter());
     let pack = match &s.pack {
         Some(section) => {
             // A pack is the whole body: the batch keys and the body format would only
             // mislead, so they are refused rather than ignored.
             if s.format != BodyFormat::Json {
-                err(
+                problems.add(
                     format!("{path}.format"),
                     "not used with pack: pack.format decides the body".into(),
                 );
-                ok = false;
             }
             let b = &s.batch;
             if b.max_messages.is_some() || b.max_bytes.is_some() || b.max_delay.is_some() {
-                err(
+                problems.add(
                     format!("{path}.batch"),
                     "not used with pack: pack.max_bytes and pack.linger bound a request".into(),
                 );
-                ok = false;
             }
-            let plan = crate::sinks::pack::validate(&format!("{path}.pack"), section, None, err);
-            ok &= plan.is_some();
+            let plan = crate::sinks::pack::validate(
+                &format!("{path}.pack"),
+                section,
+                None,
+                &mut problems.reporter(),
+            );
             plan
         }
         None => None,
@@ -453,7 +433,7 @@ pub fn validate(
         None => content_type,
     };
 
-    if !ok {
+    if !problems.none() {
         return None;
     }
     Some(HttpPlan {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::BufferSection;
+use crate::problems::Problems;
 use crate::rules::{Template, TemplateScope};
 use crate::sinks::pacing::RateSection;
 use crate::units::HumanDuration;
@@ -151,21 +152,19 @@ pub fn validate(
     gateway_id: &str,
     err: &mut impl FnMut(String, String),
 ) -> Option<KafkaPlan> {
-    let mut ok = true;
+    let mut problems = Problems::new(err);
     if s.brokers.is_empty() {
-        err(format!("{path}.brokers"), "at least one host:port".into());
-        ok = false;
+        problems.add(format!("{path}.brokers"), "at least one host:port".into());
     }
     for (i, b) in s.brokers.iter().enumerate() {
         let valid = b.rsplit_once(':').is_some_and(|(host, port)| {
             !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
         });
         if !valid {
-            err(
+            problems.add(
                 format!("{path}.brokers[{i}]"),
                 format!("{b:?} is not host:port"),
             );
-            ok = false;
         }
     }
     let scope = TemplateScope {
@@ -175,25 +174,22 @@ pub fn validate(
     let topic = match Template::parse_text(&s.topic, &scope) {
         Ok(t) => {
             if !s.topic.contains('{') && !valid_topic_name(&s.topic) {
-                err(
+                problems.add(
                     format!("{path}.topic"),
                     "a Kafka topic is 1 to 249 of the characters a-z A-Z 0-9 . _ -".into(),
                 );
-                ok = false;
             }
             Some(t)
         }
         Err(e) => {
-            err(format!("{path}.topic"), e.to_string());
-            ok = false;
+            problems.add(format!("{path}.topic"), e.to_string());
             None
         }
     };
     let key = match Template::parse_text(s.key.as_deref().unwrap_or("{topic}"), &scope) {
         Ok(t) => Some(t),
         Err(e) => {
-            err(format!("{path}.key"), e.to_string());
-            ok = false;
+            problems.add(format!("{path}.key"), e.to_string());
             None
         }
     };
@@ -203,11 +199,10 @@ pub fn validate(
         .collect();
     for (k, v) in &s.properties {
         if RESERVED.contains(&k.as_str()) {
-            err(
+            problems.add(
                 format!("{path}.properties.{k}"),
                 "set by edgebridge from `brokers`".into(),
             );
-            ok = false;
         }
         properties.insert(k.clone(), v.clone());
     }
@@ -230,18 +225,16 @@ pub fn validate(
         } else {
             format!("{path}.properties.{key}")
         };
-        err(at, message);
-        ok = false;
+        problems.add(at, message);
     }
     if s.inflight == 0 || s.inflight > 1_000_000 {
-        err(
+        problems.add(
             format!("{path}.inflight"),
             "must be between 1 and 1000000".into(),
         );
-        ok = false;
     }
-    ok &= crate::sinks::check_backoff(path, s.backoff_min, s.backoff_max, err);
-    if !ok {
+    crate::sinks::check_backoff(path, s.backoff_min, s.backoff_max, &mut problems.reporter());
+    if !problems.none() {
         return None;
     }
     Some(KafkaPlan {

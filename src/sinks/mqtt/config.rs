@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::buffer::BufferSection;
+use crate::problems::Problems;
 use crate::rules::{Template, TemplateScope};
 use crate::sinks::check_backoff;
 use crate::sinks::cloud::{self, AzureEvents, AzureSas, CloudProfile, SharedAccessKey};
@@ -310,19 +311,17 @@ pub struct TlsPlan {
     pub alpn: Vec<String>,
 }
 
-/// Host, port and whether it takes TLS, of one MQTT URL at `key`. Problems are reported
-/// (clearing `ok`); `None` when it does not parse at all.
+/// Host, port and whether it takes TLS, of one MQTT URL at `key`. Problems are
+/// reported; `None` when it does not parse at all.
 fn parse_mqtt_url(
     key: &str,
     url: &str,
-    ok: &mut bool,
-    err: &mut impl FnMut(String, String),
+    problems: &mut Problems<'_>,
 ) -> Option<(String, u16, bool)> {
     let u = match url::Url::parse(url) {
         Ok(u) => u,
         Err(e) => {
-            err(key.to_string(), format!("invalid URL ({e})"));
-            *ok = false;
+            problems.add(key.to_string(), format!("invalid URL ({e})"));
             return None;
         }
     };
@@ -330,18 +329,16 @@ fn parse_mqtt_url(
         "mqtt" | "tcp" => false,
         "mqtts" | "ssl" | "tls" => true,
         other => {
-            err(
+            problems.add(
                 key.to_string(),
                 format!("scheme {other:?} is not supported; use mqtt:// or mqtts://"),
             );
-            *ok = false;
             false
         }
     };
     let host = u.host_str().unwrap_or_default().to_string();
     if host.is_empty() {
-        err(key.to_string(), "has no host".into());
-        *ok = false;
+        problems.add(key.to_string(), "has no host".into());
     }
     let port = u.port().unwrap_or(if secure { 8883 } else { 1883 });
     Some((host, port, secure))
@@ -355,7 +352,7 @@ pub fn validate(
     gateway_id: &str,
     err: &mut impl FnMut(String, String),
 ) -> Option<MqttPlan> {
-    let mut ok = true;
+    let mut problems = Problems::new(err);
     let azure = m.profile == Some(CloudProfile::AzureIotHub);
     if !azure {
         let azure_keys = [
@@ -366,11 +363,10 @@ pub fn validate(
         ];
         for (key, set) in azure_keys {
             if set {
-                err(
+                problems.add(
                     format!("{path}.{key}"),
                     "only used with profile = \"azure-iot-hub\"".into(),
                 );
-                ok = false;
             }
         }
     }
@@ -378,7 +374,7 @@ pub fn validate(
     let urls: Vec<(String, String)> = match (&m.url, &m.hub) {
         (Some(UrlList::One(url)), _) => vec![(format!("{path}.url"), url.clone())],
         (Some(UrlList::Many(urls)), _) if urls.is_empty() => {
-            err(
+            problems.add(
                 format!("{path}.url"),
                 "empty list; give at least one mqtt:// or mqtts:// URL".into(),
             );
@@ -391,14 +387,14 @@ pub fn validate(
             .collect(),
         (None, Some(hub)) if azure => vec![(format!("{path}.url"), format!("mqtts://{hub}:8883"))],
         (None, None) if azure => {
-            err(
+            problems.add(
                 format!("{path}.hub"),
                 "missing (required by profile \"azure-iot-hub\": {name}.azure-devices.net)".into(),
             );
             return None;
         }
         _ => {
-            err(format!("{path}.url"), "missing (required)".into());
+            problems.add(format!("{path}.url"), "missing (required)".into());
             return None;
         }
     };
@@ -408,7 +404,7 @@ pub fn validate(
     let mut first_secure: Option<(bool, String)> = None;
     let mut unparsed = false;
     for (key, url) in &urls {
-        let Some((host, port, secure)) = parse_mqtt_url(key, url, &mut ok, err) else {
+        let Some((host, port, secure)) = parse_mqtt_url(key, url, &mut problems) else {
             unparsed = true;
             continue;
         };
@@ -417,7 +413,7 @@ pub fn validate(
             None => first_secure = Some((secure, key.clone())),
             Some((first, first_key)) if *first != secure => {
                 let first_key = first_key.rsplit('.').next().unwrap_or_default();
-                err(
+                problems.add(
                     key.clone(),
                     format!(
                         "{} while {first_key} is {}; every endpoint shares the sink's tls \
@@ -426,14 +422,12 @@ pub fn validate(
                         family(*first)
                     ),
                 );
-                ok = false;
             }
             Some(_) => {}
         }
         let endpoint = Endpoint { host, port };
         if endpoints.contains(&endpoint) {
-            err(key.clone(), format!("{endpoint} is listed twice"));
-            ok = false;
+            problems.add(key.clone(), format!("{endpoint} is listed twice"));
             continue;
         }
         endpoints.push(endpoint);
@@ -450,43 +444,39 @@ pub fn validate(
     if endpoints.len() == 1 {
         for (key, set) in failover_keys {
             if set {
-                err(
+                problems.add(
                     format!("{path}.{key}"),
                     "only used when url is a list of endpoints".into(),
                 );
-                ok = false;
             }
         }
     }
     let failover_after = m.failover_after.unwrap_or(failover::DEFAULT_FAILOVER_AFTER);
     if failover_after == 0 {
-        err(
+        problems.add(
             format!("{path}.failover_after"),
             "must be at least 1".into(),
         );
-        ok = false;
     }
     let failback_check = m
         .failback_check
         .map_or(failover::DEFAULT_FAILBACK_CHECK, |d| d.0);
     if failback_check < failover::MIN_FAILBACK_CHECK {
-        err(
+        problems.add(
             format!("{path}.failback_check"),
             format!(
                 "must be at least {}",
                 humantime::format_duration(failover::MIN_FAILBACK_CHECK)
             ),
         );
-        ok = false;
     }
 
     let mut tls = match (&m.tls, secure) {
         (Some(_), false) => {
-            err(
+            problems.add(
                 format!("{path}.tls"),
                 "set, but the url is not mqtts://".into(),
             );
-            ok = false;
             None
         }
         (None, true) => Some(TlsPlan {
@@ -499,11 +489,10 @@ pub fn validate(
             for (key, file) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {
                 if let Some(file) = file {
                     if !file.is_file() {
-                        err(
+                        problems.add(
                             format!("{path}.tls.{key}"),
                             format!("file {} not found", file.display()),
                         );
-                        ok = false;
                     }
                 }
             }
@@ -511,11 +500,10 @@ pub fn validate(
                 (Some(c), Some(k)) => Some((c.clone(), k.clone())),
                 (None, None) => None,
                 _ => {
-                    err(
+                    problems.add(
                         format!("{path}.tls"),
                         "cert and key must be given together".into(),
                     );
-                    ok = false;
                     None
                 }
             };
@@ -528,17 +516,15 @@ pub fn validate(
     };
     if let Some(t) = &tls {
         if t.ca.is_none() {
-            err(
+            problems.add(
                 format!("{path}.tls.ca"),
                 "required for mqtts:// (the CA that signs the upstream's certificate)".into(),
             );
-            ok = false;
         }
     }
 
     if m.qos > 2 {
-        err(format!("{path}.qos"), "must be 0, 1 or 2".into());
-        ok = false;
+        problems.add(format!("{path}.qos"), "must be 0, 1 or 2".into());
     }
     let mut username = m.username.clone();
     let mut client_id_template = m.client_id.clone().unwrap_or_else(|| "{gateway_id}".into());
@@ -553,20 +539,18 @@ pub fn validate(
             let tls = tls.as_mut().filter(|_| secure);
             match tls {
                 None => {
-                    err(
+                    problems.add(
                         format!("{path}.url"),
                         "AWS IoT Core takes MQTT over TLS only; use mqtts://".into(),
                     );
-                    ok = false;
                 }
                 Some(tls) => {
                     if tls.client_auth.is_none() && m.username.is_none() {
-                        err(
+                        problems.add(
                             format!("{path}.tls"),
                             "profile \"aws-iot\" needs the thing's certificate: set tls.cert and tls.key"
                                 .into(),
                         );
-                        ok = false;
                     }
                     if port == 443 {
                         if tls.alpn.is_empty() {
@@ -590,21 +574,19 @@ pub fn validate(
                 }
             }
             if m.qos == 2 {
-                err(
+                problems.add(
                     format!("{path}.qos"),
                     "AWS IoT Core does not support QoS 2; use 0 or 1".into(),
                 );
-                ok = false;
             } else {
                 notes.push(format!("qos {} (AWS IoT Core supports 0 and 1)", m.qos));
             }
             let (min, max) = cloud::AWS_KEEP_ALIVE;
             if m.keep_alive.0 < min || m.keep_alive.0 > max {
-                err(
+                problems.add(
                     format!("{path}.keep_alive"),
                     "AWS IoT Core accepts 30s to 1200s".into(),
                 );
-                ok = false;
             } else {
                 notes.push(format!(
                     "keep_alive {} (AWS IoT Core accepts 30s to 1200s)",
@@ -631,33 +613,29 @@ pub fn validate(
         Some(CloudProfile::AzureIotHub) => {
             let hub = m.hub.clone().unwrap_or_default();
             if hub.is_empty() || hub.contains(['/', ':']) {
-                err(
+                problems.add(
                     format!("{path}.hub"),
                     "must be the hub's host name ({name}.azure-devices.net)".into(),
                 );
-                ok = false;
             }
             let device_id = m.device_id.clone().unwrap_or_default();
             if device_id.is_empty() || device_id.contains(['/', '+', '#', '&', '=']) {
-                err(
+                problems.add(
                     format!("{path}.device_id"),
                     "required; the device identity in the hub (no / + # & =)".into(),
                 );
-                ok = false;
             }
             if m.client_id.as_ref().is_some_and(|c| *c != device_id) {
-                err(
+                problems.add(
                     format!("{path}.client_id"),
                     "Azure IoT Hub requires the device_id as client id; leave it out".into(),
                 );
-                ok = false;
             }
             if m.username.is_some() || m.password.is_some() {
-                err(
+                problems.add(
                     format!("{path}.username"),
                     "set by profile \"azure-iot-hub\"; leave username and password out".into(),
                 );
-                ok = false;
             }
             client_id_template = device_id.clone();
             username = Some(cloud::azure_username(&hub, &device_id));
@@ -671,11 +649,10 @@ pub fn validate(
                     Ok(key) => {
                         let ttl = m.sas_ttl.0;
                         if ttl < Duration::from_secs(2) || ttl > Duration::from_secs(365 * 86400) {
-                            err(
+                            problems.add(
                                 format!("{path}.sas_ttl"),
                                 "must be between 2s and 365d".into(),
                             );
-                            ok = false;
                         }
                         let resource = format!("{hub}/devices/{device_id}");
                         notes.push(format!(
@@ -688,42 +665,37 @@ pub fn validate(
                         sas = Some(AzureSas { resource, key, ttl });
                     }
                     Err(e) => {
-                        err(format!("{path}.shared_access_key"), e);
-                        ok = false;
+                        problems.add(format!("{path}.shared_access_key"), e);
                     }
                 },
                 (None, true) => notes.push("authentication: X.509 client certificate".into()),
                 (Some(_), true) => {
-                    err(
+                    problems.add(
                         format!("{path}.shared_access_key"),
                         "set together with tls.cert/tls.key; use one".into(),
                     );
-                    ok = false;
                 }
                 (None, false) => {
-                    err(
+                    problems.add(
                         format!("{path}.shared_access_key"),
                         "missing: profile \"azure-iot-hub\" needs shared_access_key or tls.cert and tls.key"
                             .into(),
                     );
-                    ok = false;
                 }
             }
             if m.qos == 2 {
-                err(
+                problems.add(
                     format!("{path}.qos"),
                     "Azure IoT Hub does not support QoS 2; use 0 or 1".into(),
                 );
-                ok = false;
             } else {
                 notes.push(format!("qos {} (Azure IoT Hub supports 0 and 1)", m.qos));
             }
             if m.keep_alive.0 > cloud::AZURE_MAX_KEEP_ALIVE {
-                err(
+                problems.add(
                     format!("{path}.keep_alive"),
                     "Azure IoT Hub needs at most 1177s".into(),
                 );
-                ok = false;
             } else {
                 notes.push(format!(
                     "keep_alive {} (Azure IoT Hub needs at most 1177s)",
@@ -731,8 +703,7 @@ pub fn validate(
                 ));
             }
             if m.topic_property.is_empty() {
-                err(format!("{path}.topic_property"), "must not be empty".into());
-                ok = false;
+                problems.add(format!("{path}.topic_property"), "must not be empty".into());
             }
             let events = AzureEvents::new(&device_id, &m.topic_property, &m.properties);
             notes.push(format!(
@@ -786,38 +757,36 @@ pub fn validate(
                     ),
                 },
             };
-            let plan =
-                crate::sinks::pack::validate(&format!("{path}.pack"), section, Some(&limit), err);
-            ok &= plan.is_some();
+            let plan = crate::sinks::pack::validate(
+                &format!("{path}.pack"),
+                section,
+                Some(&limit),
+                &mut problems.reporter(),
+            );
             plan
         }
         None => None,
     };
     if m.keep_alive.0 < Duration::from_secs(5) || m.keep_alive.0 > Duration::from_secs(65535) {
-        err(
+        problems.add(
             format!("{path}.keep_alive"),
             "must be between 5s and 65535s".into(),
         );
-        ok = false;
     }
     if m.ack_timeout.0 < Duration::from_secs(1) {
-        err(format!("{path}.ack_timeout"), "must be at least 1s".into());
-        ok = false;
+        problems.add(format!("{path}.ack_timeout"), "must be at least 1s".into());
     }
     if m.inflight == 0 {
-        err(format!("{path}.inflight"), "must be at least 1".into());
-        ok = false;
+        problems.add(format!("{path}.inflight"), "must be at least 1".into());
     }
-    ok &= check_backoff(path, m.backoff_min, m.backoff_max, err);
+    check_backoff(path, m.backoff_min, m.backoff_max, &mut problems.reporter());
     if m.password.is_some() && m.username.is_none() {
-        err(format!("{path}.password"), "set without a username".into());
-        ok = false;
+        problems.add(format!("{path}.password"), "set without a username".into());
     }
     let client_id = match Template::parse(&client_id_template, &TemplateScope::default()) {
         Ok(t) => t.render_static(gateway_id),
         Err(e) => {
-            err(format!("{path}.client_id"), e.to_string());
-            ok = false;
+            problems.add(format!("{path}.client_id"), e.to_string());
             String::new()
         }
     };
@@ -848,27 +817,25 @@ pub fn validate(
         None
     };
     if let Some(problem) = connections_problem {
-        err(format!("{path}.connections"), problem);
-        ok = false;
+        problems.add(format!("{path}.connections"), problem);
     }
     // AWS IoT Core and plain brokers (Mosquitto 2, HiveMQ, EMQX) speak MQTT 5; Azure IoT
     // Hub's device endpoint speaks 3.1.1 (its MQTT 5 support is a preview on another API
     // version, with the message properties carried differently).
     let protocol = match (m.protocol, m.profile) {
         (Some(MqttProtocol::V5), Some(CloudProfile::AzureIotHub)) => {
-            err(
+            problems.add(
                 format!("{path}.protocol"),
                 "Azure IoT Hub's device endpoint speaks MQTT 3.1.1; leave protocol out or set \"3.1.1\""
                     .into(),
             );
-            ok = false;
             MqttProtocol::V311
         }
         (Some(p), _) => p,
         (None, Some(CloudProfile::AzureIotHub)) => MqttProtocol::V311,
         (None, _) => MqttProtocol::V5,
     };
-    if !ok {
+    if !problems.none() {
         return None;
     }
     Some(MqttPlan {
