@@ -120,7 +120,8 @@ fn no_cycle_between_top_level_modules() {
 fn only_the_composition_root_and_the_tools_above_it_import_config() {
     let graph = graph();
     for module in [
-        "broker", "rules", "buffer", "sinks", "topic", "units", "pem", "message", "metrics",
+        "broker", "rules", "buffer", "sinks", "topic", "units", "pem", "problems", "message",
+        "metrics",
     ] {
         let into_config = graph.get(module).and_then(|e| e.get("config"));
         assert!(
