@@ -8,10 +8,10 @@
 //! Kept in memory only, a fixed number of samples per sink, so memory does not grow with
 //! uptime; a sink removed by a reload is forgotten at the next sample.
 
-use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use serde::Serialize;
 
 /// Samples kept per sink: one hour at the default 10 s interval.

@@ -6,7 +6,6 @@
 //! [`Security::grants`]); each PUBLISH and SUBSCRIBE is then checked against the
 //! connection's [`Grants`] by the device connection (`connection.rs`).
 
-use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -15,6 +14,7 @@ use anyhow::Context;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
+use parking_lot::Mutex;
 use ring::hmac;
 
 use crate::topic::TopicFilter;

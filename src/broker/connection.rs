@@ -31,7 +31,6 @@
 //! rumqttd's `Server` cost 45 KiB). A device that subscribes adds rumqttd's router
 //! queues (~34 KiB: 40.5 KiB per connection measured).
 
-use parking_lot::RwLock;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -40,6 +39,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
+use parking_lot::RwLock;
 use rumqttd::local::LinkRx;
 use rumqttd::protocol::v4;
 use rumqttd::protocol::{

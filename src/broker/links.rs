@@ -13,7 +13,6 @@
 //! Input: jobs from device connections and downlinks. Output: packets into the router;
 //! what the router sends back is read by each connection from its own `LinkRx`.
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
@@ -22,6 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use bytes::Bytes;

@@ -22,7 +22,6 @@ mod protocol;
 mod subscriptions;
 mod transport;
 
-use parking_lot::RwLock;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,6 +30,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use parking_lot::RwLock;
 use prometheus::IntCounterVec;
 use rumqttd::RouterConfig;
 use tokio::net::TcpListener;

@@ -11,7 +11,6 @@
 //! What is lost in a crash is at most the last second of changes; a corrupt or unreadable
 //! file is logged and set aside (`state.json.bad`), the gateway starts without it.
 
-use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine;
 use bytes::Bytes;
+use parking_lot::Mutex;
 use rumqttd::protocol::{Filter, PublishProperties, QoS, RetainForwardRule};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};

@@ -13,7 +13,6 @@
 //! configuration, new handshakes use the new acceptor. Connections already up keep theirs.
 //! Files that do not load are refused and the acceptor in force stays.
 
-use parking_lot::{Mutex, RwLock};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::path::Path;
@@ -24,6 +23,7 @@ use std::task::{Context as TaskContext, Poll};
 use anyhow::Context;
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
+use parking_lot::{Mutex, RwLock};
 use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;

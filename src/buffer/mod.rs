@@ -35,13 +35,13 @@ mod codec;
 pub mod config;
 mod disk;
 
-use parking_lot::Mutex;
 use std::collections::{BTreeSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use prometheus::{Gauge, IntCounter, IntGauge};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;

@@ -7,12 +7,12 @@
 //!
 //! Input: the paths of a sink's `tls` settings. Output: their contents ([`LoadedTls`]).
 
-use parking_lot::Mutex;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use prometheus::IntCounterVec;
 use tracing::{error, info};
 

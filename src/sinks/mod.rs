@@ -19,12 +19,12 @@ pub mod mqtt;
 pub mod pacing;
 pub mod pack;
 
-use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use parking_lot::Mutex;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use serde::Serialize;
 use serde_json::json;
