@@ -103,7 +103,7 @@ impl Users {
         })
     }
 
-    /// The digest of the text these users were read from (see [`text_digest`]).
+    /// The digest of the text these users were read from (see `text_digest`).
     pub fn digest(&self) -> u64 {
         self.digest
     }
