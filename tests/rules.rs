@@ -729,6 +729,88 @@ impl Drop for Process {
     }
 }
 
+impl Process {
+    /// `edgebridge run --config path`, its log in `dir`; returns once it started.
+    async fn start(dir: &std::path::Path, path: &std::path::Path) -> Process {
+        let output = [dir.join("stdout.log"), dir.join("stderr.log")];
+        let file = |p: &std::path::PathBuf| std::fs::File::create(p).expect("log file");
+        let child = edgebridge()
+            .args(["run", "--config"])
+            .arg(path)
+            .env_remove("RUST_LOG")
+            .stdout(file(&output[0]))
+            .stderr(file(&output[1]))
+            .spawn()
+            .expect("start edgebridge");
+        let gw = Process { child, output };
+        gw.wait_for_log("edgebridge started", 1).await;
+        gw
+    }
+}
+
+/// One device connection kept for a whole test, publishing QoS 1 and waiting for each
+/// PUBACK.
+struct Device {
+    client: AsyncClient,
+    acks: tokio::sync::mpsc::UnboundedReceiver<()>,
+    events: tokio::task::JoinHandle<String>,
+}
+
+impl Device {
+    async fn connect(port: u16) -> Device {
+        let mut opts = MqttOptions::new("dev-1", "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(opts, 10);
+        let (acks_tx, acks) = tokio::sync::mpsc::unbounded_channel();
+        let events = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        let _ = acks_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => return format!("device connection failed: {e}"),
+                }
+            }
+        });
+        Device {
+            client,
+            acks,
+            events,
+        }
+    }
+
+    async fn publish(&mut self, topic: &str) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, b"x".to_vec())
+            .await
+            .expect("queue publish");
+        tokio::time::timeout(WAIT, self.acks.recv())
+            .await
+            .expect("PUBACK within the timeout")
+            .expect("device connection alive");
+    }
+
+    fn is_connected(&self) -> bool {
+        !self.events.is_finished()
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.events.abort();
+    }
+}
+
+/// The file sink's lines once there are `n` (or after the timeout, what there is).
+async fn wait_file_lines(path: &std::path::Path, n: usize) -> Vec<(String, String)> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while file_lines(path).len() < n && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    file_lines(path)
+}
+
 /// Lines of the file sink's output, as (topic, payload).
 fn file_lines(path: &std::path::Path) -> Vec<(String, String)> {
     std::fs::read_to_string(path)
@@ -765,54 +847,13 @@ async fn sighup_with_a_broken_config_keeps_the_old_rules_and_a_good_one_applies(
     };
     let path = dir.path().join("edgebridge.toml");
     std::fs::write(&path, config(&rule("old/{1}", "true"))).expect("write config");
-    let output = [dir.path().join("stdout.log"), dir.path().join("stderr.log")];
-    let file = |p: &std::path::PathBuf| std::fs::File::create(p).expect("log file");
-    let child = edgebridge()
-        .args(["run", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .stdout(file(&output[0]))
-        .stderr(file(&output[1]))
-        .spawn()
-        .expect("start edgebridge");
-    let gw = Process { child, output };
-    gw.wait_for_log("edgebridge started", 1).await;
+    let gw = Process::start(dir.path(), &path).await;
 
     // One device connection for the whole test: a reload must not drop it.
-    let mut opts = MqttOptions::new("dev-1", "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = AsyncClient::new(opts, 10);
-    let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
-    let events = tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    let _ = acks_tx.send(());
-                }
-                Ok(_) => {}
-                Err(e) => return format!("device connection failed: {e}"),
-            }
-        }
-    });
-    let mut publish = async |topic: &str| {
-        client
-            .publish(topic, QoS::AtLeastOnce, false, b"x".to_vec())
-            .await
-            .expect("queue publish");
-        tokio::time::timeout(WAIT, acks.recv())
-            .await
-            .expect("PUBACK within the timeout")
-            .expect("device connection alive");
-    };
-    let wait_lines = async |n: usize| {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while file_lines(&out).len() < n && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        file_lines(&out)
-    };
+    let mut device = Device::connect(port).await;
+    let wait_lines = |n: usize| wait_file_lines(&out, n);
 
-    publish("a/1").await;
+    device.publish("a/1").await;
     assert_eq!(wait_lines(1).await[0].0, "old/1");
 
     // Broken: a CEL syntax error. Rejected with the key path; the old rules stay.
@@ -821,22 +862,21 @@ async fn sighup_with_a_broken_config_keeps_the_old_rules_and_a_good_one_applies(
     gw.wait_for_log("reload rejected; the running config stays", 1)
         .await;
     assert!(gw.logs().contains("rules[0].where"), "{}", gw.logs());
-    publish("a/2").await;
+    device.publish("a/2").await;
     assert_eq!(wait_lines(2).await[1].0, "old/2");
 
     // Good: applies, the device stays connected.
     std::fs::write(&path, config(&rule("new/{1}", "true"))).expect("write config");
     gw.signal("-HUP");
     gw.wait_for_log("config reloaded", 1).await;
-    publish("a/3").await;
+    device.publish("a/3").await;
     let lines = wait_lines(3).await;
     let topics: Vec<&str> = lines.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(topics, vec!["old/1", "old/2", "new/3"]);
-    assert!(!events.is_finished(), "the device connection is still up");
+    assert!(device.is_connected(), "the device connection is still up");
 
     gw.signal("-TERM");
     gw.wait_for_log("edgebridge stopped", 1).await;
-    events.abort();
 }
 
 /// A `${file:…}` secret that changes on disk reloads the config with no SIGHUP (a rotated
@@ -866,59 +906,18 @@ async fn a_changed_secret_file_reloads_the_config_without_sighup() {
         ),
     )
     .expect("write config");
-    let output = [dir.path().join("stdout.log"), dir.path().join("stderr.log")];
-    let file = |p: &std::path::PathBuf| std::fs::File::create(p).expect("log file");
-    let child = edgebridge()
-        .args(["run", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .stdout(file(&output[0]))
-        .stderr(file(&output[1]))
-        .spawn()
-        .expect("start edgebridge");
-    let gw = Process { child, output };
-    gw.wait_for_log("edgebridge started", 1).await;
+    let gw = Process::start(dir.path(), &path).await;
 
-    let mut opts = MqttOptions::new("dev-1", "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = AsyncClient::new(opts, 10);
-    let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
-    let events = tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    let _ = acks_tx.send(());
-                }
-                Ok(_) => {}
-                Err(e) => return format!("device connection failed: {e}"),
-            }
-        }
-    });
-    let mut publish = async |topic: &str| {
-        client
-            .publish(topic, QoS::AtLeastOnce, false, b"x".to_vec())
-            .await
-            .expect("queue publish");
-        tokio::time::timeout(WAIT, acks.recv())
-            .await
-            .expect("PUBACK within the timeout")
-            .expect("device connection alive");
-    };
-    let wait_lines = async |n: usize| {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while file_lines(&out).len() < n && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        file_lines(&out)
-    };
+    let mut device = Device::connect(port).await;
+    let wait_lines = |n: usize| wait_file_lines(&out, n);
 
-    publish("a/1").await;
+    device.publish("a/1").await;
     assert_eq!(wait_lines(1).await[0].0, "first/1");
 
     // Rotated: read within the poll interval (5 s), no signal.
     std::fs::write(&secret, "second\n").expect("rotate secret");
     gw.wait_for_log("config reloaded", 1).await;
-    publish("a/2").await;
+    device.publish("a/2").await;
     assert_eq!(wait_lines(2).await[1].0, "second/2");
 
     // Gone: the reload is rejected, once, and the config in force stays.
@@ -931,7 +930,7 @@ async fn a_changed_secret_file_reloads_the_config_without_sighup() {
         "{}",
         gw.logs()
     );
-    publish("a/3").await;
+    device.publish("a/3").await;
     let lines = wait_lines(3).await;
     let topics: Vec<&str> = lines.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(topics, vec!["first/1", "second/2", "second/3"]);
@@ -944,11 +943,10 @@ async fn a_changed_secret_file_reloads_the_config_without_sighup() {
         1,
         "a refused change is tried once"
     );
-    assert!(!events.is_finished(), "the device connection is still up");
+    assert!(device.is_connected(), "the device connection is still up");
 
     gw.signal("-TERM");
     gw.wait_for_log("edgebridge stopped", 1).await;
-    events.abort();
 }
 
 #[test]
