@@ -707,6 +707,155 @@ fn every_problem_is_reported_on_its_own_line() {
     );
 }
 
+#[test]
+fn parse_level_mistakes_are_all_reported_at_once() {
+    // Five mistakes serde would stop at one by one: an unknown key, a bad duration, a bad
+    // value of a listener, and two in one sink table.
+    let stderr = rejected(
+        r#"gateway.idd = "edge-7"
+            [admin]
+            history_interval = "soon"
+            [[listeners]]
+            name = "devices"
+            bind = "127.0.0.1:1883"
+            ack = "sometimes"
+            [sinks.cloud]
+            type = "mqtt"
+            url = "mqtt://broker.example.com"
+            qoss = 1
+            keep_alive = true
+        "#,
+        &[],
+        &[],
+    )
+    .unwrap_or_else(|why| panic!("{why}"));
+    let paths: Vec<&str> = stderr
+        .lines()
+        .map(|line| line.split(": ").next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "admin.history_interval",
+            "gateway.idd",
+            "listeners[0].ack",
+            "sinks.cloud.keep_alive",
+            "sinks.cloud.qoss",
+        ],
+        "stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("unknown value \"sometimes\"; use one of: durable, received"),
+        "the config's spelling, no doubled backticks:\n{stderr}"
+    );
+}
+
+#[test]
+fn addresses_that_cannot_all_be_bound_are_refused_by_check() {
+    assert_all_rejected(
+        &[
+            Broken {
+                what: "two listeners on one address",
+                body: r#"
+                    [[listeners]]
+                    name = "a"
+                    bind = "127.0.0.1:18830"
+                    [[listeners]]
+                    name = "b"
+                    bind = "127.0.0.1:18830"
+                "#,
+                path: "listeners[1].bind",
+                says: "also the address of listeners[0] (\"a\")",
+            },
+            Broken {
+                what: "a wildcard and a specific address on one port",
+                body: r#"
+                    [[listeners]]
+                    name = "a"
+                    bind = "0.0.0.0:18830"
+                    [[listeners]]
+                    name = "b"
+                    bind = "127.0.0.1:18830"
+                    websocket = true
+                "#,
+                path: "listeners[1].bind",
+                says: "also the address of listeners[0]",
+            },
+            Broken {
+                what: "the admin endpoint on a listener's address",
+                body: r#"
+                    [admin]
+                    bind = "127.0.0.1:18831"
+                    [[listeners]]
+                    name = "devices"
+                    bind = "127.0.0.1:18831"
+                "#,
+                path: "admin.bind",
+                says: "also the address of listeners[0] (\"devices\")",
+            },
+        ],
+        &[],
+        &[],
+    );
+}
+
+#[test]
+fn a_data_dir_that_cannot_be_created_is_refused_by_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("not-a-dir");
+    fs::write(&file, "x").expect("write file");
+    let config = dir.path().join("edgebridge.toml");
+    let data_dir = file.join("data").display().to_string();
+    fs::write(&config, format!("gateway.data_dir = {data_dir:?}\n")).expect("write config");
+    let out = run_check(&config, dir.path(), &[], &[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "stderr:\n{stderr}");
+    assert!(
+        stderr.starts_with("gateway.data_dir: ") && stderr.contains("is not a directory"),
+        "stderr:\n{stderr}"
+    );
+}
+
+#[test]
+fn check_warns_when_a_device_may_publish_more_than_an_mqtt_sink_takes() {
+    let scratch = Scratch::new();
+    let body = |listener_limit: &str| {
+        format!(
+            r##"
+            [[listeners]]
+            name = "devices"
+            bind = "127.0.0.1:18832"
+            {listener_limit}
+            [sinks.cloud]
+            type = "mqtt"
+            url = "mqtt://broker.example.com"
+            [[rules]]
+            name = "all"
+            from = "#"
+            to = ["cloud"]
+        "##
+        )
+    };
+    // Defaults: a listener takes 1 MiB, an MQTT sink 256 KiB.
+    let out = scratch.check(&scratch.write_config(&body("")), &[], &[]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains(
+            "warning: listener devices takes publishes up to 1048576 bytes, this sink's max_packet_size is 262144"
+        ),
+        "{stdout}"
+    );
+    let out = scratch.check(
+        &scratch.write_config(&body("max_packet_size = \"200KiB\"")),
+        &[],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!stdout.contains("warning: listener"), "{stdout}");
+}
+
 const SECRET: &str = "hunter2-very-secret";
 
 const SINK_WITH_SECRET: &str = r#"

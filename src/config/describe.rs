@@ -69,8 +69,8 @@ impl Plan {
             };
             let _ = writeln!(
                 out,
-                "  {} {}://{} (MQTT 3.1.1 + 5) ack={:?} max_connections={} max_packet_size={} allow_anonymous={}{tls}",
-                l.name, l.scheme(), l.bind, l.ack, l.max_connections, l.max_packet_size, l.allow_anonymous
+                "  {} {}://{} (MQTT 3.1.1 + 5) ack={} max_connections={} max_packet_size={} allow_anonymous={}{tls}",
+                l.name, l.scheme(), l.bind, spelled(&l.ack), l.max_connections, l.max_packet_size, l.allow_anonymous
             );
         }
         match &self.auth.users_file {
@@ -101,11 +101,11 @@ impl Plan {
         for (index, s) in self.sinks.iter().enumerate() {
             let b = &s.buffer;
             let buffer = format!(
-                "buffer {:?} max_bytes={} when_full={:?} sync={:?}{}",
-                b.storage,
+                "buffer {} max_bytes={} when_full={} sync={}{}",
+                spelled(&b.storage),
                 b.max_bytes.0,
-                b.when_full,
-                b.sync,
+                spelled(&b.when_full),
+                spelled(&b.sync),
                 b.ttl
                     .map(|t| format!(" ttl={}", humantime::format_duration(t.0)))
                     .unwrap_or_default()
@@ -172,6 +172,23 @@ impl Plan {
                     );
                     for note in &m.notes {
                         let _ = writeln!(out, "    {}: {note}", m.profile.map_or("", |p| p.name()));
+                    }
+                    // A device's largest publish that a rule can send here, against what
+                    // one upstream packet takes (a pack splits nothing: each message must fit).
+                    let largest = self
+                        .listeners
+                        .iter()
+                        .max_by_key(|l| l.max_packet_size)
+                        .filter(|l| l.max_packet_size > m.max_packet_size);
+                    if let Some(l) = largest.filter(|_| !self.rules_to(index).is_empty()) {
+                        let _ = writeln!(
+                            out,
+                            "    warning: listener {} takes publishes up to {} bytes, this sink's \
+                             max_packet_size is {}: a larger message routed here is acknowledged \
+                             to its device, then dead-lettered (lower the listener's \
+                             max_packet_size or raise the sink's)",
+                            l.name, l.max_packet_size, m.max_packet_size
+                        );
                     }
                     if m.protocol == MqttProtocol::V311 {
                         let rules = self.rules_to(index);
@@ -262,5 +279,13 @@ impl Plan {
             );
         }
         out
+    }
+}
+
+/// A value as the config spells it (`durable`, `drop_oldest`), not as Rust does.
+fn spelled<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
     }
 }

@@ -61,60 +61,146 @@ pub fn load_with_env(
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    check_sinks(&dict)?;
-    let mut config = Figment::from(Serialized::defaults(dict))
-        .extract::<Config>()
-        .map_err(figment_errors)?;
+    // Every problem in one go: those of each sink table (read as its own kind), then the
+    // rest with the sinks at fault set aside.
+    let sink_errors = check_sinks(&mut dict);
+    let mut config = match extract_all::<Config>(dict) {
+        Ok(config) if sink_errors.is_empty() => config,
+        Ok(_) => return Err(ConfigErrors(sink_errors)),
+        Err(ConfigErrors(mut errors)) => {
+            errors.extend(sink_errors);
+            // In the file's order of sections (the sinks' come after the others').
+            errors.sort_by(|a, b| section(&a.path).cmp(section(&b.path)));
+            return Err(ConfigErrors(errors));
+        }
+    };
     config.secret_files = secrets;
     Ok(config)
 }
 
+/// The top-level section of a key path: `sinks` of `sinks.cloud.url`.
+fn section(path: &str) -> &str {
+    path.split(['.', '[']).next().unwrap_or(path)
+}
+
+/// Most problems reported in one go; past that, the rest wait for the next `check`.
+const MAX_PROBLEMS: usize = 100;
+
+/// Reads a `T` from `dict`, reporting every problem rather than only the first (serde
+/// stops at one): after each, the key at fault is set aside and the rest is read again.
+/// A required key set aside is then missing: its table goes too, and is not reported
+/// twice.
+fn extract_all<T: serde::de::DeserializeOwned>(mut dict: Dict) -> Result<T, ConfigErrors> {
+    use figment::error::Kind;
+    let mut errors = Vec::new();
+    let mut set_aside: Vec<Vec<String>> = Vec::new();
+    for _ in 0..MAX_PROBLEMS {
+        let error = match Figment::from(Serialized::defaults(dict.clone())).extract::<T>() {
+            Ok(value) if errors.is_empty() => return Ok(value),
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        let Some(first) = error.into_iter().next() else {
+            break;
+        };
+        let missing = matches!(first.kind, Kind::MissingField(_));
+        let key = match &first.kind {
+            Kind::MissingField(field) => {
+                let mut key = first.path.clone();
+                key.push(field.to_string());
+                key
+            }
+            _ => first.path.clone(),
+        };
+        let echo = set_aside.contains(&key);
+        let remove_at = if echo || missing {
+            first.path.clone()
+        } else {
+            key.clone()
+        };
+        if !echo {
+            errors.extend(figment_errors(first).0);
+        }
+        let Some(removed) = remove_key(&mut dict, &remove_at) else {
+            break;
+        };
+        set_aside.push(key);
+        set_aside.push(removed);
+    }
+    Err(ConfigErrors(errors))
+}
+
+/// Removes the value at `path` from `dict`, and says which path went. An element of an
+/// array takes the whole array with it (removing one would renumber the others in later
+/// key paths).
+fn remove_key(dict: &mut Dict, path: &[String]) -> Option<Vec<String>> {
+    match path {
+        [] => None,
+        [key] => dict.remove(key).map(|_| vec![key.clone()]),
+        [key, rest @ ..] => {
+            let whole_array = rest.len() == 1 && matches!(dict.get(key), Some(Value::Array(..)));
+            if whole_array {
+                return dict.remove(key).map(|_| vec![key.clone()]);
+            }
+            let inner = match dict.get_mut(key) {
+                Some(Value::Dict(_, inner)) => remove_key(inner, rest),
+                Some(Value::Array(_, items)) => {
+                    let item = rest[0].parse::<usize>().ok().and_then(|i| items.get_mut(i));
+                    match item {
+                        Some(Value::Dict(_, inner)) => remove_key(inner, &rest[1..])
+                            .map(|below| [vec![rest[0].clone()], below].concat()),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            inner.map(|below| [vec![key.clone()], below].concat())
+        }
+    }
+}
+
 /// Sinks are an internally tagged enum, and serde loses the key path inside those; so
-/// each sink table is first read as its own kind, to name the exact key in errors.
-fn check_sinks(dict: &Dict) -> Result<(), ConfigErrors> {
-    let Some(Value::Dict(_, sinks)) = dict.get("sinks") else {
-        return Ok(());
+/// each sink table is first read as its own kind, to name the exact key in errors. The
+/// sinks at fault are taken out of `dict`, so that reading the rest does not report them
+/// again without their key paths.
+fn check_sinks(dict: &mut Dict) -> Vec<ConfigError> {
+    let Some(Value::Dict(_, sinks)) = dict.get_mut("sinks") else {
+        return Vec::new();
     };
     let mut errors = Vec::new();
-    for (name, sink) in sinks {
+    let mut at_fault = Vec::new();
+    for (name, sink) in sinks.iter() {
         let Value::Dict(_, table) = sink else {
             continue;
         };
         let mut fields = table.clone();
         let kind = fields.remove("type");
-        let figment = Figment::from(Serialized::defaults(fields));
         let result = match kind.as_ref().and_then(Value::as_str) {
-            Some("mqtt") => figment.extract::<MqttSinkSection>().map(drop),
-            Some("http") => figment.extract::<HttpSinkSection>().map(drop),
-            Some("kafka") => figment.extract::<KafkaSinkSection>().map(drop),
-            Some("file") => figment.extract::<FileSinkSection>().map(drop),
-            Some(other) => {
-                errors.push(ConfigError::new(
-                    format!("sinks.{name}.type"),
-                    format!("unknown sink type {other:?}; use mqtt, http, kafka or file"),
-                ));
-                continue;
-            }
-            None => {
-                errors.push(ConfigError::new(
-                    format!("sinks.{name}.type"),
-                    "missing (mqtt, http, kafka or file)",
-                ));
-                continue;
-            }
+            Some("mqtt") => extract_all::<MqttSinkSection>(fields).map(drop),
+            Some("http") => extract_all::<HttpSinkSection>(fields).map(drop),
+            Some("kafka") => extract_all::<KafkaSinkSection>(fields).map(drop),
+            Some("file") => extract_all::<FileSinkSection>(fields).map(drop),
+            Some(other) => Err(ConfigErrors(vec![ConfigError::new(
+                "type",
+                format!("unknown sink type {other:?}; use mqtt, http, kafka or file"),
+            )])),
+            None => Err(ConfigErrors(vec![ConfigError::new(
+                "type",
+                "missing (mqtt, http, kafka or file)",
+            )])),
         };
-        if let Err(e) = result {
-            for mut e in figment_errors(e).0 {
+        if let Err(ConfigErrors(found)) = result {
+            at_fault.push(name.clone());
+            for mut e in found {
                 e.path = join_path(&format!("sinks.{name}"), &e.path);
                 errors.push(e);
             }
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigErrors(errors))
+    for name in at_fault {
+        sinks.remove(&name);
     }
+    errors
 }
 
 fn figment_errors(error: figment::Error) -> ConfigErrors {
@@ -129,6 +215,12 @@ fn figment_errors(error: figment::Error) -> ConfigErrors {
                     Kind::MissingField(field) => {
                         path = join_path(&path, field);
                         "missing (required)".to_string()
+                    }
+                    Kind::UnknownVariant(found, expected) => {
+                        format!(
+                            "unknown value {found:?}; use one of: {}",
+                            expected.join(", ")
+                        )
                     }
                     Kind::UnknownField(field, expected) => {
                         format!(

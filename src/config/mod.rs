@@ -4,7 +4,8 @@
 //! TOML file, under `EDGEBRIDGE_<SECTION>__<KEY>` environment variables, then replaces
 //! `${VAR}` in string values from the environment. Unknown keys are errors.
 //!
-//! Validation (`validate`) is pure apart from checking that referenced files exist: it
+//! Validation (`validate`) reads nothing but the files it names (do they exist, does
+//! `gateway.data_dir` take a new file: a probe created and removed at once): it
 //! turns the raw [`Config`] into a typed [`Plan`] (parsed addresses, URLs, sizes, compiled
 //! topic filters and templates) or into a list of [`ConfigError`]s, one per problem, each
 //! naming the key path. Nothing downstream validates again.
@@ -392,6 +393,40 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
                     .unwrap_or(config.auth.users_file.is_none()),
             });
         }
+    }
+
+    // Addresses that cannot all be bound: two listeners on one, or the admin endpoint on
+    // a listener's. `run` would fail on them after starting; `check` says so first.
+    let binds: Vec<(usize, SocketAddr)> = config
+        .listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.bind.parse::<SocketAddr>().ok().map(|a| (i, a)))
+        .collect();
+    for (n, (i, a)) in binds.iter().enumerate() {
+        if let Some((j, _)) = binds[..n].iter().find(|(_, b)| same_socket(*a, *b)) {
+            err(
+                format!("listeners[{i}].bind"),
+                format!(
+                    "{a} is also the address of listeners[{j}] ({:?}); each listener needs its own",
+                    config.listeners[*j].name
+                ),
+            );
+        }
+    }
+    if let Some(admin) = admin_bind {
+        if let Some((i, _)) = binds.iter().find(|(_, b)| same_socket(admin, *b)) {
+            err(
+                "admin.bind".into(),
+                format!(
+                    "{admin} is also the address of listeners[{i}] ({:?})",
+                    config.listeners[*i].name
+                ),
+            );
+        }
+    }
+    if let Err(why) = writable_dir(&config.gateway.data_dir) {
+        err("gateway.data_dir".into(), why);
     }
 
     let mut sinks = Vec::new();
@@ -848,8 +883,46 @@ fn aws_filter_problem(from: &str, filter: &TopicFilter) -> Option<String> {
     })
 }
 
-/// A sink's `backoff_min`/`backoff_max`, checked as [`crate::sinks::Backoff`] will take
-/// them; `false` (and the error reported) when it would refuse them.
+/// Whether binding `a` and then `b` would fail: the same port, and the same address or
+/// a wildcard (`0.0.0.0`, `[::]`) on either side. Port 0 (any free port) never clashes.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Whether the gateway can create and write `dir`: it, or the nearest ancestor that
+/// exists (`run` creates the rest), is a directory that takes a new file (created and
+/// removed at once).
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    let mut at = dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => {
+                at = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !at.is_dir() {
+        return Err(format!("{} is not a directory", at.display()));
+    }
+    let probe = at.join(format!(".edgebridge-check-{}", std::process::id()));
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "cannot be created or written: {} does not take new files ({e})",
+            at.display()
+        )),
+    }
+}
+
+/// Stands in for an address that failed to parse (only ever seen when an error was
+/// reported, so never bound).
 fn placeholder_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
@@ -1505,7 +1578,7 @@ mod tests {
             ),
             (
                 "url = \"http://x/in\"\nmethod = \"GET\"",
-                "sinks.hook.method: unknown variant: found `GET`, expected `one of `POST`, `post`, `PUT`, `put``",
+                "sinks.hook.method: unknown value \"GET\"; use one of: POST, post, PUT, put",
             ),
             (
                 "url = \"http://x/in\"\nheaders = { \"Bad Name\" = \"v\" }",
@@ -1565,7 +1638,7 @@ mod tests {
             ),
             (
                 "brokers = [\"k:9092\"]\ntopic = \"t\"\nformat = \"avro\"",
-                "sinks.lake.format: unknown variant: found `avro`, expected ``raw` or `envelope``",
+                "sinks.lake.format: unknown value \"avro\"; use one of: raw, envelope",
             ),
         ];
         for (body, expected) in cases {
@@ -1619,7 +1692,7 @@ mod tests {
              pack = { max_bytes = 8192, fields = [\"topic\", \"colour\"] }\n",
         );
         assert!(
-            e.starts_with("sinks.up.pack.fields[1]: unknown variant: found `colour`"),
+            e.starts_with("sinks.up.pack.fields[1]: unknown value \"colour\"; use one of:"),
             "{e}"
         );
         let e = first_error(
@@ -1815,7 +1888,11 @@ mod tests {
         };
         let v5 = load_str(&plain(""), &[]).expect("valid");
         assert_eq!(mqtt_plan(&v5).protocol, MqttProtocol::V5);
-        assert!(!v5.describe().contains("warning"), "{}", v5.describe());
+        assert!(
+            !v5.describe().contains("warning: MQTT 3.1.1"),
+            "{}",
+            v5.describe()
+        );
         let v311 = load_str(&plain("protocol = \"3.1.1\""), &[]).expect("valid");
         assert_eq!(mqtt_plan(&v311).protocol, MqttProtocol::V311);
         let text = v311.describe();
