@@ -537,9 +537,23 @@ pub async fn start(
     state: Arc<AdminState>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(bind)
+    serve(self::bind(bind).await?, state, shutdown)
+}
+
+/// Binds the admin address (before anything else starts, so a taken port stops the start
+/// before a buffer is opened).
+pub async fn bind(bind: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(bind)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot bind admin address {bind}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot bind admin address {bind}: {e}"))
+}
+
+/// Serves on `listener` until `shutdown`. Returns the bound address.
+pub fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let addr = listener.local_addr()?;
     let app = Router::new()
         .route("/", get(page))

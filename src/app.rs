@@ -227,6 +227,11 @@ impl Gateway {
         // First: a second process on this data_dir is refused before it opens a buffer
         // or binds a port.
         let data_dir_lock = DataDirLock::acquire(&plan.data_dir)?;
+        // Then every address: a port another process holds stops the start here, before
+        // a buffer opens or a sink connects. Devices that connect meanwhile wait in the
+        // socket's backlog until their listener accepts.
+        let device_listeners = broker::bind(&plan.listeners).await?;
+        let admin_socket = admin::bind(plan.admin_bind).await?;
 
         let metrics = Arc::new(Metrics::new());
         // Upstream → downlink task; the sinks' taps hold the sender.
@@ -276,7 +281,7 @@ impl Gateway {
         )?)));
         let broker = broker::start(
             &plan.broker,
-            &plan.listeners,
+            device_listeners,
             intake_tx,
             &metrics,
             stopping.clone(),
@@ -305,8 +310,7 @@ impl Gateway {
             listeners.clone(),
             sinks.admin_sinks(&plan),
         ));
-        let (admin_addr, admin) =
-            admin::start(plan.admin_bind, state.clone(), admin_stop.clone()).await?;
+        let (admin_addr, admin) = admin::serve(admin_socket, state.clone(), admin_stop.clone())?;
         state.set_phase(Phase::Running);
         info!(gateway = %plan.gateway_id, admin = %admin_addr, sinks = plan.sinks.len(), rules = plan.rules.len(), "edgebridge started");
 

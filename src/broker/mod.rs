@@ -163,17 +163,32 @@ pub const CREDENTIALS_POLL: Duration = Duration::from_secs(5);
 /// How often the broker's persisted state is written when it changed.
 const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Starts rumqttd's router and every listener; returns once all of them accept.
+/// Binds every device listener's address, in order (before anything else starts, so a
+/// taken port stops the start before a buffer is opened).
+pub async fn bind(listeners: &[ListenerPlan]) -> anyhow::Result<Vec<(ListenerPlan, TcpListener)>> {
+    let mut bound = Vec::with_capacity(listeners.len());
+    for plan in listeners {
+        let socket = TcpListener::bind(plan.bind)
+            .await
+            .with_context(|| format!("listener {}: cannot bind {}", plan.name, plan.bind))?;
+        bound.push((plan.clone(), socket));
+    }
+    Ok(bound)
+}
+
+/// Starts rumqttd's router and every listener on its socket (from [`bind`]); returns once
+/// all of them accept.
 pub async fn start(
     broker: &BrokerSection,
-    listeners: &[ListenerPlan],
+    listeners: Vec<(ListenerPlan, TcpListener)>,
     intake: mpsc::Sender<IntakeItem>,
     metrics: &Metrics,
     stopping: Arc<AtomicBool>,
     security: SharedSecurity,
     data_dir: &Path,
 ) -> anyhow::Result<RunningBroker> {
-    let config = router_config(broker, listeners);
+    let plans: Vec<ListenerPlan> = listeners.iter().map(|(plan, _)| plan.clone()).collect();
+    let config = router_config(broker, &plans);
     let persist = Arc::new(Persist::open(data_dir)?);
     // Opening the shared link waits (blocking) for the router's answer.
     let for_links = persist.clone();
@@ -198,14 +213,11 @@ pub async fn start(
         links: links.clone(),
     };
     let mut running = Vec::new();
-    for (index, plan) in listeners.iter().enumerate() {
-        let socket = TcpListener::bind(plan.bind)
-            .await
-            .with_context(|| format!("cannot bind {}", plan.bind))?;
+    for (index, (plan, socket)) in listeners.into_iter().enumerate() {
         let addr = socket.local_addr()?;
         let shared = Arc::new(ListenerShared::new(
             index,
-            plan,
+            &plan,
             &shared_by_all,
             metrics.listener(&plan.name),
         )?);
