@@ -16,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use super::config::FilePlan;
+use super::supervise::{supervise, Ended, Session};
 use super::{Backoff, Pacer, SinkContext};
 use crate::buffer::Record;
 use crate::message::Message;
@@ -82,65 +83,71 @@ async fn paced_lines(
 }
 
 pub async fn run(plan: FilePlan, ctx: SinkContext) {
-    let mut backoff = Backoff::try_new(Duration::from_millis(100), Duration::from_secs(10))
+    let backoff = Backoff::try_new(Duration::from_millis(100), Duration::from_secs(10))
         .unwrap_or_else(|_| unreachable!("constant bounds are valid"));
-    let mut lines = Vec::new();
-    let mut pacer = ctx.pacer();
-    'reopen: loop {
-        let mut file = match open(&plan.path).await {
+    let mut session = Appender {
+        plan,
+        lines: Vec::new(),
+        pacer: ctx.pacer(),
+    };
+    supervise(&ctx, backoff, &mut session).await;
+}
+
+/// One session of the file sink: the file opened, then lines appended until a write
+/// fails or shutdown.
+struct Appender {
+    plan: FilePlan,
+    /// The lines of one write, reused.
+    lines: Vec<u8>,
+    pacer: Option<Pacer>,
+}
+
+impl Session for Appender {
+    async fn run(&mut self, ctx: &SinkContext, backoff: &mut Backoff) -> Ended {
+        let path = &self.plan.path;
+        let mut file = match open(path).await {
             Ok(f) => f,
             Err(e) => {
-                let detail = format!("cannot open {}: {e}", plan.path.display());
+                let detail = format!("cannot open {}: {e}", path.display());
                 ctx.metrics.mark_down("io", &detail);
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff.next_delay()) => continue 'reopen,
-                    _ = ctx.shutdown.cancelled() => return,
-                }
+                return Ended::Failed;
             }
         };
         backoff.reset();
-        ctx.up(&format!("writing to {}", plan.path.display()));
+        ctx.up(&format!("writing to {}", path.display()));
         loop {
             let batch = tokio::select! {
                 batch = ctx.buffer.read_batch(ctx.batch) => batch,
-                _ = ctx.shutdown.cancelled() => {
-                    ctx.metrics.mark_stopped();
-                    return;
-                }
+                _ = ctx.shutdown.cancelled() => return Ended::Stopped,
             };
             // Without a rate the whole batch is one write; with one, each write holds the
             // lines the pacer lets go at that moment.
             let mut rest = batch.as_slice();
             while !rest.is_empty() {
-                let taken = match pacer.as_mut() {
+                let lines = &mut self.lines;
+                let taken = match self.pacer.as_mut() {
                     None => {
                         lines.clear();
                         for record in rest {
-                            encode_line(&record.msg, &mut lines);
+                            encode_line(&record.msg, lines);
                         }
                         rest.len()
                     }
-                    Some(pacer) => match paced_lines(&ctx, pacer, rest, &mut lines).await {
+                    Some(pacer) => match paced_lines(ctx, pacer, rest, lines).await {
                         Some(n) => n,
-                        None => {
-                            // Shutdown: what was not written stays in the buffer.
-                            ctx.metrics.mark_stopped();
-                            return;
-                        }
+                        // Shutdown: what was not written stays in the buffer.
+                        None => return Ended::Stopped,
                     },
                 };
                 let written = async {
-                    file.write_all(&lines).await?;
+                    file.write_all(lines).await?;
                     file.flush().await
                 };
                 if let Err(e) = written.await {
-                    let detail = format!("cannot write {}: {e}", plan.path.display());
+                    let detail = format!("cannot write {}: {e}", path.display());
                     ctx.metrics.mark_down("io", &detail);
                     ctx.buffer.rewind();
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_delay()) => continue 'reopen,
-                        _ = ctx.shutdown.cancelled() => return,
-                    }
+                    return Ended::Failed;
                 }
                 for record in &rest[..taken] {
                     ctx.buffer.ack(record.seq);

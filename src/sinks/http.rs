@@ -45,6 +45,7 @@ pub use config::{HttpPlan, HttpSinkSection};
 
 use super::credentials::{LoadedTls, CREDENTIALS_POLL};
 use super::pack::{self, Pack, PackPlan, Packer};
+use super::supervise::{supervise, Ended, Session};
 use super::{Backoff, Pacer, SinkContext};
 use crate::buffer::Record;
 use crate::message::Properties;
@@ -460,25 +461,34 @@ fn error_chain(e: &reqwest::Error) -> String {
 }
 
 pub async fn run(plan: HttpPlan, ctx: SinkContext) {
-    serve(&plan, &ctx).await;
-    ctx.metrics.mark_stopped();
+    let backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
+    supervise(&ctx, backoff, &mut Posting { plan }).await;
 }
 
-/// Delivers until shutdown.
-async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
-    let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
-    let mut client = loop {
-        match Client::build(plan, ctx) {
-            Ok(c) => break c,
+/// The HTTP sink's one session: its client built, then requests until shutdown (each
+/// request's failure is retried within it; reqwest reconnects on its own).
+struct Posting {
+    plan: HttpPlan,
+}
+
+impl Session for Posting {
+    async fn run(&mut self, ctx: &SinkContext, backoff: &mut Backoff) -> Ended {
+        match Client::build(&self.plan, ctx) {
+            Ok(mut client) => {
+                serve(&self.plan, ctx, &mut client, backoff).await;
+                Ended::Stopped
+            }
             Err(e) => {
                 ctx.metrics
                     .mark_down("config", &format!("cannot build the HTTP client: {e:#}"));
-                if ctx.sleep_or_stop(backoff.next_delay()).await {
-                    return;
-                }
+                Ended::Failed
             }
         }
-    };
+    }
+}
+
+/// Delivers until shutdown.
+async fn serve(plan: &HttpPlan, ctx: &SinkContext, client: &mut Client, backoff: &mut Backoff) {
     let key_prefix = if ctx.buffer.is_durable() {
         format!("{}-{}", plan.gateway_id, ctx.name)
     } else {
@@ -491,7 +501,7 @@ async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
     };
     info!(sink = %ctx.name, url = %redact_url(plan.url.source()), format = ?plan.format, "HTTP sink started");
     if let Some(pack) = &plan.pack {
-        return serve_packed(plan, ctx, &mut client, &mut backoff, &key_prefix, pack).await;
+        return serve_packed(plan, ctx, client, backoff, &key_prefix, pack).await;
     }
 
     let mut pending: VecDeque<Record> = VecDeque::new();
@@ -519,16 +529,7 @@ async fn serve(plan: &HttpPlan, ctx: &SinkContext) {
             }
             None => continue,
         };
-        match deliver(
-            plan,
-            ctx,
-            &mut client,
-            &mut backoff,
-            pacer.as_mut(),
-            request,
-        )
-        .await
-        {
+        match deliver(plan, ctx, client, backoff, pacer.as_mut(), request).await {
             Delivery::Done => {}
             Delivery::Split(records) => {
                 alone_upto = records.last().map_or(alone_upto, |r| r.seq);

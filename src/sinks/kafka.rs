@@ -53,6 +53,7 @@ use tracing::{debug, info, warn};
 pub use config::{KafkaPlan, KafkaSinkSection};
 
 use super::credentials::{LoadedTls, CREDENTIALS_POLL};
+use super::supervise::{supervise, Ended, Session};
 use super::{sleep_until_some, Backoff, Pacer, SinkContext};
 use crate::buffer::Record;
 use crate::message::Message;
@@ -433,71 +434,56 @@ fn stall_after(properties: &std::collections::BTreeMap<String, String>) -> Durat
 }
 
 pub async fn run(plan: KafkaPlan, ctx: SinkContext) {
-    serve(&plan, &ctx).await;
-    ctx.metrics.mark_stopped();
+    let backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
+    let tls_paths = TlsPaths::of(&plan.properties);
+    supervise(&ctx, backoff, &mut Producing { plan, tls_paths }).await;
 }
 
-/// Delivers until shutdown.
-async fn serve(plan: &KafkaPlan, ctx: &SinkContext) {
-    let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
-    let tls_paths = TlsPaths::of(&plan.properties);
-    loop {
-        let tls = match tls_paths.as_ref().map(|paths| paths.read(ctx)).transpose() {
+/// One session of the Kafka sink: one producer, from its creation (with the TLS files
+/// as they are now) until a fatal error, new TLS files or shutdown.
+struct Producing {
+    plan: KafkaPlan,
+    tls_paths: Option<TlsPaths>,
+}
+
+impl Session for Producing {
+    async fn run(&mut self, ctx: &SinkContext, backoff: &mut Backoff) -> Ended {
+        let (plan, tls_paths) = (&self.plan, self.tls_paths.as_ref());
+        let tls = match tls_paths.map(|paths| paths.read(ctx)).transpose() {
             Ok(tls) => tls,
             Err(e) => {
                 ctx.metrics
                     .mark_down("config", &format!("cannot load the TLS files: {e}"));
-                if ctx.sleep_or_stop(backoff.next_delay()).await {
-                    return;
-                }
-                continue;
+                return Ended::Failed;
             }
         };
         let (tx, mut events) = mpsc::unbounded_channel();
-        let producer = match producer(plan, &ctx.name, tx, tls_paths.as_ref().zip(tls.as_ref())) {
+        let tls_now = tls_paths.zip(tls.as_ref());
+        let producer = match producer(plan, &ctx.name, tx, tls_now) {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 ctx.metrics
                     .mark_down("config", &format!("cannot create the Kafka producer: {e}"));
-                if ctx.sleep_or_stop(backoff.next_delay()).await {
-                    return;
-                }
-                continue;
+                return Ended::Failed;
             }
         };
         info!(sink = %ctx.name, brokers = %plan.brokers.join(","), topic = %plan.topic.source(), "Kafka producer started");
         ctx.buffer.rewind();
-        let tls_now = tls_paths.as_ref().zip(tls.as_ref());
-        let end = session(plan, ctx, &producer, &mut events, &mut backoff, tls_now).await;
-        let stopping = matches!(end, SessionEnd::Stopped);
-        if stopping {
+        let end = session(plan, ctx, &producer, &mut events, backoff, tls_now).await;
+        if end == Ended::Stopped {
             finish(ctx, producer.clone(), &mut events).await;
         }
         // Dropping a producer waits for librdkafka's threads: off the runtime. It purges
         // what it still holds: those records were not acked, the rewind produces them
         // again.
         let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
-        match end {
-            SessionEnd::Stopped => return,
-            SessionEnd::NewTls => {}
-            SessionEnd::Recreate => {
-                if ctx.sleep_or_stop(backoff.next_delay()).await {
-                    return;
-                }
-            }
-        }
+        end
     }
 }
 
-enum SessionEnd {
-    Stopped,
-    /// A fatal producer error: make a new producer.
-    Recreate,
-    /// New TLS files loaded: make a new producer with them, now.
-    NewTls,
-}
-
-/// Produces from the buffer and handles reports until shutdown or a fatal error.
+/// Produces from the buffer and handles reports until shutdown (`Stopped`), a fatal
+/// error (`Failed`: a new producer after the backoff) or new TLS files (`Again`: a new
+/// producer with them, now).
 async fn session(
     plan: &KafkaPlan,
     ctx: &SinkContext,
@@ -505,7 +491,7 @@ async fn session(
     events: &mut mpsc::UnboundedReceiver<Event>,
     backoff: &mut Backoff,
     tls: Option<(&TlsPaths, &LoadedTls)>,
-) -> SessionEnd {
+) -> Ended {
     let mut in_flight = 0usize;
     // Set by the first failure; producing stops until every report is in.
     let mut failure: Option<(String, String)> = None;
@@ -528,17 +514,17 @@ async fn session(
         // The records in flight are waited for while the sink delivers; while it is down
         // they may never be confirmed with the files in use, and are produced again.
         if new_tls && (in_flight == 0 || !delivering || stalled || failure.is_some()) {
-            return SessionEnd::NewTls;
+            return Ended::Again;
         }
         if in_flight == 0 {
             if let Some((reason, detail)) = failure.take() {
                 ctx.metrics.mark_down(&reason, &detail);
                 if let Some((code, detail)) = producer.client().fatal_error() {
                     warn!(sink = %ctx.name, code = ?code, "fatal producer error; recreating the producer: {detail}");
-                    return SessionEnd::Recreate;
+                    return Ended::Failed;
                 }
                 if ctx.sleep_or_stop(backoff.next_delay()).await {
-                    return SessionEnd::Stopped;
+                    return Ended::Stopped;
                 }
                 ctx.buffer.rewind();
             }
@@ -633,7 +619,7 @@ async fn session(
                     confirmed_up(ctx, backoff);
                 }
             }
-            _ = ctx.shutdown.cancelled() => return SessionEnd::Stopped,
+            _ = ctx.shutdown.cancelled() => return Ended::Stopped,
         }
     }
 }

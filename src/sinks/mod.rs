@@ -3,8 +3,10 @@
 //! Each kind lives in its own file with its delivery loop and unit tests. A worker acks a
 //! buffer record only after the destination confirmed it (MQTT PUBACK, file write +
 //! flush); on any connection failure it rewinds the buffer so every unconfirmed record
-//! is sent again, and backs off exponentially with jitter. With a `rate`, every worker
-//! waits for its [`Pacer`] before each upstream message goes on the wire.
+//! is sent again, and backs off exponentially with jitter: each kind says what one
+//! session with its upstream is, and [`supervise`] runs the sessions, the waits between
+//! them and shutdown for all of them. With a `rate`, every worker waits for its [`Pacer`]
+//! before each upstream message goes on the wire.
 
 mod backoff;
 pub mod cloud;
@@ -18,6 +20,7 @@ pub mod kafka;
 pub mod mqtt;
 pub mod pacing;
 pub mod pack;
+mod supervise;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -442,8 +445,30 @@ impl DeadLetter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A worker's context over a memory buffer, its dead letters under `data_dir`.
+    pub(crate) fn context(data_dir: &std::path::Path, name: &str) -> SinkContext {
+        let metrics = Metrics::new();
+        let section = crate::buffer::config::BufferSection {
+            storage: crate::buffer::config::Storage::Memory,
+            ..Default::default()
+        };
+        let buffer = Buffer::open(name, &section, data_dir, &metrics).expect("memory buffer");
+        SinkContext {
+            name: name.into(),
+            buffer: Arc::new(buffer),
+            batch: 10,
+            shutdown: CancellationToken::new(),
+            grace: Duration::from_secs(1),
+            metrics: SinkMetrics::new(&metrics, name),
+            dead_letter: DeadLetter::new(data_dir, name),
+            downlink: None,
+            rate: None,
+            tls_files: credentials::TlsFiles::new(name, metrics.credentials_reloads.clone()),
+        }
+    }
 
     #[tokio::test]
     async fn dead_letters_are_appended_as_ndjson() {

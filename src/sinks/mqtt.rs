@@ -43,7 +43,7 @@
 //! limit or a topic AWS refuses is dead-lettered before it is sent; with an Azure shared
 //! access key every connection gets a fresh SAS token as its password, and when the token
 //! is due the connection stops taking new records, waits briefly for the acks of those in
-//! flight, says DISCONNECT and reconnects at once with a new token (`Outcome::Renew`; not
+//! flight, says DISCONNECT and reconnects at once with a new token (`Ended::Again`; not
 //! an error, the sink stays up); anything unconfirmed is resent after the rewind.
 //!
 //! Failover (`url` as a list, `sinks::failover`): `run` picks the endpoint of each
@@ -81,6 +81,7 @@ use super::cloud::{self, CloudProfile};
 use super::credentials::TlsFiles;
 use super::failover::{self, Endpoints, Probe, Switch};
 use super::pack::{self, Pack, Packer};
+use super::supervise::{supervise, Ended, Session};
 use super::{sleep_until_some, Backoff, SinkContext};
 use crate::buffer::{Buffer, Record};
 use crate::message::{now_millis, Properties};
@@ -95,89 +96,81 @@ pub const PUBLISH_OVERHEAD: usize = 16;
 /// upstream, such a connection does not reset the reconnect backoff.
 const CLOSED_AFTER_CONNACK: Duration = Duration::from_secs(3);
 
-enum Outcome {
-    /// The connection failed: back off and reconnect.
-    Reconnect,
-    /// The upstream refused a publish for now (MQTT 5 reason code: quota exceeded, server
-    /// busy): back off on the throttle backoff, which a working connection does not reset,
-    /// and reconnect; what is unconfirmed is resent.
-    Throttled,
-    /// The SAS token is about to expire, or the primary endpoint answers again after a
-    /// failover: the connection was closed cleanly; reconnect at once (with a fresh
-    /// token, to the primary).
-    Renew,
-    /// Shutdown finished.
-    Stopped,
-}
-
 pub async fn run(plan: MqttPlan, ctx: SinkContext) {
     if plan.client_ids.len() > 1 {
         return connections::run(plan, ctx).await;
     }
-    let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
-    // Refusals for now (quota exceeded, server busy) back off on their own backoff: the
-    // acks that came before them reset the connection backoff.
-    let mut throttle = ctx.backoff(plan.backoff_min, plan.backoff_max);
-    let mut endpoints = Endpoints::new(plan.endpoints.len(), plan.failover_after);
+    let backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
+    let endpoints = Endpoints::new(plan.endpoints.len(), plan.failover_after);
     ctx.metrics
         .endpoint_in_use(endpoints.current(), plan.endpoints.len());
-    // Checks the primary while another endpoint is in use; cancels its token once the
-    // primary accepts a connection.
-    let mut probe: Option<Probe> = None;
-    // Records up to this seq go one at a time (see `Feed::isolate`); kept across
-    // connections.
-    let mut isolate = None;
-    loop {
-        if probe.as_ref().is_some_and(|p| p.answered().is_cancelled()) {
-            probe = None;
-            if let Some(switch) = endpoints.primary_answered() {
-                switch_endpoint(&plan, &ctx, switch);
+    let mut single = Single {
+        plan,
+        endpoints,
+        probe: None,
+        isolate: None,
+    };
+    supervise(&ctx, backoff, &mut single).await;
+}
+
+/// A sink over one upstream connection, with failover between its endpoints: each
+/// session is one connection to the endpoint in use.
+struct Single {
+    plan: MqttPlan,
+    endpoints: Endpoints,
+    /// Checks the primary while another endpoint is in use; cancels its token once the
+    /// primary accepts a connection.
+    probe: Option<Probe>,
+    /// Records up to this seq go one at a time (see `Feed::isolate`); kept across
+    /// connections.
+    isolate: Option<u64>,
+}
+
+impl Session for Single {
+    async fn run(&mut self, ctx: &SinkContext, backoff: &mut Backoff) -> Ended {
+        let plan = &self.plan;
+        if self
+            .probe
+            .as_ref()
+            .is_some_and(|p| p.answered().is_cancelled())
+        {
+            self.probe = None;
+            if let Some(switch) = self.endpoints.primary_answered() {
+                switch_endpoint(plan, ctx, switch);
             }
         }
-        let target = plan.at_endpoint(endpoints.current());
+        let target = plan.at_endpoint(self.endpoints.current());
         ctx.buffer.rewind();
         let mut feed = Feed {
             source: Source::Buffer,
-            failback: probe.as_ref().map(Probe::answered),
-            isolate,
+            failback: self.probe.as_ref().map(Probe::answered),
+            isolate: self.isolate,
         };
         // The backoff restarts exactly when a connection proves the endpoint works.
         let resets = backoff.resets();
-        let outcome = session(&target, &ctx, &mut backoff, &mut feed).await;
-        isolate = feed.isolate;
-        if !matches!(outcome, Outcome::Throttled) {
-            throttle.reset();
-        }
+        let outcome = session(&target, ctx, backoff, &mut feed).await;
+        self.isolate = feed.isolate;
         match outcome {
-            Outcome::Stopped => return,
-            Outcome::Renew => {}
-            Outcome::Throttled => {
-                tokio::select! {
-                    stop = ctx.sleep_or_stop(throttle.next_delay()) => if stop {
-                        return;
-                    },
-                    _ = cancelled_some(probe.as_ref().map(Probe::answered)) => {}
-                }
-            }
-            Outcome::Reconnect => {
+            Ended::Failed => {
                 let worked = backoff.resets() != resets;
-                if let Some(switch) = endpoints.connection_ended(worked) {
-                    switch_endpoint(&plan, &ctx, switch);
-                    probe = endpoints
-                        .needs_probe()
-                        .then(|| primary_probe(&plan, &ctx.name, ctx.tls_files.clone()));
-                    // A different endpoint: try it at once.
-                    continue;
-                }
-                // Cut short when the primary answers: no point waiting to retry a backup.
-                tokio::select! {
-                    stop = ctx.sleep_or_stop(backoff.next_delay()) => if stop {
-                        return;
-                    },
-                    _ = cancelled_some(probe.as_ref().map(Probe::answered)) => {}
-                }
+                let Some(switch) = self.endpoints.connection_ended(worked) else {
+                    return Ended::Failed;
+                };
+                switch_endpoint(plan, ctx, switch);
+                self.probe = self
+                    .endpoints
+                    .needs_probe()
+                    .then(|| primary_probe(plan, &ctx.name, ctx.tls_files.clone()));
+                // A different endpoint: try it at once.
+                Ended::Again
             }
+            other => other,
         }
+    }
+
+    /// No point waiting to retry a backup once the primary answers.
+    async fn wake(&self) {
+        cancelled_some(self.probe.as_ref().map(Probe::answered)).await
     }
 }
 
@@ -276,18 +269,22 @@ impl Source {
     }
 }
 
-/// One connection attempt and, once connected, its session until it ends.
+/// One connection attempt and, once connected, its session until it ends: `Failed`
+/// (back off, perhaps fail over), `Throttled` (the upstream refused a publish for now:
+/// MQTT 5 quota exceeded or server busy; what is unconfirmed is resent), `Again` (the SAS
+/// token is about to expire, or the primary answers again after a failover: closed
+/// cleanly, reconnect at once, with a fresh token, to the primary) or `Stopped`.
 async fn session(
     plan: &MqttPlan,
     ctx: &SinkContext,
     backoff: &mut Backoff,
     feed: &mut Feed<'_>,
-) -> Outcome {
+) -> Ended {
     let (opts, renew_in) = match client::options(plan, &ctx.tls_files) {
         Ok(o) => o,
         Err(e) => {
             ctx.metrics.mark_down("config", &e);
-            return Outcome::Reconnect;
+            return Ended::Failed;
         }
     };
     let capacity = plan.inflight as usize * 2 + 16;
@@ -315,7 +312,7 @@ async fn connection(
     backoff: &mut Backoff,
     renew_at: Option<Instant>,
     feed: &mut Feed<'_>,
-) -> Outcome {
+) -> Ended {
     let stop = feed.source.stop();
     let failback = feed.failback;
     let full_window = plan.inflight as usize;
@@ -361,9 +358,9 @@ async fn connection(
             if window.len() == 0 || Instant::now() >= deadline {
                 disconnect(ctx, client, &mut events, &mut window).await;
                 break if throttled {
-                    Outcome::Throttled
+                    Ended::Throttled
                 } else {
-                    Outcome::Renew
+                    Ended::Again
                 };
             }
         }
@@ -405,7 +402,7 @@ async fn connection(
             }
             // Another connection of the group failed: all reconnect, and what is
             // unconfirmed here is resent after the rewind.
-            _ = cancelled_some(stop.as_ref()) => break Outcome::Reconnect,
+            _ = cancelled_some(stop.as_ref()) => break Ended::Failed,
             event = events.recv() => {
                 match event {
                     Some(Ok(event)) => {
@@ -498,7 +495,7 @@ async fn connection(
                                     // The message is counted under `reason` by the dead
                                     // letter; the connection's end under "disconnected".
                                     ctx.metrics.mark_down(e.reason, &detail);
-                                    break Outcome::Reconnect;
+                                    break Ended::Failed;
                                 }
                                 Action::Retry { reason } => {
                                     ctx.metrics.mark_down(reason, &format!(
@@ -506,7 +503,7 @@ async fn connection(
                                         puback::describe(code),
                                         window.len()
                                     ));
-                                    break Outcome::Throttled;
+                                    break Ended::Throttled;
                                 }
                                 Action::Delivered => {}
                             }
@@ -533,9 +530,9 @@ async fn connection(
                             );
                         }
                         ctx.metrics.mark_down(reason, &detail);
-                        break Outcome::Reconnect;
+                        break Ended::Failed;
                     }
-                    None => break Outcome::Reconnect,
+                    None => break Ended::Failed,
                 }
             }
             _ = sleep_until_some(renew_at), if renewing.is_none() && renew_at.is_some() => {
@@ -567,7 +564,7 @@ async fn connection(
                         window.len()
                     );
                     ctx.metrics.mark_down("ack_timeout", &detail);
-                    break Outcome::Reconnect;
+                    break Ended::Failed;
                 }
             }
             _ = pack::linger_until(linger), if linger.is_some() && renewing.is_none() => {
@@ -594,7 +591,7 @@ async fn connection(
                     // The event loop is gone: its error is next in `events` (or it was
                     // aborted); nothing of this batch was acked, the rewind resends it.
                     ctx.metrics.mark_down("closed", &format!("{upstream}: the connection closed"));
-                    break Outcome::Reconnect;
+                    break Ended::Failed;
                 }
             }
             // The pacer's wait is a branch of its own, so acks, shutdown and the half-open
@@ -603,7 +600,7 @@ async fn connection(
                 let sent = publish_ready(ctx, client, plan.qos, &mut ready, &mut window, window_size, pacer.as_mut(), &mut last_progress).await;
                 if sent.is_err() {
                     ctx.metrics.mark_down("closed", &format!("{upstream}: the connection closed"));
-                    break Outcome::Reconnect;
+                    break Ended::Failed;
                 }
             }
         }
@@ -618,7 +615,7 @@ async fn drain_and_disconnect(
     client: &Client,
     events: &mut mpsc::Receiver<Result<LinkEvent, LinkError>>,
     window: &mut Window,
-) -> Outcome {
+) -> Ended {
     let deadline = tokio::time::Instant::now() + ctx.grace;
     while window.len() > 0 {
         match tokio::time::timeout_at(deadline, events.recv()).await {
@@ -630,7 +627,7 @@ async fn drain_and_disconnect(
     }
     disconnect(ctx, client, events, window).await;
     ctx.metrics.mark_stopped();
-    Outcome::Stopped
+    Ended::Stopped
 }
 
 /// Says DISCONNECT and waits (up to 1 s) until the upstream has closed the connection.

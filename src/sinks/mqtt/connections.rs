@@ -27,16 +27,36 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::config::MqttPlan;
-use super::{session, Feed, Outcome, Source};
+use super::{session, Feed, Source};
 use crate::buffer::Record;
-use crate::sinks::SinkContext;
+use crate::sinks::supervise::{supervise, Ended, Session};
+use crate::sinks::{Backoff, SinkContext};
 
 pub(super) async fn run(plan: MqttPlan, ctx: SinkContext) {
     let ctx = Arc::new(ctx);
-    let mut backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
-    // As in `super::run`: refusals for now back off on their own.
-    let mut throttle = ctx.backoff(plan.backoff_min, plan.backoff_max);
-    loop {
+    let backoff = ctx.backoff(plan.backoff_min, plan.backoff_max);
+    supervise(
+        &ctx,
+        backoff,
+        &mut Group {
+            plan,
+            ctx: ctx.clone(),
+        },
+    )
+    .await;
+}
+
+/// The connections of one sink: a session is one life of the group, from connecting all
+/// of them until the first one ends.
+struct Group {
+    plan: MqttPlan,
+    /// The context again, shared with the connection tasks.
+    ctx: Arc<SinkContext>,
+}
+
+impl Session for Group {
+    async fn run(&mut self, _: &SinkContext, backoff: &mut Backoff) -> Ended {
+        let (plan, ctx) = (&self.plan, &self.ctx);
         ctx.buffer.rewind();
         let stop = CancellationToken::new();
         let mut routes = Vec::with_capacity(plan.client_ids.len());
@@ -69,31 +89,14 @@ pub(super) async fn run(plan: MqttPlan, ctx: SinkContext) {
         stop.cancel();
         while members.join_next().await.is_some() {}
         let _ = dispatcher.await;
-        let outcome = match first {
+        match first {
             Some(Ok((outcome, member_backoff))) => {
                 // The connection that ended knows whether acks arrived (a reset backoff).
-                backoff = member_backoff;
+                *backoff = member_backoff;
                 outcome
             }
             // A connection task panicked: treat it like a failed connection.
-            _ => Outcome::Reconnect,
-        };
-        if !matches!(outcome, Outcome::Throttled) {
-            throttle.reset();
-        }
-        match outcome {
-            Outcome::Stopped => return,
-            Outcome::Renew => {}
-            Outcome::Throttled => {
-                if ctx.sleep_or_stop(throttle.next_delay()).await {
-                    return;
-                }
-            }
-            Outcome::Reconnect => {
-                if ctx.sleep_or_stop(backoff.next_delay()).await {
-                    return;
-                }
-            }
+            _ => Ended::Failed,
         }
     }
 }

@@ -66,12 +66,12 @@ pub(super) fn properties_wire_len(props: Option<&Properties>) -> usize {
 pub(super) const READY_PACKS: usize = 4;
 
 /// Ends the session after a failed dead-letter write (see [`DeadLetterFailed`]).
-pub(super) fn dead_letter_failed(ctx: &SinkContext, upstream: &str) -> Outcome {
+pub(super) fn dead_letter_failed(ctx: &SinkContext, upstream: &str) -> Ended {
     ctx.metrics.mark_down(
         "dead_letter",
         &format!("{upstream}: cannot write the dead-letter file; the undeliverable message stays buffered and is retried"),
     );
-    Outcome::Reconnect
+    Ended::Failed
 }
 
 /// A record up to `seq` was resolved (acked or dead-lettered): once past the one that
