@@ -220,7 +220,7 @@ fn same_sink_config(a: &SinkPlan, b: &SinkPlan) -> bool {
 
 impl Gateway {
     pub async fn start(plan: Plan) -> anyhow::Result<Gateway> {
-        // rumqttc and any future HTTPS client share one TLS provider (DESIGN.md).
+        // rumqttc and any future HTTPS client share one TLS provider (ARCHITECTURE.md, section 7).
         let _ = rustls::crypto::ring::default_provider().install_default();
         std::fs::create_dir_all(&plan.data_dir)
             .with_context(|| format!("cannot create data_dir {}", plan.data_dir.display()))?;

@@ -1,4 +1,4 @@
-//! The Prometheus registry and typed handles for every metric of DESIGN.md.
+//! The Prometheus registry and typed handles for every metric in the README's Metrics table.
 //!
 //! Label values are resolved once per listener, rule and sink (`*Metrics` handles), so the
 //! forwarding path only touches atomics.

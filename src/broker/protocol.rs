@@ -1,6 +1,6 @@
 //! MQTT framing for device connections: which codec a connection speaks, and the checks
 //! and rewrites around rumqttd's `V4`/`V5` codecs that keep their known failure modes
-//! (DESIGN.md) unreachable.
+//! (ARCHITECTURE.md, section 7) unreachable.
 //!
 //! - MQTT 3.1 (`MQIsdp`, level 3) CONNECTs are rewritten to 3.1.1 before parsing
 //!   (rumqttd's reader refuses them; the rest of 3.1 is 3.1.1's wire format);

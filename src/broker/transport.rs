@@ -2,10 +2,10 @@
 //! type so every transport takes the same code path in `connection.rs`.
 //!
 //! [`accept`] runs the TLS and WebSocket handshakes; the caller bounds it with the
-//! listener's `connect_timeout` (an idle socket must never hold anything up: DESIGN.md,
-//! rumqttd failure mode 3). After that, [`Transport::read`] appends the device's bytes to
-//! the connection's buffer and [`Transport::write`] sends encoded packets (one binary
-//! WebSocket message per write on WebSocket listeners).
+//! listener's `connect_timeout` (an idle socket must never hold anything up: with
+//! rumqttd's own listener, one did). After that, [`Transport::read`] appends the device's
+//! bytes to the connection's buffer and [`Transport::write`] sends encoded packets (one
+//! binary WebSocket message per write on WebSocket listeners).
 //!
 //! Certificate rotation: a TLS listener keeps the files its acceptor came from;
 //! [`Handshake::reload_tls`] reads them again (the broker calls it every

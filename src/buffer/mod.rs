@@ -1,6 +1,6 @@
 //! The per-sink buffer between the rule engine and the sink worker.
 //!
-//! Interface (DESIGN.md): the router `append`s records and then `sync`s; the sink worker
+//! Interface (ARCHITECTURE.md, section 6): the router `append`s records and then `sync`s; the sink worker
 //! `read_batch`es records past its read position, `ack`s each one once the upstream
 //! confirmed it, and `rewind`s to the oldest unacked record after a reconnect, so
 //! everything unconfirmed is sent again. A record leaves the buffer only when acked, or

@@ -1,13 +1,14 @@
-//! Configuration: loading and validation.
+//! Configuration: loading and validation, the composition root of every owner's section.
 //!
-//! Loading (`load`) layers the built-in defaults (serde defaults on every section) under the
-//! TOML file, under `EDGEBRIDGE_<SECTION>__<KEY>` environment variables, then replaces
-//! `${VAR}` in string values from the environment. Unknown keys are errors.
+//! Loading (`load.rs`) layers the built-in defaults (serde defaults on every section)
+//! under the TOML file, under `EDGEBRIDGE_<SECTION>__<KEY>` environment variables, then
+//! replaces `${VAR}` in string values from the environment and `${file:…}` by a file's
+//! content. Unknown keys are errors.
 //!
 //! Validation (`validate`) reads nothing but the files it names (do they exist, does
-//! `gateway.data_dir` take a new file: a probe created and removed at once): it
-//! turns the raw [`Config`] into a typed [`Plan`] (parsed addresses, URLs, sizes, compiled
-//! topic filters and templates) or into a list of [`ConfigError`]s, one per problem, each
+//! `gateway.data_dir` take a new file: a probe created and removed at once): it turns the
+//! raw [`Config`] into a typed [`Plan`] (parsed addresses, URLs, sizes, compiled topic
+//! filters and templates) or into a list of [`ConfigError`]s, one per problem, each
 //! naming the key path. Nothing downstream validates again.
 
 use std::collections::{BTreeMap, HashSet};

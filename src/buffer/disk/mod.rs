@@ -4,7 +4,7 @@
 //! Input comes from the router ([`DiskLog::append`], then [`DiskLog::prepare_sync`] +
 //! [`SyncHandles::sync`] before the devices' PUBACKs are released); output goes to the sink
 //! worker ([`DiskLog::read`], [`DiskLog::ack`], [`DiskLog::rewind`]). Everything here is
-//! synchronous: the caller keeps the log behind a `std::sync::Mutex` and runs the fsyncs
+//! synchronous: the caller keeps the log behind a mutex and runs the fsyncs
 //! from [`SyncHandles`] after releasing it.
 //!
 //! # Files
