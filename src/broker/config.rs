@@ -1,7 +1,8 @@
 //! The device side's config sections: `[broker]` (router sizing and intake),
 //! `[[listeners]]` and `[auth]`, with the validated listener and auth plans the broker
-//! starts from (validation itself is in crate::config for now).
+//! starts from, and their validation (every problem reported with its key path).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -181,6 +182,182 @@ impl ListenerPlan {
             (true, false) => "mqtts",
             (false, true) => "ws",
             (true, true) => "wss",
+        }
+    }
+}
+
+impl BrokerSection {
+    /// Reports what the router and intake cannot run with.
+    pub fn validate(&self, err: &mut impl FnMut(String, String)) {
+        if self.intake_queue == 0 {
+            err("broker.intake_queue".into(), "must be at least 1".into());
+        }
+        if self.qos0_high_water > self.intake_queue {
+            err(
+                "broker.qos0_high_water".into(),
+                "must not exceed broker.intake_queue".into(),
+            );
+        }
+        if self.max_segment_size.0 < 1024 || self.max_segment_count == 0 {
+            err(
+                "broker.max_segment_size".into(),
+                "segments must be at least 1KiB and max_segment_count at least 1".into(),
+            );
+        }
+    }
+}
+
+/// `[[listeners]]` into the plans the broker starts from; a listener whose address does
+/// not parse is left out (its error reported). `anonymous_default`: whether a listener
+/// without `allow_anonymous` takes devices without credentials.
+pub fn validate_listeners(
+    listeners: &[ListenerSection],
+    anonymous_default: bool,
+    err: &mut impl FnMut(String, String),
+) -> Vec<ListenerPlan> {
+    let mut plans = Vec::new();
+    let mut listener_names = HashSet::new();
+    if listeners.is_empty() {
+        err(
+            "listeners".into(),
+            "at least one listener is required".into(),
+        );
+    }
+    for (i, l) in listeners.iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        if l.name.is_empty() {
+            err(format!("{path}.name"), "must not be empty".into());
+        } else if !listener_names.insert(l.name.clone()) {
+            err(
+                format!("{path}.name"),
+                format!("duplicate listener name {:?}", l.name),
+            );
+        }
+        let bind = match l.bind.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                err(
+                    format!("{path}.bind"),
+                    format!("not a host:port address ({e})"),
+                );
+                None
+            }
+        };
+        if l.max_connections == 0 {
+            err(
+                format!("{path}.max_connections"),
+                "must be at least 1".into(),
+            );
+        }
+        if l.max_packet_size.0 < 128 || l.max_packet_size.0 > 256 * 1024 * 1024 {
+            err(
+                format!("{path}.max_packet_size"),
+                "must be between 128B and 256MiB".into(),
+            );
+        }
+        if l.max_inflight == 0 {
+            err(format!("{path}.max_inflight"), "must be at least 1".into());
+        }
+        let max_keep_alive = match l.max_keep_alive {
+            None => None,
+            Some(HumanDuration(d)) => match u16::try_from(d.as_secs()) {
+                Ok(secs) if secs > 0 && d.subsec_nanos() == 0 => Some(secs),
+                _ => {
+                    err(
+                        format!("{path}.max_keep_alive"),
+                        "must be whole seconds between 1s and 65535s".into(),
+                    );
+                    None
+                }
+            },
+        };
+        if l.connect_timeout.0.is_zero() || l.connect_timeout.0 > Duration::from_secs(60) {
+            err(
+                format!("{path}.connect_timeout"),
+                "must be between 1ms and 60s".into(),
+            );
+        }
+        if let Some(tls) = &l.tls {
+            let files = [("cert", Some(&tls.cert)), ("key", Some(&tls.key))];
+            for (key, file) in files
+                .into_iter()
+                .chain([("client_ca", tls.client_ca.as_ref())])
+            {
+                if let Some(file) = file.filter(|f| !f.is_file()) {
+                    err(
+                        format!("{path}.tls.{key}"),
+                        format!("file {} not found", file.display()),
+                    );
+                }
+            }
+        }
+        if let Some(bind) = bind {
+            plans.push(ListenerPlan {
+                name: l.name.clone(),
+                bind,
+                ack: l.ack,
+                max_connections: l.max_connections,
+                max_packet_size: l.max_packet_size.0 as usize,
+                max_inflight: l.max_inflight,
+                max_keep_alive,
+                connect_timeout: l.connect_timeout.0,
+                tls: l.tls.clone(),
+                websocket: l.websocket,
+                allow_anonymous: l.allow_anonymous.unwrap_or(anonymous_default),
+            });
+        }
+    }
+    plans
+}
+
+impl AuthSection {
+    /// `[auth]` into its plan: the users file must load, and each ACL entry must grant
+    /// something, with patterns that parse.
+    pub fn validate(&self, err: &mut impl FnMut(String, String)) -> AuthPlan {
+        use super::{check_pattern, AclEntry, Glob, Users};
+        if let Some(file) = &self.users_file {
+            if let Err(e) = Users::load(file) {
+                err("auth.users_file".into(), format!("{e:#}"));
+            }
+        }
+        let mut acl = Vec::new();
+        for (i, a) in self.acl.iter().enumerate() {
+            let path = format!("auth.acl[{i}]");
+            if a.publish.is_empty() && a.subscribe.is_empty() {
+                err(
+                    path.clone(),
+                    "grants nothing: give publish and/or subscribe".into(),
+                );
+            }
+            let trusts_username = a.user.is_some()
+                || a.publish
+                    .iter()
+                    .chain(&a.subscribe)
+                    .any(|p| p.contains("{username}"));
+            if trusts_username && self.users_file.is_none() {
+                err(
+                    path.clone(),
+                    "uses the username, which is only verified with auth.users_file set".into(),
+                );
+            }
+            for (key, patterns) in [("publish", &a.publish), ("subscribe", &a.subscribe)] {
+                for (j, p) in patterns.iter().enumerate() {
+                    if let Err(e) = check_pattern(p) {
+                        err(format!("{path}.{key}[{j}]"), format!("{p:?}: {e}"));
+                    }
+                }
+            }
+            acl.push(AclEntry {
+                user: a.user.as_deref().map(Glob::new),
+                cn: a.cn.as_deref().map(Glob::new),
+                client_id: a.client_id.as_deref().map(Glob::new),
+                publish: a.publish.clone(),
+                subscribe: a.subscribe.clone(),
+            });
+        }
+        AuthPlan {
+            users_file: self.users_file.clone(),
+            acl,
         }
     }
 }

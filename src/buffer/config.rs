@@ -109,6 +109,60 @@ impl BufferSection {
     }
 }
 
+impl BufferSection {
+    /// Reports what a buffer cannot run with; `path` is its sink's (`sinks.<name>`).
+    pub fn validate(&self, path: &str, err: &mut impl FnMut(String, String)) {
+        if self.max_bytes.0 < 1024 {
+            err(
+                format!("{path}.buffer.max_bytes"),
+                "must be at least 1KiB".into(),
+            );
+        }
+        if self.storage == Storage::Disk && self.max_bytes.0 < 64 * 1024 {
+            err(
+                format!("{path}.buffer.max_bytes"),
+                "must be at least 64KiB for a disk buffer".into(),
+            );
+        }
+        if let Some(size) = self.segment_size {
+            if size.0 < 64 * 1024 || size.0 > self.max_bytes.0 {
+                err(
+                    format!("{path}.buffer.segment_size"),
+                    "must be at least 64KiB and not above buffer.max_bytes".into(),
+                );
+            }
+        }
+        if self.ttl.is_some_and(|t| t.0.is_zero()) {
+            err(format!("{path}.buffer.ttl"), "must be above zero".into());
+        }
+        if self.drain_rate == Some(0) {
+            err(
+                format!("{path}.buffer.drain_rate"),
+                "must be above zero".into(),
+            );
+        }
+        if self.drain == Drain::LiveFirst && self.storage != Storage::Disk {
+            err(
+                format!("{path}.buffer.drain"),
+                "\"live_first\" needs storage = \"disk\" (both lanes are read from the disk log)"
+                    .into(),
+            );
+        }
+        if self.sync_interval.0.is_zero() {
+            err(
+                format!("{path}.buffer.sync_interval"),
+                "must be above zero".into(),
+            );
+        }
+        if self.batch == 0 || self.batch > 100_000 {
+            err(
+                format!("{path}.buffer.batch"),
+                "must be between 1 and 100000".into(),
+            );
+        }
+    }
+}
+
 impl Default for BufferSection {
     fn default() -> Self {
         Self {

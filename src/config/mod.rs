@@ -11,7 +11,7 @@
 //! filters and templates) or into a list of [`ConfigError`]s, one per problem, each
 //! naming the key path. Nothing downstream validates again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,7 +31,7 @@ pub use crate::rules::config::{
     DownlinkPlan, DownlinkSection, FallbackSection, RulePlan, RuleSection, TargetPlan,
     TargetSection, TargetTable,
 };
-use crate::rules::{Expr, ExprKind, Template, TemplateScope, TopicFilter};
+use crate::rules::{Template, TopicFilter};
 use crate::sinks::cloud::{self, CloudProfile};
 pub use crate::sinks::config::{FilePlan, FileSinkSection, SinkKindPlan, SinkPlan, SinkSection};
 use crate::sinks::http::HttpSinkSection;
@@ -285,390 +285,43 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
     }
 
     let broker = config.broker.clone();
-    if broker.intake_queue == 0 {
-        err("broker.intake_queue".into(), "must be at least 1".into());
-    }
-    if broker.qos0_high_water > broker.intake_queue {
-        err(
-            "broker.qos0_high_water".into(),
-            "must not exceed broker.intake_queue".into(),
-        );
-    }
-    if broker.max_segment_size.0 < 1024 || broker.max_segment_count == 0 {
-        err(
-            "broker.max_segment_size".into(),
-            "segments must be at least 1KiB and max_segment_count at least 1".into(),
-        );
-    }
+    broker.validate(&mut err);
 
-    let mut listeners = Vec::new();
-    let mut listener_names = HashSet::new();
-    if config.listeners.is_empty() {
-        err(
-            "listeners".into(),
-            "at least one listener is required".into(),
-        );
-    }
-    for (i, l) in config.listeners.iter().enumerate() {
-        let path = format!("listeners[{i}]");
-        if l.name.is_empty() {
-            err(format!("{path}.name"), "must not be empty".into());
-        } else if !listener_names.insert(l.name.clone()) {
-            err(
-                format!("{path}.name"),
-                format!("duplicate listener name {:?}", l.name),
-            );
-        }
-        let bind = match l.bind.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(e) => {
-                err(
-                    format!("{path}.bind"),
-                    format!("not a host:port address ({e})"),
-                );
-                None
-            }
-        };
-        if l.max_connections == 0 {
-            err(
-                format!("{path}.max_connections"),
-                "must be at least 1".into(),
-            );
-        }
-        if l.max_packet_size.0 < 128 || l.max_packet_size.0 > 256 * 1024 * 1024 {
-            err(
-                format!("{path}.max_packet_size"),
-                "must be between 128B and 256MiB".into(),
-            );
-        }
-        if l.max_inflight == 0 {
-            err(format!("{path}.max_inflight"), "must be at least 1".into());
-        }
-        let max_keep_alive = match l.max_keep_alive {
-            None => None,
-            Some(HumanDuration(d)) => match u16::try_from(d.as_secs()) {
-                Ok(secs) if secs > 0 && d.subsec_nanos() == 0 => Some(secs),
-                _ => {
-                    err(
-                        format!("{path}.max_keep_alive"),
-                        "must be whole seconds between 1s and 65535s".into(),
-                    );
-                    None
-                }
-            },
-        };
-        if l.connect_timeout.0.is_zero() || l.connect_timeout.0 > Duration::from_secs(60) {
-            err(
-                format!("{path}.connect_timeout"),
-                "must be between 1ms and 60s".into(),
-            );
-        }
-        if let Some(tls) = &l.tls {
-            let files = [("cert", Some(&tls.cert)), ("key", Some(&tls.key))];
-            for (key, file) in files
-                .into_iter()
-                .chain([("client_ca", tls.client_ca.as_ref())])
-            {
-                if let Some(file) = file.filter(|f| !f.is_file()) {
-                    err(
-                        format!("{path}.tls.{key}"),
-                        format!("file {} not found", file.display()),
-                    );
-                }
-            }
-        }
-        if let Some(bind) = bind {
-            listeners.push(ListenerPlan {
-                name: l.name.clone(),
-                bind,
-                ack: l.ack,
-                max_connections: l.max_connections,
-                max_packet_size: l.max_packet_size.0 as usize,
-                max_inflight: l.max_inflight,
-                max_keep_alive,
-                connect_timeout: l.connect_timeout.0,
-                tls: l.tls.clone(),
-                websocket: l.websocket,
-                allow_anonymous: l
-                    .allow_anonymous
-                    .unwrap_or(config.auth.users_file.is_none()),
-            });
-        }
-    }
+    let listeners = crate::broker::config::validate_listeners(
+        &config.listeners,
+        config.auth.users_file.is_none(),
+        &mut err,
+    );
 
-    // Addresses that cannot all be bound: two listeners on one, or the admin endpoint on
-    // a listener's. `run` would fail on them after starting; `check` says so first.
-    let binds: Vec<(usize, SocketAddr)> = config
-        .listeners
-        .iter()
-        .enumerate()
-        .filter_map(|(i, l)| l.bind.parse::<SocketAddr>().ok().map(|a| (i, a)))
-        .collect();
-    for (n, (i, a)) in binds.iter().enumerate() {
-        if let Some((j, _)) = binds[..n].iter().find(|(_, b)| same_socket(*a, *b)) {
-            err(
-                format!("listeners[{i}].bind"),
-                format!(
-                    "{a} is also the address of listeners[{j}] ({:?}); each listener needs its own",
-                    config.listeners[*j].name
-                ),
-            );
-        }
-    }
-    if let Some(admin) = admin_bind {
-        if let Some((i, _)) = binds.iter().find(|(_, b)| same_socket(admin, *b)) {
-            err(
-                "admin.bind".into(),
-                format!(
-                    "{admin} is also the address of listeners[{i}] ({:?})",
-                    config.listeners[*i].name
-                ),
-            );
-        }
-    }
+    check_addresses(&config.listeners, admin_bind, &mut err);
     if let Err(why) = writable_dir(&config.gateway.data_dir) {
         err("gateway.data_dir".into(), why);
     }
 
-    let mut sinks = Vec::new();
-    for (name, sink) in &config.sinks {
-        let path = format!("sinks.{name}");
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
-        {
-            err(
-                path.clone(),
-                "sink names may only use letters, digits, - and _".into(),
-            );
-        }
-        let buffer = sink.buffer().clone();
-        if buffer.max_bytes.0 < 1024 {
-            err(
-                format!("{path}.buffer.max_bytes"),
-                "must be at least 1KiB".into(),
-            );
-        }
-        if buffer.storage == Storage::Disk && buffer.max_bytes.0 < 64 * 1024 {
-            err(
-                format!("{path}.buffer.max_bytes"),
-                "must be at least 64KiB for a disk buffer".into(),
-            );
-        }
-        if let Some(size) = buffer.segment_size {
-            if size.0 < 64 * 1024 || size.0 > buffer.max_bytes.0 {
-                err(
-                    format!("{path}.buffer.segment_size"),
-                    "must be at least 64KiB and not above buffer.max_bytes".into(),
-                );
-            }
-        }
-        if buffer.ttl.is_some_and(|t| t.0.is_zero()) {
-            err(format!("{path}.buffer.ttl"), "must be above zero".into());
-        }
-        if buffer.drain_rate == Some(0) {
-            err(
-                format!("{path}.buffer.drain_rate"),
-                "must be above zero".into(),
-            );
-        }
-        if buffer.drain == Drain::LiveFirst && buffer.storage != Storage::Disk {
-            err(
-                format!("{path}.buffer.drain"),
-                "\"live_first\" needs storage = \"disk\" (both lanes are read from the disk log)"
-                    .into(),
-            );
-        }
-        if buffer.sync_interval.0.is_zero() {
-            err(
-                format!("{path}.buffer.sync_interval"),
-                "must be above zero".into(),
-            );
-        }
-        if buffer.batch == 0 || buffer.batch > 100_000 {
-            err(
-                format!("{path}.buffer.batch"),
-                "must be between 1 and 100000".into(),
-            );
-        }
-        let mut rate = sink
-            .rate()
-            .and_then(|r| validate_rate(&format!("{path}.rate"), r, &mut err));
-        let kind = match sink {
-            SinkSection::Mqtt(m) => {
-                crate::sinks::mqtt::config::validate(&path, m, &gateway_id, &mut err).map(
-                    |mut m| {
-                        if let (None, Some(default)) =
-                            (&rate, m.profile.and_then(|p| p.default_rate()))
-                        {
-                            if sink.rate().is_none() {
-                                rate = Some(default);
-                                m.notes.push(format!(
-                            "rate {} per connection (the cloud's limits; set rate to change)",
-                            default.describe()
-                        ));
-                            }
-                        }
-                        SinkKindPlan::Mqtt(m)
-                    },
-                )
-            }
-            SinkSection::Http(h) => {
-                crate::sinks::http::config::validate(&path, h, &gateway_id, &mut err)
-                    .map(SinkKindPlan::Http)
-            }
-            SinkSection::Kafka(k) => {
-                crate::sinks::kafka::config::validate(&path, k, &gateway_id, &mut err)
-                    .map(SinkKindPlan::Kafka)
-            }
-            SinkSection::File(f) => {
-                if f.path.as_os_str().is_empty() {
-                    err(format!("{path}.path"), "must not be empty".into());
-                    None
-                } else {
-                    Some(SinkKindPlan::File(FilePlan {
-                        path: f.path.clone(),
-                    }))
-                }
-            }
-        };
-        if let Some(kind) = kind {
-            sinks.push(SinkPlan {
-                name: name.clone(),
-                buffer,
-                rate,
-                kind,
-            });
-        }
-    }
+    let sinks = config
+        .sinks
+        .iter()
+        .filter_map(|(name, sink)| validate_sink(name, sink, &gateway_id, &mut err))
+        .collect();
 
     let sink_names: Vec<&String> = config.sinks.keys().collect();
-    let mut rules = Vec::new();
-    let mut rule_names = HashSet::new();
-    for (i, r) in config.rules.iter().enumerate() {
-        let path = format!("rules[{i}]");
-        if r.name.is_empty() {
-            err(format!("{path}.name"), "must not be empty".into());
-        } else if !rule_names.insert(r.name.clone()) {
-            err(
-                format!("{path}.name"),
-                format!("duplicate rule name {:?}", r.name),
-            );
-        }
-        let filter = match TopicFilter::parse(&r.from) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                err(format!("{path}.from"), e.to_string());
-                None
-            }
-        };
-        if r.to.is_empty() {
-            err(format!("{path}.to"), "must name at least one sink".into());
-        }
-        let condition = r.condition.as_ref().and_then(|c| {
-            Expr::compile(c, ExprKind::Condition)
-                .map_err(|e| err(format!("{path}.where"), e))
-                .ok()
-        });
-        let scope = TemplateScope {
-            wildcards: filter.as_ref().map_or(0, |f| f.wildcard_count()),
-            client_id: true,
-        };
-        let mut targets = validate_targets(
-            &path,
-            &r.to,
-            r.topic.as_deref(),
-            r.payload.as_deref(),
-            &scope,
-            &sink_names,
-            &mut err,
-        );
-        if let Some(section) = &r.properties {
-            let edit = crate::rules::PropertyEdit::validate(
-                &format!("{path}.properties"),
-                section,
-                &scope,
-                &mut err,
-            )
-            .map(std::sync::Arc::new);
-            for t in &mut targets {
-                t.properties = edit.clone();
-            }
-        }
-        if let Some(filter) = filter {
-            rules.push(RulePlan {
-                name: r.name.clone(),
-                filter,
-                condition,
-                to: targets,
-                stop: !r.continue_matching,
-            });
-        }
-    }
-    let fallback = match &config.fallback {
-        Some(f) => {
-            if f.to.is_empty() {
-                err("fallback.to".into(), "must name at least one sink".into());
-            }
-            let scope = TemplateScope {
-                wildcards: 0,
-                client_id: true,
-            };
-            validate_targets("fallback", &f.to, None, None, &scope, &sink_names, &mut err)
-        }
-        None => Vec::new(),
-    };
+    let rules = crate::rules::config::validate_rules(&config.rules, &sink_names, &mut err);
+    let fallback =
+        crate::rules::config::validate_fallback(config.fallback.as_ref(), &sink_names, &mut err);
 
-    let mut downlinks = Vec::new();
-    for (i, d) in config.downlinks.iter().enumerate() {
-        let path = format!("downlinks[{i}]");
-        let sink = match config.sinks.iter().position(|(k, _)| *k == d.sink) {
-            None => {
-                err(format!("{path}.sink"), format!("unknown sink {:?}", d.sink));
-                None
-            }
-            Some(idx) => match config.sinks.get(&d.sink) {
-                Some(SinkSection::Mqtt(_)) => Some(idx),
-                _ => {
-                    err(
-                        format!("{path}.sink"),
-                        format!("sink {:?} is not an mqtt sink", d.sink),
-                    );
-                    None
-                }
-            },
-        };
-        // `{gateway_id}` is the one placeholder of a filter (braces are legal in topics).
-        let filter = TopicFilter::parse(&d.from.replace("{gateway_id}", &gateway_id))
-            .map_err(|e| err(format!("{path}.from"), e.to_string()))
-            .ok();
-        let topic = filter.as_ref().and_then(|f| {
-            let scope = TemplateScope {
-                wildcards: f.wildcard_count(),
-                client_id: false,
-            };
-            Template::parse(&d.topic, &scope)
-                .map_err(|e| err(format!("{path}.topic"), e.to_string()))
-                .ok()
-        });
-        if d.qos > 2 {
-            err(format!("{path}.qos"), "must be 0, 1 or 2".into());
-        }
-        if let (Some(sink), Some(filter), Some(topic)) = (sink, filter, topic) {
-            downlinks.push(DownlinkPlan {
-                sink,
-                sink_name: d.sink.clone(),
-                filter,
-                topic,
-                qos: d.qos.min(2),
-                retain: d.retain,
-            });
-        }
-    }
+    let downlinks = crate::rules::config::validate_downlinks(
+        &config.downlinks,
+        &gateway_id,
+        |name| {
+            let index = config.sinks.keys().position(|k| k == name)?;
+            let is_mqtt = matches!(config.sinks.get(name), Some(SinkSection::Mqtt(_)));
+            Some((index, is_mqtt))
+        },
+        &mut err,
+    );
 
     check_aws_topics(config, &rules, &gateway_id, &mut err);
-    let auth = validate_auth(&config.auth, &mut err);
+    let auth = config.auth.validate(&mut err);
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -692,112 +345,99 @@ pub fn validate(config: &Config) -> Result<Plan, ConfigErrors> {
     })
 }
 
-fn validate_auth(auth: &AuthSection, err: &mut impl FnMut(String, String)) -> AuthPlan {
-    use crate::broker::{check_pattern, AclEntry, Glob, Users};
-    if let Some(file) = &auth.users_file {
-        if let Err(e) = Users::load(file) {
-            err("auth.users_file".into(), format!("{e:#}"));
-        }
+/// One `[sinks.<name>]` table into its plan (`None` once its errors are reported).
+fn validate_sink(
+    name: &str,
+    sink: &SinkSection,
+    gateway_id: &str,
+    err: &mut impl FnMut(String, String),
+) -> Option<SinkPlan> {
+    let path = format!("sinks.{name}");
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+    {
+        err(
+            path.clone(),
+            "sink names may only use letters, digits, - and _".into(),
+        );
     }
-    let mut acl = Vec::new();
-    for (i, a) in auth.acl.iter().enumerate() {
-        let path = format!("auth.acl[{i}]");
-        if a.publish.is_empty() && a.subscribe.is_empty() {
-            err(
-                path.clone(),
-                "grants nothing: give publish and/or subscribe".into(),
-            );
-        }
-        let trusts_username = a.user.is_some()
-            || a.publish
-                .iter()
-                .chain(&a.subscribe)
-                .any(|p| p.contains("{username}"));
-        if trusts_username && auth.users_file.is_none() {
-            err(
-                path.clone(),
-                "uses the username, which is only verified with auth.users_file set".into(),
-            );
-        }
-        for (key, patterns) in [("publish", &a.publish), ("subscribe", &a.subscribe)] {
-            for (j, p) in patterns.iter().enumerate() {
-                if let Err(e) = check_pattern(p) {
-                    err(format!("{path}.{key}[{j}]"), format!("{p:?}: {e}"));
+    let buffer = sink.buffer().clone();
+    buffer.validate(&path, err);
+    let mut rate = sink
+        .rate()
+        .and_then(|r| validate_rate(&format!("{path}.rate"), r, err));
+    let kind = match sink {
+        SinkSection::Mqtt(m) => crate::sinks::mqtt::config::validate(&path, m, gateway_id, err)
+            .map(|mut m| {
+                if let (None, Some(default)) = (&rate, m.profile.and_then(|p| p.default_rate())) {
+                    if sink.rate().is_none() {
+                        rate = Some(default);
+                        m.notes.push(format!(
+                            "rate {} per connection (the cloud's limits; set rate to change)",
+                            default.describe()
+                        ));
+                    }
                 }
+                SinkKindPlan::Mqtt(m)
+            }),
+        SinkSection::Http(h) => {
+            crate::sinks::http::config::validate(&path, h, gateway_id, err).map(SinkKindPlan::Http)
+        }
+        SinkSection::Kafka(k) => crate::sinks::kafka::config::validate(&path, k, gateway_id, err)
+            .map(SinkKindPlan::Kafka),
+        SinkSection::File(f) => {
+            if f.path.as_os_str().is_empty() {
+                err(format!("{path}.path"), "must not be empty".into());
+                None
+            } else {
+                Some(SinkKindPlan::File(FilePlan {
+                    path: f.path.clone(),
+                }))
             }
         }
-        acl.push(AclEntry {
-            user: a.user.as_deref().map(Glob::new),
-            cn: a.cn.as_deref().map(Glob::new),
-            client_id: a.client_id.as_deref().map(Glob::new),
-            publish: a.publish.clone(),
-            subscribe: a.subscribe.clone(),
-        });
-    }
-    AuthPlan {
-        users_file: auth.users_file.clone(),
-        acl,
-    }
+    };
+    Some(SinkPlan {
+        name: name.to_string(),
+        buffer,
+        rate,
+        kind: kind?,
+    })
 }
 
-/// Checks the `to` list at `path` (a rule's, or the fallback's) and folds the rule-wide
-/// `topic` and `payload` into each target that does not override them.
-fn validate_targets(
-    path: &str,
-    to: &[TargetSection],
-    rule_topic: Option<&str>,
-    rule_payload: Option<&str>,
-    scope: &TemplateScope,
-    sink_names: &[&String],
+/// Addresses that cannot all be bound: two listeners on one, or the admin endpoint on a
+/// listener's. `run` would fail on them after starting; `check` says so first.
+fn check_addresses(
+    listeners: &[ListenerSection],
+    admin_bind: Option<SocketAddr>,
     err: &mut impl FnMut(String, String),
-) -> Vec<TargetPlan> {
-    let topic = parse_template(format!("{path}.topic"), rule_topic, scope, err);
-    let payload = parse_transform(format!("{path}.payload"), rule_payload, err);
-    let mut targets = Vec::new();
-    for (j, target) in to.iter().enumerate() {
-        let key = format!("{path}.to[{j}]");
-        let (name, own_topic, own_payload) = match target {
-            TargetSection::Sink(name) => (name, None, None),
-            TargetSection::Table(t) => (&t.sink, t.topic.as_deref(), t.payload.as_deref()),
-        };
-        let Some(sink) = sink_names.iter().position(|k| *k == name) else {
-            let key = match target {
-                TargetSection::Sink(_) => key,
-                TargetSection::Table(_) => format!("{key}.sink"),
-            };
-            err(key, format!("unknown sink {name:?}"));
-            continue;
-        };
-        let own_topic = parse_template(format!("{key}.topic"), own_topic, scope, err);
-        let own_payload = parse_transform(format!("{key}.payload"), own_payload, err);
-        let (Ok(own_topic), Ok(own_payload), Ok(topic), Ok(payload)) =
-            (own_topic, own_payload, &topic, &payload)
-        else {
-            continue;
-        };
-        targets.push(TargetPlan {
-            sink,
-            topic: own_topic.or_else(|| topic.clone()),
-            payload: own_payload.or_else(|| payload.clone()),
-            properties: None,
-        });
+) {
+    let binds: Vec<(usize, SocketAddr)> = listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.bind.parse::<SocketAddr>().ok().map(|a| (i, a)))
+        .collect();
+    for (n, (i, a)) in binds.iter().enumerate() {
+        if let Some((j, _)) = binds[..n].iter().find(|(_, b)| same_socket(*a, *b)) {
+            err(
+                format!("listeners[{i}].bind"),
+                format!(
+                    "{a} is also the address of listeners[{j}] ({:?}); each listener needs its own",
+                    listeners[*j].name
+                ),
+            );
+        }
     }
-    targets
-}
-
-/// An optional topic template; `Err` once reported.
-fn parse_template(
-    key: String,
-    source: Option<&str>,
-    scope: &TemplateScope,
-    err: &mut impl FnMut(String, String),
-) -> Result<Option<Template>, ()> {
-    match source.map(|t| Template::parse(t, scope)) {
-        None => Ok(None),
-        Some(Ok(t)) => Ok(Some(t)),
-        Some(Err(e)) => {
-            err(key, e.to_string());
-            Err(())
+    if let Some(admin) = admin_bind {
+        if let Some((i, _)) = binds.iter().find(|(_, b)| same_socket(admin, *b)) {
+            err(
+                "admin.bind".into(),
+                format!(
+                    "{admin} is also the address of listeners[{i}] ({:?})",
+                    listeners[*i].name
+                ),
+            );
         }
     }
 }
@@ -832,22 +472,6 @@ fn check_aws_topics(
                     format!("topics sent to sink {sink:?} (profile aws-iot) {problem} (to[{j}])"),
                 );
             }
-        }
-    }
-}
-
-/// An optional CEL payload transform; `Err` once reported.
-fn parse_transform(
-    key: String,
-    source: Option<&str>,
-    err: &mut impl FnMut(String, String),
-) -> Result<Option<Expr>, ()> {
-    match source.map(|p| Expr::compile(p, ExprKind::Transform)) {
-        None => Ok(None),
-        Some(Ok(e)) => Ok(Some(e)),
-        Some(Err(e)) => {
-            err(key, e);
-            Err(())
         }
     }
 }
