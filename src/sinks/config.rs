@@ -1,6 +1,6 @@
 //! The config every sink kind shares: the `[sinks.<name>]` section (tagged by `type`),
 //! the validated [`SinkPlan`], and the file sink's own section and plan. Each kind's own
-//! section lives beside it (`mqtt/config.rs`, `http/config.rs`, `kafka/config.rs`).
+//! section lives beside it (`mqtt/config/`, `http/config.rs`, `kafka/config.rs`).
 
 use std::path::PathBuf;
 

@@ -1,6 +1,8 @@
 //! An MQTT sink's config: the `[sinks.<name>]` section of `type = "mqtt"`, its validation
 //! (every problem with its key path) and the validated [`MqttPlan`] the sink runs from.
 
+mod profiles;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
@@ -12,7 +14,7 @@ use crate::buffer::BufferSection;
 use crate::problems::Problems;
 use crate::rules::{Template, TemplateScope};
 use crate::sinks::check_backoff;
-use crate::sinks::cloud::{self, AzureEvents, AzureSas, CloudProfile, SharedAccessKey};
+use crate::sinks::cloud::{AzureEvents, AzureSas, CloudProfile};
 use crate::sinks::failover::{self, Endpoint};
 use crate::sinks::pacing::RateSection;
 use crate::sinks::pack::{PackPlan, PackSection, PayloadLimit};
@@ -355,21 +357,120 @@ pub fn validate(
     let mut problems = Problems::new(err);
     let azure = m.profile == Some(CloudProfile::AzureIotHub);
     if !azure {
-        let azure_keys = [
-            ("hub", m.hub.is_some()),
-            ("device_id", m.device_id.is_some()),
-            ("shared_access_key", m.shared_access_key.is_some()),
-            ("properties", !m.properties.is_empty()),
-        ];
-        for (key, set) in azure_keys {
-            if set {
-                problems.add(
-                    format!("{path}.{key}"),
-                    "only used with profile = \"azure-iot-hub\"".into(),
-                );
-            }
-        }
+        profiles::azure_keys_unused(path, m, &mut problems);
     }
+    let (endpoints, secure) = endpoints(path, m, azure, &mut problems)?;
+    let (host, port) = (endpoints[0].host.clone(), endpoints[0].port);
+    let (failover_after, failback_check) =
+        failover_settings(path, m, endpoints.len(), &mut problems);
+    let mut tls = tls_plan(path, m, secure, &mut problems);
+    if m.qos > 2 {
+        problems.add(format!("{path}.qos"), "must be 0, 1 or 2".into());
+    }
+    let mut max_packet_size = m.max_packet_size.0 as usize;
+    let max_payload = m.profile.map(|p| p.max_payload());
+    let mut profiled = profiles::Profiled {
+        username: m.username.clone(),
+        client_id_template: m.client_id.clone().unwrap_or_else(|| "{gateway_id}".into()),
+        notes: Vec::new(),
+        sas: None,
+        azure_events: None,
+    };
+    match m.profile {
+        None => {}
+        Some(CloudProfile::AwsIot) => profiles::aws(
+            path,
+            m,
+            (tls.as_mut(), secure, port),
+            &mut profiled.notes,
+            &mut problems,
+        ),
+        Some(CloudProfile::AzureIotHub) => profiles::azure(
+            path,
+            m,
+            (tls.as_ref(), secure),
+            &mut profiled,
+            &mut problems,
+        ),
+    }
+    let profiles::Profiled {
+        username,
+        client_id_template,
+        notes,
+        sas,
+        azure_events,
+    } = profiled;
+    if let Some(limit) = max_payload {
+        // Room for the topic (with Azure's properties) and the framing.
+        max_packet_size = max_packet_size.max(limit + 16 * 1024);
+    }
+    let pack = pack_plan(path, m, max_packet_size, max_payload, &mut problems);
+    if m.keep_alive.0 < Duration::from_secs(5) || m.keep_alive.0 > Duration::from_secs(65535) {
+        problems.add(
+            format!("{path}.keep_alive"),
+            "must be between 5s and 65535s".into(),
+        );
+    }
+    if m.ack_timeout.0 < Duration::from_secs(1) {
+        problems.add(format!("{path}.ack_timeout"), "must be at least 1s".into());
+    }
+    if m.inflight == 0 {
+        problems.add(format!("{path}.inflight"), "must be at least 1".into());
+    }
+    check_backoff(path, m.backoff_min, m.backoff_max, &mut problems.reporter());
+    if m.password.is_some() && m.username.is_none() {
+        problems.add(format!("{path}.password"), "set without a username".into());
+    }
+    let client_id = match Template::parse(&client_id_template, &TemplateScope::default()) {
+        Ok(t) => t.render_static(gateway_id),
+        Err(e) => {
+            problems.add(format!("{path}.client_id"), e.to_string());
+            String::new()
+        }
+    };
+    let client_ids = client_ids(path, m, &client_id, (azure, endpoints.len()), &mut problems);
+    let protocol = protocol(path, m, &mut problems);
+    if !problems.none() {
+        return None;
+    }
+    Some(MqttPlan {
+        host,
+        port,
+        endpoints,
+        failover_after,
+        failback_check,
+        tls,
+        client_id,
+        client_ids,
+        username,
+        password: m.password.clone(),
+        qos: m.qos,
+        forward_retain: m.forward_retain,
+        keep_alive: m.keep_alive.0,
+        ack_timeout: m.ack_timeout.0,
+        clean_session: m.clean_session,
+        max_packet_size,
+        inflight: m.inflight,
+        backoff_min: m.backoff_min.0,
+        backoff_max: m.backoff_max.0,
+        profile: m.profile,
+        protocol,
+        max_payload,
+        sas,
+        azure_events,
+        notes,
+        pack,
+    })
+}
+
+/// The endpoints of `url` (one URL or a list; Azure's from `hub`), and whether they take
+/// TLS (all of them alike). `None` once a problem is reported.
+fn endpoints(
+    path: &str,
+    m: &MqttSinkSection,
+    azure: bool,
+    problems: &mut Problems<'_>,
+) -> Option<(Vec<Endpoint>, bool)> {
     // (key path, URL) of every endpoint: `url` for a single one, `url[i]` in a list.
     let urls: Vec<(String, String)> = match (&m.url, &m.hub) {
         (Some(UrlList::One(url)), _) => vec![(format!("{path}.url"), url.clone())],
@@ -404,7 +505,7 @@ pub fn validate(
     let mut first_secure: Option<(bool, String)> = None;
     let mut unparsed = false;
     for (key, url) in &urls {
-        let Some((host, port, secure)) = parse_mqtt_url(key, url, &mut problems) else {
+        let Some((host, port, secure)) = parse_mqtt_url(key, url, problems) else {
             unparsed = true;
             continue;
         };
@@ -436,12 +537,21 @@ pub fn validate(
         return None;
     }
     let secure = first_secure.is_some_and(|(secure, _)| secure);
-    let (host, port) = (endpoints[0].host.clone(), endpoints[0].port);
+    Some((endpoints, secure))
+}
+
+/// `failover_after` and `failback_check` (only with a list of `endpoints`).
+fn failover_settings(
+    path: &str,
+    m: &MqttSinkSection,
+    endpoints: usize,
+    problems: &mut Problems<'_>,
+) -> (u32, Duration) {
     let failover_keys = [
         ("failover_after", m.failover_after.is_some()),
         ("failback_check", m.failback_check.is_some()),
     ];
-    if endpoints.len() == 1 {
+    if endpoints == 1 {
         for (key, set) in failover_keys {
             if set {
                 problems.add(
@@ -470,8 +580,17 @@ pub fn validate(
             ),
         );
     }
+    (failover_after, failback_check)
+}
 
-    let mut tls = match (&m.tls, secure) {
+/// The TLS settings of an `mqtts://` sink (a CA is required); `None` for `mqtt://`.
+fn tls_plan(
+    path: &str,
+    m: &MqttSinkSection,
+    secure: bool,
+    problems: &mut Problems<'_>,
+) -> Option<TlsPlan> {
+    let tls = match (&m.tls, secure) {
         (Some(_), false) => {
             problems.add(
                 format!("{path}.tls"),
@@ -522,221 +641,19 @@ pub fn validate(
             );
         }
     }
+    tls
+}
 
-    if m.qos > 2 {
-        problems.add(format!("{path}.qos"), "must be 0, 1 or 2".into());
-    }
-    let mut username = m.username.clone();
-    let mut client_id_template = m.client_id.clone().unwrap_or_else(|| "{gateway_id}".into());
-    let mut max_packet_size = m.max_packet_size.0 as usize;
-    let mut notes = Vec::new();
-    let mut sas = None;
-    let mut azure_events = None;
-    let max_payload = m.profile.map(|p| p.max_payload());
-    match m.profile {
-        None => {}
-        Some(CloudProfile::AwsIot) => {
-            let tls = tls.as_mut().filter(|_| secure);
-            match tls {
-                None => {
-                    problems.add(
-                        format!("{path}.url"),
-                        "AWS IoT Core takes MQTT over TLS only; use mqtts://".into(),
-                    );
-                }
-                Some(tls) => {
-                    if tls.client_auth.is_none() && m.username.is_none() {
-                        problems.add(
-                            format!("{path}.tls"),
-                            "profile \"aws-iot\" needs the thing's certificate: set tls.cert and tls.key"
-                                .into(),
-                        );
-                    }
-                    if port == 443 {
-                        if tls.alpn.is_empty() {
-                            tls.alpn.push(cloud::AWS_ALPN_443.into());
-                            notes.push(format!(
-                                "port 443: offers ALPN {} (AWS IoT Core takes MQTT on 443 only with it)",
-                                cloud::AWS_ALPN_443
-                            ));
-                        } else {
-                            notes.push(format!(
-                                "port 443: offers ALPN {:?} as configured",
-                                tls.alpn
-                            ));
-                        }
-                    } else {
-                        notes.push(format!(
-                            "port {port}: MQTT over mutual TLS (8883 by default; 443 adds ALPN {})",
-                            cloud::AWS_ALPN_443
-                        ));
-                    }
-                }
-            }
-            if m.qos == 2 {
-                problems.add(
-                    format!("{path}.qos"),
-                    "AWS IoT Core does not support QoS 2; use 0 or 1".into(),
-                );
-            } else {
-                notes.push(format!("qos {} (AWS IoT Core supports 0 and 1)", m.qos));
-            }
-            let (min, max) = cloud::AWS_KEEP_ALIVE;
-            if m.keep_alive.0 < min || m.keep_alive.0 > max {
-                problems.add(
-                    format!("{path}.keep_alive"),
-                    "AWS IoT Core accepts 30s to 1200s".into(),
-                );
-            } else {
-                notes.push(format!(
-                    "keep_alive {} (AWS IoT Core accepts 30s to 1200s)",
-                    humantime::format_duration(m.keep_alive.0)
-                ));
-            }
-            notes.push(
-                "client id: one connection per id (a second one takes it over); a close right \
-                 after CONNACK is logged as a duplicate id or a policy refusal"
-                    .into(),
-            );
-            notes.push(format!(
-                "payloads over {} KiB are dead-lettered (reason too_large) instead of being sent",
-                cloud::AWS_MAX_PAYLOAD / 1024
-            ));
-            notes.push(format!(
-                "topics: at most {} bytes and {} slashes, no $aws prefix (Basic Ingest $aws/rules/ \
-                 allowed); rule templates checked now, every topic again before it is sent \
-                 (dead-lettered, reason invalid_topic)",
-                cloud::AWS_MAX_TOPIC_BYTES,
-                cloud::AWS_MAX_TOPIC_SLASHES
-            ));
-        }
-        Some(CloudProfile::AzureIotHub) => {
-            let hub = m.hub.clone().unwrap_or_default();
-            if hub.is_empty() || hub.contains(['/', ':']) {
-                problems.add(
-                    format!("{path}.hub"),
-                    "must be the hub's host name ({name}.azure-devices.net)".into(),
-                );
-            }
-            let device_id = m.device_id.clone().unwrap_or_default();
-            if device_id.is_empty() || device_id.contains(['/', '+', '#', '&', '=']) {
-                problems.add(
-                    format!("{path}.device_id"),
-                    "required; the device identity in the hub (no / + # & =)".into(),
-                );
-            }
-            if m.client_id.as_ref().is_some_and(|c| *c != device_id) {
-                problems.add(
-                    format!("{path}.client_id"),
-                    "Azure IoT Hub requires the device_id as client id; leave it out".into(),
-                );
-            }
-            if m.username.is_some() || m.password.is_some() {
-                problems.add(
-                    format!("{path}.username"),
-                    "set by profile \"azure-iot-hub\"; leave username and password out".into(),
-                );
-            }
-            client_id_template = device_id.clone();
-            username = Some(cloud::azure_username(&hub, &device_id));
-            notes.push(format!(
-                "client id {device_id}, username {}",
-                cloud::azure_username(&hub, &device_id)
-            ));
-            let client_cert = tls.as_ref().is_some_and(|t| t.client_auth.is_some());
-            match (&m.shared_access_key, client_cert) {
-                (Some(key), false) => match SharedAccessKey::from_base64(key) {
-                    Ok(key) => {
-                        let ttl = m.sas_ttl.0;
-                        if ttl < Duration::from_secs(2) || ttl > Duration::from_secs(365 * 86400) {
-                            problems.add(
-                                format!("{path}.sas_ttl"),
-                                "must be between 2s and 365d".into(),
-                            );
-                        }
-                        let resource = format!("{hub}/devices/{device_id}");
-                        notes.push(format!(
-                            "password: a SAS token for {resource} from shared_access_key (****), \
-                             valid {}, renewed {} before it expires by reconnecting (unconfirmed \
-                             messages are resent)",
-                            humantime::format_duration(ttl),
-                            humantime::format_duration(cloud::renewal_margin(ttl))
-                        ));
-                        sas = Some(AzureSas { resource, key, ttl });
-                    }
-                    Err(e) => {
-                        problems.add(format!("{path}.shared_access_key"), e);
-                    }
-                },
-                (None, true) => notes.push("authentication: X.509 client certificate".into()),
-                (Some(_), true) => {
-                    problems.add(
-                        format!("{path}.shared_access_key"),
-                        "set together with tls.cert/tls.key; use one".into(),
-                    );
-                }
-                (None, false) => {
-                    problems.add(
-                        format!("{path}.shared_access_key"),
-                        "missing: profile \"azure-iot-hub\" needs shared_access_key or tls.cert and tls.key"
-                            .into(),
-                    );
-                }
-            }
-            if m.qos == 2 {
-                problems.add(
-                    format!("{path}.qos"),
-                    "Azure IoT Hub does not support QoS 2; use 0 or 1".into(),
-                );
-            } else {
-                notes.push(format!("qos {} (Azure IoT Hub supports 0 and 1)", m.qos));
-            }
-            if m.keep_alive.0 > cloud::AZURE_MAX_KEEP_ALIVE {
-                problems.add(
-                    format!("{path}.keep_alive"),
-                    "Azure IoT Hub needs at most 1177s".into(),
-                );
-            } else {
-                notes.push(format!(
-                    "keep_alive {} (Azure IoT Hub needs at most 1177s)",
-                    humantime::format_duration(m.keep_alive.0)
-                ));
-            }
-            if m.topic_property.is_empty() {
-                problems.add(format!("{path}.topic_property"), "must not be empty".into());
-            }
-            let events = AzureEvents::new(&device_id, &m.topic_property, &m.properties);
-            notes.push(format!(
-                "topic: every message to {} with its MQTT topic as property {:?}{}",
-                events.prefix,
-                m.topic_property,
-                if m.properties.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        " and {}",
-                        m.properties.keys().cloned().collect::<Vec<_>>().join(", ")
-                    )
-                }
-            ));
-            azure_events = Some(events);
-            notes.push(format!(
-                "payloads over {} KiB are dead-lettered (reason too_large) instead of being sent",
-                cloud::AZURE_MAX_PAYLOAD / 1024
-            ));
-            if !secure {
-                notes.push(
-                    "url is plain mqtt://: only for a local stand-in; Azure IoT Hub takes TLS only"
-                        .into(),
-                );
-            }
-        }
-    }
-    if let Some(limit) = max_payload {
-        // Room for the topic (with Azure's properties) and the framing.
-        max_packet_size = max_packet_size.max(limit + 16 * 1024);
-    }
-    let pack = match &m.pack {
+/// `pack`: each pack is the payload of one upstream message, so it must fit the
+/// profile's payload limit and the packet.
+fn pack_plan(
+    path: &str,
+    m: &MqttSinkSection,
+    max_packet_size: usize,
+    max_payload: Option<usize>,
+    problems: &mut Problems<'_>,
+) -> Option<PackPlan> {
+    match &m.pack {
         Some(section) => {
             // The pack is the payload: it must fit the profile's payload limit and the
             // packet next to the MQTT framing (the topic's length is left to the sink).
@@ -766,32 +683,19 @@ pub fn validate(
             plan
         }
         None => None,
-    };
-    if m.keep_alive.0 < Duration::from_secs(5) || m.keep_alive.0 > Duration::from_secs(65535) {
-        problems.add(
-            format!("{path}.keep_alive"),
-            "must be between 5s and 65535s".into(),
-        );
     }
-    if m.ack_timeout.0 < Duration::from_secs(1) {
-        problems.add(format!("{path}.ack_timeout"), "must be at least 1s".into());
-    }
-    if m.inflight == 0 {
-        problems.add(format!("{path}.inflight"), "must be at least 1".into());
-    }
-    check_backoff(path, m.backoff_min, m.backoff_max, &mut problems.reporter());
-    if m.password.is_some() && m.username.is_none() {
-        problems.add(format!("{path}.password"), "set without a username".into());
-    }
-    let client_id = match Template::parse(&client_id_template, &TemplateScope::default()) {
-        Ok(t) => t.render_static(gateway_id),
-        Err(e) => {
-            problems.add(format!("{path}.client_id"), e.to_string());
-            String::new()
-        }
-    };
+}
+
+/// The client id of each upstream connection (`connections`: a count or a list).
+fn client_ids(
+    path: &str,
+    m: &MqttSinkSection,
+    client_id: &str,
+    (azure, endpoints): (bool, usize),
+    problems: &mut Problems<'_>,
+) -> Vec<String> {
     let client_ids = match &m.connections {
-        None | Some(Connections::Count(1)) => vec![client_id.clone()],
+        None | Some(Connections::Count(1)) => vec![client_id.to_string()],
         Some(Connections::Count(n)) => (1..=*n).map(|i| format!("{client_id}-{i}")).collect(),
         Some(Connections::ClientIds(ids)) => ids.clone(),
     };
@@ -801,7 +705,7 @@ pub fn validate(
         ))
     } else if client_ids.len() > 1 && azure {
         Some("Azure IoT Hub allows one connection per device identity".to_string())
-    } else if client_ids.len() > 1 && endpoints.len() > 1 {
+    } else if client_ids.len() > 1 && endpoints > 1 {
         Some(
             "several connections with a url list (failover) are not supported: use one of them"
                 .to_string(),
@@ -819,10 +723,15 @@ pub fn validate(
     if let Some(problem) = connections_problem {
         problems.add(format!("{path}.connections"), problem);
     }
+    client_ids
+}
+
+/// The MQTT version spoken upstream: the sink's `protocol`, else its profile's.
+fn protocol(path: &str, m: &MqttSinkSection, problems: &mut Problems<'_>) -> MqttProtocol {
     // AWS IoT Core and plain brokers (Mosquitto 2, HiveMQ, EMQX) speak MQTT 5; Azure IoT
     // Hub's device endpoint speaks 3.1.1 (its MQTT 5 support is a preview on another API
     // version, with the message properties carried differently).
-    let protocol = match (m.protocol, m.profile) {
+    match (m.protocol, m.profile) {
         (Some(MqttProtocol::V5), Some(CloudProfile::AzureIotHub)) => {
             problems.add(
                 format!("{path}.protocol"),
@@ -834,38 +743,7 @@ pub fn validate(
         (Some(p), _) => p,
         (None, Some(CloudProfile::AzureIotHub)) => MqttProtocol::V311,
         (None, _) => MqttProtocol::V5,
-    };
-    if !problems.none() {
-        return None;
     }
-    Some(MqttPlan {
-        host,
-        port,
-        endpoints,
-        failover_after,
-        failback_check,
-        tls,
-        client_id,
-        client_ids,
-        username,
-        password: m.password.clone(),
-        qos: m.qos,
-        forward_retain: m.forward_retain,
-        keep_alive: m.keep_alive.0,
-        ack_timeout: m.ack_timeout.0,
-        clean_session: m.clean_session,
-        max_packet_size,
-        inflight: m.inflight,
-        backoff_min: m.backoff_min.0,
-        backoff_max: m.backoff_max.0,
-        profile: m.profile,
-        protocol,
-        max_payload,
-        sas,
-        azure_events,
-        notes,
-        pack,
-    })
 }
 
 fn default_ack_timeout() -> HumanDuration {
