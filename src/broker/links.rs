@@ -304,7 +304,7 @@ impl Links {
         } else if !self.local_subscribers.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut properties = properties.unwrap_or_else(empty_properties);
+        let mut properties = properties.unwrap_or_default();
         let marks = &mut properties.user_properties;
         marks.push((QOS_PROPERTY.to_string(), qos.to_string()));
         if properties.message_expiry_interval.is_some() {
@@ -558,19 +558,6 @@ impl Links {
     }
 }
 
-pub fn empty_properties() -> PublishProperties {
-    PublishProperties {
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        topic_alias: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-        subscription_identifiers: Vec::new(),
-        content_type: None,
-    }
-}
-
 /// What edgebridge carries with a message through the router.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Marks {
@@ -614,7 +601,7 @@ pub fn take_marks(properties: Option<PublishProperties>) -> (Marks, Option<Publi
             true
         }
     });
-    let empty = p == empty_properties();
+    let empty = p == PublishProperties::default();
     (marks, (!empty).then_some(p))
 }
 
@@ -624,7 +611,7 @@ mod tests {
 
     #[test]
     fn marks_are_carried_and_stripped() {
-        let mut p = empty_properties();
+        let mut p = PublishProperties::default();
         p.user_properties.push(("site".into(), "7".into()));
         p.user_properties.push((QOS_PROPERTY.into(), "1".into()));
         p.user_properties
@@ -649,7 +636,7 @@ mod tests {
             [("site".to_string(), "7".to_string())]
         );
         // Nothing but the marks: no properties at all are delivered.
-        let mut p = empty_properties();
+        let mut p = PublishProperties::default();
         p.user_properties.push((QOS_PROPERTY.into(), "0".into()));
         assert_eq!(take_marks(Some(p)).1, None);
         assert_eq!(take_marks(None).0.qos, 2);

@@ -48,12 +48,14 @@ impl Retained {
     }
 
     pub fn properties(&self) -> Option<PublishProperties> {
-        let mut p = super::links::empty_properties();
-        p.user_properties = self.user_properties.clone();
-        p.content_type = self.content_type.clone();
-        p.payload_format_indicator = self.payload_format_indicator;
-        p.response_topic = self.response_topic.clone();
-        (p != super::links::empty_properties()).then_some(p)
+        let p = PublishProperties {
+            user_properties: self.user_properties.clone(),
+            content_type: self.content_type.clone(),
+            payload_format_indicator: self.payload_format_indicator,
+            response_topic: self.response_topic.clone(),
+            ..Default::default()
+        };
+        (p != PublishProperties::default()).then_some(p)
     }
 }
 

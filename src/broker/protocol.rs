@@ -158,19 +158,20 @@ pub fn properties_of(p: &PublishProperties) -> Option<Box<Properties>> {
 /// The PUBLISH properties of a message published into the router by the gateway itself
 /// (a downlink); user properties named like edgebridge's marks are left out.
 pub fn publish_properties(p: &Properties) -> PublishProperties {
-    let mut out = super::links::empty_properties();
-    out.user_properties = p
-        .user_properties
-        .iter()
-        .filter(|(k, _)| !super::links::is_mark(k))
-        .cloned()
-        .collect();
-    out.content_type = p.content_type.clone();
-    out.response_topic = p.response_topic.clone();
-    out.correlation_data = p.correlation_data.clone();
-    out.payload_format_indicator = p.payload_format_indicator;
-    out.message_expiry_interval = p.message_expiry_interval;
-    out
+    PublishProperties {
+        user_properties: p
+            .user_properties
+            .iter()
+            .filter(|(k, _)| !super::links::is_mark(k))
+            .cloned()
+            .collect(),
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        ..Default::default()
+    }
 }
 
 fn strip_properties(packet: Packet) -> Packet {

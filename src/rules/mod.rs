@@ -12,6 +12,7 @@ mod native;
 mod properties;
 pub mod router;
 mod template;
+mod vars;
 
 use std::collections::HashMap;
 

@@ -21,7 +21,7 @@ use cel::common::ast::{operators, EntryExpr, Expr as Ast, IdedExpr, LiteralValue
 use serde::ser::{Error as _, SerializeMap};
 use serde::{Serialize, Serializer};
 
-use super::expr::MessageVars;
+use super::vars::MessageVars;
 use super::json::{serialize_double, Json};
 
 /// A compiled native plan.
