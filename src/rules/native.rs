@@ -21,8 +21,8 @@ use cel::common::ast::{operators, EntryExpr, Expr as Ast, IdedExpr, LiteralValue
 use serde::ser::{Error as _, SerializeMap};
 use serde::{Serialize, Serializer};
 
-use super::vars::MessageVars;
 use super::json::{serialize_double, Json};
+use super::vars::MessageVars;
 
 /// A compiled native plan.
 #[derive(Debug)]
