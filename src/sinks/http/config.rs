@@ -200,7 +200,64 @@ pub fn validate(
         wildcards: MAX_LEVELS,
         client_id: false,
     };
-    let url = match Template::parse_text(&s.url, &scope) {
+    let (url, secure) = url(path, s, gateway_id, &scope, &mut problems);
+    let url_is_static = !s.url.contains('{');
+    let headers = headers(path, s, &scope, &mut problems);
+    let auth = auth(path, s, &mut problems);
+    check_tls(path, s, secure, &mut problems);
+    if s.timeout.0 < Duration::from_millis(10) || s.timeout.0 > Duration::from_secs(600) {
+        problems.add(
+            format!("{path}.timeout"),
+            "must be between 10ms and 10m".into(),
+        );
+    }
+    let (max_messages, max_bytes, max_delay) = batch_limits(path, s, &mut problems);
+    let content_type = content_type(path, s, &mut problems);
+    check_statuses_and_prefix(path, s, &mut problems);
+    crate::sinks::check_backoff(path, s.backoff_min, s.backoff_max, &mut problems.reporter());
+    let pack = pack_plan(path, s, &mut problems);
+    let content_type = match &pack {
+        Some(p) => p.format.content_type().to_string(),
+        None => content_type,
+    };
+
+    if !problems.none() {
+        return None;
+    }
+    Some(HttpPlan {
+        gateway_id: gateway_id.to_string(),
+        url: url?,
+        url_is_static,
+        method: s.method,
+        headers,
+        auth,
+        tls: s.tls.clone(),
+        timeout: s.timeout.0,
+        format: s.format,
+        content_type,
+        property_headers: s.property_headers.as_ref().map(|p| p.to_ascii_lowercase()),
+        max_messages,
+        max_bytes: max_bytes as usize,
+        max_delay,
+        retry_on: s.retry_on.clone(),
+        permanent_on: s.permanent_on.clone(),
+        idempotency_key: s.idempotency_key,
+        backoff_min: s.backoff_min.0,
+        backoff_max: s.backoff_max.0,
+        pack,
+    })
+}
+
+/// The URL template, and whether it is `https://` (its shape is checked with the
+/// placeholders filled in; placeholders only in the path).
+fn url(
+    path: &str,
+    s: &HttpSinkSection,
+    gateway_id: &str,
+    scope: &TemplateScope,
+    problems: &mut Problems<'_>,
+) -> (Option<Template>, bool) {
+    let url = match Template::parse_text(&s.url, scope) {
         Ok(t) => Some(t),
         Err(e) => {
             problems.add(format!("{path}.url"), e.to_string());
@@ -208,7 +265,6 @@ pub fn validate(
         }
     };
     // Check the URL's shape with its placeholders filled in.
-    let url_is_static = !s.url.contains('{');
     let probe = s
         .url
         .replace("{gateway_id}", gateway_id)
@@ -241,7 +297,18 @@ pub fn validate(
             );
         }
     }
+    (url, secure)
+}
 
+/// `headers`: names HTTP takes, values that are templates (a fixed value must be a valid
+/// header value, never echoed: it may be a secret); `Authorization` only without
+/// `bearer_token` or `username`.
+fn headers(
+    path: &str,
+    s: &HttpSinkSection,
+    scope: &TemplateScope,
+    problems: &mut Problems<'_>,
+) -> Vec<(reqwest::header::HeaderName, Template)> {
     let mut headers = Vec::new();
     for (name, value) in &s.headers {
         let key = format!("{path}.headers.{name}");
@@ -260,7 +327,7 @@ pub fn validate(
                 "conflicts with bearer_token/username; use one".into(),
             );
         }
-        match Template::parse_text(value, &scope) {
+        match Template::parse_text(value, scope) {
             Ok(t) => {
                 if !value.contains('{') && reqwest::header::HeaderValue::from_str(value).is_err() {
                     // The value itself is never echoed: it may be a secret.
@@ -274,8 +341,12 @@ pub fn validate(
             }
         }
     }
+    headers
+}
 
-    let auth = match (&s.bearer_token, &s.username, &s.password) {
+/// `bearer_token`, or `username` with an optional `password`: one of them.
+fn auth(path: &str, s: &HttpSinkSection, problems: &mut Problems<'_>) -> Option<HttpAuth> {
+    match (&s.bearer_token, &s.username, &s.password) {
         (Some(_), Some(_), _) => {
             problems.add(
                 format!("{path}.bearer_token"),
@@ -293,8 +364,11 @@ pub fn validate(
             password: p.clone(),
         }),
         (None, None, None) => None,
-    };
+    }
+}
 
+/// `tls`: only for `https://`; its files exist; cert and key together.
+fn check_tls(path: &str, s: &HttpSinkSection, secure: bool, problems: &mut Problems<'_>) {
     if let Some(t) = &s.tls {
         if !secure {
             problems.add(
@@ -319,13 +393,15 @@ pub fn validate(
             );
         }
     }
+}
 
-    if s.timeout.0 < Duration::from_millis(10) || s.timeout.0 > Duration::from_secs(600) {
-        problems.add(
-            format!("{path}.timeout"),
-            "must be between 10ms and 10m".into(),
-        );
-    }
+/// `batch`: how many messages, bytes and how long one request may gather (only formats
+/// that batch take more than one message).
+fn batch_limits(
+    path: &str,
+    s: &HttpSinkSection,
+    problems: &mut Problems<'_>,
+) -> (usize, u64, Duration) {
     let default_messages = if s.format.batches() { 100 } else { 1 };
     let max_messages = s.batch.max_messages.unwrap_or(default_messages);
     if max_messages == 0 || max_messages > 100_000 {
@@ -356,6 +432,11 @@ pub fn validate(
             "must be at most 60s".into(),
         );
     }
+    (max_messages, max_bytes, max_delay)
+}
+
+/// The `Content-Type` of a request: the format's, or `content_type` for `raw` bodies.
+fn content_type(path: &str, s: &HttpSinkSection, problems: &mut Problems<'_>) -> String {
     if s.content_type.is_some() && s.format != BodyFormat::Raw {
         problems.add(
             format!("{path}.content_type"),
@@ -376,6 +457,12 @@ pub fn validate(
             "not a valid header value".into(),
         );
     }
+    content_type
+}
+
+/// `retry_on` and `permanent_on` (status codes, in one list at most) and the
+/// `property_headers` prefix.
+fn check_statuses_and_prefix(path: &str, s: &HttpSinkSection, problems: &mut Problems<'_>) {
     for (key, codes) in [("retry_on", &s.retry_on), ("permanent_on", &s.permanent_on)] {
         if let Some(bad) = codes.iter().find(|c| !(100..=599).contains(*c)) {
             problems.add(
@@ -400,8 +487,11 @@ pub fn validate(
             );
         }
     }
-    crate::sinks::check_backoff(path, s.backoff_min, s.backoff_max, &mut problems.reporter());
-    let pack = match &s.pack {
+}
+
+/// `pack`: the whole body of a request, so `format` and `batch` are refused beside it.
+fn pack_plan(path: &str, s: &HttpSinkSection, problems: &mut Problems<'_>) -> Option<PackPlan> {
+    match &s.pack {
         Some(section) => {
             // A pack is the whole body: the batch keys and the body format would only
             // mislead, so they are refused rather than ignored.
@@ -427,37 +517,7 @@ pub fn validate(
             plan
         }
         None => None,
-    };
-    let content_type = match &pack {
-        Some(p) => p.format.content_type().to_string(),
-        None => content_type,
-    };
-
-    if !problems.none() {
-        return None;
     }
-    Some(HttpPlan {
-        gateway_id: gateway_id.to_string(),
-        url: url?,
-        url_is_static,
-        method: s.method,
-        headers,
-        auth,
-        tls: s.tls.clone(),
-        timeout: s.timeout.0,
-        format: s.format,
-        content_type,
-        property_headers: s.property_headers.as_ref().map(|p| p.to_ascii_lowercase()),
-        max_messages,
-        max_bytes: max_bytes as usize,
-        max_delay,
-        retry_on: s.retry_on.clone(),
-        permanent_on: s.permanent_on.clone(),
-        idempotency_key: s.idempotency_key,
-        backoff_min: s.backoff_min.0,
-        backoff_max: s.backoff_max.0,
-        pack,
-    })
 }
 
 impl HttpPlan {
