@@ -1,12 +1,21 @@
 //! Value types with a human-friendly syntax in the config: byte sizes (`"64KiB"`) and
-//! durations (`"30s"`). A leaf: every owner of a config section uses them, and they use
-//! nothing of the crate.
+//! durations (`"30s"`), and how `check` spells a config value. A leaf: every owner of a
+//! config section uses them, and they use nothing of the crate.
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A value as the config spells it (`durable`, `drop_oldest`, `POST`), not as Rust's
+/// `Debug` does: its serde name.
+pub fn spelled<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
+}
 
 /// A byte size written as `"64KiB"`, `"1GiB"`, `"10 MB"` or a plain integer of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 //! filled in, secrets masked.
 
 use super::*;
+use crate::units::spelled;
 
 impl Plan {
     /// The rules (and `fallback`) that send to sink `index`, by name.
@@ -308,12 +309,4 @@ fn failover_line(m: &MqttPlan) -> Option<String> {
         humantime::format_duration(m.failback_check),
         m.client_id
     ))
-}
-
-/// A value as the config spells it (`durable`, `drop_oldest`), not as Rust does.
-fn spelled<T: Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => s,
-        other => format!("{other:?}"),
-    }
 }

@@ -570,6 +570,43 @@ mod tests {
         validate(&config)
     }
 
+    #[test]
+    fn check_spells_values_as_the_config_does() {
+        let plan = load_str(
+            r#"
+            [[listeners]]
+            name = "devices"
+            bind = "127.0.0.1:1883"
+            ack = "received"
+            [sinks.hook]
+            type = "http"
+            url = "http://h/in"
+            method = "put"
+            format = "ndjson"
+            buffer = { storage = "memory", when_full = "drop_newest" }
+            [sinks.lake]
+            type = "kafka"
+            brokers = ["k:9092"]
+            topic = "t"
+            format = "envelope"
+            buffer = { sync = "interval" }
+            "#,
+            &[],
+        )
+        .expect("valid");
+        let text = plan.describe();
+        for spelled in [
+            "ack=received",
+            "hook http PUT http://h/in format=ndjson",
+            "buffer memory",
+            "when_full=drop_newest",
+            "format=envelope",
+            "sync=interval",
+        ] {
+            assert!(text.contains(spelled), "{spelled:?} in:\n{text}");
+        }
+    }
+
     fn first_error(toml: &str) -> String {
         match load_str(toml, &[]) {
             Ok(_) => panic!("config was accepted:\n{toml}"),

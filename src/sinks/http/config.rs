@@ -14,7 +14,7 @@ use crate::problems::Problems;
 use crate::rules::{Template, TemplateScope};
 use crate::sinks::pacing::RateSection;
 use crate::sinks::pack::{PackPlan, PackSection};
-use crate::units::{ByteSize, HumanDuration};
+use crate::units::{spelled, ByteSize, HumanDuration};
 
 /// `[sinks.NAME]` with `type = "http"`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -560,16 +560,16 @@ impl HttpPlan {
         let body = match &self.pack {
             Some(p) => p.describe(),
             None => format!(
-                "format={:?} batch={}/{}B/{}",
-                self.format,
+                "format={} batch={}/{}B/{}",
+                spelled(&self.format),
                 self.max_messages,
                 self.max_bytes,
                 humantime::format_duration(self.max_delay),
             ),
         };
         format!(
-            "{:?} {} {body}{auth}{headers}{tls} timeout={}",
-            self.method,
+            "{} {} {body}{auth}{headers}{tls} timeout={}",
+            spelled(&self.method),
             redact_url(self.url.source()),
             humantime::format_duration(self.timeout),
         )

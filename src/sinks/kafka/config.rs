@@ -9,7 +9,7 @@ use crate::buffer::BufferSection;
 use crate::problems::Problems;
 use crate::rules::{Template, TemplateScope};
 use crate::sinks::pacing::RateSection;
-use crate::units::HumanDuration;
+use crate::units::{spelled, HumanDuration};
 
 /// `[sinks.NAME]` with `type = "kafka"`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -271,11 +271,11 @@ impl KafkaPlan {
             None => "no property headers".into(),
         };
         format!(
-            "{} topic={} key={} format={:?} {property_headers} inflight={} [{}]",
+            "{} topic={} key={} format={} {property_headers} inflight={} [{}]",
             self.brokers.join(","),
             self.topic.source(),
             self.key.source(),
-            self.format,
+            spelled(&self.format),
             self.inflight,
             props.join(" ")
         )
