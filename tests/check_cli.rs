@@ -696,15 +696,20 @@ fn every_problem_is_reported_on_its_own_line() {
         &[],
     )
     .unwrap_or_else(|why| panic!("{why}"));
-    let paths: Vec<&str> = stderr
-        .lines()
-        .map(|line| line.split(": ").next().unwrap_or_default())
-        .collect();
+    let paths = key_paths(&stderr);
     assert_eq!(
         paths,
         ["admin.bind", "sinks.cloud.url", "rules[0].to[1]"],
         "stderr:\n{stderr}"
     );
+}
+
+/// The key path each line of `check`'s errors starts with.
+fn key_paths(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .map(|line| line.split(": ").next().unwrap_or_default())
+        .collect()
 }
 
 #[test]
@@ -729,10 +734,7 @@ fn parse_level_mistakes_are_all_reported_at_once() {
         &[],
     )
     .unwrap_or_else(|why| panic!("{why}"));
-    let paths: Vec<&str> = stderr
-        .lines()
-        .map(|line| line.split(": ").next().unwrap_or_default())
-        .collect();
+    let paths = key_paths(&stderr);
     assert_eq!(
         paths,
         [
