@@ -221,3 +221,41 @@ async fn a_second_process_on_a_data_dir_in_use_is_refused_and_a_killed_holder_do
         third.output("stderr")
     );
 }
+
+/// An address another process holds stops the start before anything else happens: the
+/// process exits non-zero, names the listener (or the admin endpoint) and the address on
+/// stderr, and has opened no buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_address_stops_the_start_before_any_buffer_opens() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to hold");
+    let port = taken.local_addr().expect("held address").port();
+    let buffers = dir.join("data").join("buffers");
+    for (name, admin, devices, says) in [
+        (
+            "devices-taken",
+            free_port(),
+            port,
+            format!("listener devices: cannot bind 127.0.0.1:{port}"),
+        ),
+        (
+            "admin-taken",
+            port,
+            free_port(),
+            format!("cannot bind admin address 127.0.0.1:{port}"),
+        ),
+    ] {
+        let path = config(dir, name, admin, devices, "");
+        let mut process = Process::start(&path, dir, name);
+        let status = process.exit_status().await;
+        let stderr = process.output("stderr");
+        assert!(!status.success(), "{name}: exited with {status}:\n{stderr}");
+        assert!(stderr.contains(&says), "{name}: {says:?} in:\n{stderr}");
+        assert!(
+            !buffers.exists(),
+            "{name}: no buffer opened, but {} exists",
+            buffers.display()
+        );
+    }
+}
