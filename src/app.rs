@@ -115,6 +115,29 @@ struct SinkSet {
 }
 
 impl SinkSet {
+    /// Opens the buffer of every sink of `plan`, then starts their workers.
+    fn open(
+        plan: &Plan,
+        metrics: Arc<Metrics>,
+        downlink_tx: mpsc::Sender<UpstreamMessage>,
+    ) -> anyhow::Result<SinkSet> {
+        let mut sinks = SinkSet {
+            running: HashMap::new(),
+            buffers: HashMap::new(),
+            buffer_tasks: Vec::new(),
+            stop: CancellationToken::new(),
+            downlink_tx,
+            metrics,
+        };
+        for s in &plan.sinks {
+            sinks.buffer(s, &plan.data_dir)?;
+        }
+        for index in 0..plan.sinks.len() {
+            sinks.start(plan, index);
+        }
+        Ok(sinks)
+    }
+
     /// The buffer of `sink`, opened (and its sync task started) if it is new.
     fn buffer(&mut self, sink: &SinkPlan, data_dir: &Path) -> anyhow::Result<Arc<Buffer>> {
         if let Some(b) = self.buffers.get(&sink.name) {
@@ -236,25 +259,12 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         // Upstream → downlink task; the sinks' taps hold the sender.
         let (downlink_tx, downlink_rx) = mpsc::channel(downlink::QUEUE);
-        let mut sinks = SinkSet {
-            running: HashMap::new(),
-            buffers: HashMap::new(),
-            buffer_tasks: Vec::new(),
-            stop: CancellationToken::new(),
-            downlink_tx,
-            metrics: metrics.clone(),
-        };
-        for s in &plan.sinks {
-            sinks.buffer(s, &plan.data_dir)?;
-        }
+        let sinks = SinkSet::open(&plan, metrics.clone(), downlink_tx)?;
         let (downlink_table, downlink_table_rx) = watch::channel(Arc::new(DownlinkTable::new(
             &plan.gateway_id,
             &plan.downlinks,
         )));
         downlink::log_table(&plan.downlinks);
-        for index in 0..plan.sinks.len() {
-            sinks.start(&plan, index);
-        }
 
         let (intake_tx, intake_rx) = mpsc::channel(plan.broker.intake_queue);
         let intake_stop = CancellationToken::new();
