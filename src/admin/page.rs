@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{Phase, Sample, Status, PAGE_REFRESH_SECONDS};
+use super::{Phase, Sample, SinkStatus, Status, PAGE_REFRESH_SECONDS};
 
 /// Escapes text for HTML element content and quoted attribute values.
 pub fn escape(text: &str) -> String {
@@ -104,6 +104,35 @@ figure.chart svg{width:180px;height:36px;background:#f4f4f4;display:block}\
 figure.chart polyline{fill:none;stroke:#1565c0;stroke-width:1.5;vector-effect:non-scaling-stroke}\
 figcaption{font-size:.8rem;color:#555}";
 
+/// A sink's buffer in words: what waits, `.corrupt` files kept, and the drain's progress.
+fn backlog(k: &SinkStatus) -> String {
+    let mut backlog = if k.buffer.messages > 0 {
+        format!(
+            "{} messages, {}, oldest {}",
+            k.buffer.messages,
+            bytes(k.buffer.bytes),
+            age(k.buffer.oldest_age_seconds)
+        )
+    } else {
+        "empty".into()
+    };
+    if k.buffer.corrupt_files > 0 {
+        let _ = write!(
+            backlog,
+            "; {} .corrupt file(s) kept for inspection ({})",
+            k.buffer.corrupt_files,
+            bytes(k.buffer.corrupt_bytes)
+        );
+    }
+    if k.buffer.backlog > 0 {
+        let _ = write!(backlog, "; draining {} from the outage", k.buffer.backlog);
+        if let Some(eta) = k.drain_eta_seconds {
+            let _ = write!(backlog, ", about {} left", age(eta));
+        }
+    }
+    backlog
+}
+
 /// The status page: listeners, sinks, rules. Every config-derived string is escaped.
 pub fn render_page(s: &Status) -> String {
     let mut h = String::new();
@@ -151,30 +180,7 @@ pub fn render_page(s: &Status) -> String {
             ),
             None => "<dd>none</dd>".into(),
         };
-        let mut backlog = if k.buffer.messages > 0 {
-            format!(
-                "{} messages, {}, oldest {}",
-                k.buffer.messages,
-                bytes(k.buffer.bytes),
-                age(k.buffer.oldest_age_seconds)
-            )
-        } else {
-            "empty".into()
-        };
-        if k.buffer.corrupt_files > 0 {
-            let _ = write!(
-                backlog,
-                "; {} .corrupt file(s) kept for inspection ({})",
-                k.buffer.corrupt_files,
-                bytes(k.buffer.corrupt_bytes)
-            );
-        }
-        if k.buffer.backlog > 0 {
-            let _ = write!(backlog, "; draining {} from the outage", k.buffer.backlog);
-            if let Some(eta) = k.drain_eta_seconds {
-                let _ = write!(backlog, ", about {} left", age(eta));
-            }
-        }
+        let backlog = backlog(k);
         let charts = charts(&k.name, &k.history);
         // Shown only with failover (more than one endpoint): otherwise it is the target.
         let endpoint = match &k.endpoint {
