@@ -34,8 +34,9 @@
 mod codec;
 pub mod config;
 mod disk;
+mod memory;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +52,7 @@ use crate::message::{now_millis, Message};
 use crate::metrics::Metrics;
 pub use config::{BufferSection, Drain, Storage, SyncPolicy, WhenFull};
 use disk::{DiskLog, DiskLogOptions};
+use memory::MemoryLog;
 
 /// For the fuzz targets only (fuzz/): decodes one record body as a read does. Returns
 /// whether it decoded.
@@ -119,131 +121,6 @@ pub enum Appended {
 /// or after a sixteenth of the margin was appended, whichever comes first; while below
 /// the margin, on every append.
 const DISK_CHECK_EVERY: Duration = Duration::from_millis(500);
-
-// ---------------------------------------------------------------------------------------
-// In-memory storage
-// ---------------------------------------------------------------------------------------
-
-struct Slot {
-    record: Record,
-    acked: bool,
-}
-
-/// Records in a deque; sequence numbers are contiguous since drops only remove from the
-/// front.
-struct MemoryLog {
-    slots: VecDeque<Slot>,
-    /// Index into `slots` of the next record to hand to the sink.
-    read_pos: usize,
-    next_seq: u64,
-    bytes: u64,
-}
-
-impl MemoryLog {
-    fn new() -> Self {
-        Self {
-            slots: VecDeque::new(),
-            read_pos: 0,
-            next_seq: 1,
-            bytes: 0,
-        }
-    }
-
-    fn append(&mut self, msg: Message) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.bytes += msg.size() as u64;
-        self.slots.push_back(Slot {
-            record: Record { seq, msg },
-            acked: false,
-        });
-        seq
-    }
-
-    /// Up to `max` unacked records with seq ≤ `upto` from the read position on.
-    fn read(
-        &mut self,
-        max: usize,
-        upto: u64,
-        cutoff_ms: Option<u64>,
-        expired: &mut u64,
-    ) -> Vec<Record> {
-        let mut batch = Vec::new();
-        while batch.len() < max && self.read_pos < self.slots.len() {
-            let pos = self.read_pos;
-            if self.slots[pos].record.seq > upto {
-                break;
-            }
-            self.read_pos += 1;
-            let slot = &mut self.slots[pos];
-            if slot.acked {
-                continue;
-            }
-            if cutoff_ms.is_some_and(|c| slot.record.msg.received_at < c) {
-                slot.acked = true;
-                *expired += 1;
-                continue;
-            }
-            batch.push(slot.record.clone());
-        }
-        self.collect();
-        batch
-    }
-
-    fn ack(&mut self, seq: u64) {
-        let Some(front) = self.slots.front().map(|s| s.record.seq) else {
-            return;
-        };
-        let Some(idx) = seq.checked_sub(front) else {
-            return; // already dropped
-        };
-        if let Some(slot) = self.slots.get_mut(idx as usize) {
-            slot.acked = true;
-        }
-        self.collect();
-    }
-
-    /// Removes acked records from the front.
-    fn collect(&mut self) {
-        while self.slots.front().is_some_and(|s| s.acked) {
-            if let Some(old) = self.slots.pop_front() {
-                self.bytes -= old.record.msg.size() as u64;
-                self.read_pos = self.read_pos.saturating_sub(1);
-            }
-        }
-    }
-
-    /// Drops the oldest record; returns how many unacked records went and their seqs.
-    fn drop_oldest(&mut self) -> (u64, std::ops::Range<u64>) {
-        let Some(old) = self.slots.pop_front() else {
-            return (0, 0..0);
-        };
-        self.bytes -= old.record.msg.size() as u64;
-        self.read_pos = self.read_pos.saturating_sub(1);
-        let seq = old.record.seq;
-        (u64::from(!old.acked), seq..seq + 1)
-    }
-
-    fn pending(&self) -> u64 {
-        self.slots.iter().filter(|s| !s.acked).count() as u64
-    }
-
-    /// Unacked records below `seq`; counts out-of-order acks in that range as pending
-    /// (at most a sink's window), so the cost stays O(1) per call.
-    fn pending_below(&self, seq: u64) -> u64 {
-        let Some(front) = self.slots.front().map(|s| s.record.seq) else {
-            return 0;
-        };
-        seq.saturating_sub(front).min(self.pending())
-    }
-
-    fn oldest_received_at(&self) -> Option<u64> {
-        self.slots
-            .iter()
-            .find(|s| !s.acked)
-            .map(|s| s.record.msg.received_at)
-    }
-}
 
 // One per sink, behind its mutex: the size difference does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -720,7 +597,7 @@ impl Buffer {
         self.metrics.dropped_full.inc_by(lost);
         st.in_flight.clear();
         match &mut st.backend {
-            Backend::Memory(m) => m.read_pos = 0,
+            Backend::Memory(m) => m.rewind(),
             Backend::Disk(d) => d.rewind(),
         }
         // Everything unconfirmed is sent again, as the backlog of a new drain. A sink
