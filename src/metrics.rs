@@ -35,8 +35,142 @@ pub struct Metrics {
     pub delivery_latency: HistogramVec,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)
+/// One metric's name, help text and label names, as in the README's Metrics table.
+struct Def {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+const MESSAGES_RECEIVED: Def = Def {
+    name: "edgebridge_messages_received_total",
+    help: "PUBLISHes accepted from devices",
+    labels: &["listener"],
+};
+
+const MESSAGES_DROPPED: Def = Def {
+    name: "edgebridge_messages_dropped_total",
+    help: "PUBLISHes from devices not taken into intake, by reason",
+    labels: &["listener", "reason"],
+};
+
+const MESSAGES_UNMATCHED: Def = Def {
+    name: "edgebridge_messages_unmatched_total",
+    help: "PUBLISHes that matched no rule",
+    labels: &["listener"],
+};
+
+const ACL_DENIED: Def = Def {
+    name: "edgebridge_acl_denied_total",
+    help: "PUBLISHes and subscriptions refused by the ACL",
+    labels: &["listener"],
+};
+
+const CONNECTIONS_REFUSED: Def = Def {
+    name: "edgebridge_connections_refused_total",
+    help: "Device connections refused, by reason",
+    labels: &["listener", "reason"],
+};
+
+const CONNECTIONS_CLOSED: Def = Def {
+    name: "edgebridge_connections_closed_total",
+    help: "Device connections ended, by reason",
+    labels: &["listener", "reason"],
+};
+
+const CONNECTIONS: Def = Def {
+    name: "edgebridge_connections",
+    help: "Device connections currently open",
+    labels: &["listener"],
+};
+
+const RULE_MATCHES: Def = Def {
+    name: "edgebridge_rule_matches_total",
+    help: "Messages matched by each rule",
+    labels: &["rule"],
+};
+
+const DOWNLINK_MESSAGES: Def = Def {
+    name: "edgebridge_downlink_messages_total",
+    help: "Messages from an upstream published to local devices by [[downlinks]]",
+    labels: &["sink"],
+};
+
+const CREDENTIALS_RELOADS: Def = Def {
+    name: "edgebridge_credentials_reloads_total",
+    help: "Changed credential files read while running, by source (listener:<name>, sink:<name>, users_file, secrets) and outcome (applied, or refused: the ones in use stay)",
+    labels: &["source", "outcome"],
+};
+
+const RULE_ERRORS: Def = Def {
+    name: "edgebridge_rule_errors_total",
+    help: "Evaluation errors of a rule's condition or transforms (the rule did not match)",
+    labels: &["rule"],
+};
+
+const SINK_DELIVERED: Def = Def {
+    name: "edgebridge_sink_delivered_total",
+    help: "Messages confirmed by the upstream",
+    labels: &["sink"],
+};
+
+const SINK_ERRORS: Def = Def {
+    name: "edgebridge_sink_errors_total",
+    help: "Failed deliveries or connections, by reason",
+    labels: &["sink", "reason"],
+};
+
+const SINK_UP: Def = Def {
+    name: "edgebridge_sink_up",
+    help: "1 while the upstream is connected and healthy",
+    labels: &["sink"],
+};
+
+const SINK_ENDPOINT: Def = Def {
+    name: "edgebridge_sink_endpoint",
+    help: "MQTT sinks: 1 for the endpoint in use, 0 for the others (endpoint: index in the url list, 0 is the primary)",
+    labels: &["sink", "endpoint"],
+};
+
+const BUFFER_MESSAGES: Def = Def {
+    name: "edgebridge_buffer_messages",
+    help: "Messages waiting in the sink's buffer (including in flight)",
+    labels: &["sink"],
+};
+
+const BUFFER_BYTES: Def = Def {
+    name: "edgebridge_buffer_bytes",
+    help:
+        "Bytes of the segment files holding messages waiting in the sink's buffer (0 once drained)",
+    labels: &["sink"],
+};
+
+const BUFFER_BACKLOG: Def = Def {
+    name: "edgebridge_buffer_backlog_messages",
+    help: "Messages that waited when the gateway started or the sink last came back, not yet delivered (0 once the drain is done)",
+    labels: &["sink"],
+};
+
+const BUFFER_CORRUPT_FILES: Def = Def {
+    name: "edgebridge_buffer_corrupt_files",
+    help: "*.corrupt files (damaged buffer data moved aside) kept for inspection",
+    labels: &["sink"],
+};
+
+const BUFFER_CORRUPT_BYTES: Def = Def {
+    name: "edgebridge_buffer_corrupt_bytes",
+    help: "Bytes of the *.corrupt files kept for inspection",
+    labels: &["sink"],
+};
+
+const BUFFER_DROPPED: Def = Def {
+    name: "edgebridge_buffer_dropped_total",
+    help: "Messages dropped from the sink's buffer, by reason",
+    labels: &["sink", "reason"],
+};
+
+fn counter(registry: &Registry, def: &Def) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(def.name, def.help), def.labels)
         .expect("metric names and labels are static and valid");
     registry
         .register(Box::new(c.clone()))
@@ -44,8 +178,8 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
     c
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+fn gauge(registry: &Registry, def: &Def) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(def.name, def.help), def.labels)
         .expect("metric names and labels are static and valid");
     registry
         .register(Box::new(g.clone()))
@@ -89,133 +223,28 @@ impl Metrics {
             .register(Box::new(latency.clone()))
             .expect("registered once");
         Self {
-            messages_received: counter(
-                &registry,
-                "edgebridge_messages_received_total",
-                "PUBLISHes accepted from devices",
-                &["listener"],
-            ),
-            messages_dropped: counter(
-                &registry,
-                "edgebridge_messages_dropped_total",
-                "PUBLISHes from devices not taken into intake, by reason",
-                &["listener", "reason"],
-            ),
-            messages_unmatched: counter(
-                &registry,
-                "edgebridge_messages_unmatched_total",
-                "PUBLISHes that matched no rule",
-                &["listener"],
-            ),
-            acl_denied: counter(
-                &registry,
-                "edgebridge_acl_denied_total",
-                "PUBLISHes and subscriptions refused by the ACL",
-                &["listener"],
-            ),
-            connections_refused: counter(
-                &registry,
-                "edgebridge_connections_refused_total",
-                "Device connections refused, by reason",
-                &["listener", "reason"],
-            ),
-            connections_closed: counter(
-                &registry,
-                "edgebridge_connections_closed_total",
-                "Device connections ended, by reason",
-                &["listener", "reason"],
-            ),
-            connections: gauge(
-                &registry,
-                "edgebridge_connections",
-                "Device connections currently open",
-                &["listener"],
-            ),
-            rule_matches: counter(
-                &registry,
-                "edgebridge_rule_matches_total",
-                "Messages matched by each rule",
-                &["rule"],
-            ),
-            downlink_messages: counter(
-                &registry,
-                "edgebridge_downlink_messages_total",
-                "Messages from an upstream published to local devices by [[downlinks]]",
-                &["sink"],
-            ),
-            credentials_reloads: counter(
-                &registry,
-                "edgebridge_credentials_reloads_total",
-                "Changed credential files read while running, by source (listener:<name>, sink:<name>, users_file, secrets) and outcome (applied, or refused: the ones in use stay)",
-                &["source", "outcome"],
-            ),
-            rule_errors: counter(
-                &registry,
-                "edgebridge_rule_errors_total",
-                "Evaluation errors of a rule's condition or transforms (the rule did not match)",
-                &["rule"],
-            ),
-            sink_delivered: counter(
-                &registry,
-                "edgebridge_sink_delivered_total",
-                "Messages confirmed by the upstream",
-                &["sink"],
-            ),
-            sink_errors: counter(
-                &registry,
-                "edgebridge_sink_errors_total",
-                "Failed deliveries or connections, by reason",
-                &["sink", "reason"],
-            ),
-            sink_up: gauge(
-                &registry,
-                "edgebridge_sink_up",
-                "1 while the upstream is connected and healthy",
-                &["sink"],
-            ),
-            sink_endpoint: gauge(
-                &registry,
-                "edgebridge_sink_endpoint",
-                "MQTT sinks: 1 for the endpoint in use, 0 for the others (endpoint: index in the url list, 0 is the primary)",
-                &["sink", "endpoint"],
-            ),
-            buffer_messages: gauge(
-                &registry,
-                "edgebridge_buffer_messages",
-                "Messages waiting in the sink's buffer (including in flight)",
-                &["sink"],
-            ),
-            buffer_bytes: gauge(
-                &registry,
-                "edgebridge_buffer_bytes",
-                "Bytes of the segment files holding messages waiting in the sink's buffer (0 once drained)",
-                &["sink"],
-            ),
-            buffer_backlog: gauge(
-                &registry,
-                "edgebridge_buffer_backlog_messages",
-                "Messages that waited when the gateway started or the sink last came back, not yet delivered (0 once the drain is done)",
-                &["sink"],
-            ),
-            buffer_corrupt_files: gauge(
-                &registry,
-                "edgebridge_buffer_corrupt_files",
-                "*.corrupt files (damaged buffer data moved aside) kept for inspection",
-                &["sink"],
-            ),
-            buffer_corrupt_bytes: gauge(
-                &registry,
-                "edgebridge_buffer_corrupt_bytes",
-                "Bytes of the *.corrupt files kept for inspection",
-                &["sink"],
-            ),
+            messages_received: counter(&registry, &MESSAGES_RECEIVED),
+            messages_dropped: counter(&registry, &MESSAGES_DROPPED),
+            messages_unmatched: counter(&registry, &MESSAGES_UNMATCHED),
+            acl_denied: counter(&registry, &ACL_DENIED),
+            connections_refused: counter(&registry, &CONNECTIONS_REFUSED),
+            connections_closed: counter(&registry, &CONNECTIONS_CLOSED),
+            connections: gauge(&registry, &CONNECTIONS),
+            rule_matches: counter(&registry, &RULE_MATCHES),
+            downlink_messages: counter(&registry, &DOWNLINK_MESSAGES),
+            credentials_reloads: counter(&registry, &CREDENTIALS_RELOADS),
+            rule_errors: counter(&registry, &RULE_ERRORS),
+            sink_delivered: counter(&registry, &SINK_DELIVERED),
+            sink_errors: counter(&registry, &SINK_ERRORS),
+            sink_up: gauge(&registry, &SINK_UP),
+            sink_endpoint: gauge(&registry, &SINK_ENDPOINT),
+            buffer_messages: gauge(&registry, &BUFFER_MESSAGES),
+            buffer_bytes: gauge(&registry, &BUFFER_BYTES),
+            buffer_backlog: gauge(&registry, &BUFFER_BACKLOG),
+            buffer_corrupt_files: gauge(&registry, &BUFFER_CORRUPT_FILES),
+            buffer_corrupt_bytes: gauge(&registry, &BUFFER_CORRUPT_BYTES),
             buffer_oldest_age: oldest,
-            buffer_dropped: counter(
-                &registry,
-                "edgebridge_buffer_dropped_total",
-                "Messages dropped from the sink's buffer, by reason",
-                &["sink", "reason"],
-            ),
+            buffer_dropped: counter(&registry, &BUFFER_DROPPED),
             delivery_latency: latency,
             registry,
         }
