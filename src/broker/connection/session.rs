@@ -27,6 +27,7 @@ impl Session {
         waiting >= self.device_receive_max as usize
     }
 
+    /// Serves the device from its CONNACK until the connection ends, and says why.
     pub(super) async fn run(
         &mut self,
         io: &mut Transport,
@@ -35,75 +36,15 @@ impl Session {
         claim: &Claim,
         peer: SocketAddr,
     ) -> CloseReason {
-        let start = self.shared.links.session(&self.key, !self.persistent);
-        if start.discard {
-            if let Err(e) = self.shared.links.discard(&self.key).await {
-                warn!(listener = %self.shared.name, error = %e, "cannot drop an old session from the router");
-                return CloseReason::Router;
-            }
-        }
-        let session_present = start.present;
-        if session_present {
-            self.subscriptions = self.shared.links.take_options(&self.key);
-        }
-        if start.subscribed {
-            if let Err(reason) = Box::pin(self.open_link()).await {
-                return reason;
-            }
-        }
-        // MQTT 5 server keep alive: the device is told the listener's limit and held to
-        // it. A 3.1.x device cannot be told, so it keeps its own.
-        let server_keep_alive = match (self.version, self.shared.max_keep_alive) {
-            (Version::V5, Some(max)) if keep_alive == 0 || keep_alive > max => Some(max),
-            _ => None,
+        let keep_alive = match self.start(keep_alive, peer).await {
+            Ok(keep_alive) => keep_alive,
+            Err(reason) => return reason,
         };
-        let keep_alive = server_keep_alive.unwrap_or(keep_alive);
-        let props = (self.version == Version::V5).then(|| ConnAckProperties {
-            session_expiry_interval: None,
-            receive_max: Some(self.shared.max_inflight),
-            max_qos: None,
-            retain_available: None,
-            max_packet_size: u32::try_from(self.shared.max_packet_size).ok(),
-            assigned_client_identifier: None,
-            topic_alias_max: Some(TOPIC_ALIAS_MAX),
-            reason_string: None,
-            user_properties: Vec::new(),
-            wildcard_subscription_available: None,
-            subscription_identifiers_available: None,
-            shared_subscription_available: None,
-            server_keep_alive,
-            response_information: None,
-            server_reference: None,
-            authentication_method: None,
-            authentication_data: None,
-        });
-        let ack = ConnAck {
-            session_present,
-            code: ConnectReturnCode::Success,
-        };
-        if let Err(reason) = self.write(Packet::ConnAck(ack, props)) {
-            return reason;
-        }
-        debug!(listener = %self.shared.name, %peer, client_id = %self.client_id.escape_debug(), "device connected");
-        let keep_alive =
-            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let mut last_read = Instant::now();
         let far = Duration::from_secs(86_400 * 365);
         loop {
-            // Everything complete in the buffer first, as far as the window allows.
-            while !self.inflight_full() {
-                match self.next_packet(buf) {
-                    Ok(Some((packet, meta))) => {
-                        if let Err(reason) = Box::pin(self.on_packet(packet, meta, claim)).await {
-                            if reason == CloseReason::ClientDisconnect {
-                                Box::pin(self.flush(io)).await.ok();
-                            }
-                            return self.closing(io, reason).await;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(reason) => return self.closing(io, reason).await,
-                }
+            if let Err(reason) = self.handle_buffered(io, buf, claim).await {
+                return reason;
             }
             if let Err(reason) = Box::pin(self.flush(io)).await {
                 return reason;
@@ -151,36 +92,8 @@ impl Session {
                     }
                 }
                 n = next_notification(&mut self.link), if !self.outbound_full() => {
-                    let mut next = Some(n);
-                    let mut wake = false;
-                    let mut handled = 0;
-                    while let Some(n) = next.take() {
-                        match n {
-                            Ok(Some(notification)) => {
-                                match Box::pin(self.on_notification(notification, &mut wake)).await {
-                                    Ok(()) => {}
-                                    Err(reason) => return reason,
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(_) => return CloseReason::Router,
-                        }
-                        handled += 1;
-                        if handled < NOTIFICATION_BATCH && !self.outbound_full() {
-                            if let Some(link) = self.link.as_mut() {
-                                next = link.rx.next().now_or_never();
-                            }
-                        }
-                    }
-                    if let Err(reason) = Box::pin(self.flush(io)).await {
+                    if let Err(reason) = self.on_notifications(n, io).await {
                         return reason;
-                    }
-                    if wake {
-                        if let Some(link) = &self.link {
-                            if Box::pin(link.rx.wake()).await.is_err() {
-                                return CloseReason::Router;
-                            }
-                        }
                     }
                 }
                 read = io.read(buf), if reading => {
@@ -199,6 +112,130 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Joins the session to the router (resuming a persistent one) and writes the
+    /// CONNACK. Returns the keep-alive the device is held to: 1.5 times its keep alive
+    /// (MQTT 5: the listener's limit, which the CONNACK tells it), `None` for none.
+    async fn start(
+        &mut self,
+        keep_alive: u16,
+        peer: SocketAddr,
+    ) -> Result<Option<Duration>, CloseReason> {
+        let start = self.shared.links.session(&self.key, !self.persistent);
+        if start.discard {
+            if let Err(e) = self.shared.links.discard(&self.key).await {
+                warn!(listener = %self.shared.name, error = %e, "cannot drop an old session from the router");
+                return Err(CloseReason::Router);
+            }
+        }
+        let session_present = start.present;
+        if session_present {
+            self.subscriptions = self.shared.links.take_options(&self.key);
+        }
+        if start.subscribed {
+            Box::pin(self.open_link()).await?;
+        }
+        // MQTT 5 server keep alive: the device is told the listener's limit and held to
+        // it. A 3.1.x device cannot be told, so it keeps its own.
+        let server_keep_alive = match (self.version, self.shared.max_keep_alive) {
+            (Version::V5, Some(max)) if keep_alive == 0 || keep_alive > max => Some(max),
+            _ => None,
+        };
+        let keep_alive = server_keep_alive.unwrap_or(keep_alive);
+        let props =
+            (self.version == Version::V5).then(|| self.connack_properties(server_keep_alive));
+        let ack = ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        };
+        self.write(Packet::ConnAck(ack, props))?;
+        debug!(listener = %self.shared.name, %peer, client_id = %self.client_id.escape_debug(), "device connected");
+        Ok((keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)))
+    }
+
+    /// An MQTT 5 CONNACK's properties: the listener's limits.
+    fn connack_properties(&self, server_keep_alive: Option<u16>) -> ConnAckProperties {
+        ConnAckProperties {
+            session_expiry_interval: None,
+            receive_max: Some(self.shared.max_inflight),
+            max_qos: None,
+            retain_available: None,
+            max_packet_size: u32::try_from(self.shared.max_packet_size).ok(),
+            assigned_client_identifier: None,
+            topic_alias_max: Some(TOPIC_ALIAS_MAX),
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: None,
+            subscription_identifiers_available: None,
+            shared_subscription_available: None,
+            server_keep_alive,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        }
+    }
+
+    /// Handles every complete packet in `buf`, as far as the in-flight window allows.
+    /// `Err`: the connection ends, for that reason (the device told why, if it can be).
+    async fn handle_buffered(
+        &mut self,
+        io: &mut Transport,
+        buf: &mut BytesMut,
+        claim: &Claim,
+    ) -> Result<(), CloseReason> {
+        while !self.inflight_full() {
+            match self.next_packet(buf) {
+                Ok(Some((packet, meta))) => {
+                    if let Err(reason) = Box::pin(self.on_packet(packet, meta, claim)).await {
+                        if reason == CloseReason::ClientDisconnect {
+                            Box::pin(self.flush(io)).await.ok();
+                        }
+                        return Err(self.closing(io, reason).await);
+                    }
+                }
+                Ok(None) => break,
+                Err(reason) => return Err(self.closing(io, reason).await),
+            }
+        }
+        Ok(())
+    }
+
+    /// Router notifications: `first`, and those already waiting after it (up to
+    /// `NOTIFICATION_BATCH`, while the device's window has room), written in one flush.
+    async fn on_notifications(
+        &mut self,
+        first: Result<Option<Notification>, rumqttd::local::LinkError>,
+        io: &mut Transport,
+    ) -> Result<(), CloseReason> {
+        let mut next = Some(first);
+        let mut wake = false;
+        let mut handled = 0;
+        while let Some(n) = next.take() {
+            match n {
+                Ok(Some(notification)) => {
+                    Box::pin(self.on_notification(notification, &mut wake)).await?;
+                }
+                Ok(None) => break,
+                Err(_) => return Err(CloseReason::Router),
+            }
+            handled += 1;
+            if handled < NOTIFICATION_BATCH && !self.outbound_full() {
+                if let Some(link) = self.link.as_mut() {
+                    next = link.rx.next().now_or_never();
+                }
+            }
+        }
+        Box::pin(self.flush(io)).await?;
+        if wake {
+            if let Some(link) = &self.link {
+                if Box::pin(link.rx.wake()).await.is_err() {
+                    return Err(CloseReason::Router);
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn flush(&mut self, io: &mut Transport) -> Result<(), CloseReason> {
