@@ -31,8 +31,9 @@
 //! rumqttd's `Server` cost 45 KiB). A device that subscribes adds rumqttd's router
 //! queues (~34 KiB: 40.5 KiB per connection measured).
 //!
-//! Files: this one takes a connection from the socket to a running session (CONNECT,
-//! authentication, takeover); [`session`] is the session's loop and its end,
+//! Files: this one takes a connection from the socket to a running session (takeover,
+//! the connection limit); [`connect`] reads and admits the CONNECT (client id,
+//! authentication), [`session`] is the session's loop and its end,
 //! [`inbound`] what the device sends, [`outbound`] what it receives.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -74,9 +75,12 @@ use crate::topic::TopicFilter;
 
 /// How long a device's PUBACK may wait for durability before its connection is dropped
 /// (the device then resends; nothing is lost).
+mod connect;
 mod inbound;
 mod outbound;
 mod session;
+
+use connect::*;
 
 const DURABLE_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -93,10 +97,6 @@ const TOPIC_ALIAS_MAX: u16 = 64;
 
 /// Router notifications handled before the connection writes to the device.
 const NOTIFICATION_BATCH: usize = 256;
-
-/// Password verifications (argon2: ~20 MiB and tens of ms each) running at once: a
-/// flood of CONNECTs with wrong passwords costs time, not memory.
-static VERIFY_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// Ids for devices that connect with an empty client id (a control character keeps
 /// them apart from every id a device may choose).
@@ -256,135 +256,6 @@ pub async fn run(shared: Arc<ListenerShared>, socket: TcpStream, peer: SocketAdd
     shared.metrics.closed.inc(reason.label());
 }
 
-/// Appends device bytes to `buf` until it holds a complete packet; returns its fixed
-/// header length and total length.
-async fn read_frame(
-    io: &mut Transport,
-    buf: &mut BytesMut,
-    max_size: usize,
-) -> Result<(usize, usize), CloseReason> {
-    loop {
-        match v4::check(buf.iter(), max_size) {
-            Ok(header) => return Ok((header.fixed_header_len, header.frame_length())),
-            Err(Error::InsufficientBytes(n)) => {
-                buf.reserve(n);
-                match io.read(buf).await {
-                    Ok(0) | Err(_) => return Err(CloseReason::PeerClosed),
-                    Ok(_) => {}
-                }
-            }
-            Err(e) => return Err(frame_error(&e)),
-        }
-    }
-}
-
-fn frame_error(e: &Error) -> CloseReason {
-    match e {
-        Error::PayloadSizeLimitExceeded(_) => CloseReason::PacketTooLarge,
-        _ => CloseReason::ProtocolError,
-    }
-}
-
-/// The CONNECT of a connection: what `serve` needs from it.
-struct Connected {
-    version: Version,
-    connect: Connect,
-    props: Option<ConnectProperties>,
-    will: Option<LastWill>,
-    will_props: Option<LastWillProperties>,
-    login: Option<Login>,
-}
-
-/// Reads the CONNECT. `Err` ends the connection with that reason (an unknown protocol
-/// level was already answered).
-async fn read_connect(
-    shared: &ListenerShared,
-    io: &mut Transport,
-    buf: &mut BytesMut,
-) -> Result<Connected, CloseReason> {
-    let (fixed_header_len, frame_len) = read_frame(io, buf, shared.max_packet_size).await?;
-    if buf[0] >> 4 != 1 {
-        return Err(CloseReason::ProtocolError);
-    }
-    let (version, mut frame) = match connect_level(&buf[..frame_len], fixed_header_len) {
-        Level::V311 => (Version::V4, buf.split_to(frame_len)),
-        Level::V5 => (Version::V5, buf.split_to(frame_len)),
-        Level::V31 => {
-            let frame = buf.split_to(frame_len);
-            match protocol::connect_31_as_311(&frame, fixed_header_len) {
-                Some(rewritten) => (Version::V4, rewritten),
-                None => return Err(CloseReason::ProtocolError),
-            }
-        }
-        Level::Unknown(level) => {
-            shared.metrics.refused.protocol_version.inc();
-            info!(listener = %shared.name, level, "refusing a CONNECT with an unknown protocol level");
-            // MQTT-3.1.2-2: CONNACK 0x01 and close; a client above level 5 gets MQTT 5's
-            // format and code (0x84).
-            let connack: &[u8] = if level > 5 {
-                &[0x20, 3, 0, 0x84, 0]
-            } else {
-                &[0x20, 2, 0, 0x01]
-            };
-            let _ = io.write(BytesMut::from(connack)).await;
-            return Err(CloseReason::Refused);
-        }
-        Level::Malformed => return Err(CloseReason::ProtocolError),
-    };
-    match protocol::read(version, &mut frame, shared.max_packet_size) {
-        Ok(Packet::Connect(connect, props, will, will_props, login)) => Ok(Connected {
-            version,
-            connect,
-            props,
-            will,
-            will_props,
-            login,
-        }),
-        Ok(_) => Err(CloseReason::ProtocolError),
-        Err(e) => Err(frame_error(&e)),
-    }
-}
-
-enum Level {
-    V31,
-    V311,
-    V5,
-    Unknown(u8),
-    Malformed,
-}
-
-fn connect_level(frame: &[u8], fixed_header_len: usize) -> Level {
-    match protocol::connect_level(frame, fixed_header_len) {
-        Some((b"MQTT", 4)) => Level::V311,
-        Some((b"MQTT", 5)) => Level::V5,
-        Some((b"MQIsdp", 3)) => Level::V31,
-        Some((b"MQTT" | b"MQIsdp", level)) => Level::Unknown(level),
-        _ => Level::Malformed,
-    }
-}
-
-/// Refuses a CONNECT with `code`; MQTT 5 devices also get `why` as the reason string.
-async fn refuse(
-    io: &mut Transport,
-    version: Version,
-    code: ConnectReturnCode,
-    why: &str,
-) -> CloseReason {
-    let mut out = BytesMut::new();
-    let ack = ConnAck {
-        session_present: false,
-        code,
-    };
-    let props = (version == Version::V5).then(|| ConnAckProperties {
-        reason_string: Some(why.to_string()),
-        ..ConnAckProperties::default()
-    });
-    if protocol::write(version, Packet::ConnAck(ack, props), &mut out).is_ok() {
-        let _ = io.write(out).await;
-    }
-    CloseReason::Refused
-}
-
 /// Holds one of the listener's `max_connections` slots.
 struct Slot<'a>(&'a ListenerShared);
 
@@ -395,6 +266,7 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// Serves a connection from its CONNECT to its end (the handshake done).
 async fn serve(
     shared: &Arc<ListenerShared>,
     io: &mut Transport,
@@ -412,39 +284,11 @@ async fn serve(
         Ok(Err(reason)) => return reason,
         Err(_) => return CloseReason::ConnectTimeout,
     };
-    let version = connected.version;
-    let connect = &connected.connect;
-    let refused = &shared.metrics.refused;
-    if !protocol::valid_client_id(&connect.client_id)
-        || (connect.client_id.is_empty() && version == Version::V4 && !connect.clean_session)
-    {
-        refused.invalid_client_id.inc();
-        log_refusal(shared, connect, "invalid client id");
-        return Box::pin(refuse(
-            io,
-            version,
-            ConnectReturnCode::ClientIdentifierNotValid,
-            "client identifier not valid",
-        ))
-        .await;
-    }
-    if shared.stopping.load(Ordering::Relaxed) {
-        return Box::pin(refuse(
-            io,
-            version,
-            ConnectReturnCode::ServerUnavailable,
-            "the gateway is shutting down",
-        ))
-        .await;
-    }
-    let grants = match Box::pin(authorize(shared, &connected, cn.as_deref())).await {
+    let grants = match Box::pin(admit(shared, io, &connected, cn.as_deref())).await {
         Ok(grants) => grants,
-        Err(code) => {
-            log_refusal(shared, connect, "not authorized");
-            return Box::pin(refuse(io, version, code, "not authorized")).await;
-        }
+        Err(reason) => return reason,
     };
-    let client_id: Arc<str> = Arc::from(connect.client_id.as_str());
+    let client_id: Arc<str> = Arc::from(connected.connect.client_id.as_str());
     let key = if client_id.is_empty() {
         format!(
             "\u{1}assigned-{}",
@@ -453,16 +297,6 @@ async fn serve(
     } else {
         client_id.to_string()
     };
-    // MQTT 5: a session outlives the connection only with a session expiry interval.
-    // (An assigned id is never used again: nothing to keep for it.)
-    let persistent = !connect.clean_session
-        && !client_id.is_empty()
-        && (version == Version::V4
-            || connected
-                .props
-                .as_ref()
-                .and_then(|p| p.session_expiry_interval)
-                .is_some_and(|s| s > 0));
     // A connection taking a session over is served even at the limit: the one it
     // replaces is closed (and its slot freed) first.
     let claim = Box::pin(shared.links.claim(&key, TAKEOVER_WAIT)).await;
@@ -470,11 +304,11 @@ async fn serve(
     if before >= shared.max_connections {
         shared.connections.fetch_sub(1, Ordering::Relaxed);
         shared.links.release(&key, claim.generation);
-        refused.max_connections.inc();
-        log_refusal(shared, connect, "max_connections reached");
+        shared.metrics.refused.max_connections.inc();
+        log_refusal(shared, &connected.connect, "max_connections reached");
         return Box::pin(refuse(
             io,
-            version,
+            connected.version,
             ConnectReturnCode::ServerBusy,
             "the listener is at its connection limit",
         ))
@@ -482,136 +316,11 @@ async fn serve(
     }
     shared.metrics.connections.inc();
     let _slot = Slot(shared);
-    let keep_alive = connect.keep_alive;
-    // MQTT 5's 0xFFFFFFFF is "never"; 3.1.1 sessions never expire.
-    let session_expiry = connected
-        .props
-        .as_ref()
-        .and_then(|p| p.session_expiry_interval)
-        .filter(|&s| s != u32::MAX)
-        .map(|s| Duration::from_secs(u64::from(s)));
-    // MQTT 5: deliveries the device takes unacknowledged at once.
-    let device_receive_max = connected
-        .props
-        .as_ref()
-        .and_then(|p| p.receive_maximum)
-        .filter(|&m| m > 0)
-        .unwrap_or(u16::MAX);
-    let receive_max = shared.max_inflight.min(
-        connected
-            .props
-            .as_ref()
-            .and_then(|p| p.receive_maximum)
-            .unwrap_or(u16::MAX),
-    );
-    let device_max_packet = connected
-        .props
-        .as_ref()
-        .and_then(|p| p.max_packet_size)
-        .and_then(|m| usize::try_from(m).ok())
-        .unwrap_or(usize::MAX);
-    let will = connected.will.map(|w| (w, connected.will_props));
-    // The CONNECT (credentials included) is not kept for the connection's life.
-    drop(connected.login);
-    drop(connected.props);
-    let mut session = Session {
-        shared: shared.clone(),
-        kick: claim.kick.clone(),
-        version,
-        client_id,
-        key,
-        persistent,
-        session_expiry,
-        grants,
-        will,
-        aliases: HashMap::new(),
-        tracker: (shared.ack == AckMode::Durable).then(|| Arc::new(AckTracker::default())),
-        next_seq: 0,
-        pending: VecDeque::new(),
-        inbound_qos2: HashSet::new(),
-        link: None,
-        router_acks: VecDeque::new(),
-        router_comps: VecDeque::new(),
-        downgraded: HashSet::new(),
-        self_pubrel: HashSet::new(),
-        denied_filters: HashMap::new(),
-        out: BytesMut::new(),
-        receive_max,
-        device_receive_max,
-        device_max_packet,
-        subscriptions: Subscriptions::default(),
-    };
+    let keep_alive = connected.connect.keep_alive;
+    let mut session = Session::new(shared, connected, &claim, client_id, key, grants);
     let reason = session.run(io, &mut buf, keep_alive, &claim, peer).await;
     Box::pin(session.end(reason, &claim)).await;
     reason
-}
-
-fn log_refusal(shared: &ListenerShared, connect: &Connect, why: &str) {
-    info!(
-        listener = %shared.name,
-        client_id = %connect.client_id.escape_debug(),
-        reason = why,
-        "refusing device connection"
-    );
-}
-
-/// Authenticates the device and settles its ACL grants; the `Err` is the CONNACK code
-/// refusing it.
-async fn authorize(
-    shared: &ListenerShared,
-    connected: &Connected,
-    cn: Option<&str>,
-) -> Result<Grants, ConnectReturnCode> {
-    let security = shared.security.read().clone();
-    let has_certificate = cn.is_some();
-    let anonymous_ok = shared.allow_anonymous;
-    let login = connected
-        .login
-        .as_ref()
-        .map(|l| (l.username.clone(), l.password.clone()));
-    let result = if login.is_some() && security.users.is_some() {
-        // argon2 takes tens of milliseconds: off the async workers, a few at a time.
-        let _slot = VERIFY_SLOTS.acquire().await.ok();
-        let security = security.clone();
-        tokio::task::spawn_blocking(move || {
-            let credentials = login.as_ref().map(|(u, p)| (u.as_str(), p.as_bytes()));
-            security.authenticate(credentials, has_certificate, anonymous_ok)
-        })
-        .await
-        .unwrap_or(Err(Refusal::BadCredentials))
-    } else {
-        let credentials = login.as_ref().map(|(u, p)| (u.as_str(), p.as_bytes()));
-        security.authenticate(credentials, has_certificate, anonymous_ok)
-    };
-    let refused = &shared.metrics.refused;
-    let username = match result {
-        Ok(username) => username,
-        Err(Refusal::BadCredentials) => {
-            refused.bad_credentials.inc();
-            return Err(ConnectReturnCode::BadUserNamePassword);
-        }
-        Err(Refusal::Anonymous) => {
-            refused.not_authorized.inc();
-            return Err(ConnectReturnCode::NotAuthorized);
-        }
-    };
-    let identity = Identity {
-        username,
-        client_id: connected.connect.client_id.clone(),
-        cn: cn.map(str::to_string),
-    };
-    let grants = security.grants(&identity);
-    if let Some(will) = &connected.will {
-        let allowed = std::str::from_utf8(&will.topic)
-            .map(|t| grants.may_publish(t))
-            .unwrap_or(false);
-        if !allowed {
-            shared.metrics.acl_denied.inc();
-            refused.not_authorized.inc();
-            return Err(ConnectReturnCode::NotAuthorized);
-        }
-    }
-    Ok(grants)
 }
 
 /// QoS and packet id of a PUBLISH as read from its frame ((0, 0) for other packets).
@@ -683,6 +392,67 @@ struct Session {
     /// MQTT 5 subscription options the router does not apply (no local, retain as
     /// published, retain handling).
     subscriptions: Subscriptions,
+}
+
+impl Session {
+    /// The session of an admitted CONNECT. The CONNECT itself (credentials included) is
+    /// not kept for the connection's life.
+    fn new(
+        shared: &Arc<ListenerShared>,
+        connected: Connected,
+        claim: &Claim,
+        client_id: Arc<str>,
+        key: String,
+        grants: Grants,
+    ) -> Session {
+        let props = connected.props.as_ref();
+        // MQTT 5: a session outlives the connection only with a session expiry interval.
+        // (An assigned id is never used again: nothing to keep for it.)
+        let persistent = !connected.connect.clean_session
+            && !client_id.is_empty()
+            && (connected.version == Version::V4
+                || props
+                    .and_then(|p| p.session_expiry_interval)
+                    .is_some_and(|s| s > 0));
+        // MQTT 5's 0xFFFFFFFF is "never"; 3.1.1 sessions never expire.
+        let session_expiry = props
+            .and_then(|p| p.session_expiry_interval)
+            .filter(|&s| s != u32::MAX)
+            .map(|s| Duration::from_secs(u64::from(s)));
+        let receive_maximum = props.and_then(|p| p.receive_maximum);
+        let device_max_packet = props
+            .and_then(|p| p.max_packet_size)
+            .and_then(|m| usize::try_from(m).ok())
+            .unwrap_or(usize::MAX);
+        Session {
+            shared: shared.clone(),
+            kick: claim.kick.clone(),
+            version: connected.version,
+            client_id,
+            key,
+            persistent,
+            session_expiry,
+            grants,
+            will: connected.will.map(|w| (w, connected.will_props)),
+            aliases: HashMap::new(),
+            tracker: (shared.ack == AckMode::Durable).then(|| Arc::new(AckTracker::default())),
+            next_seq: 0,
+            pending: VecDeque::new(),
+            inbound_qos2: HashSet::new(),
+            link: None,
+            router_acks: VecDeque::new(),
+            router_comps: VecDeque::new(),
+            downgraded: HashSet::new(),
+            self_pubrel: HashSet::new(),
+            denied_filters: HashMap::new(),
+            out: BytesMut::new(),
+            receive_max: shared.max_inflight.min(receive_maximum.unwrap_or(u16::MAX)),
+            // MQTT 5: deliveries the device takes unacknowledged at once.
+            device_receive_max: receive_maximum.filter(|&m| m > 0).unwrap_or(u16::MAX),
+            device_max_packet,
+            subscriptions: Subscriptions::default(),
+        }
+    }
 }
 
 /// Publishes a will like a device message: to intake (so rules can forward it) and to
