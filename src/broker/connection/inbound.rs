@@ -182,67 +182,14 @@ impl Session {
         pkid: u16,
         claim: &Claim,
     ) -> Result<(), CloseReason> {
-        let metrics = self.shared.metrics.clone();
-        if let Some(p) = props.as_mut() {
-            if let Some(alias) = p.topic_alias.take() {
-                if alias == 0 || alias > TOPIC_ALIAS_MAX {
-                    metrics.invalid.inc();
-                    return Err(CloseReason::ProtocolError);
-                }
-                if publish.topic.is_empty() {
-                    match self.aliases.get(&alias) {
-                        Some(t) => publish.topic = t.clone(),
-                        None => {
-                            metrics.invalid.inc();
-                            return Err(CloseReason::ProtocolError);
-                        }
-                    }
-                } else {
-                    self.aliases.insert(alias, publish.topic.clone());
-                }
-            }
-            // A device must not send these; a spoofed QoS marker is dropped too.
-            p.subscription_identifiers.clear();
-            p.user_properties.retain(|(k, _)| !links::is_mark(k));
-        }
-        let topic = match std::str::from_utf8(&publish.topic) {
-            Ok(t) if !t.is_empty() && !t.contains(['+', '#', '\0']) => t.to_string(),
-            _ => {
-                metrics.invalid.inc();
-                return Err(CloseReason::ProtocolError);
-            }
-        };
+        let topic = self.publish_topic(&mut publish, &mut props)?;
         if !self.grants.may_publish(&topic) {
-            metrics.acl_denied.inc();
+            self.shared.metrics.acl_denied.inc();
             debug!(listener = %self.shared.name, client_id = %self.client_id.escape_debug(), topic = %topic.escape_debug(), "publish denied by the ACL");
             // 3.1.1 gets a plain ack (it has no way to say no), 5 "not authorized".
-            let v5 = self.version == Version::V5;
-            let answer = match qos {
-                0 => return Ok(()),
-                1 => Packet::PubAck(
-                    PubAck {
-                        pkid,
-                        reason: if v5 {
-                            PubAckReason::NotAuthorized
-                        } else {
-                            PubAckReason::Success
-                        },
-                    },
-                    None,
-                ),
-                _ => Packet::PubRec(
-                    PubRec {
-                        pkid,
-                        reason: if v5 {
-                            PubRecReason::NotAuthorized
-                        } else {
-                            PubRecReason::Success
-                        },
-                    },
-                    None,
-                ),
-            };
-            self.ack_in_order(answer);
+            if let Some(answer) = publish_answer(qos, pkid, self.version == Version::V5) {
+                self.ack_in_order(answer);
+            }
             return Ok(());
         }
         if self.shared.stopping.load(Ordering::Relaxed) {
@@ -251,14 +198,9 @@ impl Session {
         }
         if qos == 2 && !self.inbound_qos2.insert(pkid) {
             // A resent QoS 2 publish (its PUBREC was lost): taken once already.
-            let rec = Packet::PubRec(
-                PubRec {
-                    pkid,
-                    reason: PubRecReason::Success,
-                },
-                None,
-            );
-            self.ack_in_order(rec);
+            if let Some(rec) = publish_answer(qos, pkid, false) {
+                self.ack_in_order(rec);
+            }
             return Ok(());
         }
         let msg = Message {
@@ -287,25 +229,45 @@ impl Session {
             warn!(listener = %self.shared.name, error = %e, "cannot pass a message to local subscribers");
             return Err(CloseReason::Router);
         }
-        let answer = match qos {
-            0 => return Ok(()),
-            1 => Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            ),
-            _ => Packet::PubRec(
-                PubRec {
-                    pkid,
-                    reason: PubRecReason::Success,
-                },
-                None,
-            ),
-        };
-        self.ack_in_order(answer);
+        if let Some(answer) = publish_answer(qos, pkid, false) {
+            self.ack_in_order(answer);
+        }
         Ok(())
+    }
+
+    /// A PUBLISH's topic: an MQTT 5 topic alias resolved (or set), checked to be a valid
+    /// topic name. Properties a device must not send (subscription identifiers, a spoofed
+    /// QoS marker) are dropped from `props`. `Err`: a protocol error (counted).
+    fn publish_topic(
+        &mut self,
+        publish: &mut Publish,
+        props: &mut Option<PublishProperties>,
+    ) -> Result<String, CloseReason> {
+        let invalid = |shared: &ListenerShared| {
+            shared.metrics.invalid.inc();
+            CloseReason::ProtocolError
+        };
+        if let Some(p) = props.as_mut() {
+            if let Some(alias) = p.topic_alias.take() {
+                if alias == 0 || alias > TOPIC_ALIAS_MAX {
+                    return Err(invalid(&self.shared));
+                }
+                if publish.topic.is_empty() {
+                    match self.aliases.get(&alias) {
+                        Some(t) => publish.topic = t.clone(),
+                        None => return Err(invalid(&self.shared)),
+                    }
+                } else {
+                    self.aliases.insert(alias, publish.topic.clone());
+                }
+            }
+            p.subscription_identifiers.clear();
+            p.user_properties.retain(|(k, _)| !links::is_mark(k));
+        }
+        match std::str::from_utf8(&publish.topic) {
+            Ok(t) if !t.is_empty() && !t.contains(['+', '#', '\0']) => Ok(t.to_string()),
+            _ => Err(invalid(&self.shared)),
+        }
     }
 
     /// Hands a message to intake (QoS 0 is shed above the high-water mark, counted).
@@ -384,5 +346,29 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+/// The answer to a device's QoS 1 (PUBACK) or QoS 2 (PUBREC) publish; `None` for QoS 0.
+/// `not_authorized`: MQTT 5's refusal by the ACL, instead of success.
+fn publish_answer(qos: u8, pkid: u16, not_authorized: bool) -> Option<Packet> {
+    match qos {
+        0 => None,
+        1 => {
+            let reason = if not_authorized {
+                PubAckReason::NotAuthorized
+            } else {
+                PubAckReason::Success
+            };
+            Some(Packet::PubAck(PubAck { pkid, reason }, None))
+        }
+        _ => {
+            let reason = if not_authorized {
+                PubRecReason::NotAuthorized
+            } else {
+                PubRecReason::Success
+            };
+            Some(Packet::PubRec(PubRec { pkid, reason }, None))
+        }
     }
 }
