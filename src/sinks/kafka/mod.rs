@@ -492,32 +492,31 @@ async fn session(
     backoff: &mut Backoff,
     tls: Option<(&TlsPaths, &LoadedTls)>,
 ) -> Ended {
-    let mut in_flight = 0usize;
-    // Set by the first failure; producing stops until every report is in.
-    let mut failure: Option<(String, String)> = None;
+    let mut r = Reports {
+        in_flight: 0,
+        failure: None,
+        last_report: Instant::now(),
+        stalled: false,
+        delivering: false,
+    };
     // Rendered, waiting for the pacer; cleared on a failure (the rewind reads them again).
     let mut ready: VecDeque<Prepared<'_>> = VecDeque::new();
     let mut pacer = ctx.pacer();
-    // When a report last came, or the first record went out after none was in flight.
-    let mut last_report = Instant::now();
     let stall = stall_after(&plan.properties);
     let mut stall_check = tokio::time::interval((stall / 4).max(Duration::from_millis(100)));
     stall_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut stalled = false;
     let mut tls_check = tokio::time::interval(CREDENTIALS_POLL);
     tls_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Set when new TLS files loaded: nothing more is produced with this producer.
     let mut new_tls = false;
-    // Whether any delivery was confirmed by this producer.
-    let mut delivering = false;
     loop {
         // The records in flight are waited for while the sink delivers; while it is down
         // they may never be confirmed with the files in use, and are produced again.
-        if new_tls && (in_flight == 0 || !delivering || stalled || failure.is_some()) {
+        if new_tls && (r.in_flight == 0 || !r.delivering || r.stalled || r.failure.is_some()) {
             return Ended::Again;
         }
-        if in_flight == 0 {
-            if let Some((reason, detail)) = failure.take() {
+        if r.in_flight == 0 {
+            if let Some((reason, detail)) = r.failure.take() {
                 ctx.metrics.mark_down(&reason, &detail);
                 if let Some((code, detail)) = producer.client().fatal_error() {
                     warn!(sink = %ctx.name, code = ?code, "fatal producer error; recreating the producer: {detail}");
@@ -531,7 +530,7 @@ async fn session(
         }
         let room = plan
             .inflight
-            .saturating_sub(in_flight + ready.len())
+            .saturating_sub(r.in_flight + ready.len())
             .min(ctx.batch);
         // When the pacer lets the next ready record go (`None`: nothing waits).
         let paced_until = match (ready.front(), pacer.as_mut()) {
@@ -539,88 +538,125 @@ async fn session(
             (Some(_), None) => Some(Instant::now()),
             (None, _) => None,
         };
+        let producing = r.failure.is_none() && !new_tls;
         tokio::select! {
-            batch = ctx.buffer.read_batch(room), if room > 0 && failure.is_none() && !new_tls => {
-                if in_flight == 0 {
-                    last_report = Instant::now();
-                }
+            batch = ctx.buffer.read_batch(room), if room > 0 && producing => {
+                r.sending();
                 for record in batch {
                     match prepare(plan, ctx, record) {
                         Ok(prepared) => ready.push_back(prepared),
                         Err(refusal) => {
                             let (record, reason, detail) = *refusal;
-                            dead_letter(ctx, record, &reason, &detail, &mut failure).await;
+                            dead_letter(ctx, record, &reason, &detail, &mut r.failure).await;
                         }
                     }
                 }
-                send_ready(plan, ctx, producer, &mut ready, pacer.as_mut(), &mut in_flight, &mut failure).await;
+                send_ready(plan, ctx, producer, &mut ready, pacer.as_mut(), &mut r.in_flight, &mut r.failure).await;
             }
             // A branch of its own: reports and shutdown are handled while the pacer waits.
-            _ = sleep_until_some(paced_until), if failure.is_none() && !new_tls && paced_until.is_some() => {
-                if in_flight == 0 {
-                    last_report = Instant::now();
-                }
-                send_ready(plan, ctx, producer, &mut ready, pacer.as_mut(), &mut in_flight, &mut failure).await;
+            _ = sleep_until_some(paced_until), if producing && paced_until.is_some() => {
+                r.sending();
+                send_ready(plan, ctx, producer, &mut ready, pacer.as_mut(), &mut r.in_flight, &mut r.failure).await;
             }
             _ = tls_check.tick(), if tls.is_some() && !new_tls => {
                 if let Some((paths, in_use)) = tls {
                     if paths.read(ctx).is_ok_and(|now| &now != in_use) {
-                        info!(sink = %ctx.name, in_flight, "new TLS files: making the producer again with them");
+                        info!(sink = %ctx.name, in_flight = r.in_flight, "new TLS files: making the producer again with them");
                         new_tls = true;
                     }
                 }
             }
-            _ = stall_check.tick(), if in_flight > 0 && !stalled => {
-                if last_report.elapsed() >= stall {
-                    stalled = true;
+            _ = stall_check.tick(), if r.in_flight > 0 && !r.stalled => {
+                if r.last_report.elapsed() >= stall {
+                    r.stalled = true;
                     let detail = format!(
-                        "no delivery report for {} with {in_flight} records in flight",
-                        humantime::format_duration(stall)
+                        "no delivery report for {} with {} records in flight",
+                        humantime::format_duration(stall),
+                        r.in_flight
                     );
                     ctx.metrics.mark_down("ack_timeout", &detail);
                 }
             }
-            Some(event) = events.recv() => {
-                // Every report already waiting is taken in this wake-up, and the sink's
-                // shared state (a lock) is updated once for them, not once per message.
-                let mut confirmed = false;
-                let mut next = Some(event);
-                while let Some(event) = next {
-                    match event {
-                        Event::Delivered(p) => {
-                            in_flight -= 1;
-                            (last_report, stalled) = (Instant::now(), false);
-                            ctx.buffer.ack(p.seq);
-                            ctx.metrics.delivered(p.msg.received_at);
-                            confirmed = true;
-                            delivering = true;
-                        }
-                        Event::Failed(p, code, detail) => {
-                            in_flight -= 1;
-                            (last_report, stalled) = (Instant::now(), false);
-                            if fault(code) == Fault::Message {
-                                let record = Record { seq: p.seq, msg: p.msg };
-                                dead_letter(ctx, record, &reason(code), &detail, &mut failure).await;
-                            } else {
-                                failure.get_or_insert((reason(code), detail));
-                            }
-                        }
-                        Event::Client(code, detail) => {
-                            // Deliveries reported before it count first.
-                            if std::mem::take(&mut confirmed) {
-                                confirmed_up(ctx, backoff);
-                            }
-                            client_error(ctx, code, &detail, &mut failure);
-                        }
-                    }
-                    next = events.try_recv().ok();
-                }
-                if confirmed {
-                    confirmed_up(ctx, backoff);
-                }
-            }
+            Some(event) = events.recv() => on_reports(ctx, backoff, events, event, &mut r).await,
             _ = ctx.shutdown.cancelled() => return Ended::Stopped,
         }
+    }
+}
+
+/// A producer's records in flight and how their reports went.
+struct Reports {
+    /// Produced, not yet reported.
+    in_flight: usize,
+    /// Set by the first failure; producing stops until every report is in.
+    failure: Option<(String, String)>,
+    /// When a report last came, or the first record went out after none was in flight.
+    last_report: Instant,
+    /// No report for the stall time with records in flight (the sink is marked down).
+    stalled: bool,
+    /// Whether any delivery was confirmed by this producer.
+    delivering: bool,
+}
+
+impl Reports {
+    /// Records are about to be produced: with none in flight, the wait for a report
+    /// starts now.
+    fn sending(&mut self) {
+        if self.in_flight == 0 {
+            self.last_report = Instant::now();
+        }
+    }
+
+    /// A delivery report came.
+    fn reported(&mut self) {
+        self.in_flight -= 1;
+        (self.last_report, self.stalled) = (Instant::now(), false);
+    }
+}
+
+/// Delivery reports: `first`, and every one already waiting, taken in one wake-up, so
+/// that the sink's shared state (a lock) is updated once for them, not once per message.
+async fn on_reports(
+    ctx: &SinkContext,
+    backoff: &mut Backoff,
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    first: Event,
+    r: &mut Reports,
+) {
+    let mut confirmed = false;
+    let mut next = Some(first);
+    while let Some(event) = next {
+        match event {
+            Event::Delivered(p) => {
+                r.reported();
+                ctx.buffer.ack(p.seq);
+                ctx.metrics.delivered(p.msg.received_at);
+                confirmed = true;
+                r.delivering = true;
+            }
+            Event::Failed(p, code, detail) => {
+                r.reported();
+                if fault(code) == Fault::Message {
+                    let record = Record {
+                        seq: p.seq,
+                        msg: p.msg,
+                    };
+                    dead_letter(ctx, record, &reason(code), &detail, &mut r.failure).await;
+                } else {
+                    r.failure.get_or_insert((reason(code), detail));
+                }
+            }
+            Event::Client(code, detail) => {
+                // Deliveries reported before it count first.
+                if std::mem::take(&mut confirmed) {
+                    confirmed_up(ctx, backoff);
+                }
+                client_error(ctx, code, &detail, &mut r.failure);
+            }
+        }
+        next = events.try_recv().ok();
+    }
+    if confirmed {
+        confirmed_up(ctx, backoff);
     }
 }
 
