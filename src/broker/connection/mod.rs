@@ -28,8 +28,11 @@
 //! the end, or while one packet is handled is boxed (`Box::pin`), so the task keeps
 //! only its steady-state wait: the future shrank from 8.9 to 5.6 KB, and 5,000 idle
 //! publish-only connections cost 7.2 KiB each in RSS instead of 10.3 (debug build;
-//! rumqttd's `Server` cost 45 KiB). A device that subscribes adds rumqttd's router
-//! queues (~34 KiB: 40.5 KiB per connection measured).
+//! rumqttd's `Server` cost 45 KiB). The session's start (joining the router, the
+//! CONNACK) and a batch of router notifications are boxed as well: 10,000 idle
+//! publish-only connections (`cargo bench --bench idle`, release build) cost 5.16 KiB
+//! each instead of 7.19. A device that subscribes adds rumqttd's router queues (~34 KiB:
+//! 39.1 KiB per connection measured).
 //!
 //! Files: this one takes a connection from the socket to a running session (takeover,
 //! the connection limit); [`connect`] reads and admits the CONNECT (client id,

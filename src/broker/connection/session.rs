@@ -36,7 +36,7 @@ impl Session {
         claim: &Claim,
         peer: SocketAddr,
     ) -> CloseReason {
-        let keep_alive = match self.start(keep_alive, peer).await {
+        let keep_alive = match Box::pin(self.start(keep_alive, peer)).await {
             Ok(keep_alive) => keep_alive,
             Err(reason) => return reason,
         };
@@ -92,7 +92,7 @@ impl Session {
                     }
                 }
                 n = next_notification(&mut self.link), if !self.outbound_full() => {
-                    if let Err(reason) = self.on_notifications(n, io).await {
+                    if let Err(reason) = Box::pin(self.on_notifications(n, io)).await {
                         return reason;
                     }
                 }
