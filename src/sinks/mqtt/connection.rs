@@ -22,7 +22,28 @@ pub(super) async fn connection(
     let mut ack_check =
         tokio::time::interval((plan.ack_timeout / 4).max(Duration::from_millis(100)));
     ack_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut c = Conn::new(plan, ctx, client, events, backoff, feed);
+    let mut c = Conn {
+        plan,
+        ctx,
+        client,
+        events,
+        backoff,
+        feed,
+        upstream: format!("{}:{}", plan.host, plan.port),
+        max_packet: plan.max_packet_size,
+        window: Window::default(),
+        ready: VecDeque::new(),
+        pacer: ctx.pacer(),
+        connected_at: None,
+        renewing: None,
+        throttled: false,
+        last_progress: Instant::now(),
+        packer: plan
+            .pack
+            .clone()
+            .map(|p| Packer::new(p, plan.inflight as usize)),
+        packed: VecDeque::new(),
+    };
     loop {
         let window_size = c.window_size();
         if let Some(deadline) = c.renewing {
@@ -121,39 +142,7 @@ struct Conn<'a, 'f> {
     packed: VecDeque<Pack>,
 }
 
-impl<'a, 'f> Conn<'a, 'f> {
-    fn new(
-        plan: &'a MqttPlan,
-        ctx: &'a SinkContext,
-        client: &'a Client,
-        events: mpsc::Receiver<Result<LinkEvent, LinkError>>,
-        backoff: &'a mut Backoff,
-        feed: &'a mut Feed<'f>,
-    ) -> Self {
-        Conn {
-            plan,
-            ctx,
-            client,
-            events,
-            backoff,
-            feed,
-            upstream: format!("{}:{}", plan.host, plan.port),
-            max_packet: plan.max_packet_size,
-            window: Window::default(),
-            ready: VecDeque::new(),
-            pacer: ctx.pacer(),
-            connected_at: None,
-            renewing: None,
-            throttled: false,
-            last_progress: Instant::now(),
-            packer: plan
-                .pack
-                .clone()
-                .map(|p| Packer::new(p, plan.inflight as usize)),
-            packed: VecDeque::new(),
-        }
-    }
-
+impl Conn<'_, '_> {
     /// `inflight`, or one publish at a time while a refusal's culprit is looked for
     /// (`Feed::isolate`).
     fn window_size(&self) -> usize {
