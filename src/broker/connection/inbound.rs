@@ -18,13 +18,7 @@ impl Session {
             Packet::PubAck(ack, _) => {
                 let answer = if self.downgraded.remove(&ack.pkid) {
                     self.self_pubrel.insert(ack.pkid);
-                    Packet::PubRec(
-                        PubRec {
-                            pkid: ack.pkid,
-                            reason: PubRecReason::Success,
-                        },
-                        None,
-                    )
+                    ack_packet(2, ack.pkid, false)
                 } else {
                     Packet::PubAck(ack, None)
                 };
@@ -187,8 +181,8 @@ impl Session {
             self.shared.metrics.acl_denied.inc();
             debug!(listener = %self.shared.name, client_id = %self.client_id.escape_debug(), topic = %topic.escape_debug(), "publish denied by the ACL");
             // 3.1.1 gets a plain ack (it has no way to say no), 5 "not authorized".
-            if let Some(answer) = publish_answer(qos, pkid, self.version == Version::V5) {
-                self.ack_in_order(answer);
+            if qos > 0 {
+                self.ack_in_order(ack_packet(qos, pkid, self.version == Version::V5));
             }
             return Ok(());
         }
@@ -198,9 +192,7 @@ impl Session {
         }
         if qos == 2 && !self.inbound_qos2.insert(pkid) {
             // A resent QoS 2 publish (its PUBREC was lost): taken once already.
-            if let Some(rec) = publish_answer(qos, pkid, false) {
-                self.ack_in_order(rec);
-            }
+            self.ack_in_order(ack_packet(qos, pkid, false));
             return Ok(());
         }
         let msg = Message {
@@ -229,8 +221,8 @@ impl Session {
             warn!(listener = %self.shared.name, error = %e, "cannot pass a message to local subscribers");
             return Err(CloseReason::Router);
         }
-        if let Some(answer) = publish_answer(qos, pkid, false) {
-            self.ack_in_order(answer);
+        if qos > 0 {
+            self.ack_in_order(ack_packet(qos, pkid, false));
         }
         Ok(())
     }
@@ -346,29 +338,5 @@ impl Session {
             }
         }
         Ok(())
-    }
-}
-
-/// The answer to a device's QoS 1 (PUBACK) or QoS 2 (PUBREC) publish; `None` for QoS 0.
-/// `not_authorized`: MQTT 5's refusal by the ACL, instead of success.
-fn publish_answer(qos: u8, pkid: u16, not_authorized: bool) -> Option<Packet> {
-    match qos {
-        0 => None,
-        1 => {
-            let reason = if not_authorized {
-                PubAckReason::NotAuthorized
-            } else {
-                PubAckReason::Success
-            };
-            Some(Packet::PubAck(PubAck { pkid, reason }, None))
-        }
-        _ => {
-            let reason = if not_authorized {
-                PubRecReason::NotAuthorized
-            } else {
-                PubRecReason::Success
-            };
-            Some(Packet::PubRec(PubRec { pkid, reason }, None))
-        }
     }
 }

@@ -326,6 +326,26 @@ async fn serve(
     reason
 }
 
+/// The PUBACK (QoS 1) or PUBREC (QoS 2 and above) for packet `pkid`: success, or with
+/// `not_authorized` MQTT 5's refusal by the ACL.
+fn ack_packet(qos: u8, pkid: u16, not_authorized: bool) -> Packet {
+    if qos == 1 {
+        let reason = if not_authorized {
+            PubAckReason::NotAuthorized
+        } else {
+            PubAckReason::Success
+        };
+        Packet::PubAck(PubAck { pkid, reason }, None)
+    } else {
+        let reason = if not_authorized {
+            PubRecReason::NotAuthorized
+        } else {
+            PubRecReason::Success
+        };
+        Packet::PubRec(PubRec { pkid, reason }, None)
+    }
+}
+
 /// QoS and packet id of a PUBLISH as read from its frame ((0, 0) for other packets).
 type PublishMeta = (u8, u16);
 

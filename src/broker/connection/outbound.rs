@@ -71,24 +71,10 @@ impl Session {
     /// The ack the connection gives the router for a delivery the device will not ack
     /// (downgraded to QoS 0, or expired); a QoS 2 one's PUBREL is answered here too.
     pub(super) fn self_answer(&mut self, pkid: u16, sub_qos: u8) -> Packet {
-        if sub_qos == 1 {
-            Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            )
-        } else {
+        if sub_qos != 1 {
             self.self_pubrel.insert(pkid);
-            Packet::PubRec(
-                PubRec {
-                    pkid,
-                    reason: PubRecReason::Success,
-                },
-                None,
-            )
         }
+        ack_packet(sub_qos, pkid, false)
     }
 
     /// Writes a delivery at min(published QoS, subscription QoS).
