@@ -43,7 +43,7 @@ pub enum Storage {
 #[serde(rename_all = "snake_case")]
 pub enum SyncPolicy {
     /// Group commit: every batch the router appends is fsynced before the devices' acks
-    /// go out and before the sink reads it.
+    /// go out (the sink may read and forward it while the fsync runs: `Buffer::sync`).
     Batch,
     /// Written to the OS at once, fsynced every `sync_interval`.
     Interval,
